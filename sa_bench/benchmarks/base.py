@@ -1,0 +1,70 @@
+"""What every benchmark provides.
+
+A benchmark is a dataclass whose fields are the keys of its YAML file in `conf/benchmark/`
+(the YAML's `_target_` names the class). The job runner calls, for the one subset of a job:
+
+    samples = bench.load(tokenizer)        # list[Sample], already narrowed by max_samples
+    n = bench.max_new_tokens()              # official generation length for bench.subset
+    metrics = bench.score(samples, preds)  # {"score": 0-100, ...}, official metric
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+from sa_bench.config import ConfigError
+
+
+@dataclass
+class Sample:
+    """One question. The prompt is `context + question`.
+
+    Samples whose `context` strings are equal share one prefilled KV cache: the runner
+    prefills the context once and answers each question from a copy of that cache.
+    """
+
+    id: str
+    context: str
+    question: str
+    answers: list[str]
+    chat: bool = True
+    """False where the benchmark's official pipeline does not apply a chat template."""
+    meta: dict[str, Any] = field(default_factory=dict)
+    """Whatever the metric needs (all_classes, length bucket, difficulty, ...)."""
+
+
+@dataclass
+class Benchmark:
+    name: str
+    subsets: list[str]
+    subset: str | None = None
+    data_dir: str | None = None
+    data_files: str | None = None
+    max_samples: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.subsets:
+            raise ConfigError("subsets: expected a non-empty list of subset names")
+        if self.subset is not None and self.subset not in self.subsets:
+            raise ConfigError(f"subset: {self.subset!r} is not one of {self.subsets}")
+        if self.max_samples is not None and self.max_samples < 1:
+            raise ConfigError(f"max_samples: expected an int >= 1 or null, got {self.max_samples}")
+
+    def load(self, tokenizer: Any) -> list[Sample]:
+        raise NotImplementedError(f"{type(self).__name__}.load")
+
+    def max_new_tokens(self) -> int:
+        raise NotImplementedError(f"{type(self).__name__}.max_new_tokens")
+
+    def score(self, samples: list[Sample], predictions: list[str]) -> dict[str, float]:
+        raise NotImplementedError(f"{type(self).__name__}.score")
+
+    def select(self, samples: list[Sample]) -> list[Sample]:
+        """A reproducible subset of `max_samples` samples (seeded), in original order."""
+        if self.max_samples is None or self.max_samples >= len(samples):
+            return samples
+        keep = sorted(random.Random(self.seed).sample(range(len(samples)), self.max_samples))
+        return [samples[i] for i in keep]
