@@ -16,7 +16,7 @@ from typing import Any, Literal, TypeVar, Union
 
 T = TypeVar("T")
 
-Size = Union[int, float]
+Size = Union[int, float]  # noqa: UP007  (identity-checked in _convert)
 """A budget: an int is a token count, a float in (0, 1] a fraction of the current keys."""
 
 

@@ -1,0 +1,151 @@
+"""The sa_bench sweeper: Hydra's basic sweeper that never launches a finished cell.
+
+It expands the sweep (one cell per benchmark subset), finds every cell's directory from its
+config values (composing once per group combination, not per cell), drops finished cells,
+validates the rest before anything runs, launches them, and prints a summary. A launch that
+breaks (a worker killed, out of memory) is retried for the cells still unfinished.
+"""
+
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.config_store import ConfigStore
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import OmegaConf
+
+import sa_bench.launch.resolvers  # noqa: F401  (registers resolvers in the parent)
+from sa_bench.config import ConfigError
+from sa_bench.launch import jobdir
+from sa_bench.launch.plan import Cell, expand, plan_table, refresh_status
+from sa_bench.launch.progress import Progress
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SaBenchSweeperConf:
+    _target_: str = "hydra_plugins.sa_bench_sweeper.sa_bench_sweeper.SaBenchSweeper"
+    max_batch_size: int | None = None
+    launch_attempts: int = 3
+    """How often cells left unfinished by a broken launch (a killed worker) are relaunched."""
+
+
+ConfigStore.instance().store(group="hydra/sweeper", name="sa_bench", node=SaBenchSweeperConf)
+
+
+def say(text: str) -> None:
+    print(text, flush=True)
+
+
+class SaBenchSweeper(BasicSweeper):
+    def __init__(self, max_batch_size: int | None = None, launch_attempts: int = 3) -> None:
+        super().__init__(max_batch_size=max_batch_size, params=None)
+        self.launch_attempts = launch_attempts
+
+    def sweep(self, arguments: list[str]) -> Any:
+        assert self.config is not None and self.launcher is not None
+        assert self.hydra_context is not None
+        loader = self.hydra_context.config_loader
+        try:
+            overrides = OverridesParser.create(config_loader=loader).parse_overrides(arguments)
+            groups = set(loader.list_groups(""))
+            cells = expand(overrides, groups, self._compose)
+        except ConfigError as exc:
+            say(f"Config error: {exc}")
+            sys.exit(2)
+        refresh_status(cells)
+        overwrite = bool(self.config.get("overwrite", False))
+        todo = [c for c in cells if overwrite or c.status not in ("done", "running")]
+        done = sum(c.status == "done" for c in cells)
+        running = sum(c.status == "running" for c in cells)
+        line = f"{len(cells)} jobs: {done} done (skipped), {len(todo)} to run"
+        if overwrite:
+            line = f"{len(cells)} jobs: overwrite=true, {len(todo)} to run"
+        if running and not overwrite:
+            line += f", {running} running elsewhere (skipped)"
+        say(line)
+        if self.config.get("plan", False):
+            say(plan_table(cells))
+            return []
+        if not todo:
+            return []
+        self._validate(todo)
+        started = time.time()
+        returns = self._launch(todo)
+        self._summary(cells, todo, started)
+        return returns
+
+    def _compose(self, group_overrides: list[str]) -> dict:
+        cfg = self.hydra_context.config_loader.load_sweep_config(  # type: ignore[union-attr]
+            master_config=self.config, sweep_overrides=group_overrides
+        )
+        return {k: OmegaConf.to_container(cfg[k], resolve=False) if OmegaConf.is_config(cfg[k]) else cfg[k]
+                for k in cfg if k != "hydra"}
+
+    def _validate(self, cells: list[Cell]) -> None:
+        """Every cell to run must validate before any runs (nothing expensive happens here)."""
+        from sa_bench.spec import JobSpec
+
+        errors = []
+        for cell in cells:
+            try:
+                JobSpec.from_dict(cell.config)
+            except ConfigError as exc:
+                errors.append(f"  {cell.relpath}: {exc}")
+        if errors:
+            unique = list(dict.fromkeys(e.split(": ", 1)[1] for e in errors))
+            say(f"Config error in {len(errors)} of {len(cells)} jobs; nothing was run:")
+            for message in unique[:20]:
+                say(f"  {message}")
+            sys.exit(2)
+
+    def _launch(self, todo: list[Cell]) -> list[Any]:
+        returns: list[Any] = []
+        pending = todo
+        progress = Progress(todo)
+        progress.start()
+        try:
+            for attempt in range(self.launch_attempts):
+                try:
+                    results = self.launcher.launch([c.overrides for c in pending], initial_job_idx=0)  # type: ignore[union-attr]
+                    returns.append(results)
+                    break
+                except Exception as exc:  # a broken worker pool: relaunch what is unfinished
+                    refresh_status(pending)
+                    pending = [c for c in pending if c.status not in ("done", "failed")]
+                    say(
+                        f"Launch broke ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+                        f"{len(pending)} unfinished jobs"
+                        + (", relaunching" if pending and attempt + 1 < self.launch_attempts else "")
+                    )
+                    if not pending:
+                        break
+        finally:
+            progress.stop()
+        return returns
+
+    def _summary(self, cells: list[Cell], todo: list[Cell], started: float) -> None:
+        refresh_status(todo)
+        ran = [c for c in todo if c.status == "done"]
+        failed = [c for c in todo if c.status != "done"]
+        skipped = len(cells) - len(todo)
+        say(
+            f"Sweep finished in {time.time() - started:.1f}s: {len(ran)} done, "
+            f"{skipped} skipped, {len(failed)} failed"
+        )
+        for cell in failed:
+            reason = jobdir.first_error_line(cell.path) or f"not finished ({cell.status})"
+            say(f"  FAILED {cell.path}\n         {reason}")
+        for cell in ran:
+            summary = (jobdir.read_json(cell.path / jobdir.MARKER) or {}).get("summary", {})
+            if "score" in summary:
+                say(f"  score {summary['score']:7.2f}  {cell.path}")
+        if failed:
+            sys.exit(1)
+
+
+__all__ = ["SaBenchSweeper", "SaBenchSweeperConf"]

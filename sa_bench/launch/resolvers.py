@@ -1,0 +1,37 @@
+"""OmegaConf resolvers the Hydra config uses; registered on import (parent and workers)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from sa_bench.config import build
+from sa_bench.launch.identity import job_relpath
+from sa_bench.launch.pool import PoolConfig
+
+
+def _plain(root: Any) -> dict:
+    return {
+        k: OmegaConf.to_container(root[k], resolve=True) if OmegaConf.is_config(root[k]) else root[k]
+        for k in root
+        if k != "hydra"
+    }
+
+
+def _job_path(*, _root_: Any) -> str:
+    return job_relpath(_plain(_root_))
+
+
+def _n_jobs(*, _root_: Any) -> int:
+    pool = OmegaConf.to_container(_root_.pool, resolve=True)
+    return build(PoolConfig, pool, "pool").n_parallel()
+
+
+def register() -> None:
+    if not OmegaConf.has_resolver("sa_bench_job_path"):
+        OmegaConf.register_new_resolver("sa_bench_job_path", _job_path)
+        OmegaConf.register_new_resolver("sa_bench_n_jobs", _n_jobs)
+
+
+register()

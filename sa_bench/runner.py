@@ -1,0 +1,218 @@
+"""Evaluate one cell: prefill each context once, answer each of its questions greedily from
+that cache with the sparse method active, append every answer to `predictions.jsonl` as it
+is produced, then score and write the result files."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import sa_bench
+from sa_bench.launch import jobdir
+from sa_bench.launch.pool import Lease
+from sa_bench.launch.progress import write_progress
+from sa_bench.models.prompting import Request, build_request
+from sa_bench.spec import JobSpec
+
+
+def read_predictions(path: Path) -> dict[str, dict]:
+    """Finished samples of an earlier attempt; a torn last line is cut off the file."""
+    file = path / jobdir.PREDICTIONS
+    if not file.exists():
+        return {}
+    data = file.read_bytes()
+    end = data.rfind(b"\n") + 1
+    if end < len(data):
+        with open(file, "r+b") as f:
+            f.truncate(end)
+    records = {}
+    for line in data[:end].decode().splitlines():
+        if line.strip():
+            record = json.loads(line)
+            records[record["id"]] = record
+    return records
+
+
+def evaluate(spec: JobSpec, path: Path, lease: Lease) -> dict[str, Any]:
+    import torch
+
+    from sa_bench.models.loading import load_model
+
+    torch.manual_seed(spec.seed)
+    started = time.time()
+    model, tokenizer = load_model(spec.model, lease.torch_devices)
+    loaded = time.time()
+    bench = spec.benchmark
+    samples = bench.load(tokenizer)
+    if not samples:
+        raise ValueError(f"benchmark {bench.name}/{bench.subset}: no samples were loaded")
+    max_new = spec.max_new_tokens or bench.max_new_tokens()
+    max_prompt = spec.model.max_context - max_new
+    if max_prompt < 16:
+        raise ValueError(f"model.max_context={spec.model.max_context} leaves no room for a prompt "
+                         f"after {max_new} generated tokens")
+    requests = [build_request(s, tokenizer, spec.model.chat_template, max_prompt) for s in samples]
+    finished = read_predictions(path)
+    method = spec.sparse
+    method.install(model)
+    device = next(model.parameters()).device
+    eos = _eos_ids(model, tokenizer)
+    timing = {"prefill_s": 0.0, "answer_s": 0.0, "generated_tokens": 0, "samples_run": 0}
+    out = open(path / jobdir.PREDICTIONS, "a")
+    write_progress(path, len(finished), len(requests))
+    try:
+        for context_ids, group in _by_context(requests).items():
+            todo = [r for r in group if r.sample.id not in finished]
+            if not todo:
+                continue
+            method.reset()
+            cache, ctx_len, t = _prefill(model, method, context_ids, device)
+            timing["prefill_s"] += t
+            for request in todo:
+                t0 = time.perf_counter()
+                tokens = _answer(model, method, cache, request.question_ids, max_new, eos, device)
+                cache.crop(ctx_len)
+                timing["answer_s"] += time.perf_counter() - t0
+                timing["generated_tokens"] += len(tokens)
+                timing["samples_run"] += 1
+                record = {
+                    "id": request.sample.id,
+                    "prediction": tokenizer.decode(tokens, skip_special_tokens=True),
+                    "answers": request.sample.answers,
+                    "prompt_tokens": len(context_ids) + len(request.question_ids),
+                    "truncated": request.truncated,
+                }
+                out.write(json.dumps(record, ensure_ascii=False) + "\n")
+                out.flush()
+                finished[record["id"]] = record
+                write_progress(path, len(finished), len(requests))
+    finally:
+        out.close()
+    predictions = [finished[r.sample.id]["prediction"] for r in requests]
+    metrics = bench.score(samples, predictions)
+    jobdir.write_json_atomic(path / jobdir.METRICS, metrics)
+    stats = {
+        "n_samples": len(requests),
+        "truncated_samples": sum(r.truncated for r in requests),
+        "max_prompt_tokens": max(len(r.context_ids) + len(r.question_ids) for r in requests),
+        "max_new_tokens": max_new,
+        "load_s": loaded - started,
+        "total_s": time.time() - started,
+        **timing,
+        "peak_memory_bytes": _peak_memory(device),
+        "lease": {"devices": lease.devices, "simulated": lease.simulated,
+                  "acquired": lease.acquired, "released": time.time(), "waited_s": lease.waited},
+        "attention": method.stats(),
+    }
+    jobdir.write_json_atomic(path / jobdir.STATS, stats)
+    jobdir.write_json_atomic(path / jobdir.ENV, environment(device))
+    return {"score": metrics.get("score")}
+
+
+def _by_context(requests: list[Request]) -> OrderedDict[tuple[int, ...], list[Request]]:
+    groups: OrderedDict[tuple[int, ...], list[Request]] = OrderedDict()
+    for request in requests:
+        groups.setdefault(tuple(request.context_ids), []).append(request)
+    return groups
+
+
+def _prefill(model: Any, method: Any, context_ids: tuple[int, ...], device: Any):
+    import torch
+    from transformers import DynamicCache
+
+    t0 = time.perf_counter()
+    cache = DynamicCache(config=model.config)
+    method.set_phase("prefill")
+    with torch.inference_mode():
+        model(input_ids=torch.tensor([context_ids], device=device), past_key_values=cache,
+              use_cache=True)
+    return cache, len(context_ids), time.perf_counter() - t0
+
+
+def _answer(model: Any, method: Any, cache: Any, question_ids: list[int], max_new: int,
+            eos: set[int], device: Any) -> list[int]:
+    """Greedy decoding: the question tokens, then one token at a time until EOS or max_new."""
+    import torch
+
+    tokens: list[int] = []
+    method.set_phase("question")
+    with torch.inference_mode():
+        logits = model(input_ids=torch.tensor([question_ids], device=device),
+                       past_key_values=cache, use_cache=True).logits
+        method.set_phase("decode")
+        while True:
+            token = int(logits[0, -1].argmax())
+            if token in eos:
+                break
+            tokens.append(token)
+            if len(tokens) >= max_new:
+                break
+            logits = model(input_ids=torch.tensor([[token]], device=device),
+                           past_key_values=cache, use_cache=True).logits
+    return tokens
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
+    ids = model.generation_config.eos_token_id if model.generation_config is not None else None
+    eos = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
+    if tokenizer.eos_token_id is not None:
+        eos.add(tokenizer.eos_token_id)
+    return eos
+
+
+def _peak_memory(device: Any) -> int:
+    import torch
+
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is KiB on Linux
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale)
+
+
+def environment(device: Any) -> dict[str, Any]:
+    import torch
+    import transformers
+
+    info: dict[str, Any] = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "hydra": _version("hydra-core"),
+        "omegaconf": _version("omegaconf"),
+        "datasets": _version("datasets"),
+        "sa_bench": sa_bench.__version__,
+        "sa_bench_git_commit": _git_commit(),
+        "device": str(device),
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+    }
+    if device.type == "cuda":
+        info["device_name"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def _version(dist: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None
+
+
+def _git_commit() -> str | None:
+    root = Path(sa_bench.__file__).resolve().parent.parent
+    try:
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
+                             text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None
