@@ -1,0 +1,153 @@
+"""Reading benchmark rows from local files or the Hugging Face hub, and prompt splitting.
+
+Local files keep each benchmark's original row format: a folder (`benchmark.data_dir`) holding
+the official file names (`<data_dir>/hotpotqa.jsonl`, jsonl / json / parquet), or one explicit
+file (`benchmark.data_files`). They are read with `datasets.load_dataset("json"|"parquet")`,
+which needs no network. Without either, the benchmark's standard hub location is tried; when
+nothing is found a `DataNotFoundError` says which files were looked for and how to get them.
+"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+EXTENSIONS = (".jsonl", ".json", ".parquet")
+_SENTINEL = "\x00sa_bench_context\x00"
+
+
+class DataNotFoundError(FileNotFoundError):
+    """The data of a benchmark subset could not be found locally or on the hub."""
+
+
+def read_rows(path: str | Path) -> list[dict[str, Any]]:
+    """All rows of one jsonl / json / parquet file, via `datasets.load_dataset`.
+
+    A json(l) file whose rows Arrow cannot type consistently (e.g. an `answer` that is an
+    int in one row and a string in another) is read with the json module instead, which
+    keeps the original Python types.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataNotFoundError(f"data file not found: {path}")
+    fmt = "parquet" if path.suffix == ".parquet" else "json"
+    try:
+        import datasets
+
+        datasets.disable_progress_bars()
+        return datasets.load_dataset(fmt, data_files=str(path), split="train").to_list()
+    except Exception:
+        if fmt != "json":
+            raise
+    return _read_json(path)
+
+
+def _read_json(path: Path) -> list[dict[str, Any]]:
+    text = path.read_text(encoding="utf-8")
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        return list(json.loads(stripped))
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def find_file(data_dir: str | Path, names: Sequence[str]) -> tuple[Path | None, list[Path]]:
+    """The first `<data_dir>/<name><ext>` that exists, and every path that was tried."""
+    tried = []
+    for name in names:
+        for ext in EXTENSIONS:
+            candidate = Path(data_dir) / f"{name}{ext}"
+            tried.append(candidate)
+            if candidate.is_file():
+                return candidate, tried
+    return None, tried
+
+
+def load_rows(
+    *,
+    benchmark: str,
+    subset: str,
+    data_dir: str | None,
+    data_files: str | None,
+    names: Sequence[str],
+    hub: Callable[[], list[dict[str, Any]]] | None,
+    hub_id: str,
+    how_to_get: str,
+) -> list[dict[str, Any]]:
+    """The raw rows of one subset: `data_files`, else `data_dir/<name>.*`, else the hub.
+
+    `names` are the official file names without extension (tried in order); `hub` fetches
+    the rows from the hub (may raise when offline); `how_to_get` tells the user where the
+    files come from. Raises DataNotFoundError naming every location tried.
+    """
+    if data_files:
+        if not Path(data_files).is_file():
+            raise DataNotFoundError(
+                f"{benchmark}/{subset}: benchmark.data_files={data_files} does not exist. "
+                f"{how_to_get}"
+            )
+        return read_rows(data_files)
+    if data_dir:
+        found, tried = find_file(data_dir, names)
+        if found is None:
+            listed = ", ".join(str(p) for p in tried)
+            raise DataNotFoundError(
+                f"{benchmark}/{subset}: none of these files exist: {listed}. {how_to_get}"
+            )
+        return read_rows(found)
+    if hub is None:
+        raise DataNotFoundError(
+            f"{benchmark}/{subset}: no hub copy; set benchmark.data_dir or benchmark.data_files. "
+            f"{how_to_get}"
+        )
+    try:
+        return hub()
+    except Exception as exc:
+        raise DataNotFoundError(
+            f"{benchmark}/{subset}: could not load it from the hub ({hub_id}): "
+            f"{type(exc).__name__}: {str(exc)[:300]}. Offline, set benchmark.data_dir to a folder "
+            f"with {' or '.join(n + '.jsonl' for n in names[:2])} (jsonl/json/parquet). "
+            f"{how_to_get}"
+        ) from exc
+
+
+def hub_file(repo_id: str, filename: str) -> Path:
+    """Download (or take from the HF cache) one file of a hub dataset repository."""
+    from huggingface_hub import hf_hub_download
+
+    return Path(hf_hub_download(repo_id=repo_id, filename=filename, repo_type="dataset"))
+
+
+def hub_zip_member(repo_id: str, archive: str, member: str) -> list[dict[str, Any]]:
+    """Rows of `member` (jsonl) inside the zip `archive` of a hub dataset repository,
+    extracted once next to the cached archive."""
+    zip_path = hub_file(repo_id, archive)
+    target = zip_path.parent / (zip_path.name + ".extracted") / member
+    if not target.is_file():
+        with zipfile.ZipFile(zip_path) as zf:
+            zf.extract(member, target.parents[len(Path(member).parts) - 1])
+    return read_rows(target)
+
+
+def hub_dataset(repo_id: str, config: str | None = None, split: str = "test") -> list[dict]:
+    """Rows of a (script-free) hub dataset via `datasets.load_dataset`."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    return datasets.load_dataset(repo_id, config, split=split).to_list()
+
+
+def split_prompt(template: str, context_field: str = "context", **fields: Any) -> tuple[str, str]:
+    """Format `template` and split it right after the long document.
+
+    Returns (everything up to and including `fields[context_field]`, the rest), so that
+    `context + question` is exactly `template.format(**fields)`.
+    """
+    document = fields[context_field]
+    formatted = template.format(**{**fields, context_field: _SENTINEL})
+    head, sep, tail = formatted.partition(_SENTINEL)
+    if not sep:
+        raise ValueError(f"template has no {{{context_field}}} field")
+    return head + document, tail.replace(_SENTINEL, document)

@@ -1,0 +1,462 @@
+"""Official per-sample metrics of the supported benchmarks (each returns a float in [0, 1]).
+
+Every function re-implements the definition named in its docstring; the text normalisation
+is the official one (SQuAD-style for English, jieba word segmentation for Chinese). The
+benchmarks average these per-sample values and report them on a 0-100 scale.
+Heavy optional imports (jieba, rouge, fuzzywuzzy) happen on first use.
+"""
+
+from __future__ import annotations
+
+import ast
+import math
+import re
+import string
+import warnings
+from collections import Counter
+from collections.abc import Callable, Sequence
+from functools import lru_cache
+from typing import Any
+
+# --------------------------------------------------------------------------------------
+# Text normalisation (LongBench `metrics.py`, InfiniteBench `compute_scores.py`)
+# --------------------------------------------------------------------------------------
+
+_CN_PUNCTUATION = (
+    "！？｡。＂＃＄％＆＇（）＊＋，－／：；＜＝＞＠［＼］＾＿｀｛｜｝～｟｠｢｣､、〃》「」『』【】〔〕"
+    "〖〗〘〙〚〛〜〝〞〟〰〾〿–—‘’‛“”„‟…‧﹏."
+)
+_EN_PUNCT = frozenset(string.punctuation)
+_ZH_PUNCT = frozenset(string.punctuation + _CN_PUNCTUATION)
+
+
+def normalize_answer(s: str) -> str:
+    """SQuAD normalisation: lower case, drop punctuation, drop articles, squeeze spaces."""
+    s = "".join(ch for ch in s.lower() if ch not in _EN_PUNCT)
+    s = re.sub(r"\b(a|an|the)\b", " ", s)
+    return " ".join(s.split())
+
+
+def normalize_zh_answer(s: str) -> str:
+    """Chinese normalisation: lower case, drop ASCII and CJK punctuation, drop all spaces."""
+    s = "".join(ch for ch in s.lower() if ch not in _ZH_PUNCT)
+    return "".join(s.split())
+
+
+@lru_cache(maxsize=1)
+def _jieba() -> Any:
+    import logging
+
+    import jieba
+
+    jieba.setLogLevel(logging.WARNING)
+    return jieba
+
+
+def _cut(text: str) -> list[str]:
+    """jieba precise-mode word segmentation (``jieba.cut(text, cut_all=False)``)."""
+    return list(_jieba().cut(text, cut_all=False))
+
+
+# --------------------------------------------------------------------------------------
+# LongBench (THUDM/LongBench, LongBench/metrics.py)
+# --------------------------------------------------------------------------------------
+
+
+def f1_tokens(prediction: Sequence[str], ground_truth: Sequence[str]) -> float:
+    """Bag-of-tokens F1 (LongBench `f1_score`): 0 when nothing is shared."""
+    common = Counter(prediction) & Counter(ground_truth)
+    num_same = sum(common.values())
+    if num_same == 0:
+        return 0.0
+    precision = num_same / len(prediction)
+    recall = num_same / len(ground_truth)
+    return 2 * precision * recall / (precision + recall)
+
+
+def qa_f1_score(prediction: str, ground_truth: str, **_: Any) -> float:
+    """LongBench `qa_f1_score`: F1 over whitespace tokens after `normalize_answer`."""
+    return f1_tokens(normalize_answer(prediction).split(), normalize_answer(ground_truth).split())
+
+
+def qa_f1_zh_score(prediction: str, ground_truth: str, **_: Any) -> float:
+    """LongBench `qa_f1_zh_score`: F1 over jieba words, each `normalize_zh_answer`-ed,
+    empty words dropped."""
+    pred = [t for t in (normalize_zh_answer(w) for w in _cut(prediction)) if t]
+    gold = [t for t in (normalize_zh_answer(w) for w in _cut(ground_truth)) if t]
+    return f1_tokens(pred, gold)
+
+
+def rouge_score(prediction: str, ground_truth: str, **_: Any) -> float:
+    """LongBench `rouge_score`: ROUGE-L F of the `rouge` package; 0 where it raises
+    (empty hypothesis or reference, recursion on very long text)."""
+    from rouge import Rouge
+
+    try:
+        scores = Rouge().get_scores([prediction], [ground_truth], avg=True)
+    except Exception:  # noqa: BLE001 - the official code swallows every error here
+        return 0.0
+    return float(scores["rouge-l"]["f"])
+
+
+def rouge_zh_score(prediction: str, ground_truth: str, **_: Any) -> float:
+    """LongBench `rouge_zh_score`: ROUGE-L F over jieba words joined by spaces."""
+    return rouge_score(" ".join(_cut(prediction)), " ".join(_cut(ground_truth)))
+
+
+def classification_score(
+    prediction: str, ground_truth: str, all_classes: Sequence[str] = (), **_: Any
+) -> float:
+    """LongBench `classification_score` (trec, lsht).
+
+    Classes named in the prediction are collected; a match that is a strict substring of
+    the gold class is dropped; the score is 1/len(matches) if the gold class is among
+    them. The official loop removes items from the list it iterates over, which skips
+    the element after each removal; that behaviour is reproduced here.
+    """
+    matches = [c for c in all_classes if c in prediction]
+    i = 0
+    while i < len(matches):
+        term = matches[i]
+        if term in ground_truth and term != ground_truth:
+            matches.remove(term)  # like list.remove inside a for-loop: next item skipped
+        i += 1
+    return 1.0 / len(matches) if ground_truth in matches else 0.0
+
+
+def _fraction_equal(numbers: list[str], target: str) -> float:
+    return 0.0 if not numbers else sum(n == target for n in numbers) / len(numbers)
+
+
+def retrieval_score(prediction: str, ground_truth: str, **_: Any) -> float:
+    """LongBench `retrieval_score` (passage_retrieval_en): the fraction of the numbers in
+    the prediction that equal the gold paragraph number ("Paragraph N")."""
+    found = re.findall(r"Paragraph (\d+)", ground_truth)
+    if not found:
+        return 0.0
+    return _fraction_equal(re.findall(r"\d+", prediction), found[0])
+
+
+def retrieval_zh_score(prediction: str, ground_truth: str, **_: Any) -> float:
+    """LongBench `retrieval_zh_score` (passage_retrieval_zh): as `retrieval_score` with
+    the gold written "段落N"."""
+    found = re.findall(r"段落(\d+)", ground_truth)
+    if not found:
+        return 0.0
+    return _fraction_equal(re.findall(r"\d+", prediction), found[0])
+
+
+def count_score(prediction: str, ground_truth: str, **_: Any) -> float:
+    """LongBench `count_score` (passage_count): the fraction of the numbers in the
+    prediction that equal the gold count."""
+    return _fraction_equal(re.findall(r"\d+", prediction), str(ground_truth))
+
+
+def code_sim_score(prediction: str, ground_truth: str, **_: Any) -> float:
+    """LongBench `code_sim_score` (lcc, repobench-p): fuzzywuzzy `fuzz.ratio` / 100 between
+    the gold line and the first predicted line containing none of '`', '#', '//'."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "Using slow pure-python SequenceMatcher"
+        from fuzzywuzzy import fuzz
+
+    line = ""
+    for candidate in prediction.lstrip("\n").split("\n"):
+        if "`" not in candidate and "#" not in candidate and "//" not in candidate:
+            line = candidate
+            break
+    return fuzz.ratio(line, ground_truth) / 100
+
+
+LONGBENCH_METRICS: dict[str, Callable[..., float]] = {
+    "qa_f1": qa_f1_score,
+    "qa_f1_zh": qa_f1_zh_score,
+    "rouge": rouge_score,
+    "rouge_zh": rouge_zh_score,
+    "classification": classification_score,
+    "retrieval": retrieval_score,
+    "retrieval_zh": retrieval_zh_score,
+    "count": count_score,
+    "code_sim": code_sim_score,
+}
+
+
+def best_over_answers(
+    metric: Callable[..., float], prediction: str, answers: Sequence[str], **kwargs: Any
+) -> float:
+    """LongBench `scorer`: the maximum of the metric over all gold answers (0 if none)."""
+    return max((metric(prediction, a, **kwargs) for a in answers), default=0.0)
+
+
+# --------------------------------------------------------------------------------------
+# RULER (NVIDIA/RULER, scripts/eval/synthetic/constants.py)
+# --------------------------------------------------------------------------------------
+
+
+def ruler_postprocess(prediction: str) -> str:
+    """RULER `postprocess_pred`: strip, turn control characters into newlines, strip."""
+    return re.sub(r"[\x00-\x1f]", "\n", prediction.strip()).strip()
+
+
+def string_match_all(prediction: str, references: Sequence[str]) -> float:
+    """RULER `string_match_all`: the fraction of references found (case-insensitive
+    substring) in the prediction."""
+    if not references:
+        return 0.0
+    pred = prediction.lower()
+    return sum(r.lower() in pred for r in references) / len(references)
+
+
+def string_match_part(prediction: str, references: Sequence[str]) -> float:
+    """RULER `string_match_part`: 1 if any reference is a case-insensitive substring."""
+    pred = prediction.lower()
+    return float(any(r.lower() in pred for r in references))
+
+
+# --------------------------------------------------------------------------------------
+# InfiniteBench (OpenBMB/InfiniteBench, src/compute_scores.py)
+# --------------------------------------------------------------------------------------
+
+
+def first_int_match(prediction: str) -> str:
+    """The first maximal run of digits in the prediction ("" if none)."""
+    found = re.search(r"[0-9]+", prediction)
+    return found.group(0) if found else ""
+
+
+def _strip_chars(text: str, chars: Sequence[str]) -> str:
+    for c in chars:
+        text = text.replace(c, " ")
+    return text
+
+
+def ib_passkey(prediction: str, label: str) -> float:
+    """InfiniteBench passkey / number_string: the first integer equals the label."""
+    return float(first_int_match(prediction) == str(label))
+
+
+def ib_kv_retrieval(prediction: str, label: str) -> float:
+    """InfiniteBench kv_retrieval: the label is one of the words after replacing
+    newline : " ' . , ? ! { } by spaces."""
+    words = _strip_chars(prediction, ["\n", ":", '"', "'", ".", ",", "?", "!", "{", "}"]).split()
+    return float(str(label) in words)
+
+
+def ib_code_run(prediction: str, label: int | str) -> float:
+    """InfiniteBench code_run: the last word (after replacing newline . ` ' " : by spaces)
+    is an integer equal to the label."""
+    words = _strip_chars(prediction.strip(), ["\n", ".", "`", "'", '"', ":"]).split()
+    if not words:
+        return 0.0
+    try:
+        return float(int(words[-1]) == int(label))
+    except ValueError:
+        return 0.0
+
+
+def ib_code_debug(prediction: str, function_name: str, letter: str) -> float:
+    """InfiniteBench code_debug: the prediction starts with "X." / "X:", or the text after
+    the first of "answer is:", "is:", "answer:" starts with the letter or function name."""
+    if prediction[:2] in (f"{letter}.", f"{letter}:"):
+        return 1.0
+    pred = _strip_chars(prediction.strip(), ["\n", "`", "'", '"', "-", "*", "Option", "option"])
+    while "  " in pred:
+        pred = pred.replace("  ", " ")
+    for prefix in ("answer is:", "is:", "answer:"):
+        idx = pred.find(prefix)
+        if idx == -1:
+            continue
+        if len(pred) < idx + len(prefix) + 1:
+            return 0.0
+        rest = pred[idx + len(prefix) + 1 :]
+        return float(rest.startswith(letter) or rest.startswith(function_name))
+    return 0.0
+
+
+def ib_math_find(prediction: str, label: int | float | str) -> float:
+    """InfiniteBench math_find: the first number in the prediction equals the label
+    (compared as int for an int label, as float for a float label)."""
+    found = re.search(r"\d+\.\d+|\d+", prediction)
+    if found is None:
+        return 0.0
+    value = found.group(0).strip()
+    if isinstance(label, str):
+        label = float(label) if "." in label else int(label)
+    if isinstance(label, int):
+        try:
+            return float(int(value) == label)
+        except ValueError:  # "1.5" for an int label: the official int() raises; count it wrong
+            return 0.0
+    return float(float(value) == label)
+
+
+def ib_longdialogue_qa(prediction: str, label: str) -> float:
+    """InfiniteBench longdialogue_qa_eng: the label is one of the upper-cased words."""
+    words = _strip_chars(prediction, ["\n", ":", '"', "'", ".", ",", "?", "!", "{", "}"]).split()
+    return float(label in [w.upper() for w in words])
+
+
+def ib_choice(prediction: str, labels: Sequence[str]) -> float:
+    """InfiniteBench longbook_choice_eng: `labels` is [option text, letter]. The first
+    character if it is A-D; else the text after "answer is:", "answer:", "answer is",
+    "option is"; else the first word that is one of A, B, C, D."""
+    if not prediction:
+        return 0.0
+    if prediction[0] in "ABCD":
+        return float(prediction[0] in labels)
+    pred = _strip_chars(prediction, ["\n", '"', "'", ".", ",", "?", "!", "{", "}"])
+    while "  " in pred:
+        pred = pred.replace("  ", " ")
+    for prefix in ("answer is:", "answer:", "answer is", "option is"):
+        idx = pred.find(prefix)
+        if idx == -1:
+            continue
+        if len(pred) < idx + len(prefix) + 1:
+            return 0.0
+        rest = pred[idx + len(prefix) + 1 :]
+        return float(any(rest.startswith(s) for s in labels))
+    for word in pred.split():
+        if word in "ABCD":  # substring test, as official: "AB" stops the search too
+            return float(word in labels)
+    return 0.0
+
+
+def ib_qa_f1(prediction: str, answers: Sequence[str]) -> float:
+    """InfiniteBench longbook_qa_eng: the best SQuAD-normalised token F1 over answers."""
+    return best_over_answers(qa_f1_score, prediction, answers)
+
+
+# --------------------------------------------------------------------------------------
+# LongBench v2 (THUDM/LongBench, pred.py `extract_answer`)
+# --------------------------------------------------------------------------------------
+
+
+def extract_choice(response: str) -> str | None:
+    """LongBench v2: the letter in "The correct answer is (X)" or "... is X" (asterisks
+    removed first); None when neither appears."""
+    response = response.replace("*", "")
+    match = re.search(r"The correct answer is \(([A-D])\)", response) or re.search(
+        r"The correct answer is ([A-D])", response
+    )
+    return match.group(1) if match else None
+
+
+# --------------------------------------------------------------------------------------
+# LooGLE (bigai-nlco/LooGLE, Evaluation/automatic_metrics.py)
+# --------------------------------------------------------------------------------------
+
+
+def parse_mapping(text: Any) -> dict | None:
+    """A Python/JSON dict literal parsed with `ast.literal_eval` (never evaluated as code);
+    None if the text is not a dict literal. The official code uses `eval`."""
+    if isinstance(text, dict):
+        return text
+    try:
+        value = ast.literal_eval(str(text).strip())
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def cloze_match(prediction: str, reference: dict[str, str]) -> tuple[int, int, int]:
+    """LooGLE `get_exact_match` and `get_partial_match` for one cloze question.
+
+    Returns (exact matches, partial matches, number of masks): exact = the predicted
+    entity equals the gold one; partial = they share a whitespace word.
+    """
+    hyp = parse_mapping(prediction)
+    if hyp is None:
+        return 0, 0, len(reference)
+    exact = sum(1 for k, v in reference.items() if k in hyp and hyp[k] == v)
+    partial = sum(
+        1
+        for k, v in reference.items()
+        if k in hyp and set(str(v).split()) & set(str(hyp[k]).split())
+    )
+    return exact, partial, len(reference)
+
+
+def rouge_all(prediction: str, reference: str, stat: str = "r") -> tuple[float, float, float]:
+    """LooGLE `get_rouge_score`: ROUGE-1, -2, -L of the `rouge` package, recall by default
+    (the official default `metric="r"`). Zeros where `rouge` raises (e.g. empty text)."""
+    from rouge import Rouge
+
+    try:
+        s = Rouge().get_scores(hyps=[prediction], refs=[reference])[0]
+    except Exception:  # noqa: BLE001
+        return 0.0, 0.0, 0.0
+    return s["rouge-1"][stat], s["rouge-2"][stat], s["rouge-l"][stat]
+
+
+def _ngrams(tokens: Sequence[str], n: int) -> Counter:
+    return Counter(tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1))
+
+
+def sentence_bleu_n(prediction: str, reference: str, n: int) -> float:
+    """Sentence BLEU with all weight on n-grams of order n (nltk `sentence_bleu` with weights
+    (1,0,0,0) for BLEU-1, (0,0,0,1) for BLEU-4, no smoothing), as LooGLE `get_bleu_score`:
+    brevity penalty x clipped n-gram precision; 0 when there is no n-gram overlap."""
+    hyp = prediction.replace("\n", " ").split()
+    ref = reference.replace("\n", " ").split()
+    if not hyp:
+        return 0.0
+    hyp_counts = _ngrams(hyp, n)
+    total = sum(hyp_counts.values())
+    if total == 0:
+        return 0.0
+    clipped = sum((hyp_counts & _ngrams(ref, n)).values())
+    if clipped == 0:
+        return 0.0
+    bp = 1.0 if len(hyp) > len(ref) else math.exp(1 - len(ref) / len(hyp))
+    return bp * clipped / total
+
+
+# --------------------------------------------------------------------------------------
+# AIME: the last \boxed{...} integer
+# --------------------------------------------------------------------------------------
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last ``\\boxed{...}`` (or ``\\fbox{...}``), braces balanced."""
+    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
+    if start < 0:
+        return None
+    brace = text.find("{", start)
+    if brace < 0:
+        return None
+    depth = 0
+    for i in range(brace, len(text)):
+        if text[i] == "{":
+            depth += 1
+        elif text[i] == "}":
+            depth -= 1
+            if depth == 0:
+                return text[brace + 1 : i]
+    return None
+
+
+def boxed_integer(text: str) -> int | None:
+    """The integer in the last ``\\boxed{}`` ("033", "1,000", "$42$" accepted), else None."""
+    content = last_boxed(text)
+    if content is None:
+        return None
+    content = re.sub(r"\\[,!;: ]|\\text\{\s*\}|[\s$,]", "", content)
+    content = content.replace("^\\circ", "").replace("^{\\circ}", "")
+    if re.fullmatch(r"[+-]?\d+", content):
+        return int(content)
+    return None
+
+
+def boxed_integer_match(prediction: str, answer: str | int) -> float:
+    """1 if the last boxed integer of the prediction equals the integer answer."""
+    value = boxed_integer(prediction)
+    try:
+        return float(value is not None and value == int(str(answer).strip()))
+    except ValueError:
+        return 0.0
+
+
+def mean_percent(values: Sequence[float]) -> float | None:
+    """100 x mean, rounded to 2 decimals; None for an empty list (never divides by zero)."""
+    if not values:
+        return None
+    return round(100 * sum(values) / len(values), 2)
