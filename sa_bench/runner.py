@@ -79,7 +79,7 @@ def evaluate(spec: JobSpec, path: Path, lease: Lease) -> dict[str, Any]:
             for request in todo:
                 t0 = time.perf_counter()
                 tokens = _answer(model, method, cache, request.question_ids, max_new, eos, device)
-                cache.crop(ctx_len)
+                _rewind(cache, ctx_len)
                 timing["answer_s"] += time.perf_counter() - t0
                 timing["generated_tokens"] += len(tokens)
                 timing["samples_run"] += 1
@@ -132,9 +132,16 @@ def _prefill(model: Any, method: Any, context_ids: tuple[int, ...], device: Any)
     cache = DynamicCache(config=model.config)
     method.set_phase("prefill")
     with torch.inference_mode():
-        model(input_ids=torch.tensor([context_ids], device=device), past_key_values=cache,
+        model(input_ids=torch.tensor([context_ids], device=device), cache=cache,
               use_cache=True)
     return cache, len(context_ids), time.perf_counter() - t0
+
+
+def _rewind(cache: Any, length: int) -> None:
+    """Drop the question and answer tokens so the next question starts from the context."""
+    extra = cache.get_seq_length() - length
+    if extra > 0:
+        cache.crop(-extra)
 
 
 def _answer(model: Any, method: Any, cache: Any, question_ids: list[int], max_new: int,
@@ -146,7 +153,7 @@ def _answer(model: Any, method: Any, cache: Any, question_ids: list[int], max_ne
     method.set_phase("question")
     with torch.inference_mode():
         logits = model(input_ids=torch.tensor([question_ids], device=device),
-                       past_key_values=cache, use_cache=True).logits
+                       cache=cache, use_cache=True).logits
         method.set_phase("decode")
         while True:
             token = int(logits[0, -1].argmax())
@@ -156,7 +163,7 @@ def _answer(model: Any, method: Any, cache: Any, question_ids: list[int], max_ne
             if len(tokens) >= max_new:
                 break
             logits = model(input_ids=torch.tensor([[token]], device=device),
-                           past_key_values=cache, use_cache=True).logits
+                           cache=cache, use_cache=True).logits
     return tokens
 
 

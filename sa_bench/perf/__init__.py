@@ -1,0 +1,1 @@
+"""Benchmark scripts that print measured figures (python -m sa_bench.perf.<name>)."""
