@@ -1,0 +1,162 @@
+"""A sparse-attention method: ordered maskers, hooked into transformers' attention registry."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from sa_bench.attention.base import (
+    Context,
+    Masker,
+    Selection,
+    Workspace,
+    allowed_from_mask,
+    eager_attention,
+    sparse_attention,
+)
+from sa_bench.config import ConfigError, build, build_target
+
+PHASES = ("prefill", "question", "decode")
+_ids = itertools.count()
+
+
+@dataclass
+class SparseConfig:
+    """The `sparse` config section (conf/sparse/<method>.yaml)."""
+
+    name: str
+    phase: Literal["question", "decode"] = "question"
+    dense_layers: list[int] = field(default_factory=list)
+    measure_error: bool = False
+    seed: int = 0
+    maskers: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for i, layer in enumerate(self.dense_layers):
+            if layer < 0:
+                raise ConfigError(f"dense_layers[{i}]: a layer index must be >= 0, got {layer}")
+
+
+class _Meter:
+    """Running sums per (phase, layer), kept on the device until `stats()`."""
+
+    def __init__(self) -> None:
+        self.sums: dict[tuple[str, int], list] = {}
+
+    def add(self, phase: str, layer: int, total: torch.Tensor | float, count: int) -> None:
+        entry = self.sums.setdefault((phase, layer), [0.0, 0])
+        entry[0] = entry[0] + total
+        entry[1] += count
+
+    def table(self, layers: int) -> dict[str, list[float | None]]:
+        out = {}
+        for phase in ("question", "decode"):
+            row = []
+            for layer in range(layers):
+                total, count = self.sums.get((phase, layer), (0.0, 0))
+                row.append(round(float(total) / count, 6) if count else None)
+            out[phase] = row
+        return out
+
+
+class SparseMethod:
+    """Maskers applied in order; dense (eager) math where the phase or layer is not sparse."""
+
+    def __init__(self, config: SparseConfig, maskers: dict[str, Masker]) -> None:
+        self.config = config
+        self.maskers = maskers
+        self.phase = "prefill"
+        self.name = f"sa_bench_{next(_ids)}_{config.name}"
+        self.num_layers = 0
+        self.workspace = Workspace()
+        self.generator: torch.Generator | None = None
+        self._density = _Meter()
+        self._error = _Meter()
+
+    @classmethod
+    def from_config(cls, data: dict) -> SparseMethod:
+        """Validate the `sparse` section (no model needed) and build the method."""
+        config = build(SparseConfig, dict(data), "sparse")
+        maskers = {}
+        for name, masker in config.maskers.items():
+            maskers[name] = build_target(masker, f"sparse.maskers.{name}", Masker)
+        return cls(config, maskers)
+
+    # --- runner API --------------------------------------------------------------------------
+
+    def install(self, model) -> None:
+        """Register our attention and mask functions and switch `model` to them."""
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+        cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        self.num_layers = cfg.num_hidden_layers
+        for i, layer in enumerate(self.config.dense_layers):
+            if layer >= self.num_layers:
+                raise ConfigError(f"sparse.dense_layers[{i}]: layer {layer} does not exist "
+                                  f"(the model has {self.num_layers} layers)")
+        for name, masker in self.maskers.items():
+            masker.prepare(model.config, f"sparse.maskers.{name}")
+        AttentionInterface.register(self.name, self.attention)
+        AttentionMaskInterface.register(self.name, eager_mask)
+        model.set_attn_implementation(self.name)
+
+    def set_phase(self, phase: str) -> None:
+        if phase not in PHASES:
+            raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
+        self.phase = phase
+
+    def reset(self) -> None:
+        for masker in self.maskers.values():
+            masker.reset()
+
+    def stats(self) -> dict:
+        layers = self.num_layers or 1 + max((k[1] for k in self._density.sums), default=-1)
+        out: dict[str, Any] = {"density": self._density.table(layers)}
+        if self.config.measure_error:
+            out["error"] = self._error.table(layers)
+        notes = [note for m in self.maskers.values() for note in m.notes()]
+        out["notes"] = notes
+        return out
+
+    # --- the attention function --------------------------------------------------------------
+
+    def is_sparse(self, layer: int) -> bool:
+        if not self.maskers or layer in self.config.dense_layers:
+            return False
+        return self.phase == "decode" or (self.phase == "question" and self.config.phase == "question")
+
+    def attention(self, module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+        """transformers attention function: query [b, H, q, d], key/value [b, Hk, kv, d]."""
+        layer = module.layer_idx
+        b, h, q, _ = query.shape
+        kv = key.shape[-2]
+        if not self.is_sparse(layer):
+            for masker in self.maskers.values():
+                masker.truncate(layer, kv - q)  # keys past here may change (new context/crop)
+            out = eager_attention(module, query, key, value, attention_mask, scaling, dropout)
+            if self.phase != "prefill":
+                self._density.add(self.phase, layer, float(b * h * q), b * h * q)
+                self._error.add(self.phase, layer, 0.0, b * q)
+            return out
+        if self.generator is None or self.generator.device != query.device:
+            self.generator = torch.Generator(device=query.device).manual_seed(self.config.seed)
+        allowed = allowed_from_mask(attention_mask, b, q, kv, query.device)
+        ctx = Context(query, key, scaling, layer, allowed, self.generator)
+        sel = Selection.empty(b, h, q, query.device)
+        for masker in self.maskers.values():
+            sel = masker.select(ctx, sel)
+        out = sparse_attention(ctx, value, sel, self.workspace)  # [b, H, q, d]
+        n_keys = ctx.n_keys.clamp(min=1).float()  # [b, 1, q]
+        density = sel.valid.sum(-1).float() / n_keys
+        self._density.add(self.phase, layer, density.sum(), b * h * q)
+        if self.config.measure_error:
+            dense, _ = eager_attention(module, query, key, value, attention_mask, scaling)
+            dense = dense.float()
+            diff = out.transpose(1, 2).float() - dense
+            err = diff.flatten(2).norm(dim=-1) / dense.flatten(2).norm(dim=-1).clamp_min(1e-30)
+            self._error.add(self.phase, layer, err.sum(), b * q)
+        return out.transpose(1, 2).contiguous(), None
