@@ -1,0 +1,50 @@
+"""Double Sparsity offline channel calibration.
+
+    python -m sa_bench.attention.calibrate_ds --model <hf dir or id> --out ds.safetensors
+
+For each layer and query head h, channel c is ranked by its mean contribution to |q.k|,
+E_{i,j} |q_ic k_jc| = mean_i |q_ic| * mean_j |k_jc| (k from h's kv head), over sample text
+(Yang et al., 2024, https://arxiv.org/abs/2408.07092). Writes `channel_rank` [L, H, d]
+(int64, most important first), format "sa_bench.double_sparsity.v1".
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from sa_bench.attention.capture import add_common_args, capture, load_model, shapes, token_windows
+
+FORMAT = "sa_bench.double_sparsity.v1"
+
+
+def channel_rank(seen: dict, layers: int, heads: int, kv_heads: int) -> torch.Tensor:
+    g = heads // kv_heads
+    ranks = []
+    for layer in range(layers):
+        qs = torch.cat([q for q, _ in seen[layer]], 1)  # [H, n, d]
+        ks = torch.cat([k for _, k in seen[layer]], 1)  # [Hk, n, d]
+        imp = qs.abs().mean(1) * ks.abs().mean(1).repeat_interleave(g, 0)  # [H, d]
+        ranks.append(imp.argsort(-1, descending=True))
+    return torch.stack(ranks)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_common_args(parser)
+    args = parser.parse_args(argv)
+    from safetensors.torch import save_file
+
+    torch.manual_seed(args.seed)
+    model = load_model(args.model, args.dtype, args.device)
+    layers, heads, kv_heads, _ = shapes(model)
+    vocab = model.config.get_text_config().vocab_size
+    seen = capture(model, token_windows(args.model, args.text, args.max_tokens, args.samples, vocab))
+    rank = channel_rank(seen, layers, heads, kv_heads).contiguous()
+    save_file({"channel_rank": rank}, args.out, metadata={"format": FORMAT, "model": str(args.model)})
+    print(f"wrote {args.out}: channel_rank {list(rank.shape)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""Load a model, run sample text through it, and capture each layer's queries and keys.
+
+Shared by the hashattn training and the double-sparsity calibration commands. The capture
+goes through transformers' AttentionInterface (a function that records q, k and then
+computes eager attention), so it sees q and k exactly as the sparse methods do (after RoPE).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from sa_bench.attention.base import eager_attention
+
+SAMPLE_TEXT = (
+    "The river town woke slowly. Boats knocked against the pier while the baker counted "
+    "loaves and the ferryman read yesterday's paper. In the archive above the post office, "
+    "a clerk sorted letters by year: 1911, 1923, 1940, each bundle tied with a different "
+    "string. Somewhere in the bundles was a note that mentioned the bridge, the flood, and "
+    "a number the mayor had asked everyone to remember: 48213. "
+)
+
+
+def add_common_args(parser) -> None:
+    parser.add_argument("--model", required=True, help="Hugging Face model directory or hub id")
+    parser.add_argument("--out", required=True, help="output .safetensors file")
+    parser.add_argument("--text", default=None, help="plain-text file of sample text "
+                        "(default: a built-in paragraph, repeated)")
+    parser.add_argument("--max-tokens", type=int, default=1024, help="tokens per sample")
+    parser.add_argument("--samples", type=int, default=1, help="number of text windows")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def load_model(name: str, dtype: str, device: str):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(name, dtype=getattr(torch, dtype))
+    return model.to(device).eval()
+
+
+def token_windows(name: str, text_file: str | None, max_tokens: int, samples: int,
+                  vocab: int) -> list[Tensor]:
+    """Token id windows of the sample text; byte values mod vocab if there is no tokenizer."""
+    text = Path(text_file).read_text(encoding="utf-8") if text_file else SAMPLE_TEXT
+    try:
+        from transformers import AutoTokenizer
+
+        ids = AutoTokenizer.from_pretrained(name)(text)["input_ids"]
+    except Exception:  # a bare model directory: no tokenizer files
+        ids = [b % vocab for b in text.encode("utf-8")]
+    need = max_tokens * samples
+    ids = (ids * (need // max(len(ids), 1) + 1))[:need]
+    return [torch.tensor(ids[i * max_tokens:(i + 1) * max_tokens]).unsqueeze(0) for i in range(samples)]
+
+
+def capture(model, windows: list[Tensor]) -> dict[int, list[tuple[Tensor, Tensor]]]:
+    """{layer: [(query [H, n, d], key [Hk, n, d]) per window]} in float32 on the CPU."""
+    from transformers import AttentionInterface
+
+    seen: dict[int, list[tuple[Tensor, Tensor]]] = {}
+
+    def record(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+        seen.setdefault(module.layer_idx, []).append(
+            (query[0].detach().float().cpu(), key[0].detach().float().cpu()))
+        return eager_attention(module, query, key, value, attention_mask, scaling, dropout)
+
+    AttentionInterface.register("sa_bench_capture", record)
+    model.set_attn_implementation("sa_bench_capture")
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        for ids in windows:
+            model(ids.to(device))
+    return seen
+
+
+def shapes(model) -> tuple[int, int, int, int]:
+    from sa_bench.attention.maskers import _model_shapes
+
+    return _model_shapes(model.config)
