@@ -1,0 +1,338 @@
+"""Maskers against brute-force references on random tensors (GQA shapes included)."""
+
+from __future__ import annotations
+
+import math
+import os
+import types
+
+import pytest
+import torch
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
+
+from sa_bench.attention.base import (  # noqa: E402
+    Context,
+    Selection,
+    Workspace,
+    allowed_from_mask,
+    eager_attention,
+    sparse_attention,
+)
+from sa_bench.attention.maskers import (  # noqa: E402
+    AdaptiveSampling,
+    DoubleSparsity,
+    HashAttention,
+    Local,
+    MagicPig,
+    OracleTopK,
+    OracleTopP,
+    Quest,
+    RandomSampling,
+    Sink,
+)
+from sa_bench.attention.method import SparseMethod  # noqa: E402
+from sa_bench.config import ConfigError  # noqa: E402
+
+MODULE = types.SimpleNamespace(layer_idx=0, training=False)
+
+
+def tensors(b=1, h=4, hk=2, q=1, kv=300, d=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    query = torch.randn(b, h, q, d, generator=g)
+    key = torch.randn(b, hk, kv, d, generator=g)
+    value = torch.randn(b, hk, kv, d, generator=g)
+    return query, key, value
+
+
+def context(query, key, mask=None, seed=0):
+    b, _, q, _ = query.shape
+    allowed = allowed_from_mask(mask, b, q, key.shape[2], query.device)
+    return Context(query, key, query.shape[-1] ** -0.5, 0, allowed,
+                   torch.Generator().manual_seed(seed))
+
+
+def run(maskers, query, key, seed=0):
+    ctx = context(query, key, seed=seed)
+    sel = Selection.empty(query.shape[0], query.shape[1], query.shape[2], query.device)
+    for m in maskers:
+        sel = m.select(ctx, sel)
+    return ctx, sel
+
+
+def row_sets(sel):
+    """{(b, h, i): set of valid key indices}; also checks there are no duplicates."""
+    out = {}
+    b, h, q, _ = sel.idx.shape
+    for bi in range(b):
+        for hi in range(h):
+            for i in range(q):
+                keys = sel.idx[bi, hi, i][sel.valid[bi, hi, i]].tolist()
+                assert len(keys) == len(set(keys)), "duplicate key in a row"
+                out[bi, hi, i] = set(keys)
+    return out
+
+
+def causal_keys(kv, q, i):
+    return set(range(kv - q + i + 1))
+
+
+def dense_out(query, key, value):
+    kv, q = key.shape[2], query.shape[2]
+    mask = torch.zeros(1, 1, q, kv)
+    mask[..., ~allowed_from_mask(None, 1, q, kv, "cpu")[0, 0]] = torch.finfo(torch.float32).min
+    out, _ = eager_attention(MODULE, query, key, value, mask, query.shape[-1] ** -0.5)
+    return out.transpose(1, 2)  # [b, H, q, d]
+
+
+def check_topk(sets, prior, score, k_of, kv, q):
+    """Each row: k new keys (or all candidates), every chosen one scoring >= every other."""
+    for (bi, hi, i), chosen in sets.items():
+        cand = causal_keys(kv, q, i) - prior[bi, hi, i]
+        new = chosen - prior[bi, hi, i]
+        assert prior[bi, hi, i] <= chosen
+        assert new <= cand
+        assert len(new) == min(k_of(len(causal_keys(kv, q, i))), len(cand))
+        rest = cand - new
+        if new and rest:
+            s = score(bi, hi, i)
+            assert min(s[j] for j in new) >= max(s[j] for j in rest) - 1e-5
+
+
+@pytest.mark.parametrize("q", [1, 7])
+def test_sink_and_local_are_ranges(q):
+    query, key, _ = tensors(q=q, kv=50)
+    _, sel = run([Sink(size=4), Local(size=8)], query, key)
+    for (_, _, i), keys in row_sets(sel).items():
+        t = 50 - q + i
+        assert keys == set(range(4)) | set(range(max(0, t - 7), t + 1))
+
+
+def test_local_fraction_and_short_rows():
+    query, key, _ = tensors(q=5, kv=5)  # row i sees i + 1 keys
+    _, sel = run([Sink(size=2), Local(size=0.5)], query, key)
+    for (_, _, i), keys in row_sets(sel).items():
+        n = i + 1
+        w = round(n * 0.5)
+        assert keys == set(range(min(2, n))) | set(range(n - w, n))
+
+
+@pytest.mark.parametrize("q", [1, 6])
+def test_oracle_topk_matches_brute_force_gqa(q):
+    query, key, _ = tensors(h=8, hk=2, q=q, kv=120)
+    maskers = [Sink(size=3), Local(size=5)]
+    _, prior_sel = run(maskers, query, key)
+    _, sel = run([*maskers, OracleTopK(heavy_size=0.2)], query, key)
+
+    def score(bi, hi, i):
+        return (key[bi, hi // 4] @ query[bi, hi, i]).tolist()
+
+    check_topk(row_sets(sel), row_sets(prior_sel), score, lambda n: round(0.2 * n), 120, q)
+
+
+def test_oracle_topp_matches_brute_force():
+    query, key, _ = tensors(h=4, hk=2, q=3, kv=80)
+    maskers = [Sink(size=2), Local(size=4)]
+    _, prior_sel = run(maskers, query, key)
+    _, sel = run([*maskers, OracleTopP(top_p=0.7)], query, key)
+    prior = row_sets(prior_sel)
+    for (bi, hi, i), chosen in row_sets(sel).items():
+        cand = sorted(causal_keys(80, 3, i) - prior[bi, hi, i])
+        s = torch.tensor([(key[bi, hi // 2, j] @ query[bi, hi, i]).item() / 4 for j in cand])
+        p = torch.softmax(s, 0)
+        order = p.argsort(descending=True).tolist()
+        want, mass = set(), 0.0
+        for o in order:
+            if mass >= 0.7:
+                break
+            want.add(cand[o])
+            mass += p[o].item()
+        assert chosen - prior[bi, hi, i] == want
+
+
+def test_hashattn_random_projection_matches_brute_force():
+    query, key, _ = tensors(h=4, hk=2, q=2, kv=200, d=16)
+    masker = HashAttention(heavy_size=30, bits=16, seed=3)
+    _, sel = run([masker], query, key)
+    r = masker._proj[0]  # [Hk, d, bits]
+
+    def score(bi, hi, i):
+        sq = torch.where(query[bi, hi, i] @ r[hi // 2] >= 0, 1.0, -1.0)
+        sk = torch.where(key[bi, hi // 2] @ r[hi // 2] >= 0, 1.0, -1.0)
+        return ((16 + sk @ sq) / 2).tolist()  # agreeing bits
+
+    empty = {k: set() for k in row_sets(sel)}
+    check_topk(row_sets(sel), empty, score, lambda n: 30, 200, 2)
+
+
+def test_quest_matches_brute_force_page_scores():
+    query, key, _ = tensors(h=4, hk=2, q=1, kv=100, d=8)
+    masker = Quest(heavy_size=32, page_size=8)
+    _, sel = run([masker], query, key)
+
+    def score(bi, hi, i):
+        k = key[bi, hi // 2]
+        qv = query[bi, hi, i]
+        out = []
+        for j in range(100):
+            page = k[(j // 8) * 8:(j // 8) * 8 + 8]
+            lo, hi_ = page.min(0).values, page.max(0).values
+            out.append(torch.maximum(qv * lo, qv * hi_).sum().item())
+        return out
+
+    empty = {k: set() for k in row_sets(sel)}
+    sets = row_sets(sel)
+    check_topk(sets, empty, score, lambda n: 32, 100, 1)
+    for keys in sets.values():  # a budget of 4 pages: exactly 4 whole pages
+        assert len({j // 8 for j in keys}) == 4
+
+
+def test_double_sparsity_uses_channel_subset():
+    query, key, _ = tensors(h=4, hk=2, q=1, kv=90, d=16)
+    masker = DoubleSparsity(heavy_size=10, channels=4)
+    masker._rank = torch.stack([torch.randperm(16, generator=torch.Generator().manual_seed(h))
+                                for h in range(4)]).unsqueeze(0)
+    _, sel = run([masker], query, key)
+
+    def score(bi, hi, i):
+        ch = masker._rank[0, hi, :4]
+        return (key[bi, hi // 2][:, ch] @ query[bi, hi, i][ch]).tolist()
+
+    empty = {k: set() for k in row_sets(sel)}
+    check_topk(row_sets(sel), empty, score, lambda n: 10, 90, 1)
+
+
+def test_magicpig_keeps_exactly_the_colliding_keys():
+    query, key, _ = tensors(h=4, hk=2, q=1, kv=150, d=16)
+    masker = MagicPig(lsh_bits=3, lsh_tables=4)
+    _, sel = run([masker], query, key)
+    planes, mean = masker._planes[0]
+    for (bi, hi, i), chosen in row_sets(sel).items():
+        pl = planes[hi // 2].view(16, 4, 3)
+        qb = torch.einsum("d,dlk->lk", query[bi, hi, i], pl) >= 0
+        kc = key[bi, hi // 2] - mean[bi, hi // 2]
+        kb = torch.einsum("nd,dlk->nlk", kc, pl) >= 0
+        want = {j for j in range(150) if (kb[j] == qb).all(-1).any()}
+        assert chosen == want
+    # weights are 1 / p(theta)
+    bi, hi = 0, 1
+    j = sel.idx[bi, hi, 0][sel.valid[bi, hi, 0]][0]
+    w = sel.logw[bi, hi, 0][sel.valid[bi, hi, 0]][0]
+    kc = key[bi, hi // 2, j] - mean[bi, hi // 2, 0]
+    cos = kc @ query[bi, hi, 0] / (kc.norm() * query[bi, hi, 0].norm())
+    theta = torch.arccos(cos)
+    p = 1 - (1 - (1 - theta / math.pi) ** 3) ** 4
+    assert torch.allclose(w, -torch.log(p), atol=1e-4)
+
+
+def test_random_sampling_size_and_weights():
+    query, key, _ = tensors(h=4, hk=2, q=1, kv=400)
+    _, sel = run([Sink(size=4), Local(size=16), RandomSampling(rate=0.1)], query, key)
+    for (bi, hi, i), chosen in row_sets(sel).items():
+        assert len(chosen) == 20 + 40
+        sampled = sel.logw[bi, hi, i][sel.logw[bi, hi, i] > 0]
+        assert torch.allclose(sampled, torch.full_like(sampled, math.log(380 / 40)))
+
+
+# --- budgets covering all keys give dense attention -----------------------------------------
+
+FULL = [
+    [OracleTopK(heavy_size=1.0)],
+    [Sink(size=4), Local(size=8), OracleTopK(heavy_size=1.0)],
+    [OracleTopP(top_p=1.0)],
+    [Sink(size=4), HashAttention(heavy_size=1.0)],
+    [Local(size=3), Quest(heavy_size=1.0, page_size=8)],
+    [DoubleSparsity(heavy_size=1.0, channels=4)],
+    [Sink(size=2), RandomSampling(rate=1.0)],
+    [Local(size=2), AdaptiveSampling(base_rate=1.0)],
+]
+
+
+@pytest.mark.parametrize("q", [1, 9])
+@pytest.mark.parametrize("maskers", FULL, ids=lambda ms: "+".join(type(m).__name__ for m in ms))
+def test_full_budget_equals_dense(maskers, q):
+    query, key, value = tensors(h=8, hk=2, q=q, kv=120)
+    ctx, sel = run(maskers, query, key)
+    out = sparse_attention(ctx, value, sel, Workspace())
+    torch.testing.assert_close(out, dense_out(query, key, value), atol=1e-5, rtol=1e-4)
+
+
+def test_gather_path_without_exact_scores_matches_dense():
+    query, key, value = tensors(h=8, hk=2, q=1, kv=120)
+    ctx, sel = run([Sink(size=4), HashAttention(heavy_size=1.0)], query, key)
+    assert ctx.full_scores is None  # scores come from gathered keys
+    out = sparse_attention(ctx, value, sel, Workspace())
+    torch.testing.assert_close(out, dense_out(query, key, value), atol=1e-5, rtol=1e-4)
+
+
+# --- sampling: the mean of many outputs approaches dense ------------------------------------
+
+
+def _sharp(kv=256):
+    query, key, value = tensors(h=4, hk=2, q=1, kv=kv, d=16, seed=5)
+    return query * 0.5, key, value + 1.0  # values with a mean, as in real models
+
+
+@pytest.mark.parametrize("masker", [
+    RandomSampling(rate=0.1),
+    AdaptiveSampling(base_rate=0.05, epsilon=0.2, delta=0.1),
+    MagicPig(lsh_bits=2, lsh_tables=3),
+], ids=lambda m: type(m).__name__)
+def test_sampling_mean_approaches_dense(masker):
+    query, key, value = _sharp()
+    dense = dense_out(query, key, value)
+    outs, single = [], []
+    for seed in range(300):
+        masker.reset()
+        ctx, sel = run([Sink(size=2), masker], query, key, seed=seed)
+        out = sparse_attention(ctx, value, sel, Workspace())
+        outs.append(out)
+        single.append(((out - dense).norm() / dense.norm()).item())
+    mean = torch.stack(outs).mean(0)
+    err = ((mean - dense).norm() / dense.norm()).item()
+    # averaging 300 draws divides the noise by ~17: what is left is not a bias
+    assert err < 0.02
+    assert err < 0.2 * sum(single) / len(single)
+
+
+# --- measured density of fixed budgets ------------------------------------------------------
+
+
+@pytest.mark.parametrize("masker", [
+    OracleTopK(heavy_size=0.1), HashAttention(heavy_size=0.1), Quest(heavy_size=0.1),
+    DoubleSparsity(heavy_size=0.1), RandomSampling(rate=0.1),
+], ids=lambda m: type(m).__name__)
+def test_density_within_one_percent(masker):
+    method = SparseMethod.from_config({"name": "t", "maskers": {}})
+    method.maskers = {"m": masker}
+    method.num_layers = 1
+    method.set_phase("decode")
+    query, key, value = tensors(h=8, hk=2, q=1, kv=3000)
+    method.attention(MODULE, query, key, value, None, 0.25)
+    density = method.stats()["density"]["decode"][0]
+    assert abs(density - 0.1) <= 0.001
+
+
+# --- config validation ----------------------------------------------------------------------
+
+
+def test_config_errors_name_the_full_key():
+    base = {"name": "x", "maskers": {"topk": {"_target_": "sa_bench.attention.maskers.OracleTopK",
+                                              "heavy_size": 1.5}}}
+    with pytest.raises(ConfigError, match=r"^sparse\.maskers\.topk\.heavy_size: a fraction must be in \(0, 1\], got 1.5"):
+        SparseMethod.from_config(base)
+    bad = {"name": "x", "maskers": {"topk": {"_target_": "sa_bench.attention.maskers.OracleTopK",
+                                             "heavy": 3}}}
+    with pytest.raises(ConfigError, match=r"sparse\.maskers\.topk\.heavy: unknown key"):
+        SparseMethod.from_config(bad)
+    with pytest.raises(ConfigError, match=r"sparse\.maskers\.p\.top_p: expected a value in"):
+        SparseMethod.from_config({"name": "x", "maskers": {"p": {
+            "_target_": "sa_bench.attention.maskers.OracleTopP", "top_p": 0.0}}})
+    with pytest.raises(ConfigError, match=r"sparse\.phase"):
+        SparseMethod.from_config({"name": "x", "phase": "prefill", "maskers": {}})
+    with pytest.raises(ConfigError, match=r"sparse\.maskers\.h\.weights: hashattn weights file not found"):
+        SparseMethod.from_config({"name": "x", "maskers": {"h": {
+            "_target_": "sa_bench.attention.maskers.HashAttention", "weights": "/nonexistent.st"}}})
+    with pytest.raises(ConfigError, match=r"sparse\.maskers\.z\._target_"):
+        SparseMethod.from_config({"name": "x", "maskers": {"z": {"_target_": "os.path.join"}}})
