@@ -120,7 +120,7 @@ class KeyCache:
         kv = key.shape[-2]
         buf = self.buf.get(layer)
         keep = min(self.length.get(layer, 0), kv - n_new)
-        if buf is not None and buf.shape[:2] != key.shape[:2]:
+        if buf is not None and buf.shape[0] != key.shape[0]:
             buf, keep = None, 0
         if keep < kv:
             new = fn(key[:, :, keep:])
