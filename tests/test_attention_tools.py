@@ -1,0 +1,99 @@
+"""hashattn weights file format, the training and calibration commands (tiny random Llama)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
+
+from safetensors.torch import load_file, save_file  # noqa: E402
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from sa_bench.attention import SparseMethod, calibrate_ds, train_hashattn  # noqa: E402
+from sa_bench.attention.hashattn import HashWeights  # noqa: E402
+from sa_bench.config import ConfigError  # noqa: E402
+
+SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             intermediate_size=128, vocab_size=300)  # head_dim 16
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny")
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(**SMALL)).save_pretrained(path)
+    return path
+
+
+def hash_cfg(weights, heavy=0.2):
+    return {"name": "h", "maskers": {"hash": {"_target_": "sa_bench.attention.maskers.HashAttention",
+                                              "heavy_size": heavy, "weights": str(weights)}}}
+
+
+def test_weights_round_trip(tmp_path):
+    w = HashWeights.init(layers=2, kv_heads=2, head_dim=16, bits=8, hidden=12, seed=1)
+    w.save(tmp_path / "w.safetensors")
+    back = HashWeights.load(tmp_path / "w.safetensors", "k")
+    assert set(back.tensors) == set(w.tensors)
+    for name, t in w.tensors.items():
+        assert torch.equal(back.tensors[name], t)
+    back.check(2, 2, 16, "k")
+    x = torch.randn(1, 2, 5, 16)
+    assert torch.equal(back.project("key", 1, x), w.project("key", 1, x))
+
+
+def test_shape_mismatch_is_refused(tmp_path, tiny):
+    HashWeights.init(layers=2, kv_heads=2, head_dim=32, bits=8).save(tmp_path / "wrong.safetensors")
+    method = SparseMethod.from_config(hash_cfg(tmp_path / "wrong.safetensors"))
+    model = LlamaForCausalLM.from_pretrained(tiny)
+    with pytest.raises(ConfigError, match=r"sparse\.maskers\.hash\.weights: tensor query\.w1 has "
+                                          r"shape \[2, 2, 32, 64\], but the model needs \[2, 2, 16, 64\]"):
+        method.install(model)
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ConfigError, match="is not a sa_bench.hashattn.v1 file"):
+        SparseMethod.from_config(hash_cfg(tmp_path / "other.safetensors")).install(model)
+
+
+def test_train_hashattn_writes_usable_weights(tmp_path, tiny, capsys):
+    out = tmp_path / "hash.safetensors"
+    train_hashattn.main(["--model", str(tiny), "--out", str(out), "--max-tokens", "192",
+                         "--steps", "40", "--bits", "16", "--hidden", "32"])
+    printed = capsys.readouterr().out
+    assert "layer 1: top-0.05 recall" in printed
+    w = HashWeights.load(out, "k")
+    w.check(2, 2, 16, "k")
+    assert w.bits == 16
+    method = SparseMethod.from_config(hash_cfg(out))
+    model = LlamaForCausalLM.from_pretrained(tiny).eval()
+    method.install(model)
+    cache = DynamicCache(config=model.config)
+    ids = torch.randint(0, 300, (1, 140))
+    with torch.no_grad():
+        model(ids[:, :120], past_key_values=cache)
+        method.set_phase("question")
+        model(ids[:, 120:140], past_key_values=cache)
+    stats = method.stats()
+    assert stats["notes"] == [f"hashattn: learned signatures from {out} (16 bits)"]
+    assert all(abs(d - 0.2) < 0.01 for d in stats["density"]["question"])
+
+
+def test_calibrate_ds_writes_channel_ranks(tmp_path, tiny):
+    out = tmp_path / "ds.safetensors"
+    calibrate_ds.main(["--model", str(tiny), "--out", str(out), "--max-tokens", "128"])
+    rank = load_file(str(out))["channel_rank"]
+    assert rank.shape == (2, 4, 16)
+    assert torch.equal(rank.sort(-1).values, torch.arange(16).expand(2, 4, 16))
+    cfg = {"name": "ds", "maskers": {"ds": {"_target_": "sa_bench.attention.maskers.DoubleSparsity",
+                                            "heavy_size": 0.1, "channels": 4,
+                                            "calibration": str(out)}}}
+    method = SparseMethod.from_config(cfg)
+    model = LlamaForCausalLM.from_pretrained(tiny).eval()
+    method.install(model)
+    assert method.stats()["notes"] == [f"double_sparsity: channels from {out}"]
+    bad = dict(SMALL, num_attention_heads=8, num_key_value_heads=4, hidden_size=128)
+    with pytest.raises(ConfigError, match=r"sparse\.maskers\.ds\.calibration: channel_rank has shape"):
+        SparseMethod.from_config(cfg).install(LlamaForCausalLM(LlamaConfig(**bad)))
