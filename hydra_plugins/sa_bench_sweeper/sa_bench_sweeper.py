@@ -131,18 +131,19 @@ class SaBenchSweeper(BasicSweeper):
     def _summary(self, cells: list[Cell], todo: list[Cell], started: float) -> None:
         refresh_status(todo)
         ran = [c for c in todo if c.status == "done"]
-        failed = [c for c in todo if c.status != "done"]
-        skipped = len(cells) - len(todo)
+        elsewhere = [c for c in todo if c.status == "running"]
+        failed = [c for c in todo if c.status in ("failed", "pending")]
         say(
             f"Sweep finished in {time.time() - started:.1f}s: {len(ran)} done, "
-            f"{skipped} skipped, {len(failed)} failed"
+            f"{len(cells) - len(todo)} skipped, {len(failed)} failed"
+            + (f", {len(elsewhere)} still running in another sweep" if elsewhere else "")
         )
         for cell in failed:
-            reason = jobdir.first_error_line(cell.path) or f"not finished ({cell.status})"
+            reason = jobdir.first_error_line(cell.path) or "not finished: its worker process died"
             say(f"  FAILED {cell.path}\n         {reason}")
         for cell in ran:
             summary = (jobdir.read_json(cell.path / jobdir.MARKER) or {}).get("summary", {})
-            if "score" in summary:
+            if summary.get("score") is not None:
                 say(f"  score {summary['score']:7.2f}  {cell.path}")
         if failed:
             sys.exit(1)
