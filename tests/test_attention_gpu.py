@@ -1,0 +1,86 @@
+"""The hook on CUDA: dense is exact, full budgets match eager, every method runs in bf16."""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import pytest
+import torch
+import yaml
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+CONF = os.path.join(os.path.dirname(__file__), "..", "conf", "sparse")
+SMALL = dict(hidden_size=256, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
+             intermediate_size=512, vocab_size=300)
+
+
+def load(name):
+    with open(os.path.join(CONF, f"{name}.yaml")) as f:
+        return yaml.safe_load(f)
+
+
+def protocol(model, method, tokens, ctx_len=900, q_len=40, steps=8):
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    outs = []
+    with torch.no_grad():
+        for phase, chunk in [("prefill", tokens[:, :ctx_len]),
+                             ("question", tokens[:, ctx_len:ctx_len + q_len])]:
+            if method:
+                method.set_phase(phase)
+            outs.append(model(chunk, past_key_values=cache).logits)
+        if method:
+            method.set_phase("decode")
+        for i in range(steps):
+            pos = ctx_len + q_len + i
+            outs.append(model(tokens[:, pos:pos + 1], past_key_values=cache).logits)
+    return torch.cat(outs, 1).float()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_dense_exact_and_full_budget_close(dtype):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from sa_bench.attention import SparseMethod
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(**SMALL)).eval().to("cuda", dtype)
+    tokens = torch.randint(0, 300, (1, 960), device="cuda")
+    base.set_attn_implementation("eager")
+    want = protocol(base, None, tokens)
+    method = SparseMethod.from_config(load("dense"))
+    method.install(base)
+    assert torch.equal(protocol(base, method, tokens), want)
+    data = load("oracle_topk")
+    data["maskers"]["topk"]["heavy_size"] = 1.0
+    method = SparseMethod.from_config(data)
+    method.install(base)
+    tol = 1e-4 if dtype == torch.float32 else 5e-2
+    torch.testing.assert_close(protocol(base, method, tokens), want, atol=tol, rtol=tol)
+
+
+def test_cuda_every_method_runs_bf16():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from sa_bench.attention import SparseMethod
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**SMALL)).eval().to("cuda", torch.bfloat16)
+    tokens = torch.randint(0, 300, (1, 960), device="cuda")
+    for path in sorted(glob.glob(os.path.join(CONF, "*.yaml"))):
+        data = yaml.safe_load(open(path))
+        data["measure_error"] = True
+        method = SparseMethod.from_config(data)
+        method.install(model)
+        logits = protocol(model, method, tokens)
+        assert torch.isfinite(logits).all(), path
+        stats = method.stats()
+        for phase in ("question", "decode"):
+            assert all(d is not None and 0 < d <= 1 for d in stats["density"][phase]), path
+            assert all(e is not None and e == e for e in stats["error"][phase]), path
