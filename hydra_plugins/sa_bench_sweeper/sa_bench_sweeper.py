@@ -18,9 +18,10 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
 import sa_bench.launch.resolvers  # noqa: F401  (registers resolvers in the parent)
-from sa_bench.config import ConfigError
+from sa_bench.config import ConfigError, build
 from sa_bench.launch import jobdir
 from sa_bench.launch.plan import Cell, expand, plan_table, refresh_status
+from sa_bench.launch.pool import PoolConfig
 from sa_bench.launch.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,15 @@ class SaBenchSweeper(BasicSweeper):
     def __init__(self, max_batch_size: int | None = None, launch_attempts: int = 3) -> None:
         super().__init__(max_batch_size=max_batch_size, params=None)
         self.launch_attempts = launch_attempts
+
+    def setup(self, *, hydra_context: Any, task_function: Any, config: Any) -> None:
+        # The launcher's n_jobs is derived from the pool: check the pool first, readably.
+        try:
+            build(PoolConfig, OmegaConf.to_container(config.pool, resolve=True), "pool")
+        except ConfigError as exc:
+            say(f"Config error: {exc}")
+            sys.exit(2)
+        super().setup(hydra_context=hydra_context, task_function=task_function, config=config)
 
     def sweep(self, arguments: list[str]) -> Any:
         assert self.config is not None and self.launcher is not None
