@@ -1,0 +1,558 @@
+"""Turn an output root into a results table, a CSV, plots and a status list.
+
+    python -m sa_bench.report [output_root] [--model GLOB] [--method GLOB] [--benchmark GLOB]
+                              [--out DIR] [--no-plots]
+
+Rows are model × sparse configuration, columns are benchmark subsets plus their average. A
+cell reads `score @density (±difference from the dense cell of the same model and subset)`.
+Rows of the same method are told apart by the parameters whose values differ between them,
+e.g. `oracle_topk (topk.heavy_size=0.05)`. Files written (into the output root, or `--out`):
+`report.md`, `results.csv` (one row per job, every config value flattened) and
+`plot_<benchmark>.png` (score against measured density, one panel per model, one line per
+method). Failed jobs are listed with their first error line, and started jobs without a
+completion marker as unfinished.
+
+Importing this module is light; matplotlib is imported only to draw.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import fnmatch
+import json
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sa_bench.launch import jobdir
+from sa_bench.launch.identity import result_values, sanitize
+from sa_bench.launch.progress import PROGRESS
+
+JOB_FILES = (jobdir.CONFIG, jobdir.PREDICTIONS, jobdir.METRICS, jobdir.ERROR, jobdir.RUNNING,
+             jobdir.MARKER, PROGRESS)
+"""A directory at job depth holding any of these is a job directory."""
+
+BENCHMARK_NON_PARAMS = ("name", "subset", "subsets", "_target_")
+"""Benchmark keys that name a column rather than parameterise it."""
+
+DENSE = "dense"
+
+
+# --- reading ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Job:
+    """One job directory as found on disk."""
+
+    path: Path
+    relpath: str
+    status: str  # done | running | failed | pending
+    config: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
+    stats: dict = field(default_factory=dict)
+    error: str = ""
+    progress: dict = field(default_factory=dict)
+
+    def _part(self, section: str, index: int) -> str:
+        value = (self.config.get(section) or {}).get("name")
+        return str(value) if value is not None else self.relpath.split("/")[index]
+
+    @property
+    def model(self) -> str:
+        return self._part("model", 0)
+
+    @property
+    def method(self) -> str:
+        return self._part("sparse", 1)
+
+    @property
+    def benchmark(self) -> str:
+        return self._part("benchmark", 2)
+
+    @property
+    def subset(self) -> str:
+        value = (self.config.get("benchmark") or {}).get("subset")
+        return str(value) if value is not None else self.relpath.split("/")[3]
+
+    @property
+    def score(self) -> float | None:
+        value = self.metrics.get("score")
+        return float(value) if isinstance(value, (int, float)) else None
+
+    @property
+    def density(self) -> float | None:
+        return measured_density(self.stats, self.method)
+
+
+def measured_density(stats: dict, method: str) -> float | None:
+    """Mean over layers of the non-null question-phase density (else decode; dense: 1.0)."""
+    table = ((stats.get("attention") or {}).get("density")) or {}
+    for phase in ("question", "decode"):
+        values = [v for v in table.get(phase) or [] if isinstance(v, (int, float))]
+        if values:
+            return sum(values) / len(values)
+    return 1.0 if method == DENSE else None
+
+
+def find_job_dirs(root: Path) -> list[Path]:
+    """`<root>/<model>/<sparse>/<benchmark>/<subset>/<key>/` directories holding any job file."""
+    return sorted(
+        p for p in root.glob("*/*/*/*/*")
+        if p.is_dir() and any((p / name).exists() for name in JOB_FILES)
+    )
+
+
+def read_config(path: Path) -> dict:
+    import yaml
+
+    try:
+        data = yaml.safe_load((path / jobdir.CONFIG).read_text())
+    except (OSError, yaml.YAMLError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def read_job(root: Path, path: Path) -> Job:
+    status = jobdir.status(path, path.name)
+    job = Job(path=path, relpath=path.relative_to(root).as_posix(), status=status,
+              config=read_config(path))
+    if status == "done":
+        job.metrics = jobdir.read_json(path / jobdir.METRICS) or {}
+        job.stats = jobdir.read_json(path / jobdir.STATS) or {}
+    elif status == "failed":
+        job.error = jobdir.first_error_line(path)
+    else:
+        job.progress = jobdir.read_json(path / PROGRESS) or {}
+    return job
+
+
+def read_jobs(root: Path) -> list[Job]:
+    return [read_job(root, path) for path in find_job_dirs(root)]
+
+
+def _matches(values: Iterable[str], globs: list[str] | None) -> bool:
+    if not globs:
+        return True
+    return any(fnmatch.fnmatchcase(v, g) for v in values for g in globs)
+
+
+def select(jobs: list[Job], model: list[str] | None = None, method: list[str] | None = None,
+           benchmark: list[str] | None = None) -> list[Job]:
+    """Jobs whose model / sparse method / benchmark (or benchmark/subset) match any glob given."""
+    return [
+        j for j in jobs
+        if _matches([j.model], model) and _matches([j.method], method)
+        and _matches([j.benchmark, f"{j.benchmark}/{j.subset}"], benchmark)
+    ]
+
+
+# --- flattening --------------------------------------------------------------------------------
+
+
+def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts to dotted keys; lists become JSON text (hashable, one CSV cell)."""
+    if isinstance(data, dict):
+        out: dict[str, Any] = {}
+        for key, value in data.items():
+            out.update(flatten(value, f"{prefix}{key}."))
+        return out if out or not prefix else {prefix[:-1]: "{}"}
+    if isinstance(data, (list, tuple)):
+        return {prefix[:-1]: json.dumps(data)}
+    return {prefix[:-1]: data}
+
+
+def _fmt_value(value: Any) -> str:
+    return "-" if value is None else str(value)
+
+
+def _differing(items: list[dict[str, Any]]) -> set[str]:
+    """Keys whose values are not the same in every dict (a missing key counts as a value)."""
+    keys = set().union(*items) if items else set()
+    return {k for k in keys if len({json.dumps(d.get(k, "<missing>"), default=str) for d in items}) > 1}
+
+
+def _short(key: str) -> str:
+    """`sparse.maskers.topk.heavy_size` -> `topk.heavy_size`; `sparse.phase` -> `phase`."""
+    for prefix in ("sparse.maskers.", "sparse."):
+        if key.startswith(prefix):
+            return key[len(prefix):]
+    return key
+
+
+# --- the table ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Column:
+    benchmark: str
+    subset: str
+    params: tuple[tuple[str, Any], ...]  # benchmark parameters (sample counts, ...)
+
+
+@dataclass
+class Row:
+    model: str
+    method: str
+    identity: dict[str, Any]  # every result-affecting value except the benchmark's
+    label: str = ""
+    cells: dict[Column, Job] = field(default_factory=dict)
+
+    @property
+    def context(self) -> tuple:
+        """What must match for a dense row to be this row's reference: all but `sparse.*`."""
+        return tuple(sorted((k, json.dumps(v, default=str)) for k, v in self.identity.items()
+                            if not k.startswith("sparse.")))
+
+
+@dataclass
+class Table:
+    rows: list[Row]
+    columns: list[Column]
+    column_labels: dict[Column, str]
+    dense: dict[int, Row | None]  # id(row) -> its dense reference row
+
+    def dense_score(self, row: Row, column: Column) -> float | None:
+        ref = self.dense.get(id(row))
+        job = ref.cells.get(column) if ref else None
+        return job.score if job is not None and job.status == "done" else None
+
+    def cell(self, row: Row, column: Column) -> tuple[float | None, float | None, float | None]:
+        """(score, density, score - dense score) of a finished cell; Nones where unknown."""
+        job = row.cells.get(column)
+        if job is None or job.status != "done":
+            return None, None, None
+        score, ref = job.score, self.dense_score(row, column)
+        diff = score - ref if score is not None and ref is not None else None
+        return score, job.density, diff
+
+    def average(self, row: Row, columns: list[Column] | None = None
+                ) -> tuple[float | None, float | None, float | None, int]:
+        """Means over the row's finished cells among `columns`; the last value counts them."""
+        values = [self.cell(row, c) for c in (columns if columns is not None else self.columns)]
+        values = [v for v in values if v[0] is not None]
+        return (_mean(v[0] for v in values), _mean(v[1] for v in values),
+                _mean(v[2] for v in values), len(values))
+
+
+def _mean(values: Iterable[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return sum(present) / len(present) if present else None
+
+
+def _row_identity(config: dict) -> dict[str, Any]:
+    values = result_values(config)
+    return {k: v for k, v in flatten(values).items() if not k.startswith("benchmark.")}
+
+
+def _column_of(job: Job) -> Column:
+    bench = dict(result_values(job.config).get("benchmark") or {})
+    params = flatten({k: v for k, v in bench.items() if k not in BENCHMARK_NON_PARAMS})
+    return Column(job.benchmark, job.subset, tuple(sorted(params.items(), key=lambda kv: kv[0])))
+
+
+def build_table(jobs: list[Job]) -> Table:
+    """Rows and columns from every job with a readable config (finished or not)."""
+    rows: dict[tuple, Row] = {}
+    columns: set[Column] = set()
+    for job in jobs:
+        if not job.config:
+            continue
+        identity = _row_identity(job.config)
+        key = tuple(sorted((k, json.dumps(v, default=str)) for k, v in identity.items()))
+        row = rows.setdefault(key, Row(job.model, job.method, identity))
+        column = _column_of(job)
+        columns.add(column)
+        previous = row.cells.get(column)
+        if previous is None or _rank(job) > _rank(previous):
+            row.cells[column] = job
+    ordered = sorted(rows.values(), key=lambda r: (r.model, r.method != DENSE, r.method,
+                                                   json.dumps(r.identity, sort_keys=True,
+                                                              default=str)))
+    _label_rows(ordered)
+    column_list = sorted(columns, key=lambda c: (c.benchmark, c.subset, str(c.params)))
+    dense = {id(r): _dense_reference(r, ordered) for r in ordered}
+    return Table(ordered, column_list, _column_labels(column_list), dense)
+
+
+def _rank(job: Job) -> tuple:
+    """Which of two jobs for the same cell to show: done first, then the newest marker."""
+    order = {"done": 3, "running": 2, "failed": 1, "pending": 0}[job.status]
+    marker = jobdir.read_json(job.path / jobdir.MARKER) or {}
+    return order, marker.get("finished", 0)
+
+
+def _label_rows(rows: list[Row]) -> None:
+    """`method (param=value, ...)` with the parameters that differ between rows of the method;
+    model parameters (other than the name) that differ between rows of one model are added."""
+    by_method: dict[str, list[Row]] = {}
+    by_model: dict[str, list[Row]] = {}
+    for row in rows:
+        by_method.setdefault(row.method, []).append(row)
+        by_model.setdefault(row.model, []).append(row)
+    method_keys = {
+        m: _differing([{k: v for k, v in r.identity.items() if not k.startswith("model.")}
+                       for r in group])
+        for m, group in by_method.items()
+    }
+    model_keys = {
+        m: _differing([{k: v for k, v in r.identity.items() if k.startswith("model.")}
+                       for r in group])
+        for m, group in by_model.items()
+    }
+    for row in rows:
+        keys = sorted(method_keys[row.method] - {"sparse.name"},
+                      key=lambda k: (not k.startswith("sparse."), k))
+        keys += sorted(model_keys[row.model] - {"model.name"})
+        params = ", ".join(f"{_short(k)}={_fmt_value(row.identity.get(k))}" for k in keys)
+        row.label = f"{row.method} ({params})" if params else row.method
+
+
+def _column_labels(columns: list[Column]) -> dict[Column, str]:
+    by_bench: dict[str, list[Column]] = {}
+    for column in columns:
+        by_bench.setdefault(column.benchmark, []).append(column)
+    labels = {}
+    for bench, group in by_bench.items():
+        keys = sorted(_differing([dict(c.params) for c in group]))
+        for column in group:
+            params = dict(column.params)
+            extra = ", ".join(f"{k}={_fmt_value(params.get(k))}" for k in keys)
+            labels[column] = f"{bench}/{column.subset}" + (f" ({extra})" if extra else "")
+    return labels
+
+
+def _dense_reference(row: Row, rows: list[Row]) -> Row | None:
+    """The dense row with the same model and other values; else the only dense row of the model."""
+    dense = [r for r in rows if r.method == DENSE and r.model == row.model]
+    exact = [r for r in dense if r.context == row.context]
+    if exact:
+        return exact[0]
+    return dense[0] if len(dense) == 1 else None
+
+
+# --- text --------------------------------------------------------------------------------------
+
+PLACEHOLDER = {"running": "running", "failed": "FAILED", "pending": "unfinished"}
+
+
+def format_cell(score: float | None, density: float | None, diff: float | None) -> str:
+    if score is None:
+        return ""
+    text = f"{score:.1f}"
+    if density is not None:
+        text += f" @{density:.2f}"
+    if diff is not None:
+        text += f" ({diff:+.1f})"
+    return text
+
+
+def table_cells(table: Table) -> tuple[list[str], list[list[str]]]:
+    """Header and body of the results table as strings (shared by the console and markdown)."""
+    header = ["model", "sparse"] + [table.column_labels[c] for c in table.columns] + ["average"]
+    body = []
+    for row in table.rows:
+        line = [row.model, row.label]
+        for column in table.columns:
+            job = row.cells.get(column)
+            if job is None:
+                line.append("")
+            elif job.status != "done":
+                line.append(PLACEHOLDER[job.status])
+            elif job.score is None:
+                line.append("no score")
+            else:
+                line.append(format_cell(*table.cell(row, column)))
+        score, density, diff, n = table.average(row)
+        text = format_cell(score, density, diff)
+        if text and n < len(table.columns):
+            text += f" [{n}/{len(table.columns)}]"
+        line.append(text)
+        body.append(line)
+    return header, body
+
+
+LEGEND = ("cell = score @ measured density (score - dense score, same model and subset); "
+          "average over the row's finished cells, [n/N] when some are missing")
+
+
+def format_text_table(header: list[str], body: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([line(header), rule, *(line(r) for r in body)])
+
+
+def format_markdown_table(header: list[str], body: list[list[str]]) -> str:
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+    rule = "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|"
+    return "\n".join([line(header), rule, *(line(r) for r in body)])
+
+
+def status_entries(jobs: list[Job]) -> list[tuple[str, str, str]]:
+    """(kind, job path, detail): failed jobs with their first error line, then running jobs,
+    then jobs started but not finished (no valid completion marker)."""
+    entries = [("failed", j.relpath, j.error or "(empty error.txt)")
+               for j in jobs if j.status == "failed"]
+    for job in jobs:
+        if job.status in ("running", "pending"):
+            done, total = job.progress.get("done"), job.progress.get("total")
+            detail = f"{done}/{total} samples" if done is not None and total else ""
+            entries.append(("running" if job.status == "running" else "unfinished",
+                            job.relpath, detail))
+    return entries
+
+
+def status_lines(jobs: list[Job]) -> list[str]:
+    return [f"{kind:<10}  {rel}" + (f": {detail}" if detail else "")
+            for kind, rel, detail in status_entries(jobs)]
+
+
+def counts(jobs: list[Job]) -> str:
+    n = {s: sum(j.status == s for j in jobs) for s in ("done", "failed", "running", "pending")}
+    return (f"{len(jobs)} jobs: {n['done']} done, {n['failed']} failed, {n['running']} running, "
+            f"{n['pending']} unfinished")
+
+
+# --- files -------------------------------------------------------------------------------------
+
+LEADING_CSV = ["path", "status", "error", "density", "dense_score", "score_vs_dense"]
+
+
+def write_csv(jobs: list[Job], table: Table, path: Path) -> None:
+    """One row per job: status, derived numbers, every config value, metrics.*, stats.*."""
+    where = {id(job): (row, column) for row in table.rows for column, job in row.cells.items()}
+    records = []
+    for job in jobs:
+        record: dict[str, Any] = {"path": job.relpath, "status": job.status, "error": job.error}
+        if job.status == "done":
+            record["density"] = job.density
+            if id(job) in where:
+                row, column = where[id(job)]
+                record["dense_score"] = table.dense_score(row, column)
+                record["score_vs_dense"] = table.cell(row, column)[2]
+        record.update(flatten(job.config))
+        record.update(flatten(job.metrics, "metrics."))
+        record.update(flatten(job.stats, "stats."))
+        records.append(record)
+    keys: set[str] = set().union(*records) if records else set()
+    rest = sorted(keys - set(LEADING_CSV),
+                  key=lambda k: (k.startswith("metrics."), k.startswith("stats."), k))
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=LEADING_CSV + rest, restval="")
+        writer.writeheader()
+        for record in records:
+            writer.writerow({k: "" if v is None else v for k, v in record.items()})
+
+
+def plot_points(table: Table, benchmark: str) -> dict[str, dict[str, list[tuple[float, float]]]]:
+    """model -> method -> sorted (density, score): each row averaged over the benchmark's subsets."""
+    columns = [c for c in table.columns if c.benchmark == benchmark]
+    out: dict[str, dict[str, list[tuple[float, float]]]] = {}
+    for row in table.rows:
+        score, density, _, n = table.average(row, columns)
+        if n and score is not None and density is not None:
+            out.setdefault(row.model, {}).setdefault(row.method, []).append((density, score))
+    for methods in out.values():
+        for points in methods.values():
+            points.sort()
+    return out
+
+
+def write_plots(table: Table, out_dir: Path) -> list[Path]:
+    """One PNG per benchmark: score against measured density, a panel per model."""
+    from matplotlib.figure import Figure
+
+    written = []
+    for benchmark in sorted({c.benchmark for c in table.columns}):
+        points = plot_points(table, benchmark)
+        if not points:
+            continue
+        models = sorted(points)
+        fig = Figure(figsize=(5 * len(models), 4), layout="constrained")
+        axes = fig.subplots(1, len(models), squeeze=False, sharey=True)[0]
+        for ax, model in zip(axes, models, strict=True):
+            for method, xy in sorted(points[model].items()):
+                xs, ys = [p[0] for p in xy], [p[1] for p in xy]
+                if method == DENSE:
+                    ax.axhline(ys[0], color="gray", linestyle="--", linewidth=1)
+                    ax.plot(xs, ys, "k*", markersize=10, label=method)
+                else:
+                    ax.plot(xs, ys, marker="o", label=method)
+            ax.set_title(model)
+            ax.set_xlabel("measured attention density")
+            ax.set_xlim(0, 1.05)
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize="small")
+        axes[0].set_ylabel(f"{benchmark} score (mean over subsets)")
+        path = out_dir / f"plot_{sanitize(benchmark)}.png"
+        fig.savefig(path, dpi=100)
+        written.append(path)
+    return written
+
+
+def write_markdown(jobs: list[Job], table: Table, root: Path, plots: list[Path],
+                   path: Path) -> None:
+    header, body = table_cells(table)
+    parts = [f"# sa_bench report: `{root}`", "", counts(jobs), "", "## Results", "",
+             f"_{LEGEND}._", "", format_markdown_table(header, body) if body else "(no jobs)"]
+    parts += ["", "## Failed and unfinished jobs", ""]
+    parts += [f"- **{kind}** `{rel}`" + (f": {detail}" if detail else "")
+              for kind, rel, detail in status_entries(jobs)] or ["none"]
+    if plots:
+        parts += ["", "## Plots", ""]
+        parts += [f"![{p.stem}]({p.relative_to(path.parent).as_posix()})" for p in plots]
+    path.write_text("\n".join(parts) + "\n")
+
+
+# --- command line ------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m sa_bench.report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("output_root", nargs="?", default="outputs", type=Path)
+    parser.add_argument("--model", action="append", metavar="GLOB", help="model name glob (repeatable)")
+    parser.add_argument("--method", action="append", metavar="GLOB",
+                        help="sparse method name glob (repeatable)")
+    parser.add_argument("--benchmark", action="append", metavar="GLOB",
+                        help="benchmark or benchmark/subset glob (repeatable)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="where report.md, results.csv and the plots go (default: output_root)")
+    parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    root: Path = args.output_root
+    if not root.is_dir():
+        print(f"sa_bench.report: {root} is not a directory", file=sys.stderr)
+        return 2
+    jobs = select(read_jobs(root), args.model, args.method, args.benchmark)
+    table = build_table(jobs)
+    header, body = table_cells(table)
+    print(counts(jobs))
+    if body:
+        print(LEGEND)
+        print(format_text_table(header, body))
+    status = status_lines(jobs)
+    if status:
+        print("\nfailed and unfinished jobs:")
+        print("\n".join("  " + line for line in status))
+    out: Path = args.out or root
+    out.mkdir(parents=True, exist_ok=True)
+    plots = [] if args.no_plots else write_plots(table, out)
+    write_csv(jobs, table, out / "results.csv")
+    write_markdown(jobs, table, root, plots, out / "report.md")
+    print(f"\nwrote {out / 'report.md'}, {out / 'results.csv'}"
+          + "".join(f", {p}" for p in plots))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

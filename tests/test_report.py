@@ -1,0 +1,246 @@
+"""The report on hand-written output trees: table numbers, labels, status, CSV, plots, filters."""
+
+from __future__ import annotations
+
+import csv
+import json
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sa_bench import report
+from sa_bench.launch import jobdir
+from sa_bench.launch.identity import job_key, job_relpath
+
+MODELS = ("m-small", "m-large")
+SUBSETS = ("1k", "2k")
+METHODS = {  # method -> [(maskers, per-layer question density)] at two densities
+    "oracle_topk": [
+        ({"topk": {"_target_": "x.OracleTopK", "heavy_size": 0.05}}, [0.1, None, 0.2]),
+        ({"topk": {"_target_": "x.OracleTopK", "heavy_size": 0.2}}, [0.3, 0.4, None]),
+    ],
+    "streaming": [
+        ({"local": {"_target_": "x.Local", "size": 64}}, [0.5, 0.5, 0.5]),
+        ({"local": {"_target_": "x.Local", "size": 128}}, [0.7, 0.8, 0.9]),
+    ],
+}
+
+
+def config(model: str, method: str, subset: str, maskers: dict | None = None) -> dict:
+    return {
+        "model": {"name": model, "pretrained": f"hub/{model}", "max_context": 4096},
+        "sparse": {"name": method, "phase": "question", "dense_layers": [],
+                   "measure_error": False, "maskers": maskers or {}},
+        "benchmark": {"_target_": "x.Passkey", "name": "passkey", "subsets": list(SUBSETS),
+                      "subset": subset, "data_dir": None, "n_samples": 4},
+        "output_root": "ignored", "overwrite": False, "seed": 0, "max_new_tokens": None,
+        "pool": {"devices": "auto"},
+    }
+
+
+def write_job(root: Path, cfg: dict, *, score: float | None = None,
+              density: list | None = None, decode: list | None = None,
+              error: str | None = None, partial: bool = False) -> Path:
+    path = root / job_relpath(cfg)
+    path.mkdir(parents=True)
+    (path / jobdir.CONFIG).write_text(yaml.safe_dump(cfg))
+    if error is not None:
+        (path / jobdir.ERROR).write_text(error)
+        return path
+    if partial:
+        (path / jobdir.PREDICTIONS).write_text(json.dumps({"id": "0", "prediction": "1"}) + "\n")
+        (path / "progress.json").write_text(json.dumps({"done": 1, "total": 4}))
+        return path
+    (path / jobdir.PREDICTIONS).write_text("")
+    jobdir.write_json_atomic(path / jobdir.METRICS, {"score": score, "n": 4, "by_depth": {"0.5": score}})
+    stats = {"total_s": 1.5, "truncated_samples": 0,
+             "attention": {"density": {"question": density or [], "decode": decode or []},
+                           "notes": []}}
+    jobdir.write_json_atomic(path / jobdir.STATS, stats)
+    jobdir.write_marker(path, job_key(cfg), {"score": score})
+    return path
+
+
+def scores() -> dict[tuple[str, str, str, int], float]:
+    """(model, method, subset, variant) -> score; dense is variant 0."""
+    out = {}
+    for i, model in enumerate(MODELS):
+        for j, subset in enumerate(SUBSETS):
+            out[(model, "dense", subset, 0)] = 90.0 - 10 * i - 5 * j
+            for k, method in enumerate(METHODS):
+                for v in range(2):
+                    out[(model, method, subset, v)] = 20.0 + 10 * v + 7 * k + 3 * i + j + 0.25
+    return out
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    root = tmp_path / "outputs"
+    for (model, method, subset, v), score in scores().items():
+        if method == "dense":
+            write_job(root, config(model, "dense", subset), score=score, density=[1.0, 1.0, 1.0])
+        else:
+            maskers, density = METHODS[method][v]
+            write_job(root, config(model, method, subset, maskers), score=score, density=density)
+    failing = config("m-small", "quest", "1k", {"quest": {"page_size": 16}})
+    write_job(root, failing, error="Traceback (most recent call last):\n  File \"x.py\", line 1\n"
+                                   "torch.OutOfMemoryError: CUDA out of memory\n\n")
+    unfinished = config("m-large", "quest", "2k", {"quest": {"page_size": 16}})
+    write_job(root, unfinished, partial=True)
+    (root / "multirun.yaml").write_text("not a job\n")
+    return root
+
+
+def test_finds_every_job_with_its_status(tree: Path) -> None:
+    jobs = report.read_jobs(tree)
+    assert len(jobs) == len(scores()) + 2
+    by_status = {s: [j for j in jobs if j.status == s] for s in ("done", "failed", "pending")}
+    assert len(by_status["done"]) == len(scores())
+    assert [j.relpath.split("/")[:4] for j in by_status["failed"]] == [["m-small", "quest", "passkey", "1k"]]
+    assert by_status["failed"][0].error == "torch.OutOfMemoryError: CUDA out of memory"
+    assert [j.relpath.split("/")[:4] for j in by_status["pending"]] == [["m-large", "quest", "passkey", "2k"]]
+
+
+def test_table_numbers_equal_metrics_and_stats(tree: Path) -> None:
+    table = report.build_table(report.read_jobs(tree))
+    checked = 0
+    for row in table.rows:
+        for column, job in row.cells.items():
+            if job.status != "done":
+                continue
+            score, density, diff = table.cell(row, column)
+            metrics = json.loads((job.path / "metrics.json").read_text())
+            stats = json.loads((job.path / "stats.json").read_text())
+            assert score == metrics["score"]
+            values = [v for v in stats["attention"]["density"]["question"] if v is not None]
+            assert density == pytest.approx(sum(values) / len(values))
+            dense_job = next(r for r in table.rows if r.method == "dense" and r.model == row.model
+                             ).cells[column]
+            dense_score = json.loads((dense_job.path / "metrics.json").read_text())["score"]
+            assert diff == pytest.approx(metrics["score"] - dense_score)
+            checked += 1
+    assert checked == len(scores())
+    # and the printed strings carry those numbers
+    header, body = report.table_cells(table)
+    line = next(r for r in body if r[0] == "m-small" and r[1] == "oracle_topk (topk.heavy_size=0.05)")
+    s, d = scores()[("m-small", "oracle_topk", "1k", 0)], scores()[("m-small", "dense", "1k", 0)]
+    assert line[header.index("passkey/1k")] == f"{s:.1f} @0.15 ({s - d:+.1f})"
+    avg = (s + scores()[("m-small", "oracle_topk", "2k", 0)]) / 2
+    assert line[header.index("average")].startswith(f"{avg:.1f} @0.15 ")
+
+
+def test_rows_spell_out_differing_parameters(tree: Path) -> None:
+    table = report.build_table(report.read_jobs(tree))
+    labels = {(r.model, r.label) for r in table.rows}
+    for model in MODELS:
+        assert {(model, "dense"), (model, "oracle_topk (topk.heavy_size=0.05)"),
+                (model, "oracle_topk (topk.heavy_size=0.2)"), (model, "streaming (local.size=64)"),
+                (model, "streaming (local.size=128)")} <= labels
+    assert [r.model for r in table.rows] == sorted(r.model for r in table.rows)
+    assert [report.table_cells(table)[0][i] for i in (2, 3, 4)] == ["passkey/1k", "passkey/2k", "average"]
+
+
+def test_failed_and_unfinished_cells_and_status(tree: Path) -> None:
+    table = report.build_table(report.read_jobs(tree))
+    header, body = report.table_cells(table)
+    quest = {r[0]: r for r in body if r[1] == "quest"}
+    assert quest["m-small"][header.index("passkey/1k")] == "FAILED"
+    assert quest["m-large"][header.index("passkey/2k")] == "unfinished"
+    lines = report.status_lines(report.read_jobs(tree))
+    assert len(lines) == 2
+    assert lines[0].startswith("failed") and "m-small/quest/passkey/1k/" in lines[0]
+    assert lines[0].endswith("torch.OutOfMemoryError: CUDA out of memory")
+    assert lines[1].startswith("unfinished") and "m-large/quest/passkey/2k/" in lines[1]
+    assert lines[1].endswith("1/4 samples")
+
+
+def test_difference_blank_without_dense_cell(tree: Path) -> None:
+    jobs = [j for j in report.read_jobs(tree) if not (j.method == "dense" and j.subset == "2k")]
+    table = report.build_table(jobs)
+    header, body = report.table_cells(table)
+    line = next(r for r in body if r[0] == "m-large" and r[1] == "streaming (local.size=64)")
+    s = scores()[("m-large", "streaming", "2k", 0)]
+    assert line[header.index("passkey/2k")] == f"{s:.1f} @0.50"
+
+
+def test_measured_density_rules() -> None:
+    def stats(question: list, decode: list) -> dict:
+        return {"attention": {"density": {"question": question, "decode": decode}}}
+
+    assert report.measured_density(stats([None, 0.2, 0.4], [0.9]), "x") == pytest.approx(0.3)
+    assert report.measured_density(stats([None, None], [0.5, None, 0.7]), "x") == pytest.approx(0.6)
+    assert report.measured_density({}, "dense") == 1.0
+    assert report.measured_density({}, "oracle_topk") is None
+
+
+def test_filters_by_globs(tree: Path) -> None:
+    jobs = report.read_jobs(tree)
+    picked = report.select(jobs, model=["*small"], method=["oracle*", "dense"], benchmark=["passkey/1k"])
+    assert {(j.model, j.method, j.subset) for j in picked} == {
+        ("m-small", "oracle_topk", "1k"), ("m-small", "dense", "1k")}
+    assert len(report.select(jobs, benchmark=["pass*"])) == len(jobs)
+    assert report.select(jobs, benchmark=["ruler"]) == []
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    length, kind = struct.unpack(">I4s", data[8:16])
+    assert kind == b"IHDR" and length == 13
+    body = data[16:29]
+    assert struct.unpack(">I", data[29:33])[0] == zlib.crc32(kind + body)
+    assert data.endswith(b"IEND\xaeB`\x82")
+    return struct.unpack(">II", body[:8])
+
+
+def test_main_writes_report_csv_and_plots(tree: Path, tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "rep"
+    assert report.main([str(tree), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "oracle_topk (topk.heavy_size=0.05)" in printed
+    assert "torch.OutOfMemoryError: CUDA out of memory" in printed
+    width, height = _png_size(out / "plot_passkey.png")
+    assert width > 100 and height > 100
+    md = (out / "report.md").read_text()
+    assert "| m-small | oracle_topk (topk.heavy_size=0.05) |" in md
+    assert "![plot_passkey](plot_passkey.png)" in md and "**unfinished**" in md
+
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(scores()) + 2
+    row = next(r for r in rows if r["model.name"] == "m-large" and r["sparse.name"] == "oracle_topk"
+               and r["sparse.maskers.topk.heavy_size"] == "0.2" and r["benchmark.subset"] == "2k")
+    expected = scores()[("m-large", "oracle_topk", "2k", 1)]
+    assert float(row["metrics.score"]) == expected
+    assert float(row["metrics.by_depth.0.5"]) == expected
+    assert float(row["stats.total_s"]) == 1.5
+    assert float(row["density"]) == pytest.approx(0.35)
+    assert float(row["score_vs_dense"]) == pytest.approx(expected - scores()[("m-large", "dense", "2k", 0)])
+    assert json.loads(row["stats.attention.density.question"]) == [0.3, 0.4, None]
+    failed = next(r for r in rows if r["status"] == "failed")
+    assert failed["error"] == "torch.OutOfMemoryError: CUDA out of memory"
+    assert failed["metrics.score"] == ""
+
+
+def test_default_out_is_the_output_root_and_import_is_light(tree: Path) -> None:
+    code = ("import sys, sa_bench.report; assert 'matplotlib' not in sys.modules; "
+            "assert 'torch' not in sys.modules; sys.argv[1:] = [sys.argv[1], '--method', 'dense']; "
+            "sys.exit(sa_bench.report.main())")
+    done = subprocess.run([sys.executable, "-c", code, str(tree)], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "8 jobs: 4 done" not in done.stdout and "4 jobs: 4 done" in done.stdout
+    assert (tree / "report.md").exists() and (tree / "results.csv").exists()
+    assert (tree / "plot_passkey.png").stat().st_size > 0
+
+
+def test_module_entry_point_and_missing_root(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, "-m", "sa_bench.report", str(tmp_path / "nope")],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "not a directory" in done.stderr
