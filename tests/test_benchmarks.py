@@ -156,3 +156,94 @@ def test_longbench_reads_parquet(tmp_path):
     datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "hotpotqa.parquet"))
     samples = make("longbench", subset="hotpotqa", data_dir=str(tmp_path)).load(None)
     assert [s.id for s in samples] == ["hq0", "hq1"]
+
+
+# ----------------------------------------------------------------------------- RULER
+
+
+RULER_SYNTHETIC = ["niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey_1",
+                   "niah_multikey_2", "niah_multikey_3", "niah_multivalue", "niah_multiquery",
+                   "vt", "cwe", "fwe"]  # fmt: skip
+
+
+@pytest.mark.parametrize("task", RULER_SYNTHETIC)
+def test_ruler_synthetic_tasks(task, byte_tokenizer):
+    bench = make("ruler", subset=task, length=2048, max_samples=2)
+    samples = bench.load(byte_tokenizer)
+    budget = 2048 - bench.max_new_tokens()
+    assert len(samples) == 2
+    for s in samples:
+        n = n_tokens(byte_tokenizer, s.context + s.question)
+        assert 0.85 * budget <= n <= budget, (n, budget)
+        assert s.answers and s.meta["answer_prefix"]
+        if task.startswith("niah"):
+            assert all(a in s.context for a in s.answers)
+    perfect = bench.score(samples, [" ".join(s.answers) for s in samples])
+    assert perfect["score"] == 100.0 and perfect["metric"] == "string_match_all"
+    assert bench.score(samples, ["", ""])["score"] == 0.0
+    again = make("ruler", subset=task, length=2048, max_samples=2).load(byte_tokenizer)
+    assert [(s.context, s.answers) for s in again] == [(s.context, s.answers) for s in samples]
+
+
+def test_ruler_answers_are_right(byte_tokenizer):
+    (s,) = make("ruler", subset="vt", length=2048, max_samples=1).load(byte_tokenizer)
+    value = s.question.split("the value ")[1].split(" ")[0]
+    assert f"VAR {s.answers[0]} = {value}" in s.context
+    (s,) = make("ruler", subset="cwe", length=2048, max_samples=1).load(byte_tokenizer)
+    listing = s.context.split("\n")[-1]  # the real list, after the in-context example
+    counts = {w: listing.count(f". {w} ") + listing.endswith(f". {w}") for w in s.answers}
+    assert min(counts.values()) == 6  # below 4k tokens the common words appear 6 times
+
+
+@pytest.mark.parametrize("task,predictions,expected", [("qa_1", ["France", "", "It is 8"], 66.67),
+                                                       ("qa_2", ["paris", "Spree"], 100.0)])
+def test_ruler_qa_from_local_files(task, predictions, expected, byte_tokenizer):
+    bench = make("ruler", subset=task, length=800, data_dir=str(FIXTURES / "ruler"))
+    samples = bench.load(byte_tokenizer)
+    assert len(samples) == len(predictions)
+    assert all(any(a in s.context for a in s.answers) for s in samples)
+    assert all(n_tokens(byte_tokenizer, s.context + s.question) <= 800 - 32 for s in samples)
+    result = bench.score(samples, predictions)
+    assert result["score"] == expected and result["metric"] == "string_match_part"
+
+
+def test_ruler_qa_missing_file(tmp_path, byte_tokenizer):
+    with pytest.raises(DataNotFoundError, match=r"squad\.json.*dev-v2\.0\.json"):
+        make("ruler", subset="qa_1", data_dir=str(tmp_path)).load(byte_tokenizer)
+
+
+def test_ruler_config_checks():
+    with pytest.raises(ConfigError, match="length"):
+        make("ruler", subset="vt", length=10)
+
+
+# ----------------------------------------------------------------------------- NIAH
+
+
+def test_niah_exact_length_and_depths(byte_tokenizer):
+    bench = make("niah", subset="1k", depths=[0, 50, 100], samples_per_depth=2)
+    samples = bench.load(byte_tokenizer)
+    assert len(samples) == 6
+    for s in samples:
+        assert 1000 <= n_tokens(byte_tokenizer, s.context + s.question) <= 1024
+        from sa_bench.benchmarks.niah import INTRO
+
+        hay = s.context[len(INTRO) :]
+        needle = hay.index("The special magic number for")
+        where = needle / (len(hay) - len(f"The special magic number for x is: {s.answers[0]}."))
+        assert abs(where - s.meta["depth"] / 100) < 0.1
+    result = bench.score(samples, [s.answers[0] if s.meta["depth"] == 0 else "" for s in samples])
+    assert result["depth_0"] == 100.0 and result["depth_50"] == 0.0
+    assert result["score"] == pytest.approx(33.33)
+
+
+def test_niah_noise_and_max_samples(byte_tokenizer):
+    a = make("niah", subset="1k", haystack="noise", max_samples=4).load(byte_tokenizer)
+    b = make("niah", subset="1k", haystack="noise", max_samples=4).load(byte_tokenizer)
+    assert len(a) == 4 and [s.context for s in a] == [s.context for s in b]
+    assert "The grass is green." in a[0].context
+
+
+def test_niah_config_checks():
+    with pytest.raises(ConfigError, match="depths"):
+        make("niah", subset="1k", depths=[150])
