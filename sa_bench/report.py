@@ -199,6 +199,7 @@ class Row:
     method: str
     identity: dict[str, Any]  # every result-affecting value except the benchmark's
     label: str = ""
+    shown: list[str] = field(default_factory=list)  # identity keys spelled out in the label
     cells: dict[Column, Job] = field(default_factory=dict)
 
     @property
@@ -269,10 +270,10 @@ def build_table(jobs: list[Job]) -> Table:
         previous = row.cells.get(column)
         if previous is None or _rank(job) > _rank(previous):
             row.cells[column] = job
-    ordered = sorted(rows.values(), key=lambda r: (r.model, r.method != DENSE, r.method,
-                                                   json.dumps(r.identity, sort_keys=True,
-                                                              default=str)))
+    ordered = list(rows.values())
     _label_rows(ordered)
+    ordered.sort(key=lambda r: (r.model, r.method != DENSE, r.method,
+                                [_value_order(r.identity.get(k)) for k in r.shown]))
     column_list = sorted(columns, key=lambda c: (c.benchmark, c.subset, str(c.params)))
     dense = {id(r): _dense_reference(r, ordered) for r in ordered}
     return Table(ordered, column_list, _column_labels(column_list), dense)
@@ -307,8 +308,16 @@ def _label_rows(rows: list[Row]) -> None:
         keys = sorted(method_keys[row.method] - {"sparse.name"},
                       key=lambda k: (not k.startswith("sparse."), k))
         keys += sorted(model_keys[row.model] - {"model.name"})
+        row.shown = keys
         params = ", ".join(f"{_short(k)}={_fmt_value(row.identity.get(k))}" for k in keys)
         row.label = f"{row.method} ({params})" if params else row.method
+
+
+def _value_order(value: Any) -> tuple:
+    """Numbers in numeric order, then text, then missing values."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return (0, value, "")
+    return (1, 0, str(value)) if value is not None else (2, 0, "")
 
 
 def _column_labels(columns: list[Column]) -> dict[Column, str]:
@@ -344,7 +353,7 @@ def format_cell(score: float | None, density: float | None, diff: float | None) 
         return ""
     text = f"{score:.1f}"
     if density is not None:
-        text += f" @{density:.2f}"
+        text += f" @{density:.3f}"
     if diff is not None:
         text += f" ({diff:+.1f})"
     return text
@@ -437,8 +446,9 @@ def write_csv(jobs: list[Job], table: Table, path: Path) -> None:
                 record["dense_score"] = table.dense_score(row, column)
                 record["score_vs_dense"] = table.cell(row, column)[2]
         record.update(flatten(job.config))
-        record.update(flatten(job.metrics, "metrics."))
-        record.update(flatten(job.stats, "stats."))
+        for prefix, data in (("metrics.", job.metrics), ("stats.", job.stats)):
+            if data:
+                record.update(flatten(data, prefix))
         records.append(record)
     keys: set[str] = set().union(*records) if records else set()
     rest = sorted(keys - set(LEADING_CSV),
@@ -468,6 +478,8 @@ def write_plots(table: Table, out_dir: Path) -> list[Path]:
     """One PNG per benchmark: score against measured density, a panel per model."""
     from matplotlib.figure import Figure
 
+    families = sorted({r.method for r in table.rows} - {DENSE})
+    colors = {m: f"C{i % 10}" for i, m in enumerate(families)}  # one colour per method everywhere
     written = []
     for benchmark in sorted({c.benchmark for c in table.columns}):
         points = plot_points(table, benchmark)
@@ -483,7 +495,7 @@ def write_plots(table: Table, out_dir: Path) -> list[Path]:
                     ax.axhline(ys[0], color="gray", linestyle="--", linewidth=1)
                     ax.plot(xs, ys, "k*", markersize=10, label=method)
                 else:
-                    ax.plot(xs, ys, marker="o", label=method)
+                    ax.plot(xs, ys, marker="o", color=colors[method], label=method)
             ax.set_title(model)
             ax.set_xlabel("measured attention density")
             ax.set_xlim(0, 1.05)

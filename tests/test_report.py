@@ -129,9 +129,9 @@ def test_table_numbers_equal_metrics_and_stats(tree: Path) -> None:
     header, body = report.table_cells(table)
     line = next(r for r in body if r[0] == "m-small" and r[1] == "oracle_topk (topk.heavy_size=0.05)")
     s, d = scores()[("m-small", "oracle_topk", "1k", 0)], scores()[("m-small", "dense", "1k", 0)]
-    assert line[header.index("passkey/1k")] == f"{s:.1f} @0.15 ({s - d:+.1f})"
+    assert line[header.index("passkey/1k")] == f"{s:.1f} @0.150 ({s - d:+.1f})"
     avg = (s + scores()[("m-small", "oracle_topk", "2k", 0)]) / 2
-    assert line[header.index("average")].startswith(f"{avg:.1f} @0.15 ")
+    assert line[header.index("average")].startswith(f"{avg:.1f} @0.150 ")
 
 
 def test_rows_spell_out_differing_parameters(tree: Path) -> None:
@@ -165,7 +165,7 @@ def test_difference_blank_without_dense_cell(tree: Path) -> None:
     header, body = report.table_cells(table)
     line = next(r for r in body if r[0] == "m-large" and r[1] == "streaming (local.size=64)")
     s = scores()[("m-large", "streaming", "2k", 0)]
-    assert line[header.index("passkey/2k")] == f"{s:.1f} @0.50"
+    assert line[header.index("passkey/2k")] == f"{s:.1f} @0.500"
 
 
 def test_measured_density_rules() -> None:
@@ -244,3 +244,52 @@ def test_module_entry_point_and_missing_root(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "-m", "sa_bench.report", str(tmp_path / "nope")],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "not a directory" in done.stderr
+
+
+def test_rows_sorted_numerically_and_other_differences_spelled_out(tmp_path: Path) -> None:
+    root = tmp_path / "out"
+    write_job(root, config("m", "dense", "1k"), score=50.0)
+    for size in (128, 64, 1024):
+        write_job(root, config("m", "streaming", "1k", {"local": {"size": size}}), score=size / 100,
+                  density=[size / 2048])
+    decode_only = config("m", "streaming", "1k", {"local": {"size": 64}})
+    decode_only["sparse"]["phase"] = "decode"
+    write_job(root, decode_only, score=1.0, decode=[0.25, None])
+    table = report.build_table(report.read_jobs(root))
+    assert [r.label for r in table.rows] == [
+        "dense",
+        "streaming (local.size=64, phase=decode)",
+        "streaming (local.size=64, phase=question)",
+        "streaming (local.size=128, phase=question)",
+        "streaming (local.size=1024, phase=question)",
+    ]
+    column = table.columns[0]
+    assert table.cell(table.rows[1], column) == (1.0, 0.25, -49.0)
+
+
+def test_job_without_config_is_still_listed(tmp_path: Path) -> None:
+    path = tmp_path / "out" / "m" / "hashattn" / "passkey" / "1k" / "abc123"
+    path.mkdir(parents=True)
+    (path / jobdir.ERROR).write_text("Traceback\nsa_bench.config.ConfigError: sparse.x: unknown key\n")
+    jobs = report.read_jobs(tmp_path / "out")
+    assert [(j.model, j.method, j.benchmark, j.subset, j.status) for j in jobs] == [
+        ("m", "hashattn", "passkey", "1k", "failed")]
+    assert report.build_table(jobs).rows == []
+    assert report.status_lines(jobs) == [
+        "failed      m/hashattn/passkey/1k/abc123: sa_bench.config.ConfigError: sparse.x: unknown key"]
+
+
+def test_newest_finished_job_of_a_cell_is_shown(tmp_path: Path) -> None:
+    root = tmp_path / "out"
+    old, new = config("m", "dense", "1k"), config("m", "dense", "1k")
+    new["benchmark"]["subsets"] = ["1k"]  # a narrowed sweep: another key, the same cell
+    old_path = write_job(root, old, score=10.0)
+    jobdir.write_json_atomic(old_path / jobdir.MARKER, {"key": old_path.name, "finished": 1.0})
+    write_job(root, new, score=20.0)
+    failed = config("m", "dense", "1k")
+    failed["benchmark"]["subsets"] = ["1k", "2k", "4k"]
+    write_job(root, failed, error="boom\n")
+    table = report.build_table(report.read_jobs(root))
+    assert len(table.rows) == 1 and len(table.columns) == 1
+    assert table.cell(table.rows[0], table.columns[0])[0] == 20.0
+    assert table.rows[0].cells[table.columns[0]].status == "done"
