@@ -3,8 +3,10 @@
 Synthetic and offline: every sample is generated from the seed with the model's own
 tokenizer, at an exact prompt length in tokens (subset `1k` = 1,024 tokens of context +
 question, special tokens not counted) and with needle depths spread evenly over the
-samples. The needle is `#DDDDD.` hidden between words of a fixed 64-word lexicon; the
-question ends with the cue `\\n#`, after which the model should write the five digits.
+samples. The needle `The pass key is #DDDDD.` is hidden between words of a fixed 64-word
+lexicon; the question ends with the cue `The pass key is #`, after which the model should
+write the five digits. (The plain-English wording around `#DDDDD.` is what lets a small
+instruct model such as SmolLM2-135M answer too; the embedded model learns the same format.)
 
 The same generator (`make_prompt`) produces the training data of the embedded default
 model (`python -m sa_bench.models.train_tiny`), so the format is exactly what it learned.
@@ -32,7 +34,8 @@ LEXICON = (
 assert len(LEXICON) == 64 and len(set(LEXICON)) == 64
 
 HEADER = "A pass key of five digits is hidden in the text below. Remember it.\n\n"
-QUESTION = "\n\nWhat is the pass key?\n#"
+NEEDLE = "The pass key is #{digits}."
+QUESTION = "\n\nWhat is the pass key? The pass key is #"
 N_DIGITS = 5
 
 
@@ -62,7 +65,7 @@ def make_prompt(
     """One sample: (context, question, answer) with count_tokens(context + question) as close
     to `n_tokens` as possible without exceeding it (exact for a byte-level tokenizer)."""
     digits = "".join(rng.choice("0123456789") for _ in range(N_DIGITS))
-    needle = f"#{digits}."
+    needle = NEEDLE.format(digits=digits)
     words: list[str] = []
     size = 0
     while size < 8 * n_tokens + 64:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -59,6 +59,8 @@ class ModelConfig:
     """Maximum number of tokens of prompt + generation; longer prompts are truncated."""
     chat_template: bool = False
     """Apply the tokenizer's chat template (instruct models)."""
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Extra arguments for `apply_chat_template` (e.g. `enable_thinking: false` for Qwen3)."""
     trust_remote_code: bool = False
     revision: str | None = None
     attn_implementation: str | None = None

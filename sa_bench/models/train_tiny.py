@@ -25,13 +25,16 @@ from sa_bench.models.tiny_tokenizer import build_tiny_tokenizer
 
 DEFAULT_OUT = embedded_dir("tiny-retrieval")
 
-# (steps, batch size, min length, max length) per stage; lengths in tokens.
+# (max steps, batch size, min length, max length) per stage; lengths in tokens. The first
+# stage ends early once retrieval has switched on (running answer accuracy >= SWITCH_ACC),
+# which typically happens abruptly after a few hundred steps.
 SCHEDULE = [
-    (300, 16, 128, 384),
+    (1000, 8, 64, 320),
     (300, 8, 256, 1024),
-    (400, 4, 512, 2048),
-    (300, 2, 1024, 3072),
+    (300, 4, 512, 2048),
+    (250, 2, 1024, 3072),
 ]
+SWITCH_ACC = 0.9
 
 
 def model_config(vocab_size: int, tokenizer) -> dict:
@@ -113,10 +116,10 @@ def train(out: Path, seed: int = 0, threads: int = 2, schedule=None, lr: float =
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
     total = sum(s[0] for s in schedule)
     warmup = 50
-    step, t0 = 0, time.time()
+    step, t0, ema = 0, time.time(), 0.0
     model.train()
-    for steps, batch, lo, hi in schedule:
-        for _ in range(steps):
+    for stage, (steps, batch, lo, hi) in enumerate(schedule):
+        for i in range(steps):
             frac = step / max(total - 1, 1)
             scale = min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
             for g in opt.param_groups:
@@ -128,22 +131,32 @@ def train(out: Path, seed: int = 0, threads: int = 2, schedule=None, lr: float =
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             step += 1
-            if step % log_every == 0 or step == total:
-                print(f"step {step}/{total} len {ids.shape[1]} lm {lm.item():.3f} "
-                      f"ans {ans.item():.3f} acc {acc.item():.2f} t {time.time() - t0:.0f}s",
-                      flush=True)
+            ema = 0.95 * ema + 0.05 * acc.item()
+            if step % log_every == 0:
+                print(f"stage {stage} step {step} len {ids.shape[1]} lm {lm.item():.3f} "
+                      f"ans {ans.item():.3f} acc {acc.item():.2f} ema {ema:.2f} "
+                      f"t {time.time() - t0:.0f}s", flush=True)
+            if stage == 0 and len(schedule) > 1 and i >= 100 and ema >= SWITCH_ACC:
+                break
+        print(f"end of stage {stage} at step {step}, {time.time() - t0:.0f}s", flush=True)
+        if stage < len(schedule) - 1:
+            save(model, tokenizer, out, {"seed": seed, "stage": stage, "step": step})
     train_s = time.time() - t0
     model.eval()
     results = {f"dense_acc_{n}": evaluate(model, tokenizer, n, eval_n) for n in eval_lengths}
     print(f"trained in {train_s:.0f}s; eval {results}", flush=True)
+    info = {"seed": seed, "schedule": schedule, "lr": lr, "steps": step,
+            "train_seconds": round(train_s), "threads": threads, "n_params": n_params, **results}
+    save(model, tokenizer, out, info)
+    print(f"saved to {out}", flush=True)
+    return info
+
+
+def save(model, tokenizer, out: Path, info: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    info = {"seed": seed, "schedule": schedule, "lr": lr, "train_seconds": round(train_s),
-            "threads": threads, "n_params": n_params, **results}
     (out / "training.json").write_text(json.dumps(info, indent=1) + "\n")
-    print(f"saved to {out}", flush=True)
-    return info
 
 
 def parse_schedule(text: str):
