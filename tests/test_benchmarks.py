@@ -247,3 +247,96 @@ def test_niah_noise_and_max_samples(byte_tokenizer):
 def test_niah_config_checks():
     with pytest.raises(ConfigError, match="depths"):
         make("niah", subset="1k", depths=[150])
+
+
+# ----------------------------------------------------------------------------- LongBench v2
+
+
+def test_longbench_v2_accuracy_by_group():
+    bench = make("longbench_v2", subset="all", data_dir=str(FIXTURES / "longbench_v2"))
+    samples = bench.load(None)
+    assert len(samples) == 3 and bench.max_new_tokens() == 128
+    assert samples[0].context.endswith("The correct option is A.")
+    assert "(D) Option four" in samples[0].question
+    preds = ["The correct answer is (A)", "**The correct answer is C**", ""]
+    result = bench.score(samples, preds)
+    assert result["score"] == pytest.approx(33.33)
+    assert result["easy"] == 100.0 and result["hard"] == 0.0
+    assert result["short"] == 50.0 and result["medium"] == 0.0
+    assert result["long"] is None and result["n_long"] == 0  # empty bucket, no division by zero
+    assert result["domain_single_document_qa"] == 50.0
+
+
+# ----------------------------------------------------------------------------- InfiniteBench
+
+
+@pytest.mark.parametrize(
+    "task,right,wrong",
+    [
+        ("passkey", " 71432.", " 7143"),
+        ("number_string", " 9876543210", " 987654321"),
+        ("kv_retrieval", '"9f8e-7d6c"', "3333-4444"),
+        ("code_run", " -12", " 12"),
+        ("code_debug", "B. bad", "A"),
+        ("math_find", " 94", " 12"),
+        ("longbook_qa_eng", "Kell", ""),
+        ("longbook_choice_eng", " B", " A"),
+        ("longdialogue_qa_eng", " John.", " Mary"),
+    ],
+)
+def test_infinitebench_tasks(task, right, wrong):
+    bench = make("infinitebench", subset=task, data_dir=str(FIXTURES / "infinitebench"))
+    (s,) = bench.load(None)
+    assert s.context and s.question and bench.max_new_tokens() > 0
+    assert "{" not in s.question.replace("{}", "") or task == "kv_retrieval"
+    assert bench.score([s], [right])["score"] == 100.0
+    assert bench.score([s], [wrong])["score"] == 0.0
+
+
+def test_infinitebench_prompt_details():
+    (s,) = make("infinitebench", subset="code_run", data_dir=str(FIXTURES / "infinitebench")).load(None)
+    assert s.context.startswith("There is a function called func_2 in")
+    assert s.question.endswith("The value of func_2(-3) is")
+    (s,) = make("infinitebench", subset="math_find", data_dir=str(FIXTURES / "infinitebench")).load(None)
+    assert s.context.startswith("What is the largest number in the following list?")
+
+
+# ----------------------------------------------------------------------------- LooGLE
+
+
+def test_loogle_qa_shares_document_and_scores():
+    bench = make("loogle", subset="shortdep_qa", data_dir=str(FIXTURES / "loogle"))
+    samples = bench.load(None)
+    assert len(samples) == 2 and samples[0].context == samples[1].context  # one prefill
+    assert samples[0].question == "\nQuestion: Who did Ada Lovelace work with?\nAnswer: "
+    assert not samples[0].chat
+    perfect = bench.score(samples, [s.answers[0] for s in samples])
+    assert perfect["score"] == 100.0 and perfect["bleu1"] == 100.0
+    assert bench.score(samples, ["", ""])["score"] == 0.0
+
+
+def test_loogle_cloze_and_summary():
+    bench = make("loogle", subset="shortdep_cloze", data_dir=str(FIXTURES / "loogle"))
+    (s,) = bench.load(None)
+    assert "{'<mask-0>': 'Bob'" in s.context  # the template's literal braces survive
+    pred = "{'<mask-0>': 'Ada Lovelace', '<mask-1>': 'Babbage'}"
+    result = bench.score([s], [pred])
+    assert result["score"] == 50.0 and result["partial_match"] == 100.0
+    assert bench.score([s], ["open('/etc/passwd')"])["score"] == 0.0
+    bench = make("loogle", subset="longdep_summarization", data_dir=str(FIXTURES / "loogle"))
+    (s,) = bench.load(None)
+    assert s.answers == ["Ada Lovelace wrote the first algorithm with Babbage."]
+    assert bench.score([s], [s.answers[0]])["score"] == 100.0
+
+
+# ----------------------------------------------------------------------------- AIME
+
+
+@pytest.mark.parametrize("config,n", [("aime24", 2), ("aime25", 1)])
+def test_aime(config, n):
+    bench = make(config, subset="all", data_dir=str(FIXTURES / "aime"))
+    samples = bench.load(None)
+    assert len(samples) == n and "\\boxed{}" in samples[0].question
+    right = [f"so \\boxed{{{s.answers[0]}}}" for s in samples]
+    assert bench.score(samples, right)["score"] == 100.0
+    assert bench.score(samples, ["\\boxed{7} then \\boxed{999}"] * n)["score"] == 0.0

@@ -1,0 +1,67 @@
+"""AIME 2024 / 2025: 30 competition problems each, integer answers 0-999.
+
+Score: 100 x the fraction of problems whose last ``\\boxed{}`` in the output holds the answer
+(the convention of DeepSeek-R1 / Qwen math evaluations). Prompt: the problem followed by
+"Please reason step by step, and put your final answer within \\boxed{}.". Hub copies:
+HuggingFaceH4/aime_2024 (train) and math-ai/aime25 (test); rows have `problem` (or
+`question`) and `answer`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from sa_bench.benchmarks import metrics
+from sa_bench.benchmarks.base import Benchmark, Sample
+from sa_bench.benchmarks.data import hub_dataset, load_rows
+from sa_bench.config import ConfigError
+
+INSTRUCTION = "\nPlease reason step by step, and put your final answer within \\boxed{}."
+HUBS = {"aime24": ("HuggingFaceH4/aime_2024", "train"), "aime25": ("math-ai/aime25", "test")}
+
+
+@dataclass
+class Aime(Benchmark):
+    """AIME problems scored by the last boxed integer; the YAML `name` picks the year."""
+
+    generation_tokens: int = 32768
+    """Maximum generated tokens (reasoning models need long budgets)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.name not in HUBS:
+            raise ConfigError(f"name: expected one of {sorted(HUBS)}, got {self.name!r}")
+        if self.generation_tokens < 1:
+            raise ConfigError(f"generation_tokens: expected an int >= 1, got {self.generation_tokens}")
+
+    def load(self, tokenizer: Any = None) -> list[Sample]:
+        repo, split = HUBS[self.name]
+        year = "2024" if self.name == "aime24" else "2025"
+        rows = load_rows(
+            benchmark=self.name, subset=self.subset, data_dir=self.data_dir,
+            data_files=self.data_files, names=[self.name, f"aime_{year}"],
+            hub=lambda: hub_dataset(repo, None, split), hub_id=repo,
+            how_to_get=f"Download the hub dataset {repo} (jsonl/parquet with problem, answer) "
+            f"and set benchmark.data_dir or benchmark.data_files.",
+        )  # fmt: skip
+        samples = [
+            Sample(
+                id=str(row.get("id", i)),
+                context=str(row.get("problem") or row.get("question")),
+                question=INSTRUCTION,
+                answers=[str(row["answer"]).strip()],
+            )
+            for i, row in enumerate(rows)
+        ]
+        return self.select(samples)
+
+    def max_new_tokens(self) -> int:
+        return self.generation_tokens
+
+    def score(self, samples: list[Sample], predictions: list[str]) -> dict[str, Any]:
+        values = [
+            metrics.boxed_integer_match(p, s.answers[0])
+            for s, p in zip(samples, predictions, strict=True)
+        ]
+        return {"score": metrics.mean_percent(values), "n": len(values)}

@@ -1,0 +1,159 @@
+"""InfiniteBench (∞Bench): English tasks beyond 100k tokens.
+
+Zhang et al., "∞Bench: Extending Long Context Evaluation Beyond 100K Tokens", ACL 2024
+(https://github.com/OpenBMB/InfiniteBench, hub xinrongzhang2022/InfiniteBench). Prompts are the
+official templates for open models (`src/prompt.py`, the `yarn_mistral_templates` family, which
+ends each prompt with an answer cue), generation lengths are `DATA_NAME_TO_MAX_NEW_TOKENS`
+(`src/eval_utils.py`) and each task uses its official scorer (`src/compute_scores.py`).
+Rows: `id`, `context`, `input`, `answer` (list), `options` (list).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from sa_bench.benchmarks import metrics
+from sa_bench.benchmarks.base import Benchmark, Sample
+from sa_bench.benchmarks.data import hub_file, load_rows, read_rows, split_prompt
+from sa_bench.config import ConfigError
+
+HUB_ID = "xinrongzhang2022/InfiniteBench"
+TEMPLATES = {
+    "passkey": "There is an important info hidden inside a lot of irrelevant text. Find it and "
+    "memorize them. I will quiz you about the important information there.\n\n{context}\n\n"
+    "{input}\n\nThe pass key is",
+    "number_string": "There is an important info hidden inside a lot of irrelevant text. Find it. "
+    "I will quiz you about the important information there.\n\n{context}\n\n{input}\n\n"
+    "The sequence of digits is",
+    "kv_retrieval": "Extract the value corresponding to the specified key in the JSON object "
+    "below.\n\n{context}\n\n{input}",
+    "longbook_choice_eng": "Read the book and answer the question.\n\n{context}\n\nQuestion: "
+    "{question}\nA. {OPTION_A}\nB. {OPTION_B}\nC. {OPTION_C}\nD. {OPTION_D}\n\n"
+    "The letter of the correct answer is",
+    "longbook_qa_eng": "Read the book and answer the question. Be very concise in your answer."
+    "\n\n{context}\n\nQuestion: {question}\nAnswer:",
+    "math_find": "{prompt}\n\n{context}\n\n{input}",
+    "code_run": "There is a function called {func} in the following Python code.\n\n{context}\n\n"
+    "Please compute the exact value of {func_call}. The value of {func_call} is",
+    "code_debug": "Following is a Python code where exactly one of the functions/methods has a "
+    "deliberate error that makes it crash.\n\n{context}\n\nOptions:\nA. {OPTION_A}\nB. "
+    "{OPTION_B}\nC. {OPTION_C}\nD. {OPTION_D}\n\nThe correct option is:",
+    "longdialogue_qa_eng": 'Below is a dialogue script where one random occurrence of a character '
+    'name is replaced with "$$MASK$$", and you should try to guess who that character is.\n\n'
+    "{context}\n\nThe name that has been replaced with $$MASK$$ is likely",
+}
+MAX_NEW_TOKENS = {
+    "passkey": 6, "number_string": 12, "kv_retrieval": 50, "longbook_choice_eng": 40,
+    "longbook_qa_eng": 40, "longdialogue_qa_eng": 40, "math_find": 3, "code_run": 5,
+    "code_debug": 5,
+}  # fmt: skip
+HOW_TO_GET = (
+    "Download <task>.jsonl from https://huggingface.co/datasets/xinrongzhang2022/InfiniteBench "
+    "and set benchmark.data_dir to their folder."
+)
+
+
+def _number(value: Any) -> int | float:
+    if isinstance(value, (int, float)):
+        return value
+    text = str(value).strip()
+    return float(text) if "." in text else int(text)
+
+
+def prompt_fields(task: str, row: dict[str, Any]) -> dict[str, Any]:
+    """The template fields of one row, as the official `create_prompt` builds them."""
+    fields: dict[str, Any] = {"context": row["context"], "input": row.get("input", "")}
+    options = list(row.get("options") or [])
+    if task in ("longbook_choice_eng", "code_debug"):
+        fields.update({f"OPTION_{c}": o for c, o in zip("ABCD", options, strict=False)})
+    if task in ("longbook_choice_eng", "longbook_qa_eng"):
+        fields["question"] = row["input"]
+    if task == "code_run":
+        func_call = re.findall(r"func_[0-9]+\(\-?[0-9]+\)", row["input"])[0]
+        fields.update(func_call=func_call, func=func_call.split("(")[0])
+    if task == "math_find":
+        target = re.findall(r"The \w+ number", row["input"])[0].lower()
+        fields["prompt"] = f"What is {target} in the following list?"
+    return fields
+
+
+def label_of(task: str, row: dict[str, Any]) -> Any:
+    """The official label (`get_answer`): [option text, letter] for choice tasks."""
+    answer = row["answer"]
+    answers = list(answer) if isinstance(answer, list) else [answer]
+    if task in ("longbook_choice_eng", "code_debug"):
+        if len(answers) == 2 and answers[1] in ("A", "B", "C", "D"):
+            return answers
+        return [answers[0], "ABCD"[list(row["options"]).index(answers[0])]]
+    if task == "longbook_qa_eng":
+        return [str(a) for a in answers]
+    if task == "code_run":
+        return int(answers[0])
+    if task == "math_find":
+        return _number(answers[0])
+    return str(answers[0])
+
+
+def score_one(task: str, prediction: str, label: Any) -> float:
+    """One sample's official score (`get_score_one`)."""
+    if task in ("passkey", "number_string"):
+        return metrics.ib_passkey(prediction, label)
+    if task == "kv_retrieval":
+        return metrics.ib_kv_retrieval(prediction, label)
+    if task == "code_run":
+        return metrics.ib_code_run(prediction, label)
+    if task == "code_debug":
+        return metrics.ib_code_debug(prediction, label[0], label[1])
+    if task == "math_find":
+        return metrics.ib_math_find(prediction, label)
+    if task == "longdialogue_qa_eng":
+        return metrics.ib_longdialogue_qa(prediction, label)
+    if task == "longbook_choice_eng":
+        return metrics.ib_choice(prediction, label)
+    return metrics.ib_qa_f1(prediction, label)
+
+
+@dataclass
+class InfiniteBench(Benchmark):
+    """The nine English InfiniteBench tasks with their official scorers."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        unknown = [s for s in self.subsets if s not in TEMPLATES]
+        if unknown:
+            raise ConfigError(f"subsets: unknown InfiniteBench task(s) {unknown}")
+
+    def load(self, tokenizer: Any = None) -> list[Sample]:
+        task = self.subset
+        rows = load_rows(
+            benchmark=self.name, subset=task, data_dir=self.data_dir, data_files=self.data_files,
+            names=[task], hub=lambda: read_rows(hub_file(HUB_ID, f"{task}.jsonl")),
+            hub_id=f"{HUB_ID}:{task}.jsonl", how_to_get=HOW_TO_GET,
+        )  # fmt: skip
+        samples = []
+        for i, row in enumerate(rows):
+            context, question = split_prompt(TEMPLATES[task], **prompt_fields(task, row))
+            label = label_of(task, row)
+            answers = label if isinstance(label, list) else [label]
+            samples.append(
+                Sample(
+                    id=str(row.get("id", i)),
+                    context=context,
+                    question=question,
+                    answers=[str(a) for a in answers],
+                    meta={"label": label},
+                )
+            )
+        return self.select(samples)
+
+    def max_new_tokens(self) -> int:
+        return MAX_NEW_TOKENS[self.subset]
+
+    def score(self, samples: list[Sample], predictions: list[str]) -> dict[str, Any]:
+        values = [
+            score_one(self.subset, p, s.meta["label"])
+            for s, p in zip(samples, predictions, strict=True)
+        ]
+        return {"score": metrics.mean_percent(values), "n": len(values)}

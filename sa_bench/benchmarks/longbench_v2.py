@@ -1,0 +1,83 @@
+"""LongBench v2: 503 multiple-choice questions over contexts of 8k-2M words.
+
+Bai et al., "LongBench v2: Towards Deeper Understanding and Reasoning on Realistic Long-context
+Multitasks", 2024 (https://github.com/THUDM/LongBench, hub THUDM/LongBench-v2). Prompt: the
+official zero-shot template (`prompts/0shot.txt`, no chain of thought), 128 generated tokens
+(`pred.py`); the answer letter is read with the official `extract_answer`. Reported: accuracy
+overall, by difficulty (easy, hard), by length (short, medium, long) and by domain; an empty
+group is None.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from sa_bench.benchmarks import metrics
+from sa_bench.benchmarks.base import Benchmark, Sample
+from sa_bench.benchmarks.data import hub_dataset, load_rows
+
+HUB_ID = "THUDM/LongBench-v2"
+TEMPLATE_HEAD = "Please read the following text and answer the question below.\n\n<text>\n"
+TEMPLATE_TAIL = (
+    "\n</text>\n\nWhat is the correct answer to this question: {question}\nChoices:\n"
+    "(A) {A}\n(B) {B}\n(C) {C}\n(D) {D}\n\n"
+    'Format your response as follows: "The correct answer is (insert answer here)".'
+)
+HOW_TO_GET = (
+    "Download data.json from https://huggingface.co/datasets/THUDM/LongBench-v2 and set "
+    "benchmark.data_dir to its folder (or benchmark.data_files to the file)."
+)
+DIFFICULTIES = ("easy", "hard")
+LENGTHS = ("short", "medium", "long")
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
+
+
+@dataclass
+class LongBenchV2(Benchmark):
+    """LongBench v2, zero-shot without chain of thought; one subset `all`."""
+
+    def load(self, tokenizer: Any = None) -> list[Sample]:
+        rows = load_rows(
+            benchmark=self.name, subset=self.subset, data_dir=self.data_dir,
+            data_files=self.data_files, names=["data", "longbench_v2"],
+            hub=lambda: hub_dataset(HUB_ID, None, "train"), hub_id=HUB_ID, how_to_get=HOW_TO_GET,
+        )  # fmt: skip
+        samples = []
+        for i, row in enumerate(rows):
+            question = TEMPLATE_TAIL.format(
+                question=row["question"].strip(),
+                **{c: row[f"choice_{c}"].strip() for c in "ABCD"},
+            )
+            samples.append(
+                Sample(
+                    id=str(row.get("_id") or i),
+                    context=TEMPLATE_HEAD + row["context"].strip(),
+                    question=question,
+                    answers=[row["answer"]],
+                    meta={k: row.get(k) for k in ("difficulty", "length", "domain")},
+                )
+            )
+        return self.select(samples)
+
+    def max_new_tokens(self) -> int:
+        return 128
+
+    def score(self, samples: list[Sample], predictions: list[str]) -> dict[str, Any]:
+        correct = [
+            float(metrics.extract_choice(p) == s.answers[0])
+            for s, p in zip(samples, predictions, strict=True)
+        ]
+        result: dict[str, Any] = {"score": metrics.mean_percent(correct), "n": len(correct)}
+        groups = [("difficulty", d) for d in DIFFICULTIES] + [("length", n) for n in LENGTHS]
+        groups += sorted({("domain", s.meta.get("domain")) for s in samples if s.meta.get("domain")})
+        for key, value in groups:
+            bucket = [c for c, s in zip(correct, samples, strict=True) if s.meta.get(key) == value]
+            name = value if key != "domain" else f"domain_{_slug(value)}"
+            result[name] = metrics.mean_percent(bucket)
+            result[f"n_{name}"] = len(bucket)
+        return result
