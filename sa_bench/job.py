@@ -50,4 +50,16 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
         raise
     finally:
         (path / jobdir.RUNNING).unlink(missing_ok=True)
+        _free_accelerator_memory()
     return {"status": "done", "dir": str(path), "key": key, "summary": summary}
+
+
+def _free_accelerator_memory() -> None:
+    """joblib reuses worker processes: hand cached GPU memory back before the next job."""
+    import gc
+    import sys
+
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()

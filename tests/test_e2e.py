@@ -139,6 +139,29 @@ def test_killed_worker_leaves_cell_unfinished_and_rerun_completes_it(tmp_path, p
     assert (victim / "done.json").exists()
 
 
+def test_broken_launch_is_relaunched_for_unfinished_cells(tmp_path, probe):
+    """With the default launch_attempts a killed worker does not end the sweep."""
+    out = tmp_path / "out"
+    args = [*probe, "benchmark.n_samples=6", "pool.jobs_per_device=2"]
+    e = {**os.environ, **env(), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "sa_bench", f"output_root={out}", *args]
+    sweep = subprocess.Popen(cmd, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def a_running_job():
+        for running in out.rglob("running.json"):
+            try:
+                return json.loads(running.read_text())["pid"]
+            except (ValueError, OSError):
+                return None
+        return None
+
+    os.kill(_wait_for(a_running_job), signal.SIGKILL)
+    stdout, stderr = sweep.communicate(timeout=600)
+    assert sweep.returncode == 0, stdout + stderr
+    assert "Launch broke" in stdout and "relaunching" in stdout
+    assert all((d / "done.json").exists() for d in job_dirs(out)) and len(job_dirs(out)) == 2
+
+
 def test_simulated_pool_gives_each_job_its_own_device(tmp_path, probe):
     out = tmp_path / "out"
     run_sa_bench(*probe, "seed=0,1,2", "pool.devices=[0,1]", "pool.simulate=true",

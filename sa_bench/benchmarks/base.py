@@ -33,6 +33,9 @@ class Sample:
     """False where the benchmark's official pipeline does not apply a chat template."""
     meta: dict[str, Any] = field(default_factory=dict)
     """Whatever the metric needs (all_classes, length bucket, difficulty, ...)."""
+    answer_prefix: str = ""
+    """Text that starts the model's answer, after the chat template's assistant header
+    (RULER's " Answer:"); without a chat template it simply follows the question."""
 
 
 @dataclass

@@ -19,7 +19,7 @@ without chat template). Metrics: `string_match_all` (niah, vt, cwe, fwe) and
 Deviations (documented): the essay haystack is this project's own text, repeated (RULER
 downloads Paul Graham essays); words come from this project's lists (RULER uses wonderwords);
 RULER's answer prefix (e.g. " Answer:") is placed after the assistant turn by RULER; here it
-is passed as `sample.meta["answer_prefix"]` for the runner to append after the chat template.
+is passed as `sample.answer_prefix` for the runner to append after the chat template.
 """
 
 from __future__ import annotations
@@ -437,7 +437,8 @@ class Ruler(Benchmark):
                     context=context,
                     question=question,
                     answers=plan.answers,
-                    meta={"answer_prefix": plan.answer_prefix, "haystack": n, "index": index},
+                    answer_prefix=plan.answer_prefix,
+                    meta={"haystack": n, "index": index},
                 )
             )
         return samples

@@ -68,7 +68,7 @@ def build_request(
             q_text = tokenizer.decode(q_part)
         else:
             ctx_text, q_text = sample.context, sample.question
-        context, question = _render(tokenizer, ctx_text, q_text, use_chat)
+        context, question = _render(tokenizer, ctx_text, q_text, sample.answer_prefix, use_chat)
         overflow = len(context) + len(question) - max_prompt_tokens
         if overflow <= 0:
             break
@@ -78,7 +78,9 @@ def build_request(
     return Request(sample, context, question, truncated)
 
 
-def _render(tokenizer: Any, ctx_text: str, q_text: str, use_chat: bool) -> tuple[list[int], list[int]]:
+def _render(
+    tokenizer: Any, ctx_text: str, q_text: str, answer_prefix: str, use_chat: bool
+) -> tuple[list[int], list[int]]:
     bos = tokenizer.bos_token_id
     if use_chat:
         text = tokenizer.apply_chat_template(
@@ -86,8 +88,9 @@ def _render(tokenizer: Any, ctx_text: str, q_text: str, use_chat: bool) -> tuple
             add_generation_prompt=True, tokenize=False,
         )
         head, tail = text.split(_SPLIT, 1)
+        tail += answer_prefix
     else:
-        head, tail = ctx_text, q_text
+        head, tail = ctx_text, q_text + answer_prefix
     context = _encode(tokenizer, head)
     if not use_chat and adds_bos(tokenizer):
         context = [bos, *context]
