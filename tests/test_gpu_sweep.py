@@ -12,7 +12,7 @@ def test_sweep_runs_each_job_on_its_leased_gpu(tmp_path):
     import torch
 
     out = tmp_path / "out"
-    args = ["-m", "sparse=dense,streaming,oracle_topk,hashattn", "benchmark.n_samples=4",
+    args = ["sparse=dense,streaming,oracle_topk,hashattn", "benchmark.n_samples=4",
             "pool.devices=auto", "pool.jobs_per_device=2", f"pool.lock_dir={tmp_path / 'locks'}"]
     first = run_sa_bench(*args, root=out, check=True, timeout=900)
     print(first.stdout)
