@@ -89,6 +89,17 @@ def visible_gpu_count() -> int:
     return sum(1 for line in out.stdout.splitlines() if line.startswith("GPU "))
 
 
+def machine_id(index: int | str) -> str:
+    """The name of visible device `index` shared by every process on this machine.
+
+    A scheduler (SLURM, Ray) gives each job its GPUs through CUDA_VISIBLE_DEVICES, so index 0
+    of two jobs on one node can be two different GPUs: their leases must not collide.
+    """
+    visible = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    name = visible[index] if isinstance(index, int) and index < len(visible) else str(index)
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
 @dataclass
 class Lease:
     devices: list[int]
@@ -122,7 +133,7 @@ def lease(cfg: PoolConfig) -> Iterator[Lease]:
         with mutex:
             for dev in ids:
                 for slot in range(cfg.jobs_per_device):
-                    lock = FileLock(str(root / f"dev-{dev}.slot-{slot}.lock"))
+                    lock = FileLock(str(root / f"dev-{machine_id(dev)}.slot-{slot}.lock"))
                     try:
                         lock.acquire(timeout=0)
                     except Timeout:
