@@ -18,6 +18,7 @@ GPUS=${SA_BENCH_SLURM_GPUS:-2}
 WAIT=${SA_BENCH_SLURM_WAIT:-180}
 export SLURM_CONF=$DIR/slurm.conf
 NODE=$(hostname -s)
+CPUS=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)  # nproc obeys OMP_NUM_THREADS
 PACKAGES=(munge slurmctld slurmd slurm-client)
 
 say() { echo "slurm_cluster: $*"; }
@@ -109,7 +110,7 @@ ReturnToService=2
 MinJobAge=600
 MailProg=/bin/true
 $gres_line
-NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$(nproc) RealMemory=1000 State=UNKNOWN $node_gres
+NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$CPUS RealMemory=1000 State=UNKNOWN $node_gres
 PartitionName=debug Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
 EOF
 }
@@ -141,7 +142,7 @@ start() {
   local t0=$SECONDS
   while ((SECONDS - t0 < WAIT)); do
     if is_up; then
-      say "up after $((SECONDS - t0))s: node $NODE, $(nproc) CPUs, $GPUS fake GPUs (export SLURM_CONF=$SLURM_CONF)"
+      say "up after $((SECONDS - t0))s: node $NODE, $CPUS CPUs, $GPUS fake GPUs (export SLURM_CONF=$SLURM_CONF)"
       return 0
     fi
     for name in slurmctld slurmd; do
