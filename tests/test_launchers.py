@@ -18,9 +18,16 @@ import pytest
 
 from sa_bench.launch.pool import PoolConfig, lease
 from tests.conftest import ROOT, run_sa_bench
+from tests.e2e_support import write_probe_config
 
 JOB_FILES = ["predictions.jsonl", "metrics.json", "config.yaml", "stats.json", "env.json", "done.json"]
 SWEEP = ["seed=0,1", "benchmark=passkey", "benchmark.n_samples=2", "pool.simulate=true"]
+
+
+@pytest.fixture
+def sweep(tmp_path):
+    """The 4-cell sweep, with a pool of its own (other sweeps on this machine lease GPU "0" too)."""
+    return [*SWEEP, f"pool.lock_dir={tmp_path / 'locks'}"]
 SCRIPT = ROOT / "scripts" / "slurm_cluster.sh"
 SLURM_DIR = Path(os.environ.get("SA_BENCH_SLURM_DIR", "/tmp/sa_bench-slurm"))
 RAY_VENV = Path(os.environ.get("SA_BENCH_RAY_VENV", Path.home() / ".cache" / "sa_bench" / "ray-venv"))
@@ -93,7 +100,7 @@ def check_sweep_results(out: Path, gpus: set[str]) -> None:
     """4 finished cells, each on one of the scheduler's GPUs, leases never waited for another."""
     dirs = job_dirs(out)
     assert len(dirs) == 4, dirs
-    seen = set()
+    spans: list[tuple[str, float, float]] = []
     for d in dirs:
         for name in JOB_FILES:
             assert (d / name).is_file(), d / name
@@ -104,7 +111,9 @@ def check_sweep_results(out: Path, gpus: set[str]) -> None:
         assert held["devices"] == [0] and held["simulated"] is True, held
         assert visible in gpus, visible
         assert held["waited_s"] < 3, f"{d}: waited {held['waited_s']:.1f}s for a lease"
-        seen.add(visible)
+        for other, start, end in spans:  # one GPU is never held by two jobs at once
+            assert other != visible or end <= held["acquired"] or held["released"] <= start
+        spans.append((visible, held["acquired"], held["released"]))
     # the same cells, directories and markers as with the default (joblib) launcher
     plan = run_sa_bench(*SWEEP, "plan=true", root=out, env={"PYTHONPATH": str(ROOT)}, check=True)
     assert "4 jobs: 4 done (skipped), 0 to run" in plan.stdout
@@ -159,9 +168,9 @@ def slurm_jobs() -> set[str]:
 
 
 @pytest.mark.cluster
-def test_slurm_sweep_then_rerun_submits_nothing(slurm_cluster, tmp_path):
+def test_slurm_sweep_then_rerun_submits_nothing(slurm_cluster, sweep, tmp_path):
     out = tmp_path / "out"
-    args = [*SWEEP, "hydra/launcher=slurm", "hydra.launcher.array_parallelism=2",
+    args = [*sweep, "hydra/launcher=slurm", "hydra.launcher.array_parallelism=2",
             "hydra.launcher.timeout_min=15"]
     before = slurm_jobs()
     first = run_sa_bench(*args, root=out, env=slurm_cluster, timeout=600, check=True)
@@ -177,6 +186,26 @@ def test_slurm_sweep_then_rerun_submits_nothing(slurm_cluster, tmp_path):
     assert "4 jobs: 4 done (skipped), 0 to run" in again.stdout
     assert not slurm_jobs() - seen, "a finished sweep submitted SLURM jobs"
     assert sorted(p.name for p in (out / ".submitit").iterdir()) == submitted
+
+
+@pytest.mark.cluster
+def test_slurm_failed_cell_is_isolated_then_retried(slurm_cluster, tmp_path):
+    conf = tmp_path / "userconf"
+    write_probe_config(conf)  # passkey, plus a failure injected by environment variable
+    out = tmp_path / "out"
+    args = [f"hydra.searchpath=[file://{conf}]", "benchmark=probe", "pool.simulate=true",
+            f"pool.lock_dir={tmp_path / 'locks'}", "hydra/launcher=slurm", "hydra.launcher.timeout_min=15"]
+    failed = run_sa_bench(*args, root=out, env={**slurm_cluster, "SA_BENCH_TEST_FAIL": "2k"}, timeout=600)
+    assert failed.returncode == 1, failed.stdout + failed.stderr
+    assert "1 done, 0 skipped, 1 failed" in failed.stdout
+    assert "RuntimeError: injected failure for subset 2k" in failed.stdout
+    bad = next((out / "tiny/dense/probe/2k").iterdir())
+    assert (bad / "error.txt").is_file() and not (bad / "done.json").exists()
+    seen = slurm_jobs()
+    retry = run_sa_bench(*args, root=out, env=slurm_cluster, timeout=600, check=True)
+    assert "2 jobs: 1 done (skipped), 1 to run" in retry.stdout
+    assert len(slurm_jobs() - seen) == 1  # only the failed cell went back to the queue
+    assert (bad / "done.json").is_file() and not (bad / "error.txt").exists()
 
 
 # ---------------------------------------------------------------- Ray
@@ -223,11 +252,11 @@ def run_in(python: Path, *args: str, root: Path, timeout: float) -> subprocess.C
 
 
 @pytest.mark.cluster
-def test_ray_sweep_then_rerun_launches_nothing(tmp_path):
+def test_ray_sweep_then_rerun_launches_nothing(sweep, tmp_path):
     python = ray_python()
     out = tmp_path / "out"
     # a local Ray instance with 2 (declared) GPUs; each task asks for pool.devices_per_job = 1
-    args = [*SWEEP, "hydra/launcher=ray_cluster", "+hydra.launcher.ray.init.num_gpus=2",
+    args = [*sweep, "hydra/launcher=ray_cluster", "+hydra.launcher.ray.init.num_gpus=2",
             "+hydra.launcher.ray.init.num_cpus=2", "+hydra.launcher.ray.init.include_dashboard=false"]
     start = time.monotonic()
     try:
