@@ -78,8 +78,7 @@ def test_local_preset_takes_n_jobs_from_the_pool():
     assert launcher["_target_"].endswith("JoblibLauncher") and launcher["n_jobs"] == 2
 
 
-def test_slurm_preset_requests_the_pool_gpus():
-    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="needs the slurm extra")
+def test_slurm_preset_requests_the_pool_gpus(slurm_extra):
     launcher = compose_launcher("hydra/launcher=slurm", "pool.devices_per_job=2", "output_root=/o",
                                 "hydra.launcher.partition=gpu", "hydra.launcher.array_parallelism=8")
     assert launcher["_target_"].endswith("SlurmLauncher")
@@ -140,8 +139,14 @@ def ensure_extra(name: str, module: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def slurm_cluster():
+def slurm_extra():
     ensure_extra("slurm", "hydra_plugins.hydra_submitit_launcher")
+    importlib.invalidate_caches()
+    import hydra_plugins.hydra_submitit_launcher.config  # noqa: F401  (registers its configs)
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster(slurm_extra):
     env = {**os.environ, "SA_BENCH_SLURM_DIR": str(SLURM_DIR), "SA_BENCH_SLURM_GPUS": "2"}
     was_up = subprocess.run([str(SCRIPT), "status"], env=env, capture_output=True).returncode == 0
     start = time.monotonic()
