@@ -260,8 +260,10 @@ def run_in(python: Path, *args: str, root: Path, timeout: float) -> subprocess.C
 def test_ray_sweep_then_rerun_launches_nothing(sweep, tmp_path):
     python = ray_python()
     out = tmp_path / "out"
-    # a local Ray instance with 2 (declared) GPUs; each task asks for pool.devices_per_job = 1
-    args = [*sweep, "hydra/launcher=ray_cluster", "+hydra.launcher.ray.init.num_gpus=2",
+    # a new local Ray instance (even if a `ray start` cluster runs here) with 2 declared GPUs;
+    # each task asks for pool.devices_per_job = 1
+    args = [*sweep, "hydra/launcher=ray_cluster", "hydra.launcher.ray.init.address=local",
+            "+hydra.launcher.ray.init.num_gpus=2",
             "+hydra.launcher.ray.init.num_cpus=2", "+hydra.launcher.ray.init.include_dashboard=false"]
     start = time.monotonic()
     try:
