@@ -1,0 +1,77 @@
+"""Every benchmark end to end through the job runner, on its fixtures, with the embedded model."""
+
+import json
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from sa_bench.launch.pool import Lease
+from sa_bench.runner import evaluate
+from sa_bench.spec import JobSpec
+from tests.conftest import ROOT, run_sa_bench
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def conf(group: str, name: str) -> dict:
+    return OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / group / f"{name}.yaml"))
+
+
+CASES = [
+    ("passkey", "1k", None, {"n_samples": 2}),
+    ("niah", "1k", None, {"depths": [0, 50, 100], "samples_per_depth": 1}),
+    ("ruler", "niah_multikey_1", None, {"length": 600}),
+    ("ruler", "vt", None, {"length": 2000}),
+    ("ruler", "qa_1", "ruler", {"length": 800}),
+    ("longbench", "hotpotqa", "longbench", {}),
+    ("longbench", "trec", "longbench", {}),
+    ("longbench", "multifieldqa_zh", "longbench", {}),
+    ("longbench_e", "hotpotqa", "longbench", {}),
+    ("longbench_v2", "all", "longbench_v2", {}),
+    ("infinitebench", "kv_retrieval", "infinitebench", {}),
+    ("infinitebench", "longbook_choice_eng", "infinitebench", {}),
+    ("loogle", "shortdep_qa", "loogle", {}),
+    ("loogle", "longdep_summarization", "loogle", {}),
+    ("aime24", "all", "aime", {}),
+]
+
+
+@pytest.mark.parametrize("bench, subset, fixtures, extra", CASES, ids=[f"{c[0]}-{c[1]}" for c in CASES])
+def test_benchmark_runs_through_the_runner(tmp_path, bench, subset, fixtures, extra):
+    benchmark = {**conf("benchmark", bench), "subset": subset, "max_samples": 2, **extra}
+    if fixtures:
+        benchmark["data_dir"] = str(FIXTURES / fixtures)
+    cfg = {"model": conf("model", "tiny"), "sparse": conf("sparse", "dense"),
+           "benchmark": benchmark, "pool": {"devices": "cpu"}, "seed": 0,
+           "max_new_tokens": 6, "overwrite": False, "plan": False, "output_root": str(tmp_path)}
+    spec = JobSpec.from_dict(cfg)
+    summary = evaluate(spec, tmp_path, Lease(devices=[], simulated=False))
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert summary["score"] == metrics["score"] and 0 <= metrics["score"] <= 100
+    records = [json.loads(x) for x in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    stats = json.loads((tmp_path / "stats.json").read_text())
+    assert len(records) == stats["n_samples"] >= 1
+    assert all(len(r["prediction"]) >= 0 and r["prompt_tokens"] <= 8192 for r in records)
+    assert stats["truncated_samples"] == sum(r["truncated"] for r in records)
+
+
+def test_local_data_through_the_command_line(tmp_path):
+    """benchmark.data_dir points at local files; the data location is not part of the key."""
+    args = ["benchmark=longbench", "benchmark.subsets=[hotpotqa]", "benchmark.max_samples=2",
+            "max_new_tokens=4"]
+    first = run_sa_bench(*args, f"benchmark.data_dir={FIXTURES / 'longbench'}", root=tmp_path / "out",
+                         check=True)
+    assert "1 jobs: 0 done (skipped), 1 to run" in first.stdout
+    copy = tmp_path / "elsewhere"
+    copy.mkdir()
+    (copy / "hotpotqa.jsonl").write_text((FIXTURES / "longbench" / "hotpotqa.jsonl").read_text())
+    moved = run_sa_bench(*args, f"benchmark.data_dir={copy}", root=tmp_path / "out", check=True)
+    assert "1 jobs: 1 done (skipped), 0 to run" in moved.stdout
+
+
+def test_missing_local_data_names_the_files(tmp_path):
+    proc = run_sa_bench("benchmark=longbench", "benchmark.subsets=[qasper]",
+                        f"benchmark.data_dir={tmp_path / 'nothing'}", root=tmp_path / "out")
+    assert proc.returncode == 1
+    assert "qasper" in proc.stdout and str(tmp_path / "nothing") in proc.stdout
