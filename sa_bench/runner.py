@@ -59,7 +59,11 @@ def evaluate(spec: JobSpec, path: Path, lease: Lease) -> dict[str, Any]:
     if max_prompt < 16:
         raise ValueError(f"model.max_context={spec.model.max_context} leaves no room for a prompt "
                          f"after {max_new} generated tokens")
-    requests = [build_request(s, tokenizer, spec.model.chat_template, max_prompt) for s in samples]
+    requests = [
+        build_request(s, tokenizer, spec.model.chat_template, max_prompt,
+                      spec.model.chat_template_kwargs)
+        for s in samples
+    ]
     finished = read_predictions(path)
     method = spec.sparse
     method.install(model)

@@ -28,3 +28,16 @@ def test_context_is_shared_by_questions_on_one_document():
     a = build_request(Sample("a", "same document", " Q1?", ["x"]), tok, False, 1000)
     b = build_request(Sample("b", "same document", " Q2?", ["y"]), tok, False, 1000)
     assert a.context_ids == b.context_ids and a.question_ids != b.question_ids
+
+
+def test_template_kwargs_reach_the_chat_template():
+    tok = tokenizer(False)
+    tok.chat_template = (
+        "{% for m in messages %}<|user|>{{ m['content'] }}{% endfor %}<|assistant|>"
+        "{% if enable_thinking is defined and not enable_thinking %}<think></think>{% endif %}"
+    )
+    sample = Sample("a", "doc", " Q?", ["x"])
+    plain = build_request(sample, tok, True, 1000)
+    no_think = build_request(sample, tok, True, 1000, {"enable_thinking": False})
+    assert "<think>" not in tok.decode(plain.question_ids)
+    assert tok.decode(no_think.question_ids).endswith("<|assistant|><think></think>")

@@ -51,9 +51,13 @@ def _dedupe_bos(ids: list[int], bos: int | None) -> list[int]:
 
 
 def build_request(
-    sample: Sample, tokenizer: Any, chat: bool, max_prompt_tokens: int
+    sample: Sample, tokenizer: Any, chat: bool, max_prompt_tokens: int,
+    template_kwargs: dict[str, Any] | None = None,
 ) -> Request:
-    """Token ids for one sample; the prompt never exceeds `max_prompt_tokens` tokens."""
+    """Token ids for one sample; the prompt never exceeds `max_prompt_tokens` tokens.
+
+    `template_kwargs` go to the chat template (e.g. Qwen3's `enable_thinking: false`).
+    """
     use_chat = chat and sample.chat and bool(getattr(tokenizer, "chat_template", None))
     ctx_ids = _encode(tokenizer, sample.context)
     q_ids = _encode(tokenizer, sample.question)
@@ -68,7 +72,9 @@ def build_request(
             q_text = tokenizer.decode(q_part)
         else:
             ctx_text, q_text = sample.context, sample.question
-        context, question = _render(tokenizer, ctx_text, q_text, sample.answer_prefix, use_chat)
+        context, question = _render(
+            tokenizer, ctx_text, q_text, sample.answer_prefix, use_chat, template_kwargs or {}
+        )
         overflow = len(context) + len(question) - max_prompt_tokens
         if overflow <= 0:
             break
@@ -79,13 +85,14 @@ def build_request(
 
 
 def _render(
-    tokenizer: Any, ctx_text: str, q_text: str, answer_prefix: str, use_chat: bool
+    tokenizer: Any, ctx_text: str, q_text: str, answer_prefix: str, use_chat: bool,
+    template_kwargs: dict[str, Any],
 ) -> tuple[list[int], list[int]]:
     bos = tokenizer.bos_token_id
     if use_chat:
         text = tokenizer.apply_chat_template(
             [{"role": "user", "content": ctx_text + _SPLIT + q_text}],
-            add_generation_prompt=True, tokenize=False,
+            add_generation_prompt=True, tokenize=False, **template_kwargs,
         )
         head, tail = text.split(_SPLIT, 1)
         tail += answer_prefix
