@@ -227,3 +227,26 @@ def test_smollm2_offline_passkey(tmp_path):
     assert metrics["dense"]["score"] >= 66  # FIELD_NOTES: 5/6 at 1k with dense attention
     envs = [json.loads(p.read_text()) for p in out.rglob("env.json")]
     assert envs
+
+
+def test_several_devices_shard_over_exactly_the_leased_ones(monkeypatch):
+    import torch
+
+    import sa_bench.models.loading as loading
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d: (10 * 2**30, 80 * 2**30))
+    kwargs = loading._placement([2, 5])
+    assert kwargs["device_map"] == "balanced"
+    assert set(kwargs["max_memory"]) == {2, 5}  # no other GPU, no CPU offload
+    seen = {}
+
+    class Fake:
+        @classmethod
+        def from_pretrained(cls, path, **kw):
+            seen.update(kw)
+            raise OSError("stop here")
+
+    monkeypatch.setattr("transformers.AutoModelForCausalLM", Fake)
+    with pytest.raises(OSError, match="stop here"):
+        load_model(model_cfg(), [2, 5])
+    assert set(seen["max_memory"]) == {2, 5} and seen["trust_remote_code"] is False

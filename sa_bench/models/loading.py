@@ -166,7 +166,7 @@ def _placement(devices: list[int]) -> dict[str, Any]:
     for d in devices:
         free, _total = torch.cuda.mem_get_info(d)
         max_memory[d] = int(free * 0.9)
-    return {"device_map": "auto", "max_memory": max_memory}
+    return {"device_map": "balanced", "max_memory": max_memory}
 
 
 def load_model(cfg: ModelConfig, devices: list[int] | tuple[int, ...] = ()) -> tuple[Any, Any]:
