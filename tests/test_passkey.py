@@ -56,7 +56,9 @@ def test_exact_length_with_byte_tokenizer(tiny_tokenizer, subset):
     assert [s.id for s in samples] == [f"{subset}-{i}" for i in range(5)]
     for s in samples:
         ids = tiny_tokenizer(s.context + s.question, add_special_tokens=False).input_ids
-        assert len(ids) == subset_tokens(subset)
+        n = subset_tokens(subset)
+        # exact, except one short when the needle ends the filler and the cut fell on a space
+        assert len(ids) == n or (s.meta["depth"] == 1.0 and len(ids) == n - 1)
         assert s.question == QUESTION and s.question.endswith("\n#")
         (answer,) = s.answers
         assert len(answer) == 5 and answer.isdigit()
@@ -78,6 +80,7 @@ def test_filler_is_lexicon_words():
     body = context.split("\n\n", 1)[1].replace(f"#{answer}.", "")
     words = body.split()
     assert set(words[:-1]) <= set(LEXICON)  # the last word may be cut
+    assert "  " not in context
 
 
 def test_deterministic_and_seeded(tiny_tokenizer):

@@ -54,8 +54,8 @@ def _insert_needle(filler: str, needle: str, depth: float) -> str:
     if depth <= 0.0:
         return needle + " " + filler
     pos = filler.find(" ", int(depth * len(filler)))
-    if pos < 0:
-        return filler + " " + needle
+    if pos < 0 or pos == len(filler) - 1:
+        return filler.rstrip() + " " + needle
     return filler[:pos] + " " + needle + filler[pos:]
 
 
@@ -63,7 +63,8 @@ def make_prompt(
     rng: random.Random, n_tokens: int, depth: float, count_tokens: Callable[[str], int]
 ) -> tuple[str, str, str]:
     """One sample: (context, question, answer) with count_tokens(context + question) as close
-    to `n_tokens` as possible without exceeding it (exact for a byte-level tokenizer)."""
+    to `n_tokens` as possible without exceeding it (for a byte-level tokenizer: exact, or one
+    short when the needle ends the filler and the cut fell on a space)."""
     digits = "".join(rng.choice("0123456789") for _ in range(N_DIGITS))
     needle = NEEDLE.format(digits=digits)
     words: list[str] = []
@@ -75,7 +76,7 @@ def make_prompt(
     text = " ".join(words)
 
     def build(n_chars: int) -> str:
-        return HEADER + _insert_needle(text[:n_chars].strip(), needle, depth)
+        return HEADER + _insert_needle(text[:n_chars], needle, depth)  # +1 char = +1 byte
 
     lo, hi = 0, len(text)  # largest n_chars whose prompt fits
     while lo < hi:

@@ -35,6 +35,7 @@ SCHEDULE = [
     (250, 2, 1024, 3072),
 ]
 SWITCH_ACC = 0.9
+BOUNDARY_DEPTHS = 0.1  # share of needles put first or last (next to the question)
 ANSWER_WEIGHT = 5.0  # the answer digits are ~0.5% of the tokens; weight 1 learned far slower
 
 
@@ -55,7 +56,8 @@ def make_batch(rng: random.Random, tokenizer, batch: int, lo: int, hi: int):
     n_tokens = rng.randint(lo, hi)
     rows, answer_starts = [], []
     for _ in range(batch):
-        context, question, answer = make_prompt(rng, n_tokens, rng.random(), len)
+        depth = rng.choice((0.0, 1.0)) if rng.random() < BOUNDARY_DEPTHS else rng.random()
+        context, question, answer = make_prompt(rng, n_tokens, depth, len)
         prompt = tokenizer(context + question)["input_ids"]          # with <s>
         target = tokenizer(answer + ".", add_special_tokens=False)["input_ids"]
         rows.append(prompt + target + [tokenizer.eos_token_id])
