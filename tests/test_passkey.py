@@ -7,7 +7,9 @@ import random
 import pytest
 
 from sa_bench.benchmarks.passkey import (
+    HEADER,
     LEXICON,
+    NEEDLE,
     QUESTION,
     even_depths,
     first_digits,
@@ -59,7 +61,7 @@ def test_exact_length_with_byte_tokenizer(tiny_tokenizer, subset):
         n = subset_tokens(subset)
         # exact, except one short when the needle ends the filler and the cut fell on a space
         assert len(ids) == n or (s.meta["depth"] == 1.0 and len(ids) == n - 1)
-        assert s.question == QUESTION and s.question.endswith("\n#")
+        assert s.question == QUESTION and s.question.endswith("The pass key is #")
         (answer,) = s.answers
         assert len(answer) == 5 and answer.isdigit()
         assert s.context.count(f"#{answer}.") == 1 and s.context.count("#") == 1
@@ -68,16 +70,20 @@ def test_exact_length_with_byte_tokenizer(tiny_tokenizer, subset):
 def test_depths_spread_evenly(tiny_tokenizer):
     samples = bench("1k", n_samples=5).load(tiny_tokenizer)
     assert [s.meta["depth"] for s in samples] == even_depths(5) == [0, 0.25, 0.5, 0.75, 1.0]
-    positions = [s.context.index("#") / len(s.context) for s in samples]
-    assert positions == sorted(positions)
-    assert positions[0] < 0.1 and positions[-1] > 0.95
-    for s, depth in zip(samples[1:-1], [0.25, 0.5, 0.75], strict=True):
-        assert abs(s.context.index("#") / len(s.context) - depth) < 0.05
+    def position(s):  # where the needle starts, as a fraction of the filler
+        needle = NEEDLE.format(digits=s.answers[0])
+        start = s.context.index(needle) - len(HEADER)
+        return start / (len(s.context) - len(HEADER) - len(needle))
+
+    positions = [position(s) for s in samples]
+    assert positions[0] == 0 and positions[-1] > 0.99
+    for pos, depth in zip(positions[1:-1], [0.25, 0.5, 0.75], strict=True):
+        assert abs(pos - depth) < 0.02
 
 
 def test_filler_is_lexicon_words():
     context, _, answer = make_prompt(random.Random(3), 600, 0.5, len)
-    body = context.split("\n\n", 1)[1].replace(f"#{answer}.", "")
+    body = context.split("\n\n", 1)[1].replace(NEEDLE.format(digits=answer), "")
     words = body.split()
     assert set(words[:-1]) <= set(LEXICON)  # the last word may be cut
     assert "  " not in context
