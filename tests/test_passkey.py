@@ -57,11 +57,12 @@ def test_exact_length_with_byte_tokenizer(tiny_tokenizer, subset):
     samples = b.load(tiny_tokenizer)
     assert [s.id for s in samples] == [f"{subset}-{i}" for i in range(5)]
     for s in samples:
-        ids = tiny_tokenizer(s.context + s.question, add_special_tokens=False).input_ids
+        ids = tiny_tokenizer(s.context + s.question + s.answer_prefix,
+                             add_special_tokens=False).input_ids
         n = subset_tokens(subset)
         # exact, except one short when the needle ends the filler and the cut fell on a space
         assert len(ids) == n or (s.meta["depth"] == 1.0 and len(ids) == n - 1)
-        assert s.question == QUESTION and s.question.endswith("The pass key is #")
+        assert s.question + s.answer_prefix == QUESTION and s.answer_prefix == "The pass key is #"
         (answer,) = s.answers
         assert len(answer) == 5 and answer.isdigit()
         assert s.context.count(f"#{answer}.") == 1 and s.context.count("#") == 1
@@ -120,7 +121,7 @@ def test_smollm2_tokenizer_lengths():
                     "python -m sa_bench.models.smollm2_offline")
     tok = load_tokenizer(ModelConfig(name="s", pretrained=str(path)))
     for s in bench("1k", n_samples=3).load(tok):
-        n = len(tok(s.context + s.question, add_special_tokens=False).input_ids)
+        n = len(tok(s.context + s.question + s.answer_prefix, add_special_tokens=False).input_ids)
         assert 1024 - 4 <= n <= 1024
 
 
@@ -137,7 +138,7 @@ def test_shipped_model_retrieves(tiny_tokenizer):
     preds = []
     with torch.no_grad():
         for s in samples:
-            ids = torch.tensor([tok(s.context + s.question).input_ids])
+            ids = torch.tensor([tok(s.context + s.question + s.answer_prefix).input_ids])
             out = model.generate(ids, max_new_tokens=b.max_new_tokens(), do_sample=False)
             preds.append(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
     assert b.score(samples, preds)["score"] >= 75, preds

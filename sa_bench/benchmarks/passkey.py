@@ -36,6 +36,9 @@ assert len(LEXICON) == 64 and len(set(LEXICON)) == 64
 HEADER = "A pass key of five digits is hidden in the text below. Remember it.\n\n"
 NEEDLE = "The pass key is #{digits}."
 QUESTION = "\n\nWhat is the pass key? The pass key is #"
+ANSWER_PREFIX = "The pass key is #"
+"""A sample's `question` is QUESTION without this tail, which becomes its `answer_prefix`: with a
+chat template the cue opens the assistant's answer; without one the prompt text is unchanged."""
 N_DIGITS = 5
 
 
@@ -130,8 +133,9 @@ class Passkey(Benchmark):
             rng = random.Random(f"passkey:{self.seed}:{self.subset}:{i}")
             context, question, answer = make_prompt(rng, n_tokens, depth, count)
             samples.append(Sample(
-                id=f"{self.subset}-{i}", context=context, question=question, answers=[answer],
-                chat=True, meta={"depth": round(depth, 4), "n_tokens": n_tokens},
+                id=f"{self.subset}-{i}", context=context,
+                question=question[: -len(ANSWER_PREFIX)], answer_prefix=ANSWER_PREFIX,
+                answers=[answer], chat=True, meta={"depth": round(depth, 4), "n_tokens": n_tokens},
             ))
         return self.select(samples)
 
