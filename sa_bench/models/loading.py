@@ -88,7 +88,7 @@ class ModelConfig:
                     f"pretrained: local model directory {self.pretrained!r} does not exist "
                     f"(set model.pretrained to an existing directory, a hub id or embedded:<name>)"
                 )
-            if not (path / "config.json").is_file() and not any(path.glob("*.gguf")):
+            if not (path / "config.json").is_file():
                 raise ConfigError(
                     f"pretrained: {self.pretrained!r} has no config.json (not a transformers checkpoint)"
                 )
