@@ -80,3 +80,11 @@ def test_default_run_finishes_and_prints_score(tmp_path):
     scores = [ln for ln in proc.stdout.splitlines() if ln.strip().startswith("score")]
     assert len(scores) == 2 and all(str(out) in ln for ln in scores)
     print(f"default run took {elapsed:.1f}s")
+
+
+def test_headline_sweep_plans_every_cell(tmp_path):
+    """The command from the project's front page expands to model × method × subset cells."""
+    proc = run_sa_bench("model=llama3.1-8b,qwen2.5-7b", "sparse=dense,hashattn,quest",
+                        "benchmark=longbench", "plan=true", root=tmp_path / "out", check=True)
+    assert "126 jobs: 0 done (skipped), 126 to run" in proc.stdout  # 2 x 3 x 21 subsets
+    assert "/llama3.1-8b/hashattn/longbench/hotpotqa/" in proc.stdout
