@@ -117,7 +117,9 @@ def evaluate(spec: JobSpec, path: Path, lease: Lease) -> dict[str, Any]:
         "attention": method.stats(),
     }
     jobdir.write_json_atomic(path / jobdir.STATS, stats)
-    jobdir.write_json_atomic(path / jobdir.ENV, environment(device))
+    env = environment(device)
+    env["model_source"] = getattr(model, "sa_bench_source", None)  # hub, local dir or fallback
+    jobdir.write_json_atomic(path / jobdir.ENV, env)
     return {"score": metrics.get("score")}
 
 

@@ -48,6 +48,9 @@ def test_fresh_then_resumed_sweep(tmp_path, probe):
             assert (d / name).is_file(), name
         assert json.loads((d / "done.json").read_text())["key"] == d.name
         assert len((d / "predictions.jsonl").read_text().splitlines()) == 2
+        env_info = json.loads((d / "env.json").read_text())
+        assert env_info["model_source"]["path"].endswith("tiny_retrieval")
+        assert env_info["torch"] and env_info["transformers"] and env_info["device"] == "cpu"
         metrics = json.loads((d / "metrics.json").read_text())
         assert 0 <= metrics["score"] <= 100
         assert f"{metrics['score']:7.2f}  {d}" in first.stdout
