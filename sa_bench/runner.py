@@ -4,6 +4,8 @@ is produced, then score and write the result files."""
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import os
 import platform
@@ -138,9 +140,21 @@ def _prefill(model: Any, method: Any, context_ids: tuple[int, ...], device: Any)
     cache = DynamicCache(config=model.config)
     method.set_phase("prefill")
     with torch.inference_mode():
-        model(input_ids=torch.tensor([context_ids], device=device), cache=cache,
-              use_cache=True)
+        model(input_ids=torch.tensor([context_ids], device=device), **_with_cache(model, cache))
     return cache, len(context_ids), time.perf_counter() - t0
+
+
+def _with_cache(model: Any, cache: Any) -> dict[str, Any]:
+    """Keyword arguments that hand `cache` to the model's forward."""
+    return {_cache_keyword(type(model)): cache, "use_cache": True}
+
+
+@functools.cache
+def _cache_keyword(model_class: type) -> str:
+    """`cache` from transformers 5.24, `past_key_values` before. An unknown keyword would be
+    swallowed silently and every step would run without its context."""
+    params = inspect.signature(model_class.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
 
 
 def _rewind(cache: Any, length: int) -> None:
@@ -159,7 +173,7 @@ def _answer(model: Any, method: Any, cache: Any, question_ids: list[int], max_ne
     method.set_phase("question")
     with torch.inference_mode():
         logits = model(input_ids=torch.tensor([question_ids], device=device),
-                       cache=cache, use_cache=True).logits
+                       **_with_cache(model, cache)).logits
         method.set_phase("decode")
         while True:
             token = int(logits[0, -1].argmax())
@@ -169,7 +183,7 @@ def _answer(model: Any, method: Any, cache: Any, question_ids: list[int], max_ne
             if len(tokens) >= max_new:
                 break
             logits = model(input_ids=torch.tensor([[token]], device=device),
-                           cache=cache, use_cache=True).logits
+                           **_with_cache(model, cache)).logits
     return tokens
 
 
