@@ -29,10 +29,8 @@ from typing import Any
 
 from sa_bench.launch import jobdir
 from sa_bench.launch.identity import result_values, sanitize
-from sa_bench.launch.progress import PROGRESS
 
-JOB_FILES = (jobdir.CONFIG, jobdir.PREDICTIONS, jobdir.METRICS, jobdir.ERROR, jobdir.RUNNING,
-             jobdir.MARKER, PROGRESS)
+JOB_FILES = jobdir.RESULT_FILES
 """A directory at job depth holding any of these is a job directory."""
 
 BENCHMARK_NON_PARAMS = ("name", "subset", "subsets", "_target_")
@@ -126,7 +124,7 @@ def read_job(root: Path, path: Path) -> Job:
     elif status == "failed":
         job.error = jobdir.first_error_line(path)
     else:
-        job.progress = jobdir.read_json(path / PROGRESS) or {}
+        job.progress = jobdir.read_json(path / jobdir.PROGRESS) or {}
     return job
 
 

@@ -24,7 +24,8 @@ METRICS = "metrics.json"
 STATS = "stats.json"
 ENV = "env.json"
 CONFIG = "config.yaml"
-RESULT_FILES = (PREDICTIONS, METRICS, STATS, ENV, CONFIG, ERROR, RUNNING, MARKER)
+PROGRESS = "progress.json"
+RESULT_FILES = (PREDICTIONS, METRICS, STATS, ENV, CONFIG, ERROR, RUNNING, PROGRESS, MARKER)
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

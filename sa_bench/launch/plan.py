@@ -12,13 +12,13 @@ from __future__ import annotations
 import copy
 import itertools
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from sa_bench.config import ConfigError
 from sa_bench.launch import jobdir
-from sa_bench.launch.identity import job_key, job_relpath
+from sa_bench.launch.identity import job_relpath
 
 
 @dataclass
@@ -31,7 +31,6 @@ class Cell:
     key: str
     path: Path
     status: str = "pending"
-    extra: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -46,8 +45,10 @@ class Choice:
 
     @property
     def override(self) -> str:
+        if self.kind == "delete" and not self.text:
+            return f"~{self.key}"
         prefix = {"set": "", "add": "+", "force_add": "++", "delete": "~"}[self.kind]
-        return f"{prefix}{self.key}={self.text}" if self.kind != "delete" or self.text else f"~{self.key}"
+        return f"{prefix}{self.key}={self.text}"
 
 
 def choices_of(override: Any, groups: set[str]) -> list[Choice]:
@@ -64,8 +65,9 @@ def choices_of(override: Any, groups: set[str]) -> list[Choice]:
         texts = list(override.sweep_string_iterator())
         values = list(override.sweep_iterator())
         return [Choice(key, t, v, kind, is_group) for t, v in zip(texts, values, strict=True)]
-    text = override.get_value_element_as_str() if override.value() is not None or kind != "delete" else ""
-    return [Choice(key, text, override.value(), kind, is_group)]
+    value = override.value()
+    text = "" if kind == "delete" and value is None else override.get_value_element_as_str()
+    return [Choice(key, text, value, kind, is_group)]
 
 
 def apply_value(cfg: dict, choice: Choice) -> None:
@@ -186,5 +188,3 @@ def plan_table(cells: list[Cell]) -> str:
         lines.append(line)
     return "\n".join(lines)
 
-
-__all__ = ["Cell", "expand", "refresh_status", "plan_table", "job_key"]

@@ -14,8 +14,6 @@ from typing import TextIO
 
 from sa_bench.launch import jobdir
 
-PROGRESS = "progress.json"
-
 
 class Progress:
     def __init__(self, cells: list, interval: float = 10.0, stream: TextIO | None = None) -> None:
@@ -44,7 +42,7 @@ class Progress:
             state = jobdir.status(cell.path, cell.key)
             counts[state] += 1
             if state == "running":
-                info = jobdir.read_json(cell.path / PROGRESS) or {}
+                info = jobdir.read_json(cell.path / jobdir.PROGRESS) or {}
                 if "total" in info:
                     samples.append(f"{cell.relpath.rsplit('/', 1)[0]} {info['done']}/{info['total']}")
         text = (
@@ -69,4 +67,4 @@ class Progress:
 
 
 def write_progress(path, done: int, total: int) -> None:
-    jobdir.write_json_atomic(path / PROGRESS, {"done": done, "total": total, "time": time.time()})
+    jobdir.write_json_atomic(path / jobdir.PROGRESS, {"done": done, "total": total, "time": time.time()})
