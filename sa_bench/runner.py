@@ -46,8 +46,11 @@ def read_predictions(path: Path) -> dict[str, dict]:
 def evaluate(spec: JobSpec, path: Path, lease: Lease) -> dict[str, Any]:
     import torch
 
+    from transformers.utils import logging as hf_logging
+
     from sa_bench.models.loading import load_model
 
+    hf_logging.disable_progress_bar()  # one bar per job would drown the sweep's own progress
     torch.manual_seed(spec.seed)
     started = time.time()
     model, tokenizer = load_model(spec.model, lease.torch_devices)
