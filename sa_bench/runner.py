@@ -45,7 +45,6 @@ def read_predictions(path: Path) -> dict[str, dict]:
 
 def evaluate(spec: JobSpec, path: Path, lease: Lease) -> dict[str, Any]:
     import torch
-
     from transformers.utils import logging as hf_logging
 
     from sa_bench.models.loading import load_model
