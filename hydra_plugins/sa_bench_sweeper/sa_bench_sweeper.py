@@ -105,11 +105,10 @@ class SaBenchSweeper(BasicSweeper):
             try:
                 JobSpec.from_dict(cell.config)
             except ConfigError as exc:
-                errors.append(f"  {cell.relpath}: {exc}")
+                errors.append(str(exc))
         if errors:
-            unique = list(dict.fromkeys(e.split(": ", 1)[1] for e in errors))
             say(f"Config error in {len(errors)} of {len(cells)} jobs; nothing was run:")
-            for message in unique[:20]:
+            for message in list(dict.fromkeys(errors))[:20]:
                 say(f"  {message}")
             sys.exit(2)
 
