@@ -1,15 +1,17 @@
 """`python -m sa_bench` / `sa-bench`: run the model × sparse × benchmark matrix."""
 
-from pathlib import Path
+import sys
 
-import hydra
+from sa_bench.launch.fastpath import resume_if_all_done
 
-import sa_bench.launch.resolvers  # noqa: F401  (resolvers used by conf/config.yaml)
-from sa_bench.job import run_job
 
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+def main() -> None:
+    if resume_if_all_done(sys.argv[1:]):  # an all-finished sweep: no need to start Hydra
+        return
+    from sa_bench.launch.hydra_app import hydra_main
 
-main = hydra.main(config_path=CONF_DIR, config_name="config", version_base=None)(run_job)
+    hydra_main()
+
 
 if __name__ == "__main__":
     main()

@@ -49,6 +49,9 @@ def test_plan_lists_every_cell_and_subsets_narrow(tmp_path):
     narrowed = run_sa_bench("benchmark.subsets=[2k]", "plan=true", root=out, check=True)
     assert "1 jobs: 0 done (skipped), 1 to run" in narrowed.stdout
     assert "/passkey/2k/" in narrowed.stdout
+    # narrowing picks cells; it does not make new ones: same directory as in the full sweep
+    full = run_sa_bench("plan=true", root=out, check=True)
+    assert narrowed.stdout.splitlines()[1] in full.stdout.splitlines()
     single = run_sa_bench("benchmark.subset=1k", "plan=true", root=out, check=True)
     assert "1 jobs" in single.stdout and "/passkey/1k/" in single.stdout
 

@@ -187,3 +187,22 @@ def test_simulated_pool_gives_each_job_its_own_device(tmp_path, probe):
         t = lease["acquired"] - lease["waited_s"] / 2
         busy = {d for d, ivs in by_device.items() for s, e in ivs if s <= t <= e}
         assert busy == {0, 1}
+
+
+def test_fast_resume_skips_hydra_only_while_nothing_changed(tmp_path, probe):
+    out = tmp_path / "out"
+    run_sa_bench(*probe, root=out, env=env(), check=True)
+    manifests = list((out / ".sa_bench" / "sweeps").glob("*.json"))
+    assert len(manifests) == 1
+    fast = run_sa_bench(*probe, root=out, env=env(), check=True)
+    assert fast.stdout == "2 jobs: 2 done (skipped), 0 to run\n" and "HYDRA" not in fast.stderr
+    # a finished cell loses its marker: the fast path must not vouch for it
+    victim = job_dirs(out)[0]
+    (victim / "done.json").unlink()
+    rerun = run_sa_bench(*probe, root=out, env=env(), check=True)
+    assert "2 jobs: 1 done (skipped), 1 to run" in rerun.stdout
+    # a config file changes (one more subset): the plan is recomputed through Hydra
+    conf = tmp_path / "userconf" / "benchmark" / "probe.yaml"
+    conf.write_text(conf.read_text().replace("subsets: [1k, 2k]", "subsets: [1k, 2k, 3k]"))
+    grown = run_sa_bench(*probe, root=out, env=env(), check=True)
+    assert "3 jobs: 2 done (skipped), 1 to run" in grown.stdout

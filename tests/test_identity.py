@@ -32,7 +32,8 @@ def test_result_values_change_the_key():
 
 def test_run_settings_do_not_change_the_key():
     for key, value in [("output_root", "/elsewhere"), ("overwrite", True), ("plan", True),
-                       ("pool.devices", [0, 1]), ("benchmark.data_dir", "/other/machine")]:
+                       ("pool.devices", [0, 1]), ("benchmark.data_dir", "/other/machine"),
+                       ("benchmark.subsets", ["hotpotqa"])]:
         assert job_key(changed(key, value)) == job_key(CFG), key
 
 

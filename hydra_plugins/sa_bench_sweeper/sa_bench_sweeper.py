@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 
 import sa_bench.launch.resolvers  # noqa: F401  (registers resolvers in the parent)
 from sa_bench.config import ConfigError, build
-from sa_bench.launch import jobdir
+from sa_bench.launch import fastpath, jobdir
 from sa_bench.launch.plan import Cell, expand, plan_table, refresh_status
 from sa_bench.launch.pool import PoolConfig
 from sa_bench.launch.progress import Progress
@@ -68,6 +68,7 @@ class SaBenchSweeper(BasicSweeper):
             say(f"Config error: {exc}")
             sys.exit(2)
         refresh_status(cells)
+        fastpath.write_manifest(sys.argv[1:], cells)
         overwrite = bool(self.config.get("overwrite", False))
         todo = [c for c in cells if overwrite or c.status not in ("done", "running")]
         done = sum(c.status == "done" for c in cells)

@@ -19,8 +19,11 @@ from typing import Any
 NON_RESULT_KEYS = ("output_root", "overwrite", "pool", "plan", "hydra")
 """Top-level config keys that never change a result."""
 
-NON_RESULT_SUBKEYS = (("benchmark", "data_dir"), ("benchmark", "data_files"))
-"""Nested keys that locate data rather than define it."""
+NON_RESULT_SUBKEYS = (
+    ("benchmark", "data_dir"), ("benchmark", "data_files"), ("benchmark", "subsets"),
+)
+"""Nested keys that locate data or choose which cells run, rather than define a result
+(a cell's own subset is `benchmark.subset`, which is part of the key)."""
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._+=-]+")
 

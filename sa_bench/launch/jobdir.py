@@ -13,8 +13,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from filelock import FileLock, Timeout
-
 MARKER = "done.json"
 ERROR = "error.txt"
 RUNNING = "running.json"
@@ -107,10 +105,14 @@ class JobLock:
     """Exclusive per-job lock (fcntl): released by the OS when its holder dies."""
 
     def __init__(self, path: Path) -> None:
+        from filelock import FileLock  # imported here: resuming a finished sweep never locks
+
         path.mkdir(parents=True, exist_ok=True)
         self._lock = FileLock(str(path / LOCK))
 
     def try_acquire(self) -> bool:
+        from filelock import Timeout
+
         try:
             self._lock.acquire(timeout=0)
         except Timeout:

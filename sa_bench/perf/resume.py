@@ -8,13 +8,16 @@ output root, marks every cell finished, then times in one run:
   - `python -m sa_bench <sweep>` with 5 cells  (Hydra start-up + one composition)
   - `python -m sa_bench <sweep>` with N cells
 and prints the resume time as a ratio to the import time, and the marginal cost per finished
-cell, (t(N) - t(5)) / (N - 5).
+cell, (t(N) - t(5)) / (N - 5) — both for a resume through Hydra (no manifest: the sweeper
+plans every cell) and for the fast path (an identical command after a resume recorded the
+sweep's manifest; see sa_bench/launch/fastpath.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -53,9 +56,13 @@ def mark_all_done(root: Path, n_cells: int) -> int:
     return count
 
 
-def best_of(repeats: int, args: list[str], expect: str | None = None) -> float:
+def best_of(repeats: int, args: list[str], expect: str | None = None,
+            forget: Path | None = None) -> tuple[float, float]:
+    """(best, median) wall time; `forget` is a manifest folder removed before each run."""
     times = []
     for _ in range(repeats):
+        if forget is not None:
+            shutil.rmtree(forget, ignore_errors=True)
         elapsed, out = run(args)
         if expect is not None and expect not in out:
             raise SystemExit(f"expected {expect!r} in the output of {args}, got:\n{out}")
@@ -73,17 +80,24 @@ def main() -> None:
         n_big = mark_all_done(big, opts.jobs)
         n_small = mark_all_done(small, 6)
         t_import = best_of(opts.repeats, ["-c", "import sa_bench"])
-        t_small = best_of(opts.repeats, ["-m", "sa_bench", *sweep_args(small, 6)],
-                          f"{n_small} jobs: {n_small} done (skipped), 0 to run")
-        t_big = best_of(opts.repeats, ["-m", "sa_bench", *sweep_args(big, opts.jobs)],
-                        f"{n_big} jobs: {n_big} done (skipped), 0 to run")
-    marginal_ms = (t_big[0] - t_small[0]) / (n_big - n_small) * 1000
-    print(f"python -c 'import sa_bench'       : {t_import[0]:.3f} s (median {t_import[1]:.3f})")
-    print(f"resume, {n_small:4d} finished cells    : {t_small[0]:.3f} s (median {t_small[1]:.3f})")
-    print(f"resume, {n_big:4d} finished cells    : {t_big[0]:.3f} s (median {t_big[1]:.3f})")
-    print(f"ratio resume({n_big}) / import     : {t_big[0] / t_import[0]:.2f}x")
-    print(f"marginal cost per finished cell  : {marginal_ms:.2f} ms "
-          f"((t({n_big}) - t({n_small})) / {n_big - n_small})")
+        times = {}
+        for path_name, forget in (("through Hydra", True), ("fast path", False)):
+            for root, n in ((small, n_small), (big, n_big)):
+                args = ["-m", "sa_bench", *sweep_args(root, n)]
+                expect = f"{n} jobs: {n} done (skipped), 0 to run"
+                if not forget:
+                    run(args)  # a Hydra resume writes the manifest the fast path reads
+                times[path_name, n] = best_of(opts.repeats, args, expect,
+                                              root / ".sa_bench" if forget else None)
+    print(f"python -c 'import sa_bench'              : {t_import[0]:.3f} s (median {t_import[1]:.3f})")
+    for path_name in ("through Hydra", "fast path"):
+        small_t, big_t = times[path_name, n_small], times[path_name, n_big]
+        marginal_ms = (big_t[0] - small_t[0]) / (n_big - n_small) * 1000
+        print(f"{path_name}:")
+        print(f"  resume {n_small:4d} finished cells         : {small_t[0]:.3f} s (median {small_t[1]:.3f})")
+        print(f"  resume {n_big:4d} finished cells         : {big_t[0]:.3f} s (median {big_t[1]:.3f})")
+        print(f"  ratio resume({n_big}) / import         : {big_t[0] / t_import[0]:.2f}x")
+        print(f"  marginal cost per finished cell     : {marginal_ms:.2f} ms")
 
 
 if __name__ == "__main__":
