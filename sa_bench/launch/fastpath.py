@@ -32,6 +32,8 @@ def _plain_overrides(argv: list[str]) -> list[str] | None:
         return None  # --help, --cfg, --config-dir, ...
     if any(a.split("=", 1)[0].lstrip("+~") in ("plan", "overwrite") for a in args):
         return None
+    if any(a.startswith("hydra.searchpath") and "pkg://" in a for a in args):
+        return None  # config files inside a package: not fingerprinted here
     return args
 
 
