@@ -340,3 +340,11 @@ def test_aime(config, n):
     right = [f"so \\boxed{{{s.answers[0]}}}" for s in samples]
     assert bench.score(samples, right)["score"] == 100.0
     assert bench.score(samples, ["\\boxed{7} then \\boxed{999}"] * n)["score"] == 0.0
+
+
+@pytest.mark.parametrize("config", ["longbench", "longbench_e", "ruler", "infinitebench", "loogle"])
+def test_unknown_subset_is_refused(config):
+    data = yaml.safe_load((ROOT / "conf" / "benchmark" / f"{config}.yaml").read_text())
+    data["subsets"] = [data["subsets"][0], "no_such_subset"]
+    with pytest.raises(ConfigError, match=r"benchmark\.subsets: unknown .*\['no_such_subset'\]"):
+        build_target(data, "benchmark")

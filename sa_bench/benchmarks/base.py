@@ -11,8 +11,9 @@ A benchmark is a dataclass whose fields are the keys of its YAML file in `conf/b
 from __future__ import annotations
 
 import random
+from collections.abc import Collection
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from sa_bench.config import ConfigError
 
@@ -48,9 +49,18 @@ class Benchmark:
     max_samples: int | None = None
     seed: int = 0
 
+    known_subsets: ClassVar[Collection[str] | None] = None
+    """The official subset names; `subsets` may only list these (None: any name)."""
+
     def __post_init__(self) -> None:
         if not self.subsets:
             raise ConfigError("subsets: expected a non-empty list of subset names")
+        if self.known_subsets is not None:
+            unknown = [s for s in self.subsets if s not in self.known_subsets]
+            if unknown:
+                raise ConfigError(
+                    f"subsets: unknown {self.name} subset(s) {unknown}; known: {list(self.known_subsets)}"
+                )
         if self.subset is not None and self.subset not in self.subsets:
             raise ConfigError(f"subset: {self.subset!r} is not one of {self.subsets}")
         if self.max_samples is not None and self.max_samples < 1:
