@@ -55,6 +55,15 @@ class Masker:
         return []
 
 
+def model_shapes(model_config) -> tuple[int, int, int, int]:
+    """(layers, heads, kv_heads, head_dim) of a transformers config."""
+    c = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    heads = c.num_attention_heads
+    kv_heads = getattr(c, "num_key_value_heads", None) or heads
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
+    return c.num_hidden_layers, heads, kv_heads, head_dim
+
+
 def check_fraction(value: float, name: str, low_open: bool = True) -> None:
     """Raise ConfigError('name: ...') unless value is in (0, 1] (or [0, 1] with low_open=False)."""
     if (value <= 0.0 if low_open else value < 0.0) or value > 1.0:
@@ -206,6 +215,20 @@ class Context:
         return torch.rand(shape, generator=self.generator, device=self.key.device)
 
 
+class TopKMasker(Masker):
+    """Shared top-k step: the `heavy_size` candidates with the highest `score`."""
+
+    heavy_size: Size
+
+    def score(self, ctx: Context) -> Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def select(self, ctx: Context, sel: Selection) -> Selection:
+        scores = self.score(ctx).masked_fill(~ctx.candidates(sel), NEG_INF)
+        idx, valid = top_rows(scores, ctx.budget(self.heavy_size))
+        return sel.add(idx, valid, 0.0, ctx.kv)
+
+
 def top_rows(scores: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
     """Per row, the k[row] highest finite entries of `scores` [b, H, q, kv].
 
@@ -328,6 +351,6 @@ def normal_quantile(p: float) -> float:
 
 __all__ = [
     "Context", "KeyCache", "Masker", "Selection", "Workspace", "allowed_from_mask",
-    "check_fraction", "eager_attention", "first_allowed", "log_weight", "normal_quantile",
+    "TopKMasker", "check_fraction", "eager_attention", "model_shapes", "first_allowed", "log_weight", "normal_quantile",
     "sparse_attention", "top_rows",
 ]

@@ -78,6 +78,6 @@ def capture(model, windows: list[Tensor]) -> dict[int, list[tuple[Tensor, Tensor
 
 
 def shapes(model) -> tuple[int, int, int, int]:
-    from sa_bench.attention.maskers import _model_shapes
+    from sa_bench.attention.base import model_shapes
 
-    return _model_shapes(model.config)
+    return model_shapes(model.config)

@@ -15,14 +15,15 @@ File (`safetensors`, metadata {"format": "sa_bench.hashattn.v1"}): for `side` in
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sa_bench.config import ConfigError
+from sa_bench.attention.base import Context, KeyCache, TopKMasker, model_shapes
+from sa_bench.config import ConfigError, Size, check_range
 
 FORMAT = "sa_bench.hashattn.v1"
 SIDES = ("query", "key")
@@ -97,3 +98,63 @@ class HashWeights:
 
     def to(self, device) -> HashWeights:
         return HashWeights({k: v.to(device) for k, v in self.tensors.items()})
+
+
+@dataclass
+class HashAttention(TopKMasker):
+    """HashAttention top-k (Desai et al., 2024, https://arxiv.org/abs/2412.14468).
+
+    Per layer and kv head, learned MLPs f, g map q and k to `bits`-bit sign signatures;
+    score(q, k) = #agreeing bits = (bits + sign(f(q)) . sign(g(k))) / 2; top-k by score.
+    Key signatures are cached across decode steps. `weights`: safetensors file written by
+    `python -m sa_bench.attention.train_hashattn`; null = random-projection signatures
+    f = g = x R, R Gaussian [d, bits] per layer/kv head (SimHash), labelled in the notes.
+    """
+
+    heavy_size: Size = 0.1
+    weights: str | None = None
+    bits: int = 32
+    seed: int = 0
+    _sigs: KeyCache = field(default_factory=KeyCache, init=False, repr=False)
+    _w: HashWeights | None = field(default=None, init=False, repr=False)
+    _proj: dict = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        check_range(self.bits, "bits", 1, 1024)
+        if self.weights is not None and not Path(self.weights).is_file():
+            raise ConfigError(f"weights: hashattn weights file not found: {self.weights}")
+
+    def prepare(self, model_config, key: str) -> None:
+        if self.weights is None:
+            return
+        layers, _, kv_heads, head_dim = model_shapes(model_config)
+        w = HashWeights.load(self.weights, f"{key}.weights")
+        w.check(layers, kv_heads, head_dim, f"{key}.weights")
+        self._w = w
+
+    def notes(self) -> list[str]:
+        if self._w is None:
+            return [f"hashattn: random-projection signatures ({self.bits} bits, no weights file)"]
+        return [f"hashattn: learned signatures from {self.weights} ({self._w.bits} bits)"]
+
+    def _project(self, side: str, layer: int, x: Tensor) -> Tensor:
+        if self._w is not None:
+            if self._w.tensors["query.w1"].device != x.device:
+                self._w = self._w.to(x.device)
+            return self._w.project(side, layer, x)
+        r = self._proj.get(layer)
+        if r is None or r.device != x.device:
+            g = torch.Generator().manual_seed(self.seed * 100003 + layer)
+            r = torch.randn(x.shape[1], x.shape[-1], self.bits, generator=g).to(x.device)
+            self._proj[layer] = r
+        return torch.matmul(x, r.to(x.dtype).unsqueeze(0))
+
+    def score(self, ctx: Context) -> Tensor:
+        def sign(x: Tensor) -> Tensor:
+            return torch.where(x >= 0, 1.0, -1.0).to(torch.float32)
+
+        sk = self._sigs.get(ctx.layer, ctx.key, ctx.query.shape[2],
+                            lambda k: sign(self._project("key", ctx.layer, k)))
+        sq = sign(self._project("query", ctx.layer, ctx.grouped(ctx.query)))
+        agree = torch.matmul(sq, sk.transpose(-1, -2))  # +-1 dot product, [b, Hk, g*q, kv]
+        return ctx.ungrouped(agree)
