@@ -1,12 +1,18 @@
-"""Time one decode step's attention for every method, as a ratio to dense SDPA.
+"""Time real decoding steps of every method's attention, as a ratio to dense SDPA.
 
-    python -m sa_bench.perf.attention [--keys 4096 16384 32768] [--repeat 5] [--methods ...]
+    python -m sa_bench.perf.attention [--keys 4096 16384 32768 65536] [--steps 4]
+        [--methods streaming quest ...] [--device cuda --dtype bfloat16]
 
 Tensors have a real model's attention shape (32 query heads, 8 kv heads, head dim 128,
-batch 1, one query). Each method runs its decode path (key caches warm, as in steady-state
-decoding, with the model's float mask); the baseline is torch's scaled_dot_product_attention
-on the same tensors (the faster of `enable_gqa=True` and grouping the query heads per kv head),
-timed alternately with each method in the same run. Prints median milliseconds and ratios as a markdown table.
+batch 1). Decoding is simulated as in a job: every method first sees the context once (its
+per-layer key caches are built), then each step appends one key and value to the cache
+(`torch.cat`, as transformers' DynamicCache does; not timed) and calls the method's attention
+for the new query with the model's float mask. Key counts start at `keys + 3`, so they are
+not multiples of any page size. Within a step the baseline (SDPA with the query heads of a kv
+head grouped as rows: `[b, Hk, g, d]` against `[b, Hk, kv, d]`), SDPA with `enable_gqa=True`
+(reference) and every method are timed one after the other, in an order rotated per step, so
+load changes hit all of them. Prints median milliseconds and the median of the per-step
+ratios to the baseline as a markdown table.
 """
 
 from __future__ import annotations
@@ -24,87 +30,100 @@ import yaml
 from sa_bench.attention.method import SparseMethod
 
 CONF = Path(__file__).resolve().parents[2] / "conf" / "sparse"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def paired_ms(fn, base, repeat: int) -> tuple[float, float]:
-    """Median ms of `fn` and of `base`, timed alternately so that load changes hit both."""
-    fn()
-    base()
-    times: dict[str, list[float]] = {"fn": [], "base": []}
-    for _ in range(repeat):
-        for name, f in (("base", base), ("fn", fn)):
-            start = time.perf_counter()
-            f()
-            times[name].append(time.perf_counter() - start)
-    return statistics.median(times["fn"]) * 1e3, statistics.median(times["base"]) * 1e3
-
-
-def dense_sdpa(query, key, value):
+def sdpa_grouped(query, key, value):
+    """Dense decode baseline: the query heads of each kv head as rows (no K/V copies)."""
     b, h, q, d = query.shape
     hk = key.shape[1]
-    grouped = query.reshape(b, hk, (h // hk) * q, d)  # q = 1: query heads of a kv head as rows
+    return F.scaled_dot_product_attention(query.reshape(b, hk, (h // hk) * q, d), key, value)
 
-    def run_grouped():
-        return F.scaled_dot_product_attention(grouped, key, value)
 
-    def run_gqa():
-        return F.scaled_dot_product_attention(query, key, value, enable_gqa=True)
+def sdpa_gqa(query, key, value):
+    return F.scaled_dot_product_attention(query, key, value, enable_gqa=True)
 
-    return run_grouped, run_gqa
+
+def load_method(name: str) -> SparseMethod:
+    method = SparseMethod.from_config(yaml.safe_load((CONF / f"{name}.yaml").read_text()))
+    method.num_layers = 1
+    method.set_phase("decode")
+    return method
+
+
+def run_size(kv: int, names: list[str], args, device, dtype) -> dict[str, tuple[float, float]]:
+    """{name: (median ms, median ratio to the baseline)} over `args.steps` decode steps."""
+    h, hk, d = args.heads, args.kv_heads, args.head_dim
+    g = torch.Generator().manual_seed(kv)
+    n0 = kv + 3
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g).to(device, dtype)
+
+    key, value = rand(1, hk, n0 - 1, d), rand(1, hk, n0 - 1, d)
+    module = types.SimpleNamespace(layer_idx=0, training=False)
+    methods = {name: load_method(name) for name in names}
+    for method in methods.values():  # the context: per-layer key caches built once
+        method.attention(module, rand(1, h, 1, d), key, value, torch.zeros(1, 1, 1, key.shape[2],
+                         device=device, dtype=dtype), d**-0.5)
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    times: dict[str, list[float]] = {name: [] for name in ["sdpa", "sdpa_gqa", *names]}
+    for step in range(args.steps + 1):  # step 0 warms up and is not counted
+        key = torch.cat([key, rand(1, hk, 1, d)], 2)
+        value = torch.cat([value, rand(1, hk, 1, d)], 2)
+        query = rand(1, h, 1, d)
+        mask = torch.zeros(1, 1, 1, key.shape[2], device=device, dtype=dtype)
+        calls = {"sdpa": (sdpa_grouped, (query, key, value)),
+                 "sdpa_gqa": (sdpa_gqa, (query, key, value))}
+        for name, method in methods.items():
+            calls[name] = (method.attention, (module, query, key, value, mask, d**-0.5))
+        order = list(calls)
+        shift = step % len(order)
+        for name in order[shift:] + order[:shift]:
+            fn, fn_args = calls[name]
+            sync()
+            start = time.perf_counter()
+            fn(*fn_args)
+            sync()
+            if step:
+                times[name].append(time.perf_counter() - start)
+    base = times["sdpa"]
+    return {name: (statistics.median(t) * 1e3, statistics.median(x / y for x, y in zip(t, base, strict=True)))
+            for name, t in times.items()}
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--keys", type=int, nargs="+", default=[4096, 16384, 32768])
-    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--keys", type=int, nargs="+", default=[4096, 16384, 32768, 65536])
+    parser.add_argument("--steps", type=int, default=4, help="timed decode steps per size")
     parser.add_argument("--methods", nargs="+", default=None, help="conf/sparse names (default: all)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     parser.add_argument("--heads", type=int, default=32)
     parser.add_argument("--kv-heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=128)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     names = args.methods or sorted(p.stem for p in CONF.glob("*.yaml"))
-    module = types.SimpleNamespace(layer_idx=0, training=False)
-    rows: dict[str, list[str]] = {name: [] for name in names}
-    dense_row, density_row = [], {name: "" for name in names}
+    unknown = [n for n in names if not (CONF / f"{n}.yaml").is_file()]
+    if unknown:
+        parser.error(f"--methods: no conf/sparse/<name>.yaml for {unknown}")
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    results = {}
     for kv in args.keys:
-        g = torch.Generator().manual_seed(kv)
-        h, hk, d = args.heads, args.kv_heads, args.head_dim
-        query = torch.randn(1, h, 1, d, generator=g)
-        key = torch.randn(1, hk, kv, d, generator=g)
-        value = torch.randn(1, hk, kv, d, generator=g)
-        mask = torch.zeros(1, 1, 1, kv)
-        run_grouped, run_gqa = dense_sdpa(query, key, value)
-        t_gqa, t_grouped = paired_ms(run_gqa, run_grouped, args.repeat)
-        baseline = run_grouped if t_grouped <= t_gqa else run_gqa
-        print(f"# {kv} keys: dense SDPA {t_grouped:.1f} ms (grouped query) / {t_gqa:.1f} ms "
-              f"(enable_gqa); baseline: the faster", flush=True)
-        bases = []
-        for name in names:
-            data = yaml.safe_load((CONF / f"{name}.yaml").read_text())
-            method = SparseMethod.from_config(data)
-            method.num_layers = 1
-            method.set_phase("decode")
-
-            args_ = (module, query, key, value, mask, d**-0.5)
-
-            def step(method=method, args_=args_):
-                return method.attention(*args_)
-
-            step()  # build per-layer key caches (signatures, labels, codes) once
-            ms, base = paired_ms(step, baseline, args.repeat)
-            bases.append(base)
-            rows[name].append(f"{ms / base:.2f}x ({ms:.1f} ms)")
-            density_row[name] = f"{method.stats()['density']['decode'][0]:.3f}"
-        dense_row.append(f"{statistics.median(bases):.1f} ms")
-    header = "| method | " + " | ".join(f"{kv // 1024}k keys" for kv in args.keys) + " | density @ max |"
-    print()
-    print(header)
-    print("|" + "---|" * (len(args.keys) + 2))
-    print("| dense SDPA (baseline) | " + " | ".join(dense_row) + " | 1.000 |")
-    for name in names:
-        print(f"| {name} | " + " | ".join(rows[name]) + f" | {density_row[name]} |")
+        results[kv] = run_size(kv, names, args, device, dtype)
+        base = results[kv]["sdpa"][0]
+        print(f"# {kv + 3}..{kv + 3 + args.steps} keys: SDPA grouped {base:.2f} ms", flush=True)
+    print(f"\n{args.device} {args.dtype}, {args.threads} thread(s), {args.steps} steps per size; "
+          f"ratio = median over steps of method / grouped SDPA in the same step\n")
+    print("| method | " + " | ".join(f"{kv // 1024}k keys" for kv in args.keys) + " |")
+    print("|---" * (len(args.keys) + 1) + "|")
+    labels = {"sdpa": "SDPA grouped (baseline)", "sdpa_gqa": "SDPA enable_gqa (reference)"}
+    for name in ["sdpa", "sdpa_gqa", *names]:
+        cells = [f"{results[kv][name][1]:.2f}x ({results[kv][name][0]:.2f} ms)" for kv in args.keys]
+        print(f"| {labels.get(name, name)} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
