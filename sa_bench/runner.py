@@ -47,6 +47,7 @@ def evaluate(spec: JobSpec, path: Path, lease: Lease) -> dict[str, Any]:
     import torch
     from transformers.utils import logging as hf_logging
 
+    from sa_bench.attention.dense import resolve_implementation
     from sa_bench.models.loading import load_model
 
     hf_logging.disable_progress_bar()  # one bar per job would drown the sweep's own progress
@@ -70,24 +71,25 @@ def evaluate(spec: JobSpec, path: Path, lease: Lease) -> dict[str, Any]:
     ]
     finished = read_predictions(path)
     method = spec.sparse
-    method.install(model)
     device = next(model.parameters()).device
+    implementation = resolve_implementation(spec.model.attn_implementation, device, model.dtype)
+    chunk = spec.model.prefill_chunk
     eos = _eos_ids(model, tokenizer)
     timing = {"prefill_s": 0.0, "answer_s": 0.0, "generated_tokens": 0, "samples_run": 0}
-    out = open(path / jobdir.PREDICTIONS, "a")
     write_progress(path, len(finished), len(requests))
-    try:
+    with method.installed(model, implementation), open(path / jobdir.PREDICTIONS, "a") as out:
         for context_ids, group in _by_context(requests).items():
             todo = [r for r in group if r.sample.id not in finished]
             if not todo:
                 continue
             method.reset()
-            cache, ctx_len, t = _prefill(model, method, context_ids, device)
+            cache, ctx_len, t = _prefill(model, method, context_ids, device, chunk)
             timing["prefill_s"] += t
             for request in todo:
                 t0 = time.perf_counter()
                 tokens = _answer(model, method, cache, request.question_ids, max_new, eos, device)
                 _rewind(cache, ctx_len)
+                _synchronize(device)
                 timing["answer_s"] += time.perf_counter() - t0
                 timing["generated_tokens"] += len(tokens)
                 timing["samples_run"] += 1
@@ -102,8 +104,6 @@ def evaluate(spec: JobSpec, path: Path, lease: Lease) -> dict[str, Any]:
                 out.flush()
                 finished[record["id"]] = record
                 write_progress(path, len(finished), len(requests))
-    finally:
-        out.close()
     predictions = [finished[r.sample.id]["prediction"] for r in requests]
     metrics = bench.score(samples, predictions)
     jobdir.write_json_atomic(path / jobdir.METRICS, metrics)
@@ -118,7 +118,8 @@ def evaluate(spec: JobSpec, path: Path, lease: Lease) -> dict[str, Any]:
         "peak_memory_bytes": _peak_memory(device),
         "lease": {"devices": lease.devices, "simulated": lease.simulated,
                   "acquired": lease.acquired, "released": time.time(), "waited_s": lease.waited},
-        "attention": method.stats(),
+        "attention": {**method.stats(), "implementation": implementation,
+                      "prefill_chunk": chunk},
     }
     jobdir.write_json_atomic(path / jobdir.STATS, stats)
     env = environment(device)
@@ -134,21 +135,45 @@ def _by_context(requests: list[Request]) -> OrderedDict[tuple[int, ...], list[Re
     return groups
 
 
-def _prefill(model: Any, method: Any, context_ids: tuple[int, ...], device: Any):
+def _prefill(model: Any, method: Any, context_ids: tuple[int, ...], device: Any,
+             chunk: int | None = None):
+    """Fill a new cache with the context, `chunk` tokens per forward pass (None: one pass);
+    only the last position's logits are computed. Returns (cache, context length, seconds)."""
     import torch
     from transformers import DynamicCache
 
     t0 = time.perf_counter()
     cache = DynamicCache(config=model.config)
     method.set_phase("prefill")
+    ids = torch.tensor([context_ids], device=device)
+    step = chunk or max(len(context_ids), 1)
     with torch.inference_mode():
-        model(input_ids=torch.tensor([context_ids], device=device), **_with_cache(model, cache))
+        for start in range(0, len(context_ids), step):
+            model(input_ids=ids[:, start:start + step], **_with_cache(model, cache))
+    _synchronize(device)
     return cache, len(context_ids), time.perf_counter() - t0
 
 
 def _with_cache(model: Any, cache: Any) -> dict[str, Any]:
-    """Keyword arguments that hand `cache` to the model's forward."""
-    return {_cache_keyword(type(model)): cache, "use_cache": True}
+    """Keyword arguments that hand `cache` to the model's forward, logits of the last position
+    only (the model's own `logits_to_keep`, where its forward has it)."""
+    kwargs = {_cache_keyword(type(model)): cache, "use_cache": True}
+    if _keeps_logits(type(model)):
+        kwargs["logits_to_keep"] = 1
+    return kwargs
+
+
+@functools.cache
+def _keeps_logits(model_class: type) -> bool:
+    return "logits_to_keep" in inspect.signature(model_class.forward).parameters
+
+
+def _synchronize(device: Any) -> None:
+    """Wait for queued GPU work, so timings measure the work and not its launch."""
+    if device.type == "cuda":
+        import torch
+
+        torch.cuda.synchronize(device)
 
 
 @functools.cache

@@ -42,3 +42,16 @@ def run_sa_bench(*args: str, root: Path, timeout: float = 300, check: bool = Fal
 @pytest.fixture
 def sa_bench_cli():
     return run_sa_bench
+
+
+@pytest.fixture
+def install():
+    """`install(method, model, implementation="sdpa")` puts a SparseMethod on a model for the
+    rest of the test (the method's own context manager, exited at teardown)."""
+    from contextlib import ExitStack
+
+    with ExitStack() as stack:
+        def put(method, model, implementation="sdpa"):
+            return stack.enter_context(method.installed(model, implementation))
+
+        yield put

@@ -44,7 +44,7 @@ def protocol(model, method, tokens, ctx_len=900, q_len=40, steps=8):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_dense_exact_and_full_budget_close(dtype):
+def test_cuda_dense_exact_and_full_budget_close(dtype, install):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from sa_bench.attention import SparseMethod
@@ -55,17 +55,17 @@ def test_cuda_dense_exact_and_full_budget_close(dtype):
     base.set_attn_implementation("eager")
     want = protocol(base, None, tokens)
     method = SparseMethod.from_config(load("dense"))
-    method.install(base)
+    install(method, base)
     assert torch.equal(protocol(base, method, tokens), want)
     data = load("oracle_topk")
     data["maskers"]["topk"]["heavy_size"] = 1.0
     method = SparseMethod.from_config(data)
-    method.install(base)
+    install(method, base)
     tol = 1e-4 if dtype == torch.float32 else 5e-2
     torch.testing.assert_close(protocol(base, method, tokens), want, atol=tol, rtol=tol)
 
 
-def test_cuda_every_method_runs_bf16():
+def test_cuda_every_method_runs_bf16(install):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from sa_bench.attention import SparseMethod
@@ -77,7 +77,7 @@ def test_cuda_every_method_runs_bf16():
         data = yaml.safe_load(open(path))
         data["measure_error"] = True
         method = SparseMethod.from_config(data)
-        method.install(model)
+        install(method, model)
         logits = protocol(model, method, tokens)
         assert torch.isfinite(logits).all(), path
         stats = method.stats()

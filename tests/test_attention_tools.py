@@ -46,19 +46,19 @@ def test_weights_round_trip(tmp_path):
     assert torch.equal(back.project("key", 1, x), w.project("key", 1, x))
 
 
-def test_shape_mismatch_is_refused(tmp_path, tiny):
+def test_shape_mismatch_is_refused(tmp_path, tiny, install):
     HashWeights.init(layers=2, kv_heads=2, head_dim=32, bits=8).save(tmp_path / "wrong.safetensors")
     method = SparseMethod.from_config(hash_cfg(tmp_path / "wrong.safetensors"))
     model = LlamaForCausalLM.from_pretrained(tiny)
     with pytest.raises(ConfigError, match=r"sparse\.maskers\.hash\.weights: tensor query\.w1 has "
                                           r"shape \[2, 2, 32, 64\], but the model needs \[2, 2, 16, 64\]"):
-        method.install(model)
+        install(method, model)
     save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(ConfigError, match="is not a sa_bench.hashattn.v1 file"):
-        SparseMethod.from_config(hash_cfg(tmp_path / "other.safetensors")).install(model)
+        install(SparseMethod.from_config(hash_cfg(tmp_path / "other.safetensors")), model)
 
 
-def test_train_hashattn_writes_usable_weights(tmp_path, tiny, capsys):
+def test_train_hashattn_writes_usable_weights(tmp_path, tiny, capsys, install):
     out = tmp_path / "hash.safetensors"
     train_hashattn.main(["--model", str(tiny), "--out", str(out), "--max-tokens", "192",
                          "--steps", "40", "--bits", "16", "--hidden", "32"])
@@ -69,7 +69,7 @@ def test_train_hashattn_writes_usable_weights(tmp_path, tiny, capsys):
     assert w.bits == 16
     method = SparseMethod.from_config(hash_cfg(out))
     model = LlamaForCausalLM.from_pretrained(tiny).eval()
-    method.install(model)
+    install(method, model)
     cache = DynamicCache(config=model.config)
     ids = torch.randint(0, 300, (1, 140))
     with torch.no_grad():
@@ -81,7 +81,7 @@ def test_train_hashattn_writes_usable_weights(tmp_path, tiny, capsys):
     assert all(abs(d - 0.2) < 0.01 for d in stats["density"]["question"])
 
 
-def test_calibrate_ds_writes_channel_ranks(tmp_path, tiny):
+def test_calibrate_ds_writes_channel_ranks(tmp_path, tiny, install):
     out = tmp_path / "ds.safetensors"
     calibrate_ds.main(["--model", str(tiny), "--out", str(out), "--max-tokens", "128"])
     rank = load_file(str(out))["channel_rank"]
@@ -92,8 +92,8 @@ def test_calibrate_ds_writes_channel_ranks(tmp_path, tiny):
                                             "calibration": str(out)}}}
     method = SparseMethod.from_config(cfg)
     model = LlamaForCausalLM.from_pretrained(tiny).eval()
-    method.install(model)
+    install(method, model)
     assert method.stats()["notes"] == [f"double_sparsity: channels from {out}"]
     bad = dict(SMALL, num_attention_heads=8, num_key_value_heads=4, hidden_size=128)
     with pytest.raises(ConfigError, match=r"sparse\.maskers\.ds\.calibration: channel_rank has shape"):
-        SparseMethod.from_config(cfg).install(LlamaForCausalLM(LlamaConfig(**bad)))
+        install(SparseMethod.from_config(cfg), LlamaForCausalLM(LlamaConfig(**bad)))

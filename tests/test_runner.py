@@ -9,12 +9,12 @@ from sa_bench.runner import _answer, _cache_keyword, _prefill, _rewind
 from tests.conftest import ROOT
 
 
-def test_prefill_once_then_each_question_matches_generate():
+def test_prefill_once_then_each_question_matches_generate(install):
     torch.manual_seed(0)
     model, tok = load_model(ModelConfig(name="tiny", pretrained="embedded:tiny-retrieval"), [])
     sparse = OmegaConf.to_container(OmegaConf.load(ROOT / "conf/sparse/dense.yaml"))
     method = SparseMethod.from_config(sparse)
-    method.install(model)
+    install(method, model)
     context = tok("x the pass key is #31415. and more words here and there " * 8).input_ids
     questions = [tok(q, add_special_tokens=False).input_ids
                  for q in [" The pass key is #", " so then", " The pass key is #3"]]

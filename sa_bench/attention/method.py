@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -14,9 +16,9 @@ from sa_bench.attention.base import (
     Selection,
     Workspace,
     allowed_from_mask,
-    eager_attention,
     sparse_attention,
 )
+from sa_bench.attention.dense import dense_attention, dense_mask
 from sa_bench.config import ConfigError, build, build_target
 
 PHASES = ("prefill", "question", "decode")
@@ -63,7 +65,7 @@ class _Meter:
 
 
 class SparseMethod:
-    """Maskers applied in order; dense (eager) math where the phase or layer is not sparse."""
+    """Maskers applied in order; the model's own dense kernel where the phase or layer is not sparse."""
 
     def __init__(self, config: SparseConfig, maskers: dict[str, Masker]) -> None:
         self.config = config
@@ -73,6 +75,7 @@ class SparseMethod:
         self.num_layers = 0
         self.workspace = Workspace()
         self.generator: torch.Generator | None = None
+        self.implementation = "sdpa"
         self._density = _Meter()
         self._error = _Meter()
 
@@ -87,11 +90,36 @@ class SparseMethod:
 
     # --- runner API --------------------------------------------------------------------------
 
-    def install(self, model) -> None:
-        """Register our attention and mask functions and switch `model` to them."""
+    @contextmanager
+    def installed(self, model, implementation: str = "sdpa") -> Iterator[SparseMethod]:
+        """Switch `model` to this method for the duration of the block.
+
+        Registers our attention and mask functions under a name of our own (dense work on
+        `implementation`, see `sa_bench.attention.dense`), and on exit restores the model's
+        previous attention, removes both registry entries and drops per-context state, so
+        nothing of the method outlives the block (joblib reuses worker processes).
+        """
         from transformers import AttentionInterface
         from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
+        self._prepare(model)
+        self.implementation = implementation
+        previous = model.config._attn_implementation
+        AttentionInterface.register(self.name, self.attention)
+        AttentionMaskInterface.register(self.name, eager_mask if implementation == "eager" else dense_mask)
+        try:
+            model.set_attn_implementation(self.name)
+            yield self
+        finally:
+            model.set_attn_implementation(previous)
+            AttentionInterface._global_mapping.pop(self.name, None)
+            AttentionMaskInterface._global_mapping.pop(self.name, None)
+            self.reset()
+            self.workspace = Workspace()
+            self.generator = None
+
+    def _prepare(self, model) -> None:
+        """Check layer indices and masker files against the model."""
         cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         self.num_layers = cfg.num_hidden_layers
         for i, layer in enumerate(self.config.dense_layers):
@@ -100,9 +128,6 @@ class SparseMethod:
                                   f"(the model has {self.num_layers} layers)")
         for name, masker in self.maskers.items():
             masker.prepare(model.config, f"sparse.maskers.{name}")
-        AttentionInterface.register(self.name, self.attention)
-        AttentionMaskInterface.register(self.name, eager_mask)
-        model.set_attn_implementation(self.name)
 
     def set_phase(self, phase: str) -> None:
         if phase not in PHASES:
@@ -137,11 +162,12 @@ class SparseMethod:
         if not self.is_sparse(layer):
             for masker in self.maskers.values():
                 masker.truncate(layer, kv - q)  # keys past here may change (new context/crop)
-            out = eager_attention(module, query, key, value, attention_mask, scaling, dropout)
+            out = dense_attention(module, query, key, value, attention_mask, scaling,
+                                  self.implementation, dropout)
             if self.phase != "prefill":
                 self._density.add(self.phase, layer, float(b * h * q), b * h * q)
                 self._error.add(self.phase, layer, 0.0, b * q)
-            return out
+            return out, None
         if self.generator is None or self.generator.device != query.device:
             self.generator = torch.Generator(device=query.device).manual_seed(self.config.seed)
         allowed = allowed_from_mask(attention_mask, b, q, kv, query.device)
@@ -154,8 +180,8 @@ class SparseMethod:
         density = sel.valid.sum(-1).float() / n_keys
         self._density.add(self.phase, layer, density.sum(), b * h * q)
         if self.config.measure_error:
-            dense, _ = eager_attention(module, query, key, value, attention_mask, scaling)
-            dense = dense.float()
+            dense = dense_attention(module, query, key, value, attention_mask, scaling,
+                                    self.implementation).float()
             diff = out.transpose(1, 2).float() - dense
             err = diff.flatten(2).norm(dim=-1) / dense.flatten(2).norm(dim=-1).clamp_min(1e-30)
             self._error.add(self.phase, layer, err.sum(), b * q)

@@ -63,8 +63,12 @@ class ModelConfig:
     """Extra arguments for `apply_chat_template` (e.g. `enable_thinking: false` for Qwen3)."""
     trust_remote_code: bool = False
     revision: str | None = None
-    attn_implementation: str | None = None
-    """Attention used when loading (`sdpa`, `eager`); null = transformers' default."""
+    attn_implementation: Literal["auto", "sdpa", "flash_attention_2", "eager"] = "auto"
+    """Kernel for prefill and every dense layer or phase (`sa_bench.attention.dense`): `auto` =
+    flash-attention 2 where installed on CUDA with half weights, else torch SDPA; `eager` is the
+    exact (slow, quadratic-memory) reference."""
+    prefill_chunk: int | None = 4096
+    """Context tokens per prefill forward pass (bounds activation memory); null = one pass."""
     offline_fallback: str | None = None
     """Converted local checkpoint used when the hub id cannot be loaded (see module doc)."""
 
@@ -73,6 +77,8 @@ class ModelConfig:
             raise ConfigError(f"name: expected a short name without '/', got {self.name!r}")
         if not self.pretrained:
             raise ConfigError("pretrained: expected a hub id, a local directory or embedded:<name>")
+        if self.prefill_chunk is not None and self.prefill_chunk < 1:
+            raise ConfigError(f"prefill_chunk: expected an int >= 1 or null, got {self.prefill_chunk}")
         if self.max_context < 16:
             raise ConfigError(f"max_context: expected an int >= 16, got {self.max_context}")
         if self.pretrained.startswith(EMBEDDED_PREFIX):
@@ -181,8 +187,9 @@ def load_model(cfg: ModelConfig, devices: list[int] | tuple[int, ...] = ()) -> t
     }
     if cfg.source() == "hub" and cfg.revision is not None:
         kwargs["revision"] = cfg.revision
-    if cfg.attn_implementation is not None:
-        kwargs["attn_implementation"] = cfg.attn_implementation
+    # the kernel used at run time is installed by SparseMethod.installed; load with the
+    # matching transformers implementation so the model's own path agrees with it
+    kwargs["attn_implementation"] = "eager" if cfg.attn_implementation == "eager" else "sdpa"
     if len(devices) > 1:
         kwargs.update(_placement(devices))
 

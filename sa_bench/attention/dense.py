@@ -1,0 +1,160 @@
+"""Dense attention on the model's own fast kernels, for prefill, dense layers and dense phases.
+
+`model.attn_implementation` chooses the kernel:
+
+- `sdpa`: torch's `scaled_dot_product_attention` (its flash / memory-efficient kernels on CUDA,
+  the blocked flash kernel on CPU), GQA without copying K/V per query head;
+- `flash_attention_2`: the `flash_attn` package (CUDA, half precision);
+- `eager`: transformers' eager math (the exact reference, with a materialised float mask);
+- `auto`: `flash_attention_2` where it can run, else `sdpa`.
+
+Masks: for a plain causal mask without padding (always the case for a batch of one prompt),
+`dense_mask` returns None instead of a [rows x keys] tensor and the kernels apply causality
+themselves, aligned bottom-right (query row i sits at key position kv - q + i), so a prefill
+chunk or a question after a cached context builds no mask. PyTorch's `is_causal` is aligned
+top-left and so is used only where rows == keys; other row counts on SDPA get a boolean mask
+built for a block of rows at a time, at most `MASK_BLOCK_BYTES` per block, so memory stays
+bounded whatever the context length.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+IMPLEMENTATIONS = ("auto", "sdpa", "flash_attention_2", "eager")
+MASK_BLOCK_BYTES = 64 * 2**20
+"""Largest boolean causal mask (rows x keys bytes) built for one SDPA call."""
+
+
+def flash_attn_available() -> bool:
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_implementation(requested: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The kernel actually used for `requested` on this device and dtype."""
+    if requested not in IMPLEMENTATIONS:
+        raise ValueError(f"attn_implementation must be one of {IMPLEMENTATIONS}, got {requested!r}")
+    flash_ok = (device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+                and flash_attn_available())
+    if requested == "auto":
+        return "flash_attention_2" if flash_ok else "sdpa"
+    if requested == "flash_attention_2" and not flash_ok:
+        raise ValueError("model.attn_implementation=flash_attention_2 needs the flash_attn package, "
+                         f"a CUDA device and float16/bfloat16 weights (have {device.type}, {dtype}); "
+                         "use auto or sdpa")
+    return requested
+
+
+def dense_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0,
+               kv_offset: int = 0, mask_function: Any = None, attention_mask: Tensor | None = None,
+               local_size: int | None = None, allow_is_causal_skip: bool = True, **kwargs: Any):
+    """A transformers mask-interface function: None for a plain causal mask (see module doc),
+    else transformers' own boolean SDPA mask."""
+    from transformers.masking_utils import causal_mask_function, prepare_padding_mask, sdpa_mask
+
+    padding = prepare_padding_mask(attention_mask, kv_length, kv_offset)
+    plain = (
+        allow_is_causal_skip
+        and (mask_function is None or mask_function is causal_mask_function)
+        and (local_size is None or kv_length < local_size)
+        and kv_offset == 0
+        and not isinstance(q_offset, Tensor)
+        and q_offset + q_length == kv_length
+        and (padding is None or bool(padding.all()))
+    )
+    if plain:
+        return None
+    if mask_function is not None:
+        kwargs["mask_function"] = mask_function
+    return sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length,
+                     q_offset=q_offset, kv_offset=kv_offset, attention_mask=attention_mask,
+                     local_size=local_size, allow_is_causal_skip=allow_is_causal_skip, **kwargs)
+
+
+def dense_attention(module: Any, query: Tensor, key: Tensor, value: Tensor,
+                    attention_mask: Tensor | None, scaling: float, implementation: str,
+                    dropout: float = 0.0) -> Tensor:
+    """softmax(q k^T * scaling + mask) v on the chosen kernel -> [b, q, H, d].
+
+    query [b, H, q, d], key/value [b, Hk, kv, d]; `attention_mask` as made by `dense_mask`
+    (None = causal, bottom-right) or, for `eager`, by transformers' `eager_mask`.
+    """
+    if implementation == "eager":
+        from sa_bench.attention.base import eager_attention
+
+        if attention_mask is None:
+            attention_mask = causal_bool(query.shape[2], key.shape[2], query.device)
+        if attention_mask.dtype == torch.bool:
+            attention_mask = torch.zeros(attention_mask.shape, dtype=query.dtype,
+                                         device=query.device).masked_fill_(
+                ~attention_mask, torch.finfo(query.dtype).min)
+        return eager_attention(module, query, key, value, attention_mask, scaling, dropout)[0]
+    q, kv = query.shape[2], key.shape[2]
+    if q == 1:
+        return _grouped_single_row(query, key, value, attention_mask, scaling)
+    if implementation == "flash_attention_2" and attention_mask is None:
+        from flash_attn import flash_attn_func
+
+        out = flash_attn_func(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+                              softmax_scale=scaling, causal=True)  # causal = bottom-right
+        return out
+    if attention_mask is not None:
+        return _sdpa(query, key, value, attention_mask[..., :kv], scaling)
+    if q == kv:
+        return _sdpa(query, key, value, None, scaling, is_causal=True)
+    return _causal_in_blocks(query, key, value, scaling)
+
+
+def causal_bool(q: int, kv: int, device: Any) -> Tensor:
+    """[q, kv] bool, causal aligned bottom-right: row i sees keys 0 .. kv - q + i."""
+    rows = torch.arange(q, device=device)
+    return torch.arange(kv, device=device)[None, :] <= (kv - q + rows)[:, None]
+
+
+def rows_per_block(q: int, kv: int, budget: int | None = None) -> int:
+    """Query rows per SDPA call so a [rows x keys] boolean mask stays within `budget` bytes
+    (default `MASK_BLOCK_BYTES`)."""
+    budget = MASK_BLOCK_BYTES if budget is None else budget
+    return max(1, min(q, budget // max(kv, 1)))
+
+
+def _causal_in_blocks(query: Tensor, key: Tensor, value: Tensor, scaling: float) -> Tensor:
+    """Causal attention of q rows over kv > q keys, bottom-right, in blocks of rows."""
+    q, kv = query.shape[2], key.shape[2]
+    step = rows_per_block(q, kv)
+    outs = []
+    for r0 in range(0, q, step):
+        r1 = min(q, r0 + step)
+        visible = kv - q + r1  # keys the block's last row may see
+        mask = causal_bool(r1 - r0, visible, query.device)
+        outs.append(_sdpa(query[:, :, r0:r1], key[:, :, :visible], value[:, :, :visible],
+                          mask, scaling))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, 1)
+
+
+def _sdpa(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, scaling: float,
+          is_causal: bool = False) -> Tensor:
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, is_causal=is_causal,
+                                         scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
+    return out.transpose(1, 2)
+
+
+def _grouped_single_row(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None,
+                        scaling: float) -> Tensor:
+    """One query row: the query heads of a kv head become that head's rows, so SDPA reads each
+    kv head once (faster than `enable_gqa` on CPU, no K/V copies)."""
+    b, h, _, d = query.shape
+    hk = key.shape[1]
+    grouped = query.reshape(b, hk, h // hk, d)
+    if mask is not None:
+        mask = mask[..., : key.shape[2]]  # [b, 1, 1, kv] broadcasts over heads and rows
+    out = F.scaled_dot_product_attention(grouped, key, value, attn_mask=mask, scale=scaling)
+    return out.reshape(b, h, 1, d).transpose(1, 2)

@@ -1,0 +1,96 @@
+"""Dense attention kernels (sa_bench.attention.dense): masks, causal alignment, row blocks."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+from sa_bench.attention import dense
+from sa_bench.attention.base import eager_attention
+
+torch.set_num_threads(1)
+MODULE = types.SimpleNamespace(training=False)
+
+
+def qkv(q, kv, h=4, hk=2, d=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(1, h, q, d, generator=g), torch.randn(1, hk, kv, d, generator=g),
+            torch.randn(1, hk, kv, d, generator=g))
+
+
+def eager_causal(query, key, value):
+    """Reference: eager math with a float bottom-right causal mask."""
+    q, kv = query.shape[2], key.shape[2]
+    allowed = torch.arange(kv)[None, :] <= (kv - q + torch.arange(q))[:, None]
+    mask = torch.zeros(1, 1, q, kv).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    return eager_attention(MODULE, query, key, value, mask, query.shape[-1] ** -0.5)[0]
+
+
+@pytest.mark.parametrize("q,kv", [(1, 37), (9, 9), (9, 40), (64, 200)])
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_causal_without_a_mask_is_bottom_right(q, kv, impl):
+    query, key, value = qkv(q, kv)
+    got = dense.dense_attention(MODULE, query, key, value, None, query.shape[-1] ** -0.5, impl)
+    torch.testing.assert_close(got, eager_causal(query, key, value), atol=1e-5, rtol=1e-5)
+
+
+def test_row_blocks_respect_the_mask_budget(monkeypatch):
+    assert dense.rows_per_block(4096, 131072) * 131072 <= dense.MASK_BLOCK_BYTES
+    assert dense.rows_per_block(4096, 131072) == 512
+    assert dense.rows_per_block(100, 1000) == 100 and dense.rows_per_block(5, 10**9) == 1
+    calls = []
+    real = dense._sdpa
+
+    def spy(query, key, value, mask, scaling, is_causal=False):
+        calls.append((query.shape[2], key.shape[2], None if mask is None else mask.numel()))
+        return real(query, key, value, mask, scaling, is_causal)
+
+    monkeypatch.setattr(dense, "_sdpa", spy)
+    monkeypatch.setattr(dense, "MASK_BLOCK_BYTES", 10 * 300)  # 10 rows of 300 keys per call
+    query, key, value = qkv(64, 300)
+    got = dense.dense_attention(MODULE, query, key, value, None, 0.25, "sdpa")
+    assert [c[0] for c in calls] == [10] * 6 + [4]
+    assert all(rows * width == size and size <= 3000 for rows, width, size in calls)
+    assert [c[1] for c in calls] == [300 - 64 + r for r in (10, 20, 30, 40, 50, 60, 64)]
+    torch.testing.assert_close(got, eager_causal(query, key, value), atol=1e-5, rtol=1e-5)
+
+
+def test_mask_function_skips_plain_causal_only():
+    from transformers.masking_utils import sliding_window_causal_mask_function
+
+    # a prefill chunk after 100 cached tokens, no padding: no mask at all
+    assert dense.dense_mask(1, 50, 150, q_offset=100) is None
+    assert dense.dense_mask(1, 1, 151, q_offset=150, attention_mask=torch.ones(1, 151)) is None
+    # padding: transformers' boolean mask
+    pad = torch.ones(1, 150, dtype=torch.bool)
+    pad[0, :3] = False
+    mask = dense.dense_mask(1, 50, 150, q_offset=100, attention_mask=pad)
+    assert mask.shape == (1, 1, 50, 150) and mask.dtype == torch.bool
+    assert not mask[0, 0, :, :3].any() and mask[0, 0, -1, 3:].all() and not mask[0, 0, 0, -1]
+    # a sliding window: its own mask
+    window = dense.dense_mask(1, 4, 40, q_offset=36,
+                              mask_function=sliding_window_causal_mask_function(8), local_size=8)
+    assert window is not None and window[0, 0, -1].sum() == 8
+
+
+def test_padding_mask_is_applied():
+    query, key, value = qkv(5, 30)
+    pad = torch.ones(1, 30, dtype=torch.bool)
+    pad[0, :4] = False
+    mask = dense.dense_mask(1, 5, 30, q_offset=25, attention_mask=pad)
+    got = dense.dense_attention(MODULE, query, key, value, mask, 0.25, "sdpa")
+    float_mask = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
+    want = eager_attention(MODULE, query, key, value, float_mask, 0.25)[0]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    one = dense.dense_attention(MODULE, query[:, :, -1:], key, value, mask[:, :, -1:], 0.25, "sdpa")
+    torch.testing.assert_close(one, want[:, -1:], atol=1e-5, rtol=1e-5)
+
+
+def test_implementation_choice():
+    cpu = torch.device("cpu")
+    assert dense.resolve_implementation("auto", cpu, torch.float32) == "sdpa"
+    assert dense.resolve_implementation("eager", cpu, torch.float32) == "eager"
+    with pytest.raises(ValueError, match="flash_attention_2 needs the flash_attn package"):
+        dense.resolve_implementation("flash_attention_2", cpu, torch.bfloat16)
