@@ -14,10 +14,12 @@ import subprocess
 import sys
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import sa_bench
+from sa_bench.benchmarks.base import Generation, next_token
 from sa_bench.launch import jobdir
 from sa_bench.launch.pool import Lease
 from sa_bench.launch.progress import write_progress
@@ -87,7 +89,8 @@ def evaluate(spec: JobSpec, path: Path, lease: Lease) -> dict[str, Any]:
             timing["prefill_s"] += t
             for request in todo:
                 t0 = time.perf_counter()
-                tokens = _answer(model, method, cache, request.question_ids, max_new, eos, device)
+                tokens = _answer(model, method, cache, request.question_ids, max_new, eos, device,
+                                 bench.generation, context_ids)
                 _rewind(cache, ctx_len)
                 _synchronize(device)
                 timing["answer_s"] += time.perf_counter() - t0
@@ -192,8 +195,10 @@ def _rewind(cache: Any, length: int) -> None:
 
 
 def _answer(model: Any, method: Any, cache: Any, question_ids: list[int], max_new: int,
-            eos: set[int], device: Any) -> list[int]:
-    """Greedy decoding: the question tokens, then one token at a time until EOS or max_new."""
+            eos: set[int], device: Any, generation: Generation | None = None,
+            context_ids: Sequence[int] = ()) -> list[int]:
+    """Greedy decoding: the question tokens, then one token at a time until EOS or max_new,
+    each step under the benchmark's `generation` settings (over context, question, answer)."""
     import torch
 
     tokens: list[int] = []
@@ -203,7 +208,8 @@ def _answer(model: Any, method: Any, cache: Any, question_ids: list[int], max_ne
                        **_with_cache(model, cache)).logits
         method.set_phase("decode")
         while True:
-            token = int(logits[0, -1].argmax())
+            token = next_token(logits[0, -1], generation or Generation(), context_ids,
+                               question_ids, tokens)
             if token in eos:
                 break
             tokens.append(token)

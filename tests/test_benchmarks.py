@@ -278,10 +278,13 @@ def test_longbench_v2_accuracy_by_group():
         ("kv_retrieval", '"9f8e-7d6c"', "3333-4444"),
         ("code_run", " -12", " 12"),
         ("code_debug", "B. bad", "A"),
-        ("math_find", " 94", " 12"),
+        ("math_find", " 12", " 94"),
         ("longbook_qa_eng", "Kell", ""),
         ("longbook_choice_eng", " B", " A"),
         ("longdialogue_qa_eng", " John.", " Mary"),
+        ("longbook_sum_eng", "Mira sails to Kell.\nShe finds her brother and they sail home.", ""),
+        ("longbook_qa_chn", "她的哥哥。", "米拉"),
+        ("math_calc", " [42, 40, 47]", " [12, 42, 40, 47]"),
     ],
 )
 def test_infinitebench_tasks(task, right, wrong):
@@ -297,8 +300,47 @@ def test_infinitebench_prompt_details():
     (s,) = make("infinitebench", subset="code_run", data_dir=str(FIXTURES / "infinitebench")).load(None)
     assert s.context.startswith("There is a function called func_2 in")
     assert s.question.endswith("The value of func_2(-3) is")
+    # official: the greedy "The .+ of" of the input, lower-cased, without its " of"
     (s,) = make("infinitebench", subset="math_find", data_dir=str(FIXTURES / "infinitebench")).load(None)
-    assert s.context.startswith("What is the largest number in the following list?")
+    assert s.context.startswith("What is the second largest number in the following list?\n\n[3,")
+    (s,) = make("infinitebench", subset="passkey", data_dir=str(FIXTURES / "infinitebench")).load(None)
+    assert s.context.startswith(
+        "There is an important info hidden inside a lot of irrelevant text. Find it and memorize "
+        "it. I will quiz you about the important information.\n\n"
+    )
+    assert s.question == "\n\nWhat is the pass key?\n\nThe pass key is"
+    (s,) = make("infinitebench", subset="math_calc", data_dir=str(FIXTURES / "infinitebench")).load(None)
+    assert s.context.endswith("Values: [8, 5, 7, 3]\n\nExpression: 12 + 30 - 2 + 7")
+    assert s.question == "\nValues:" and s.meta["label"] == [42, 40, 47]
+    (s,) = make("infinitebench", subset="longbook_qa_chn", data_dir=str(FIXTURES / "infinitebench")).load(None)
+    assert s.context.startswith("阅读以下书籍然后回答问题。\n\n从前")
+    assert s.question == "\n\n问题：米拉在凯尔岛找到了谁？\n答案："
+    (s,) = make("infinitebench", subset="longbook_sum_eng", data_dir=str(FIXTURES / "infinitebench")).load(None)
+    assert s.context.startswith("Summarize the book below.\n\nOnce") and s.question == "\n\nSummary:"
+    assert [make("infinitebench", subset=t).max_new_tokens()
+            for t in ("longbook_sum_eng", "longbook_qa_chn", "math_calc")] == [1200, 40, 30000]
+
+
+def test_infinitebench_kv_retrieval_label_as_stored(tmp_path):
+    """The official kv_retrieval.jsonl stores the value string; officially `label in words`.
+    A list there would score 0 on every row officially: it is refused, naming the row."""
+    row = json.loads((FIXTURES / "infinitebench" / "kv_retrieval.jsonl").read_text())
+    assert isinstance(row["answer"], str)
+    (tmp_path / "kv_retrieval.jsonl").write_text(json.dumps({**row, "answer": [row["answer"]]}))
+    bench = make("infinitebench", subset="kv_retrieval", data_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="kv_retrieval row 0: `answer` is"):
+        bench.load(None)
+
+
+def test_infinitebench_choice_tasks_score_stripped_predictions():
+    bench = make("infinitebench", subset="code_debug", data_dir=str(FIXTURES / "infinitebench"))
+    (s,) = bench.load(None)
+    assert s.meta["label"] == ["bad", "B"]
+    assert bench.score([s, s, s], ["\nB.", " B. bad", " A."])["score"] == pytest.approx(66.67)
+    bench = make("infinitebench", subset="longbook_choice_eng", data_dir=str(FIXTURES / "infinitebench"))
+    (s,) = bench.load(None)
+    # the option text itself; the first letter before any "answer is:"; a wrong first letter
+    assert bench.score([s, s, s], ["Kell", " B. but the answer is: A", " A. no, B"])["score"] == 66.67
 
 
 # ----------------------------------------------------------------------------- LooGLE

@@ -1,7 +1,8 @@
 """AIME 2024 / 2025: 30 competition problems each, integer answers 0-999.
 
-Score: 100 x the fraction of problems whose last ``\\boxed{}`` in the output holds the answer
-(the convention of DeepSeek-R1 / Qwen math evaluations). Prompt: the problem followed by
+Score: 100 x the fraction of problems whose output math-verify (Hugging Face's answer
+extraction and comparison, as used by open-r1 / lighteval) finds equal to the answer: boxed in
+any form it normalises, or a final answer without a box. Prompt: the problem followed by
 "Please reason step by step, and put your final answer within \\boxed{}.". Hub copies:
 HuggingFaceH4/aime_2024 (train) and math-ai/aime25 (test); rows have `problem` (or
 `question`) and `answer`.
@@ -23,7 +24,7 @@ HUBS = {"aime24": ("HuggingFaceH4/aime_2024", "train"), "aime25": ("math-ai/aime
 
 @dataclass
 class Aime(Benchmark):
-    """AIME problems scored by the last boxed integer; the YAML `name` picks the year."""
+    """AIME problems scored with math-verify; the YAML `name` picks the year."""
 
     generation_tokens: int = 32768
     """Maximum generated tokens (reasoning models need long budgets)."""
@@ -61,7 +62,7 @@ class Aime(Benchmark):
 
     def score(self, samples: list[Sample], predictions: list[str]) -> dict[str, Any]:
         values = [
-            metrics.boxed_integer_match(p, s.answers[0])
+            metrics.math_verify_match(p, s.answers[0])
             for s, p in zip(samples, predictions, strict=True)
         ]
         return {"score": metrics.mean_percent(values), "n": len(values)}

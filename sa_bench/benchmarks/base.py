@@ -5,17 +5,55 @@ A benchmark is a dataclass whose fields are the keys of its YAML file in `conf/b
 
     samples = bench.load(tokenizer)        # list[Sample], already narrowed by max_samples
     n = bench.max_new_tokens()              # official generation length for bench.subset
+    token = next_token(logits, bench.generation, prompt_ids, generated)  # each greedy step
     metrics = bench.score(samples, preds)  # {"score": 0-100, ...}, official metric
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from sa_bench.config import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass
+class Generation:
+    """Decoding settings of a benchmark's official prediction script (greedy decoding)."""
+
+    repetition_penalty: float = 1.0
+    """transformers' `repetition_penalty`: the logit of every token id already in the prompt
+    or the answer is divided by it where positive, multiplied where negative. 1.0: off."""
+
+    def __post_init__(self) -> None:
+        if self.repetition_penalty <= 0:
+            raise ConfigError(
+                f"generation.repetition_penalty: expected a value > 0, got {self.repetition_penalty}"
+            )
+
+
+def next_token(logits: torch.Tensor, generation: Generation, *seen: Sequence[int]) -> int:
+    """The greedy choice from one position's logits ([vocab]) under `generation`, where
+    `seen` are the token ids so far (prompt and generated, in any number of pieces).
+
+    The penalty is applied as transformers' `RepetitionPenaltyLogitsProcessor` does it, over
+    the prompt and the answer so far, each distinct id once.
+    """
+    import torch
+
+    penalty = generation.repetition_penalty
+    if penalty != 1.0:
+        ids = torch.tensor([i for part in seen for i in part], dtype=torch.long,
+                           device=logits.device).unique()
+        logits = logits.to(torch.float32, copy=True)  # generate() scores float32 logits
+        picked = logits[ids]
+        logits[ids] = torch.where(picked < 0, picked * penalty, picked / penalty)
+    return int(logits.argmax())
 
 
 @dataclass
@@ -48,6 +86,8 @@ class Benchmark:
     data_files: str | None = None
     max_samples: int | None = None
     seed: int = 0
+    generation: Generation = field(default_factory=Generation)
+    """Decoding settings (official values per benchmark; part of the job key)."""
 
     known_subsets: ClassVar[Collection[str] | None] = None
     """The official subset names; `subsets` may only list these (None: any name)."""

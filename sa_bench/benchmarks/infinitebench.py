@@ -1,11 +1,13 @@
-"""InfiniteBench (∞Bench): English tasks beyond 100k tokens.
+"""InfiniteBench (∞Bench): twelve tasks beyond 100k tokens.
 
 Zhang et al., "∞Bench: Extending Long Context Evaluation Beyond 100K Tokens", ACL 2024
 (https://github.com/OpenBMB/InfiniteBench, hub xinrongzhang2022/InfiniteBench). Prompts are the
 official templates for open models (`src/prompt.py`, the `yarn_mistral_templates` family, which
 ends each prompt with an answer cue), generation lengths are `DATA_NAME_TO_MAX_NEW_TOKENS`
 (`src/eval_utils.py`) and each task uses its official scorer (`src/compute_scores.py`).
-Rows: `id`, `context`, `input`, `answer` (list), `options` (list).
+Rows: `id`, `context`, `input`, `answer`, `options` (list). `answer` is a list in every
+official file except kv_retrieval.jsonl, where it is the value string itself (the authors'
+result files store it so); math_calc's is a list holding the list of expected values.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from sa_bench.benchmarks.data import hub_file, load_rows, read_rows, split_promp
 HUB_ID = "xinrongzhang2022/InfiniteBench"
 TEMPLATES = {
     "passkey": "There is an important info hidden inside a lot of irrelevant text. Find it and "
-    "memorize them. I will quiz you about the important information there.\n\n{context}\n\n"
+    "memorize it. I will quiz you about the important information.\n\n{context}\n\n"
     "{input}\n\nThe pass key is",
     "number_string": "There is an important info hidden inside a lot of irrelevant text. Find it. "
     "I will quiz you about the important information there.\n\n{context}\n\n{input}\n\n"
@@ -34,7 +36,12 @@ TEMPLATES = {
     "The letter of the correct answer is",
     "longbook_qa_eng": "Read the book and answer the question. Be very concise in your answer."
     "\n\n{context}\n\nQuestion: {question}\nAnswer:",
-    "math_find": "{prompt}\n\n{context}\n\n{input}",
+    "longbook_qa_chn": "阅读以下书籍然后回答问题。\n\n{context}\n\n问题：{question}\n答案：",
+    "longbook_sum_eng": "Summarize the book below.\n\n{context}\n\nSummary:",
+    "math_find": "{prefix}\n\n{context}\n\n{input}",
+    "math_calc": "Let us calculate the intermediate values of an expression.\n\nExpression: 1 + 3 + 4\n"
+    "Values: [1, 4, 8]\n\nExpression: 8 - 3 + 2 - 4\nValues: [8, 5, 7, 3]\n\nExpression: {context}\n"
+    "Values:",
     "code_run": "There is a function called {func} in the following Python code.\n\n{context}\n\n"
     "Please compute the exact value of {func_call}. The value of {func_call} is",
     "code_debug": "Following is a Python code where exactly one of the functions/methods has a "
@@ -47,7 +54,7 @@ TEMPLATES = {
 MAX_NEW_TOKENS = {
     "passkey": 6, "number_string": 12, "kv_retrieval": 50, "longbook_choice_eng": 40,
     "longbook_qa_eng": 40, "longdialogue_qa_eng": 40, "math_find": 3, "code_run": 5,
-    "code_debug": 5,
+    "code_debug": 5, "longbook_sum_eng": 1200, "longbook_qa_chn": 40, "math_calc": 30000,
 }  # fmt: skip
 HOW_TO_GET = (
     "Download <task>.jsonl from https://huggingface.co/datasets/xinrongzhang2022/InfiniteBench "
@@ -68,27 +75,38 @@ def prompt_fields(task: str, row: dict[str, Any]) -> dict[str, Any]:
     options = list(row.get("options") or [])
     if task in ("longbook_choice_eng", "code_debug"):
         fields.update({f"OPTION_{c}": o for c, o in zip("ABCD", options, strict=False)})
-    if task in ("longbook_choice_eng", "longbook_qa_eng"):
+    if task in ("longbook_choice_eng", "longbook_qa_eng", "longbook_qa_chn"):
         fields["question"] = row["input"]
     if task == "code_run":
         func_call = re.findall(r"func_[0-9]+\(\-?[0-9]+\)", row["input"])[0]
         fields.update(func_call=func_call, func=func_call.split("(")[0])
-    if task == "math_find":
-        target = re.findall(r"The \w+ number", row["input"])[0].lower()
-        fields["prompt"] = f"What is {target} in the following list?"
+    if task == "math_find":  # official: the greedy "The .+ of", lower-cased, without " of"
+        target = re.findall(r"The .+ of", row["input"])[0].lower()[:-3]
+        fields["prefix"] = f"What is {target} in the following list?"
     return fields
 
 
 def label_of(task: str, row: dict[str, Any]) -> Any:
-    """The official label (`get_answer`): [option text, letter] for choice tasks."""
+    """The label each official scorer compares with (`get_answer`, then the scorer's own
+    unwrapping): [option text, letter] for choice tasks, the answer list for the QA and
+    summary tasks, the list of values for math_calc, the single answer otherwise."""
     answer = row["answer"]
+    if task == "kv_retrieval":
+        if not isinstance(answer, str):  # officially `label in words`: a list never matches
+            raise ValueError(
+                f"infinitebench/kv_retrieval row {row.get('id')}: `answer` is {answer!r}; the "
+                "official kv_retrieval.jsonl stores the value string itself"
+            )
+        return answer
     answers = list(answer) if isinstance(answer, list) else [answer]
     if task in ("longbook_choice_eng", "code_debug"):
         if len(answers) == 2 and answers[1] in ("A", "B", "C", "D"):
             return answers
         return [answers[0], "ABCD"[list(row["options"]).index(answers[0])]]
-    if task == "longbook_qa_eng":
+    if task in ("longbook_qa_eng", "longbook_qa_chn", "longbook_sum_eng"):
         return [str(a) for a in answers]
+    if task == "math_calc":
+        return [int(v) for v in (answers[0] if isinstance(answers[0], list) else answers)]
     if task == "code_run":
         return int(answers[0])
     if task == "math_find":
@@ -112,12 +130,18 @@ def score_one(task: str, prediction: str, label: Any) -> float:
         return metrics.ib_longdialogue_qa(prediction, label)
     if task == "longbook_choice_eng":
         return metrics.ib_choice(prediction, label)
+    if task == "longbook_qa_chn":
+        return metrics.ib_qa_f1_zh(prediction, label)
+    if task == "longbook_sum_eng":
+        return metrics.ib_rouge_lsum(prediction, label)
+    if task == "math_calc":
+        return metrics.ib_math_calc(prediction, label)
     return metrics.ib_qa_f1(prediction, label)
 
 
 @dataclass
 class InfiniteBench(Benchmark):
-    """The nine English InfiniteBench tasks with their official scorers."""
+    """The twelve InfiniteBench tasks with their official prompts and scorers."""
 
     known_subsets: ClassVar[Collection[str]] = TEMPLATES
 
@@ -132,7 +156,7 @@ class InfiniteBench(Benchmark):
         for i, row in enumerate(rows):
             context, question = split_prompt(TEMPLATES[task], **prompt_fields(task, row))
             label = label_of(task, row)
-            answers = label if isinstance(label, list) else [label]
+            answers = [label] if task == "math_calc" or not isinstance(label, list) else label
             samples.append(
                 Sample(
                     id=str(row.get("id", i)),

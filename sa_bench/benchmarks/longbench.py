@@ -5,8 +5,9 @@ ACL 2024 (https://github.com/THUDM/LongBench). Prompts and generation lengths ar
 official `config/dataset2prompt.json` / `dataset2maxlen.json` (shipped in `assets/longbench`,
 MIT). Scoring follows the official `eval.py`: the prediction is cut to its first line for
 trec, triviaqa, samsum and lsht; each sample scores the maximum over its gold answers; the
-subset score is 100 x mean, rounded to 2 decimals. LongBench-E also reports the buckets
-0-4k, 4-8k and 8k+ of the row's `length` field (words / characters), an empty one as None.
+subset score is round(100 * sum / len, 2). LongBench-E also reports the buckets 0-4k, 4-8k
+and 8k+ of the row's `length` field (words / characters) as `scorer_e` does,
+round(100 * np.mean, 2), an empty one as None (officially NaN).
 """
 
 from __future__ import annotations
@@ -159,6 +160,6 @@ class LongBenchE(LongBench):
         }
         for key, low, high in E_BUCKETS:
             bucket = [v for v, s in zip(values, samples, strict=True) if low <= (s.meta.get("length") or 0) < high]
-            result[key] = metrics.mean_percent(bucket)
+            result[key] = metrics.numpy_mean_percent(bucket)
             result[f"n_{key}"] = len(bucket)
         return result

@@ -6,6 +6,13 @@ official zero-shot template (`prompts/0shot.txt`, no chain of thought), 128 gene
 (`pred.py`); the answer letter is read with the official `extract_answer`. Reported: accuracy
 overall, by difficulty (easy, hard), by length (short, medium, long) and by domain; an empty
 group is None.
+
+Empty outputs: the official `pred.py` drops a question whose output is '' from its results
+file (for an API that is a failed call, retried on the next run), so `result.py` leaves it out
+of the denominator. Here decoding is local and deterministic: an empty answer is the model's
+answer and would be empty again, so `score` counts it as wrong (every question stays in the
+denominator). The metrics report `n_empty` and `score_without_empty`, the accuracy over the
+non-empty outputs that the official scripts would print.
 """
 
 from __future__ import annotations
@@ -72,7 +79,14 @@ class LongBenchV2(Benchmark):
             float(metrics.extract_choice(p) == s.answers[0])
             for s, p in zip(samples, predictions, strict=True)
         ]
-        result: dict[str, Any] = {"score": metrics.mean_percent(correct), "n": len(correct)}
+        nonempty = [c for c, p in zip(correct, predictions, strict=True) if p != ""]
+        result: dict[str, Any] = {
+            "score": metrics.mean_percent(correct),
+            "n": len(correct),
+            "empty_outputs": "counted as wrong",
+            "n_empty": len(correct) - len(nonempty),
+            "score_without_empty": metrics.mean_percent(nonempty),
+        }
         groups = [("difficulty", d) for d in DIFFICULTIES] + [("length", n) for n in LENGTHS]
         groups += sorted({("domain", s.meta.get("domain")) for s in samples if s.meta.get("domain")})
         for key, value in groups:

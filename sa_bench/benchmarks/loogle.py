@@ -3,12 +3,15 @@
 Li et al., "LooGLE: Can Long-Context Language Models Understand Long Contexts?", ACL 2024
 (https://github.com/bigai-nlco/LooGLE, hub bigainlco/LooGLE). Prompts and generation lengths are
 the official `config/task2prompt.json` and `task2maxlen.json`; as in the official open-model
-script (`Prediction/pred_opensource_models.py`) the raw prompt is used, without chat template.
-Every question of a document shares that document's prefilled context.
+script (`Prediction/pred_opensource_models.py`) the raw prompt is used, without chat template,
+and decoding is greedy with `repetition_penalty=2.0` (the default of
+`benchmark.generation.repetition_penalty` here). Every question of a document shares that
+document's prefilled context.
 
 Scores (`Evaluation/automatic_metrics.py`): shortdep_cloze: exact match of the masked entities
 (micro-averaged over masks; partial match reported too), the prediction parsed as a dict
-literal with `ast.literal_eval` (never evaluated as code, unlike the official `eval`);
+literal as it is, with `ast.literal_eval` (never evaluated as code, unlike the official `eval`,
+but failing on the same surrounding whitespace);
 QA and summarization: ROUGE-L recall (`get_rouge_score`'s default `metric="r"`) as `score`,
 with ROUGE-1/2 recall and BLEU-1/4 reported. An empty prediction is scored as "None", as
 officially. METEOR and BERTScore are not computed (they need downloaded resources).
@@ -18,11 +21,11 @@ from __future__ import annotations
 
 import ast
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from sa_bench.benchmarks import metrics
-from sa_bench.benchmarks.base import Benchmark, Sample
+from sa_bench.benchmarks.base import Benchmark, Generation, Sample
 from sa_bench.benchmarks.data import hub_dataset, load_rows, split_prompt
 
 HUB_ID = "bigainlco/LooGLE"
@@ -59,6 +62,8 @@ def parse_qa_pairs(value: Any) -> list[dict[str, Any]]:
 @dataclass
 class LooGLE(Benchmark):
     """LooGLE's four tasks; one sample per question, sharing the document prefix."""
+
+    generation: Generation = field(default_factory=lambda: Generation(repetition_penalty=2.0))
 
     known_subsets: ClassVar[Collection[str]] = PROMPTS
 
@@ -111,8 +116,9 @@ class LooGLE(Benchmark):
                 e, pa, t = metrics.cloze_match(p, s.meta.get("masks") or {})
                 exact, partial, total = exact + e, partial + pa, total + t
             return {
-                "score": round(100 * exact / total, 2) if total else None,
-                "partial_match": round(100 * partial / total, 2) if total else None,
+                # official `get_match_score`: round(matches / masks, 4)
+                "score": round(100 * round(exact / total, 4), 2) if total else None,
+                "partial_match": round(100 * round(partial / total, 4), 2) if total else None,
                 "n": n,
                 "masks": total,
             }
@@ -125,10 +131,10 @@ class LooGLE(Benchmark):
             b1.append(metrics.sentence_bleu_n(hyp, ref, 1))
             b4.append(metrics.sentence_bleu_n(hyp, ref, 4))
         return {
-            "score": metrics.mean_percent(rl),
-            "rouge1": metrics.mean_percent(r1),
-            "rouge2": metrics.mean_percent(r2),
-            "bleu1": metrics.mean_percent(b1),
-            "bleu4": metrics.mean_percent(b4),
+            "score": metrics.numpy_mean_percent(rl),  # official `get_semantic_matching`: np.mean
+            "rouge1": metrics.numpy_mean_percent(r1),
+            "rouge2": metrics.numpy_mean_percent(r2),
+            "bleu1": metrics.numpy_mean_percent(b1),
+            "bleu4": metrics.numpy_mean_percent(b4),
             "n": n,
         }

@@ -8,10 +8,13 @@ Heavy optional imports (jieba, rouge, fuzzywuzzy) happen on first use.
 
 from __future__ import annotations
 
+import _thread
 import ast
 import math
 import re
 import string
+import sys
+import threading
 import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -87,21 +90,68 @@ def qa_f1_zh_score(prediction: str, ground_truth: str, **_: Any) -> float:
     return f1_tokens(pred, gold)
 
 
-def rouge_score(prediction: str, ground_truth: str, **_: Any) -> float:
-    """LongBench `rouge_score`: ROUGE-L F of the `rouge` package; 0 where it raises
-    (empty hypothesis or reference, recursion on very long text)."""
+OFFICIAL_RECURSION_LIMIT = 1000
+"""Python's default recursion limit, under which the official scripts run."""
+
+
+def at_official_depth(depth: int, fn: Callable[..., Any], *args: Any) -> Any:
+    """`fn(*args)` with the recursion headroom it has in an official script, where `fn` runs
+    as frame number `depth` of the main thread (the module's own frame is 1) under the
+    default limit.
+
+    The `rouge` package reconstructs its LCS recursively; the official code turns the
+    resulting RecursionError into a score of 0. How many frames are already on the stack
+    (a Hydra job is deep) would move that point, so `fn` runs in a fresh thread, padded to
+    `depth` frames (more when the process's recursion limit was raised): a prediction scores
+    the same here as under the official script, wherever this is called from.
+    """
+    pad = max(0, sys.getrecursionlimit() - OFFICIAL_RECURSION_LIMIT) + depth - 2
+    outcome: dict[str, Any] = {}
+    done = _thread.allocate_lock()
+    done.acquire()
+
+    def padded(n: int) -> Any:  # frames 2 .. pad+1, then fn at frame `depth` (+ raised limit)
+        return padded(n - 1) if n > 0 else fn(*args)
+
+    def run() -> None:  # the new thread's first frame
+        try:
+            outcome["value"] = padded(pad - 1) if pad > 0 else fn(*args)
+        except BaseException as exc:  # noqa: BLE001 - handed back to the caller below
+            outcome["error"] = exc
+        finally:
+            done.release()
+
+    _thread.start_new_thread(run, ())
+    done.acquire()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+def _rouge_scores(prediction: str, ground_truth: str) -> dict[str, dict[str, float]] | None:
+    """`Rouge().get_scores` of one pair, None where it raises (empty text, recursion)."""
     from rouge import Rouge
 
     try:
-        scores = Rouge().get_scores([prediction], [ground_truth], avg=True)
+        return Rouge().get_scores([prediction], [ground_truth])[0]
     except Exception:  # noqa: BLE001 - the official code swallows every error here
-        return 0.0
-    return float(scores["rouge-l"]["f"])
+        return None
+
+
+def rouge_score(prediction: str, ground_truth: str, **_: Any) -> float:
+    """LongBench `rouge_score`: ROUGE-L F of the `rouge` package; 0 where it raises
+    (empty hypothesis or reference, RecursionError on long text, which happens at the
+    same length as under the official `eval.py`: see `at_official_depth`)."""
+    scores = at_official_depth(3, _rouge_scores, prediction, ground_truth)
+    return 0.0 if scores is None else float(scores["rouge-l"]["f"])
 
 
 def rouge_zh_score(prediction: str, ground_truth: str, **_: Any) -> float:
-    """LongBench `rouge_zh_score`: ROUGE-L F over jieba words joined by spaces."""
-    return rouge_score(" ".join(_cut(prediction)), " ".join(_cut(ground_truth)))
+    """LongBench `rouge_zh_score`: ROUGE-L F over jieba words joined by spaces (called one
+    frame deeper than `rouge_score` officially, as it goes through it)."""
+    pred, gold = " ".join(_cut(prediction)), " ".join(_cut(ground_truth))
+    scores = at_official_depth(4, _rouge_scores, pred, gold)
+    return 0.0 if scores is None else float(scores["rouge-l"]["f"])
 
 
 def classification_score(
@@ -236,9 +286,10 @@ def ib_passkey(prediction: str, label: str) -> float:
 
 def ib_kv_retrieval(prediction: str, label: str) -> float:
     """InfiniteBench kv_retrieval: the label is one of the words after replacing
-    newline : " ' . , ? ! { } by spaces."""
+    newline : " ' . , ? ! { } by spaces (`label in words`; the label is the row's `answer`
+    string, see `InfiniteBench.load`)."""
     words = _strip_chars(prediction, ["\n", ":", '"', "'", ".", ",", "?", "!", "{", "}"]).split()
-    return float(str(label) in words)
+    return float(label in words)
 
 
 def ib_code_run(prediction: str, label: int | str) -> float:
@@ -254,14 +305,16 @@ def ib_code_run(prediction: str, label: int | str) -> float:
 
 
 def ib_code_debug(prediction: str, function_name: str, letter: str) -> float:
-    """InfiniteBench code_debug: the prediction starts with "X." / "X:", or the text after
-    the first of "answer is:", "is:", "answer:" starts with the letter or function name."""
-    if prediction[:2] in (f"{letter}.", f"{letter}:"):
+    """InfiniteBench code_debug: the stripped prediction starts with "X." / "X:", or the
+    text after the first of "answer is:", "is:", "answer:", "correct option is:" starts
+    with the letter or the function name."""
+    pred = prediction.strip()
+    if pred[:2] in (f"{letter}.", f"{letter}:"):
         return 1.0
-    pred = _strip_chars(prediction.strip(), ["\n", "`", "'", '"', "-", "*", "Option", "option"])
+    pred = _strip_chars(pred, ["\n", "`", "'", '"', "-", "*", "Option", "option"])
     while "  " in pred:
         pred = pred.replace("  ", " ")
-    for prefix in ("answer is:", "is:", "answer:"):
+    for prefix in ("answer is:", "is:", "answer:", "correct option is:"):
         idx = pred.find(prefix)
         if idx == -1:
             continue
@@ -291,19 +344,23 @@ def ib_math_find(prediction: str, label: int | float | str) -> float:
 
 def ib_longdialogue_qa(prediction: str, label: str) -> float:
     """InfiniteBench longdialogue_qa_eng: the label is one of the upper-cased words."""
-    words = _strip_chars(prediction, ["\n", ":", '"', "'", ".", ",", "?", "!", "{", "}"]).split()
+    words = _strip_chars(prediction.strip(), ["\n", ":", '"', "'", ".", ",", "?", "!", "{", "}"]).split()
     return float(label in [w.upper() for w in words])
 
 
 def ib_choice(prediction: str, labels: Sequence[str]) -> float:
-    """InfiniteBench longbook_choice_eng: `labels` is [option text, letter]. The first
-    character if it is A-D; else the text after "answer is:", "answer:", "answer is",
-    "option is"; else the first word that is one of A, B, C, D."""
-    if not prediction:
+    """InfiniteBench longbook_choice_eng: `labels` is [option text, letter]. On the stripped
+    prediction, in this order: its first character if it is one of A-D; the whole
+    prediction if it equals the option text or letter; the text after "answer is:",
+    "answer:", "answer is", "option is"; the first word that is one of A, B, C, D."""
+    pred = prediction.strip()
+    if not pred:
         return 0.0
-    if prediction[0] in "ABCD":
-        return float(prediction[0] in labels)
-    pred = _strip_chars(prediction, ["\n", '"', "'", ".", ",", "?", "!", "{", "}"])
+    if pred[0] in "ABCD":
+        return float(pred[0] in labels)
+    if pred in labels:
+        return 1.0
+    pred = _strip_chars(pred, ["\n", '"', "'", ".", ",", "?", "!", "{", "}"])
     while "  " in pred:
         pred = pred.replace("  ", " ")
     for prefix in ("answer is:", "answer:", "answer is", "option is"):
@@ -323,6 +380,38 @@ def ib_choice(prediction: str, labels: Sequence[str]) -> float:
 def ib_qa_f1(prediction: str, answers: Sequence[str]) -> float:
     """InfiniteBench longbook_qa_eng: the best SQuAD-normalised token F1 over answers."""
     return best_over_answers(qa_f1_score, prediction, answers)
+
+
+def ib_qa_f1_zh(prediction: str, answers: Sequence[str]) -> float:
+    """InfiniteBench longbook_qa_chn (`qa_f1_score_zh` of `compute_scores.py`): the best F1
+    over answers with one token per character of the `normalize_zh_answer`-ed text (no
+    jieba, unlike LongBench)."""
+    pred = list(normalize_zh_answer(prediction))
+    return max((f1_tokens(pred, list(normalize_zh_answer(a))) for a in answers), default=0.0)
+
+
+def ib_math_calc(prediction: str, label: Sequence[int]) -> float:
+    """InfiniteBench math_calc: the fraction of the expected values that the prediction's
+    numbers match one by one from the start, up to the first mismatch. The numbers are the
+    runs of digits (officially `re.split("[^0-9]", pred)`): a minus sign is dropped, so a
+    negative expected value never matches, as in the official scorer."""
+    values = [int(run) for run in re.findall(r"[0-9]+", prediction)]
+    count = 0
+    for expected, got in zip(label, values, strict=False):
+        if expected != got:
+            break
+        count += 1
+    return count / len(label)
+
+
+def ib_rouge_lsum(prediction: str, references: Sequence[str]) -> float:
+    """InfiniteBench longbook_sum_eng: ROUGE-Lsum F of Hugging Face `evaluate`'s "rouge" on
+    the row's list of summaries (so `score_multi`: the best reference) - Google's
+    `rouge_score`, default tokenizer, no stemming, sentences split at newlines."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeLsum"], use_stemmer=False)
+    return float(scorer.score_multi(list(references), prediction)["rougeLsum"].fmeasure)
 
 
 # --------------------------------------------------------------------------------------
@@ -347,11 +436,17 @@ def extract_choice(response: str) -> str | None:
 
 def parse_mapping(text: Any) -> dict | None:
     """A Python/JSON dict literal parsed with `ast.literal_eval` (never evaluated as code);
-    None if the text is not a dict literal. The official code uses `eval`."""
+    None if the text is not a dict literal.
+
+    The official code calls `eval` on the prediction as it is. Like `eval`, `literal_eval`
+    skips leading spaces and tabs and blank lines, and fails on other surrounding
+    whitespace (an indented line after a newline, a trailing newline plus space), so the
+    text is not stripped here either: such a prediction scores 0, as officially.
+    """
     if isinstance(text, dict):
         return text
     try:
-        value = ast.literal_eval(str(text).strip())
+        value = ast.literal_eval(str(text))
     except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
         return None
     return value if isinstance(value, dict) else None
@@ -377,12 +472,10 @@ def cloze_match(prediction: str, reference: dict[str, str]) -> tuple[int, int, i
 
 def rouge_all(prediction: str, reference: str, stat: str = "r") -> tuple[float, float, float]:
     """LooGLE `get_rouge_score`: ROUGE-1, -2, -L of the `rouge` package, recall by default
-    (the official default `metric="r"`). Zeros where `rouge` raises (e.g. empty text)."""
-    from rouge import Rouge
-
-    try:
-        s = Rouge().get_scores(hyps=[prediction], refs=[reference])[0]
-    except Exception:  # noqa: BLE001
+    (the official default `metric="r"`). Zeros where `rouge` raises (e.g. empty text; the
+    official script would stop there), with the official recursion headroom."""
+    s = at_official_depth(3, _rouge_scores, prediction, reference)
+    if s is None:
         return 0.0, 0.0, 0.0
     return s["rouge-1"][stat], s["rouge-2"][stat], s["rouge-l"][stat]
 
@@ -411,52 +504,53 @@ def sentence_bleu_n(prediction: str, reference: str, n: int) -> float:
 
 
 # --------------------------------------------------------------------------------------
-# AIME: the last \boxed{...} integer
+# AIME: Hugging Face math-verify
 # --------------------------------------------------------------------------------------
 
 
-def last_boxed(text: str) -> str | None:
-    """Content of the last ``\\boxed{...}`` (or ``\\fbox{...}``), braces balanced."""
-    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
-    if start < 0:
-        return None
-    brace = text.find("{", start)
-    if brace < 0:
-        return None
-    depth = 0
-    for i in range(brace, len(text)):
-        if text[i] == "{":
-            depth += 1
-        elif text[i] == "}":
-            depth -= 1
-            if depth == 0:
-                return text[brace + 1 : i]
-    return None
+def math_verify_match(prediction: str, answer: str | int) -> float:
+    """1 if math-verify finds the gold answer in the prediction (`verify(parse(gold),
+    parse(prediction))`, its default LaTeX and plain-expression extraction): a boxed answer
+    in any form it normalises (`33.0`, `\\text{33}`, `n=33`, `\\dfrac{66}{2}`, units, ...) or
+    a final answer without a box. Two boxes in one answer parse as a set (not equal to one
+    number); `\\fbox` is not read.
+
+    math-verify bounds parsing and comparison with SIGALRM, which only the main thread may
+    use; elsewhere it runs without that time limit.
+    """
+    from math_verify import parse, verify
+
+    limit = 5 if threading.current_thread() is threading.main_thread() else None
+    gold = parse(f"${answer}$", parsing_timeout=limit)
+    found = parse(prediction, parsing_timeout=limit)
+    return float(bool(gold) and bool(found) and verify(gold, found, timeout_seconds=limit))
 
 
-def boxed_integer(text: str) -> int | None:
-    """The integer in the last ``\\boxed{}`` ("033", "1,000", "$42$" accepted), else None."""
-    content = last_boxed(text)
-    if content is None:
-        return None
-    content = re.sub(r"\\[,!;: ]|\\text\{\s*\}|[\s$,]", "", content)
-    content = content.replace("^\\circ", "").replace("^{\\circ}", "")
-    if re.fullmatch(r"[+-]?\d+", content):
-        return int(content)
-    return None
-
-
-def boxed_integer_match(prediction: str, answer: str | int) -> float:
-    """1 if the last boxed integer of the prediction equals the integer answer."""
-    value = boxed_integer(prediction)
-    try:
-        return float(value is not None and value == int(str(answer).strip()))
-    except ValueError:
-        return 0.0
+# --------------------------------------------------------------------------------------
+# Aggregates: each benchmark's own arithmetic, so scores round as officially
+# --------------------------------------------------------------------------------------
 
 
 def mean_percent(values: Sequence[float]) -> float | None:
-    """100 x mean, rounded to 2 decimals; None for an empty list (never divides by zero)."""
+    """LongBench `scorer`: round(100 * sum / len, 2); None for an empty list."""
     if not values:
         return None
     return round(100 * sum(values) / len(values), 2)
+
+
+def numpy_mean_percent(values: Sequence[float]) -> float | None:
+    """LongBench `scorer_e` (per length bucket): round(100 * np.mean, 2). numpy sums
+    pairwise, so this can differ from `mean_percent` in the last digit. None for an empty
+    bucket (officially NaN, with a warning)."""
+    if not values:
+        return None
+    import numpy as np
+
+    return round(100 * float(np.mean(values)), 2)
+
+
+def ruler_mean_percent(values: Sequence[float]) -> float | None:
+    """RULER `string_match_*`: round(sum / len * 100, 2); None for an empty list."""
+    if not values:
+        return None
+    return round(sum(values) / len(values) * 100, 2)

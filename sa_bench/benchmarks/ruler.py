@@ -49,8 +49,8 @@ VT_TEMPLATE = (
 )
 VT_PREFIX = (
     " Answer: According to the chain(s) of variable assignment in the text above, {num_v} "
-    "variables are assgined the value {query}, they are: "
-)  # "assgined": sic, as in RULER
+    "variables are assigned the value {query}, they are: "
+)  # upstream fixed its "assgined" typo on 2025-05-13 (NVIDIA/RULER e88d2c4, 26ed7ba)
 CWE_TEMPLATE = (
     "Below is a numbered list of words. In these words, some appear more often than others. "
     "Memorize the ones that appear most often.\n{context}\nQuestion: What are the 10 most common "
@@ -449,7 +449,7 @@ class Ruler(Benchmark):
             for s, p in zip(samples, predictions, strict=True)
         ]
         return {
-            "score": metrics.mean_percent(values),
+            "score": metrics.ruler_mean_percent(values),
             "n": len(values),
             "metric": match.__name__,
             "length": self.length,
