@@ -134,6 +134,19 @@ def test_longbench_e_buckets():
     assert result["score"] == pytest.approx(66.67)
 
 
+def test_longbench_e_bucket_rounds_like_scorer_e():
+    """scorer_e: round(100 * np.mean(bucket), 2); eval.py's overall: round(100 * sum / len, 2).
+    passage_count scores the fraction of predicted numbers equal to the gold count."""
+    from sa_bench.benchmarks.base import Sample
+
+    bench = make("longbench_e", subset="passage_count")
+    predictions = ["5 1 2 3 4 6 7 8 9 0", "5 1 2 3 4 6 7 8 9 0", "5 1 2 3", "5",
+                   "5 5 5 5 5 5 5 1 2 3", "5 1 2", "5 5 1", "1"]  # 0.1 0.1 0.25 1 0.7 1/3 2/3 0
+    samples = [Sample(str(i), "c", "q", ["5"], meta={"length": 100}) for i in range(8)]
+    result = bench.score(samples, predictions)
+    assert result["0-4k"] == 39.37 and result["score"] == 39.38
+
+
 def test_longbench_max_samples_is_reproducible():
     a = make("longbench_e", subset="hotpotqa", data_dir=str(LB), max_samples=2, seed=3).load(None)
     b = make("longbench_e", subset="hotpotqa", data_dir=str(LB), max_samples=2, seed=3).load(None)
@@ -187,6 +200,10 @@ def test_ruler_synthetic_tasks(task, byte_tokenizer):
 
 def test_ruler_answers_are_right(byte_tokenizer):
     (s,) = make("ruler", subset="vt", length=2048, max_samples=1).load(byte_tokenizer)
+    # current upstream wording (typo "assgined" fixed in NVIDIA/RULER 4a216f4, 2025-05-13)
+    assert s.answer_prefix.startswith(" Answer: According to the chain(s) of variable assignment "
+                                      "in the text above, 5 variables are assigned the value ")
+    assert "are assigned the value" in s.context and "assgined" not in s.context + s.answer_prefix
     value = s.question.split("the value ")[1].split(" ")[0]
     assert f"VAR {s.answers[0]} = {value}" in s.context
     (s,) = make("ruler", subset="cwe", length=2048, max_samples=1).load(byte_tokenizer)
@@ -205,6 +222,15 @@ def test_ruler_qa_from_local_files(task, predictions, expected, byte_tokenizer):
     assert all(n_tokens(byte_tokenizer, s.context + s.question) <= 800 - 32 for s in samples)
     result = bench.score(samples, predictions)
     assert result["score"] == expected and result["metric"] == "string_match_part"
+
+
+def test_ruler_score_rounds_like_ruler():
+    """RULER: round(sum / len * 100, 2): 23 of 160 is 14.37 there (100 * 23 / 160 = 14.375)."""
+    from sa_bench.benchmarks.base import Sample
+
+    bench = make("ruler", subset="niah_single_1")
+    samples = [Sample(str(i), "c", "q", ["7"]) for i in range(160)]
+    assert bench.score(samples, ["7"] * 23 + [""] * 137)["score"] == 14.37
 
 
 def test_ruler_qa_missing_file(tmp_path, byte_tokenizer):
@@ -260,7 +286,9 @@ def test_longbench_v2_accuracy_by_group():
     assert "(D) Option four" in samples[0].question
     preds = ["The correct answer is (A)", "**The correct answer is C**", ""]
     result = bench.score(samples, preds)
-    assert result["score"] == pytest.approx(33.33)
+    assert result["score"] == pytest.approx(33.33)  # the empty output counts as wrong
+    assert result["n_empty"] == 1 and result["score_without_empty"] == 50.0  # as pred.py/result.py
+    assert result["empty_outputs"] == "counted as wrong"
     assert result["easy"] == 100.0 and result["hard"] == 0.0
     assert result["short"] == 50.0 and result["medium"] == 0.0
     assert result["long"] is None and result["n_long"] == 0  # empty bucket, no division by zero
@@ -365,6 +393,8 @@ def test_loogle_cloze_and_summary():
     result = bench.score([s], [pred])
     assert result["score"] == 50.0 and result["partial_match"] == 100.0
     assert bench.score([s], ["open('/etc/passwd')"])["score"] == 0.0
+    assert bench.score([s], [" " + pred])["score"] == 50.0  # eval skips a leading space
+    assert bench.score([s], ["\n " + pred])["score"] == 0.0  # ... not an indented line
     bench = make("loogle", subset="longdep_summarization", data_dir=str(FIXTURES / "loogle"))
     (s,) = bench.load(None)
     assert s.answers == ["Ada Lovelace wrote the first algorithm with Babbage."]
