@@ -4,8 +4,8 @@ Bai et al., "LongBench v2: Towards Deeper Understanding and Reasoning on Realist
 Multitasks", 2024 (https://github.com/THUDM/LongBench, hub THUDM/LongBench-v2). Prompt: the
 official zero-shot template (`prompts/0shot.txt`, no chain of thought), 128 generated tokens
 (`pred.py`); the answer letter is read with the official `extract_answer`. Reported: accuracy
-overall, by difficulty (easy, hard), by length (short, medium, long) and by domain; an empty
-group is None.
+overall, by difficulty (easy, hard), by length (short, medium, long) and by domain, rounded
+to one decimal as the official `result.py` prints them; an empty group is None.
 
 Empty outputs: the official `pred.py` drops a question whose output is '' from its results
 file (for an API that is a failed call, retried on the next run), so `result.py` leaves it out
@@ -81,17 +81,17 @@ class LongBenchV2(Benchmark):
         ]
         nonempty = [c for c, p in zip(correct, predictions, strict=True) if p != ""]
         result: dict[str, Any] = {
-            "score": metrics.mean_percent(correct),
+            "score": metrics.mean_percent(correct, 1),
             "n": len(correct),
             "empty_outputs": "counted as wrong",
             "n_empty": len(correct) - len(nonempty),
-            "score_without_empty": metrics.mean_percent(nonempty),
+            "score_without_empty": metrics.mean_percent(nonempty, 1),
         }
         groups = [("difficulty", d) for d in DIFFICULTIES] + [("length", n) for n in LENGTHS]
         groups += sorted({("domain", s.meta.get("domain")) for s in samples if s.meta.get("domain")})
         for key, value in groups:
             bucket = [c for c, s in zip(correct, samples, strict=True) if s.meta.get(key) == value]
             name = value if key != "domain" else f"domain_{_slug(value)}"
-            result[name] = metrics.mean_percent(bucket)
+            result[name] = metrics.mean_percent(bucket, 1)
             result[f"n_{name}"] = len(bucket)
         return result

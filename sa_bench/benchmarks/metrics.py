@@ -531,11 +531,12 @@ def math_verify_match(prediction: str, answer: str | int) -> float:
 # --------------------------------------------------------------------------------------
 
 
-def mean_percent(values: Sequence[float]) -> float | None:
-    """LongBench `scorer`: round(100 * sum / len, 2); None for an empty list."""
+def mean_percent(values: Sequence[float], digits: int = 2) -> float | None:
+    """LongBench `scorer`: round(100 * sum / len, 2) (LongBench v2's `result.py`: 1 digit);
+    None for an empty list."""
     if not values:
         return None
-    return round(100 * sum(values) / len(values), 2)
+    return round(100 * sum(values) / len(values), digits)
 
 
 def numpy_mean_percent(values: Sequence[float]) -> float | None:
