@@ -8,30 +8,46 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from sa_bench.config import ConfigError
 from sa_bench.launch import jobdir
-from sa_bench.launch.identity import job_key
+from sa_bench.launch.callbacks import LockHandle
+from sa_bench.launch.identity import data_changed, data_fingerprint, job_relpath
+
+
+class IdentityMismatch(ConfigError):
+    """The job's own identity differs from the one the sweeper handed it."""
 
 
 def run_job(cfg: DictConfig) -> dict[str, Any]:
-    """Validate, lock, lease, evaluate; on failure leave `error.txt` and re-raise.
+    """Validate, check identity, lock, lease, evaluate; on failure leave `error.txt`, re-raise.
 
-    Returns {"status": "done" | "skipped" | "busy", ...}; the completion-marker callback
-    writes the marker for "done" and releases the per-job lock.
+    Returns {"status": "done" | "skipped" | "busy", ...}. A "done" result carries the job's
+    lock (`LockHandle`): the completion-marker callback writes the marker, then releases it.
     """
     from hydra.core.hydra_config import HydraConfig
 
-    jobdir.release_held_lock()
+    from sa_bench.spec import JobSpec
+
     container: dict = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
     path = Path(HydraConfig.get().runtime.output_dir)
-    key = job_key(container)
+    try:
+        spec = JobSpec.from_dict(container)
+        relpath = job_relpath(spec)
+        check_identity(spec.cell, relpath, path, Path(container.get("output_root", "outputs")))
+    except ConfigError:
+        path.mkdir(parents=True, exist_ok=True)
+        (path / jobdir.ERROR).write_text(traceback.format_exc())
+        raise
+    key = relpath.rsplit("/", 1)[1]
+    data = data_fingerprint(spec.benchmark)
     lock = jobdir.JobLock(path)
     if not lock.try_acquire():
         return {"status": "busy", "dir": str(path)}
-    jobdir.hold_lock(lock)
-    overwrite = container.get("overwrite", False)
-    if jobdir.is_done(path, key) and not overwrite:
+    if jobdir.is_done(path, key) and not spec.overwrite and not data_changed(path, data):
+        lock.release()
         return {"status": "skipped", "dir": str(path)}
-    if overwrite:
+    handle = LockHandle(lock)
+    if spec.overwrite or jobdir.is_done(path, key):  # rerun on purpose, or on changed data
         jobdir.clear_results(path)
     (path / jobdir.ERROR).unlink(missing_ok=True)
     (path / jobdir.MARKER).unlink(missing_ok=True)
@@ -39,19 +55,37 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
     try:
         from sa_bench.launch.pool import lease
         from sa_bench.runner import evaluate
-        from sa_bench.spec import JobSpec
 
-        spec = JobSpec.from_dict(container)
         (path / jobdir.CONFIG).write_text(OmegaConf.to_yaml(container))
         with lease(spec.pool) as held:
             summary = evaluate(spec, path, held)
+    except KeyboardInterrupt:
+        handle.release()
+        raise  # interrupted, not failed: the cell stays unfinished and resumes next time
     except BaseException:
         (path / jobdir.ERROR).write_text(traceback.format_exc())
+        handle.release()
         raise
     finally:
         (path / jobdir.RUNNING).unlink(missing_ok=True)
         _free_accelerator_memory()
-    return {"status": "done", "dir": str(path), "key": key, "summary": summary}
+    summary = {**(summary or {}), "data": data}
+    return {"status": "done", "dir": str(path), "key": key, "summary": summary, "lock": handle}
+
+
+def check_identity(handed: str | None, relpath: str, path: Path, output_root: Path) -> None:
+    """Refuse to run when the sweeper's cell (or the job directory) is not this config's."""
+    if handed is not None and handed != relpath:
+        raise IdentityMismatch(
+            f"cell: the sweeper computed {handed} but the job computes {relpath} from the same "
+            "config; the two processes see different code, configs or weights - nothing was run"
+        )
+    if path.resolve() != (output_root / relpath).resolve():
+        raise IdentityMismatch(
+            f"job directory {path} is not {output_root / relpath}: the directory comes from "
+            "output_root and the config only (do not set hydra.run.dir / hydra.sweep.dir / "
+            "hydra.sweep.subdir; set output_root)"
+        )
 
 
 def _free_accelerator_memory() -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 from sa_bench.config import ConfigError, build, build_target
@@ -10,7 +12,7 @@ from sa_bench.launch.pool import PoolConfig
 
 TOP_LEVEL_KEYS = {
     "model", "sparse", "benchmark", "pool", "output_root", "overwrite", "plan", "seed",
-    "max_new_tokens",
+    "max_new_tokens", "cell",
 }
 
 
@@ -20,9 +22,12 @@ class JobSpec:
     sparse: Any  # sa_bench.attention.SparseMethod
     benchmark: Any  # sa_bench.benchmarks.base.Benchmark
     pool: PoolConfig
-    seed: int
-    max_new_tokens: int | None
-    overwrite: bool
+    seed: int = 0
+    max_new_tokens: int | None = None
+    overwrite: bool = False
+    cell: str | None = None
+    """`<model>/<sparse>/<benchmark>/<subset>/<key>` as the sweeper computed it (it hands
+    every job its cell); the job refuses to run if its own computation differs."""
 
     @classmethod
     def from_dict(cls, cfg: dict) -> JobSpec:
@@ -46,6 +51,9 @@ class JobSpec:
         overwrite = cfg.get("overwrite", False)
         if not isinstance(overwrite, bool):
             raise ConfigError(f"overwrite: expected true or false, got {overwrite!r}")
+        cell = cfg.get("cell")
+        if cell is not None and not isinstance(cell, str):
+            raise ConfigError(f"cell: expected a job path string (set by the sweeper), got {cell!r}")
         benchmark = build_target(cfg["benchmark"], "benchmark", Benchmark)
         if benchmark.subset is None:
             raise ConfigError(
@@ -56,8 +64,16 @@ class JobSpec:
             model=build(ModelConfig, cfg["model"], "model"),
             sparse=SparseMethod.from_config(cfg["sparse"]),
             benchmark=benchmark,
-            pool=build(PoolConfig, cfg.get("pool") or {}, "pool"),
+            pool=_pool(json.dumps(cfg.get("pool") or {}, sort_keys=True)),
             seed=seed,
             max_new_tokens=max_new,
             overwrite=overwrite,
+            cell=cell,
         )
+
+
+@lru_cache(maxsize=64)
+def _pool(section: str) -> PoolConfig:
+    """Validated once per distinct pool section: a sweep's cells share it, and the checks
+    (the lock folder, visible GPUs) touch the file system."""
+    return build(PoolConfig, json.loads(section), "pool")

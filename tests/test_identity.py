@@ -1,21 +1,43 @@
 import copy
+import dataclasses
+import os
+import shutil
+from pathlib import Path
 
-from sa_bench.launch.identity import job_key, job_relpath, sanitize
+import pytest
+
+from sa_bench.attention import maskers
+from sa_bench.launch import identity, jobdir
+from sa_bench.launch.identity import (
+    data_fingerprint,
+    job_key,
+    job_relpath,
+    legacy_key,
+    migrate_legacy,
+    sanitize,
+)
+from sa_bench.models import loading
+from sa_bench.models.identity import weights_identity
+from sa_bench.spec import JobSpec
+
+ROOT = Path(__file__).resolve().parent.parent
+LEGACY = ROOT / "tests" / "data" / "legacy_v1"
 
 CFG = {
-    "model": {"name": "meta-llama/Llama-3.1-8B-Instruct", "pretrained": "x"},
-    "sparse": {"name": "oracle_topk", "maskers": {"topk": {"heavy_size": 0.1}}},
-    "benchmark": {"name": "longbench", "subset": "hotpotqa", "data_dir": "/data/a"},
-    "seed": 0,
-    "output_root": "outputs",
-    "overwrite": False,
-    "plan": False,
-    "pool": {"devices": "auto"},
+    "model": {"name": "tiny", "pretrained": "embedded:tiny-retrieval", "dtype": "float32",
+              "max_context": 8192},
+    "sparse": {"name": "streaming", "phase": "question", "maskers": {
+        "sink": {"_target_": "sa_bench.attention.maskers.Sink", "size": 4},
+        "local": {"_target_": "sa_bench.attention.maskers.Local", "size": 64}}},
+    "benchmark": {"_target_": "sa_bench.benchmarks.passkey.Passkey", "name": "passkey",
+                  "subsets": ["1k", "2k"], "subset": "1k", "n_samples": 4},
+    "seed": 0, "max_new_tokens": None,
+    "output_root": "outputs", "overwrite": False, "plan": False, "pool": {"devices": "cpu"},
 }
 
 
-def changed(key_path: str, value):
-    cfg = copy.deepcopy(CFG)
+def changed(cfg: dict, key_path: str, value) -> dict:
+    cfg = copy.deepcopy(cfg)
     *parents, last = key_path.split(".")
     node = cfg
     for p in parents:
@@ -24,29 +46,104 @@ def changed(key_path: str, value):
     return cfg
 
 
-def test_result_values_change_the_key():
-    assert job_key(changed("sparse.maskers.topk.heavy_size", 0.2)) != job_key(CFG)
-    assert job_key(changed("seed", 1)) != job_key(CFG)
-    assert job_key(changed("benchmark.subset", "musique")) != job_key(CFG)
+def key(cfg: dict) -> str:
+    return job_key(JobSpec.from_dict(cfg))
 
 
-def test_run_settings_do_not_change_the_key():
-    for key, value in [("output_root", "/elsewhere"), ("overwrite", True), ("plan", True),
-                       ("pool.devices", [0, 1]), ("benchmark.data_dir", "/other/machine"),
-                       ("benchmark.subsets", ["hotpotqa"])]:
-        assert job_key(changed(key, value)) == job_key(CFG), key
+# Stand-ins for a masker class after a refactoring (defined here: another module path).
+@dataclasses.dataclass
+class Local(maskers.Local):
+    """The same class moved to another module."""
 
 
-def test_key_ignores_dict_order():
-    reordered = dict(reversed(list(CFG.items())))
-    assert job_key(reordered) == job_key(CFG)
+@dataclasses.dataclass
+class LocalNewOption(maskers.Local):
+    """Local with a new option whose default keeps the old behaviour."""
+
+    key_name = "Local"
+    stride: int = 1
+
+
+@dataclasses.dataclass
+class LocalNewDefault(maskers.Local):
+    """Local whose code default changed (64 -> 128)."""
+
+    key_name = "Local"
+    size: int = 128
+
+
+def with_local(cls: type, **fields) -> dict:
+    cfg = copy.deepcopy(CFG)
+    cfg["sparse"]["maskers"]["local"] = {"_target_": f"{__name__}.{cls.__name__}", **fields}
+    return cfg
+
+
+def test_key_stable_under_a_class_move():
+    assert key(with_local(Local, size=64)) == key(CFG)
+
+
+def test_key_stable_under_a_new_option_with_a_recorded_default(monkeypatch):
+    recorded = copy.deepcopy(identity.recorded_defaults())
+    recorded["Local"]["stride"] = 1  # what `python -m sa_bench.launch.identity --record` adds
+    monkeypatch.setattr(identity, "recorded_defaults", lambda: recorded)
+    assert key(with_local(LocalNewOption, size=64)) == key(CFG)
+    assert key(with_local(LocalNewOption, size=64, stride=2)) != key(CFG)
+
+
+def test_unrecorded_new_option_is_reported_until_recorded(monkeypatch):
+    monkeypatch.setattr(identity, "config_classes", lambda: [LocalNewOption, maskers.Sink])
+    assert identity.missing_records() == {"Local": {"stride": 1}}
+
+
+def test_every_config_field_default_is_recorded():
+    assert identity.missing_records() == {}, "run: python -m sa_bench.launch.identity --record"
+
+
+def test_key_changed_by_a_code_default():
+    # the YAML does not set `size`: the value comes from the class default only
+    assert key(with_local(LocalNewDefault)) != key(with_local(Local))
+    assert key(with_local(Local)) == key(CFG)  # the recorded default (64) is the YAML's value
+
+
+@pytest.mark.parametrize("key_path, value", [
+    ("seed", 1), ("max_new_tokens", 8), ("model.max_context", 4096), ("model.dtype", "bfloat16"),
+    ("model.name", "tiny2"), ("model.chat_template", True),
+    ("sparse.phase", "decode"), ("sparse.dense_layers", [0]), ("sparse.seed", 1),
+    ("sparse.maskers.local.size", 32), ("sparse.maskers.local.size", 0.5),
+    ("benchmark.subset", "2k"), ("benchmark.n_samples", 5), ("benchmark.max_samples", 2),
+    ("benchmark.seed", 3),
+])
+def test_each_result_value_changes_the_key(key_path, value):
+    assert key(changed(CFG, key_path, value)) != key(CFG)
+
+
+def test_a_removed_masker_changes_the_key():
+    cfg = copy.deepcopy(CFG)
+    del cfg["sparse"]["maskers"]["sink"]
+    assert key(cfg) != key(CFG)
+
+
+@pytest.mark.parametrize("key_path, value", [
+    ("output_root", "/elsewhere"), ("overwrite", True), ("plan", True),
+    ("pool.devices", "auto"), ("pool.jobs_per_device", 2), ("benchmark.data_dir", "/data/x"),
+    ("benchmark.subsets", ["1k"]), ("cell", "a/b/c/d/e"),
+])
+def test_run_settings_do_not_change_the_key(key_path, value):
+    assert key(changed(CFG, key_path, value)) == key(CFG)
+
+
+def test_int_and_float_budgets_differ_and_values_given_equal_defaults_do_not():
+    assert key(changed(CFG, "sparse.maskers.local.size", 1)) != key(changed(CFG, "sparse.maskers.local.size", 1.0))
+    explicit = changed(CFG, "sparse.dense_layers", [])  # the class default, written out
+    assert key(explicit) == key(CFG)
 
 
 def test_relpath_layout_and_sanitised_names():
-    rel = job_relpath(CFG)
+    cfg = changed(CFG, "model.name", "Llama-3.1 8B:Instruct")
+    rel = job_relpath(JobSpec.from_dict(cfg))
     parts = rel.split("/")
-    assert parts[:4] == ["meta-llama_Llama-3.1-8B-Instruct", "oracle_topk", "longbench", "hotpotqa"]
-    assert parts[4] == job_key(CFG) and len(parts) == 5
+    assert parts[:4] == ["Llama-3.1_8B_Instruct", "streaming", "passkey", "1k"]
+    assert parts[4] == key(cfg) and len(parts) == 5
 
 
 def test_sanitize_refuses_traversal_and_odd_characters():
@@ -54,3 +151,102 @@ def test_sanitize_refuses_traversal_and_odd_characters():
         out = sanitize(bad)
         assert "/" not in out and out not in ("", ".", "..") and not out.startswith(".")
         assert all(c.isalnum() or c in "._+=-" for c in out)
+
+
+# --- weights ---------------------------------------------------------------------------------
+
+def local_copy(tmp_path: Path) -> Path:
+    dest = tmp_path / "model"
+    shutil.copytree(loading.embedded_dir("tiny-retrieval"), dest)
+    return dest
+
+
+def test_key_changed_by_the_weights_not_by_their_mtime(tmp_path):
+    model = local_copy(tmp_path)
+    cfg = changed(CFG, "model.pretrained", str(model))
+    before = key(cfg)
+    os.utime(model / "model.safetensors", (1, 1))  # touched, same bytes
+    assert key(cfg) == before
+    data = bytearray((model / "model.safetensors").read_bytes())
+    data[-1] ^= 1  # one bit of one weight
+    (model / "model.safetensors").write_bytes(bytes(data))
+    assert key(cfg) != before
+
+
+def test_embedded_and_a_copy_elsewhere_share_the_weights_part(tmp_path):
+    model = local_copy(tmp_path)
+    embedded = weights_identity(JobSpec.from_dict(CFG).model)
+    local = weights_identity(JobSpec.from_dict(changed(CFG, "model.pretrained", str(model))).model)
+    assert embedded.split(":")[-1] == local.split(":")[-1]
+
+
+def test_hub_weights_and_the_offline_fallback_differ(tmp_path, monkeypatch):
+    fallback = local_copy(tmp_path)
+    monkeypatch.setitem(loading.OFFLINE_FALLBACKS, "smollm2-135m-instruct-gguf", lambda: str(fallback))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub-cache"))  # nothing cached
+    cfg = changed(CFG, "model", {"name": "smollm2-135m", "pretrained": "HuggingFaceTB/SmolLM2-135M-Instruct",
+                                 "offline_fallback": "smollm2-135m-instruct-gguf"})
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    hub = key(cfg)
+    assert weights_identity(JobSpec.from_dict(cfg).model) == "hub:HuggingFaceTB/SmolLM2-135M-Instruct@main"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert weights_identity(JobSpec.from_dict(cfg).model).startswith("fallback:")
+    assert key(cfg) != hub
+    # with the hub copy in the cache, offline loads it: hub identity again
+    refs = tmp_path / "hub-cache" / "models--HuggingFaceTB--SmolLM2-135M-Instruct" / "refs"
+    refs.mkdir(parents=True)
+    (refs / "main").write_text("0" * 40)
+    assert key(cfg) == hub
+    assert key(changed(cfg, "model.revision", "v2")) != hub
+
+
+# --- benchmark data ---------------------------------------------------------------------------
+
+def test_data_fingerprint_follows_file_content_not_mtime(tmp_path):
+    bench = JobSpec.from_dict(changed(CFG, "benchmark.data_dir", str(tmp_path))).benchmark
+    (tmp_path / "a.jsonl").write_text('{"x": 1}\n')
+    first = data_fingerprint(bench)
+    os.utime(tmp_path / "a.jsonl", (1, 1))
+    assert data_fingerprint(bench) == first
+    (tmp_path / "a.jsonl").write_text('{"x": 2}\n')
+    assert data_fingerprint(bench) != first
+    assert data_fingerprint(JobSpec.from_dict(CFG).benchmark) is None  # generated data
+
+
+# --- result trees of the first key scheme -----------------------------------------------------
+
+def test_legacy_tree_is_rekeyed_and_found_done(tmp_path):
+    tree = tmp_path / "out"
+    shutil.copytree(LEGACY, tree)
+    legacy_dirs = sorted(p.parent for p in tree.rglob(jobdir.MARKER))
+    assert len(legacy_dirs) == 4
+    for old in legacy_dirs:
+        cfg = identity._read_yaml(old / jobdir.CONFIG)
+        assert jobdir.read_json(old / jobdir.MARKER)["key"] == legacy_key(cfg) == old.name
+        new_key = key(cfg)
+        new = old.parent / new_key
+        assert new_key != old.name
+        assert migrate_legacy(new, new_key)
+        assert not old.exists() and jobdir.is_done(new, new_key)
+        assert jobdir.read_json(new / jobdir.MARKER)["migrated_from"] == old.name
+        assert not migrate_legacy(new, new_key)  # nothing left to move
+
+
+def test_legacy_cell_of_another_config_is_not_taken(tmp_path):
+    tree = tmp_path / "out"
+    shutil.copytree(LEGACY, tree)
+    old = next(p.parent for p in tree.rglob(jobdir.MARKER))
+    cfg = changed(identity._read_yaml(old / jobdir.CONFIG), "seed", 7)
+    new_key = key(cfg)
+    assert not migrate_legacy(old.parent / new_key, new_key)
+    assert old.exists()
+
+
+def test_legacy_tree_found_done_by_the_command_that_wrote_it(tmp_path, sa_bench_cli):
+    tree = tmp_path / "out"
+    shutil.copytree(LEGACY, tree)
+    proc = sa_bench_cli("sparse=dense,streaming", "benchmark.n_samples=2", "plan=true",
+                        root=tree, check=True)
+    assert "4 jobs: 4 done (skipped), 0 to run" in proc.stdout, proc.stdout + proc.stderr
+    assert "4 finished cells re-keyed" in proc.stdout

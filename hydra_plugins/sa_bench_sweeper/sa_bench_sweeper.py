@@ -1,8 +1,8 @@
 """The sa_bench sweeper: Hydra's basic sweeper that never launches a finished cell.
 
-It expands the sweep (one cell per benchmark subset), finds every cell's directory from its
-config values (composing once per group combination, not per cell), drops finished cells,
-validates the rest before anything runs, launches them, and prints a summary. A launch that
+It expands the sweep (one cell per benchmark subset; composing once per group combination,
+not per cell), validates every cell and computes its directory once (handed to its job as
+`cell=...`), drops finished cells, launches the rest, and prints a summary. A launch that
 breaks (a worker killed, out of memory) is retried for the cells still unfinished.
 """
 
@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 import sa_bench.launch.resolvers  # noqa: F401  (registers resolvers in the parent)
 from sa_bench.config import ConfigError, build
 from sa_bench.launch import fastpath, jobdir
-from sa_bench.launch.plan import Cell, expand, plan_table, refresh_status
+from sa_bench.launch.plan import Cell, expand, identify, migrate, plan_table, refresh_status
 from sa_bench.launch.pool import PoolConfig
 from sa_bench.launch.progress import Progress
 
@@ -64,27 +64,45 @@ class SaBenchSweeper(BasicSweeper):
             overrides = OverridesParser.create(config_loader=loader).parse_overrides(arguments)
             groups = set(loader.list_groups(""))
             cells = expand(overrides, groups, self._compose)
+            cells, invalid = identify(cells)
         except ConfigError as exc:
             say(f"Config error: {exc}")
             sys.exit(2)
+        plan = bool(self.config.get("plan", False))
+        if invalid and not plan:
+            errors = list(dict.fromkeys(c.error for c in invalid))
+            say(f"Config error in {len(invalid)} of {len(cells) + len(invalid)} jobs; nothing was run:")
+            for message in errors[:20]:
+                say(f"  {message}")
+            sys.exit(2)
+        migrated = migrate(cells)
         refresh_status(cells)
         fastpath.write_manifest(sys.argv[1:], cells)
         overwrite = bool(self.config.get("overwrite", False))
         todo = [c for c in cells if overwrite or c.status not in ("done", "running")]
         done = sum(c.status == "done" for c in cells)
         running = sum(c.status == "running" for c in cells)
+        changed = sum(c.status == "changed" for c in cells)
         line = f"{len(cells)} jobs: {done} done (skipped), {len(todo)} to run"
         if overwrite:
             line = f"{len(cells)} jobs: overwrite=true, {len(todo)} to run"
         if running and not overwrite:
             line += f", {running} running elsewhere (skipped)"
-        say(line)
-        if self.config.get("plan", False):
-            say(plan_table(cells))
+        if changed and not overwrite:
+            line += f" ({changed} of them finished, but their benchmark data files changed since)"
+        if migrated:
+            line += f"; {migrated} finished cells re-keyed from the old key scheme"
+        if plan:
+            line = line.replace(f"{len(cells)} jobs:", f"{len(cells) + len(invalid)} jobs:", 1)
+            line += f", {len(invalid)} invalid (config errors below)" if invalid else ""
+            say(line)
+            say(plan_table(cells + invalid))
+            if invalid:
+                sys.exit(2)
             return []
+        say(line)
         if not todo:
             return []
-        self._validate(todo)
         started = time.time()
         returns = self._launch(todo)
         self._summary(cells, todo, started)
@@ -96,22 +114,6 @@ class SaBenchSweeper(BasicSweeper):
         )
         return {k: OmegaConf.to_container(cfg[k], resolve=False) if OmegaConf.is_config(cfg[k]) else cfg[k]
                 for k in cfg if k != "hydra"}
-
-    def _validate(self, cells: list[Cell]) -> None:
-        """Every cell to run must validate before any runs (nothing expensive happens here)."""
-        from sa_bench.spec import JobSpec
-
-        errors = []
-        for cell in cells:
-            try:
-                JobSpec.from_dict(cell.config)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        if errors:
-            say(f"Config error in {len(errors)} of {len(cells)} jobs; nothing was run:")
-            for message in list(dict.fromkeys(errors))[:20]:
-                say(f"  {message}")
-            sys.exit(2)
 
     def _launch(self, todo: list[Cell]) -> list[Any]:
         returns: list[Any] = []

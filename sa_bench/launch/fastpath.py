@@ -20,8 +20,8 @@ from pathlib import Path
 
 import sa_bench
 from sa_bench.launch import jobdir
+from sa_bench.launch.hydra_app import CONF_DIR  # the installed tree, in a wheel too
 
-CONF_DIR = Path(sa_bench.__file__).resolve().parent.parent / "conf"
 _SEARCHPATH = re.compile(r"file://([^,\]]+)")
 
 

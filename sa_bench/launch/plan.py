@@ -3,8 +3,10 @@
 Hydra composes a config in about 0.13 s, so composing every cell of a 500-cell sweep just to
 learn that it is finished would cost a minute. Here a config is composed once per distinct
 combination of config-group choices (model × sparse × benchmark, usually a handful); every
-other override is a plain value applied to a copy of that composed dict. Benchmarks expand
-into one cell per subset.
+other override is a plain value applied to a copy of that composed dict, as Hydra applies it
+(tests/test_plan.py checks this against Hydra's own composition). Benchmarks expand into one
+cell per subset. `identify` then validates every cell and computes its directory, once; the
+cell's job gets it as `cell=<model>/<sparse>/<benchmark>/<subset>/<key>` and checks it.
 """
 
 from __future__ import annotations
@@ -18,7 +20,13 @@ from typing import Any
 
 from sa_bench.config import ConfigError
 from sa_bench.launch import jobdir
-from sa_bench.launch.identity import job_relpath
+from sa_bench.launch.identity import (
+    data_changed,
+    data_fingerprint,
+    job_relpath,
+    migrate_legacy,
+    sanitize,
+)
 
 
 @dataclass
@@ -27,10 +35,15 @@ class Cell:
     """Hydra override strings that make this cell's job."""
     config: dict
     """The resolved config (without the hydra node), as the job itself will see it."""
-    relpath: str
-    key: str
-    path: Path
+    relpath: str = ""
+    """`<model>/<sparse>/<benchmark>/<subset>/<key>`, set by `identify`."""
+    key: str = ""
+    path: Path = Path()
+    data: str | None = None
+    """Fingerprint of the local benchmark files (`identity.data_fingerprint`)."""
     status: str = "pending"
+    error: str = ""
+    """Why the cell's config is invalid (status "invalid")."""
 
 
 @dataclass
@@ -139,13 +152,13 @@ def _as_override_value(value: Any) -> str:
 def expand(
     overrides: list[Any], groups: set[str], compose: Callable[[list[str]], dict]
 ) -> list[Cell]:
-    """Every cell of the sweep, in sweep order; `compose(group_overrides)` gives a raw dict."""
+    """Every cell of the sweep, in sweep order, not yet identified (see `identify`);
+    `compose(group_overrides)` gives Hydra's raw composed dict for the config-group choices."""
     per_override = [choices_of(o, groups) for o in overrides]
     group_idx = [i for i, c in enumerate(per_override) if c[0].is_group]
     value_idx = [i for i, c in enumerate(per_override) if not c[0].is_group]
     explicit_subset = any(per_override[i][0].key == "benchmark.subset" for i in value_idx)
     cells: list[Cell] = []
-    seen: set[str] = set()
     for group_combo in itertools.product(*(per_override[i] for i in group_idx)):
         base = compose([c.override for c in group_combo])
         needs_resolve = _has_interpolation(base)
@@ -164,18 +177,58 @@ def expand(
                 if not explicit_subset:
                     cell_cfg = {**cfg, "benchmark": {**bench, "subset": subset}}
                     cell_overrides = [*strings, f"++benchmark.subset={_as_override_value(subset)}"]
-                rel = job_relpath(cell_cfg)
-                if rel in seen:
-                    continue
-                seen.add(rel)
-                path = Path(cell_cfg["output_root"]) / rel
-                cells.append(Cell(cell_overrides, cell_cfg, rel, rel.rsplit("/", 1)[1], path))
+                cells.append(Cell(cell_overrides, cell_cfg))
     return cells
 
 
+def identify(cells: list[Cell]) -> tuple[list[Cell], list[Cell]]:
+    """Validate every cell and compute its directory, once; drop duplicates (two override
+    lists naming the same cell). Returns the valid cells and the invalid ones (status
+    "invalid", `error` set, `relpath` without a key)."""
+    from sa_bench.spec import JobSpec
+
+    valid: list[Cell] = []
+    invalid: list[Cell] = []
+    seen: set[str] = set()
+    for cell in cells:
+        try:
+            spec = JobSpec.from_dict(cell.config)
+        except ConfigError as exc:
+            cell.status, cell.error = "invalid", str(exc)
+            cell.relpath = "/".join(sanitize(_name(cell.config, s)) for s in ("model", "sparse", "benchmark"))
+            cell.relpath += "/" + sanitize(_name(cell.config, "benchmark", "subset"))
+            invalid.append(cell)
+            continue
+        rel = job_relpath(spec)
+        if rel in seen:
+            continue
+        seen.add(rel)
+        cell.relpath, cell.key = rel, rel.rsplit("/", 1)[1]
+        cell.path = Path(cell.config.get("output_root", "outputs")) / rel
+        cell.data = data_fingerprint(spec.benchmark)
+        cell.overrides = [*cell.overrides, f"++cell={_as_override_value(rel)}"]
+        valid.append(cell)
+    return valid, invalid
+
+
+def _name(cfg: dict, section: str, key: str = "name") -> str:
+    node = cfg.get(section)
+    return str(node.get(key)) if isinstance(node, dict) else "?"
+
+
+def migrate(cells: list[Cell]) -> int:
+    """Re-key finished cells written by the first key scheme; returns how many moved."""
+    return sum(migrate_legacy(c.path, c.key) for c in cells
+               if not jobdir.is_done(c.path, c.key) and c.path.parent.is_dir())
+
+
 def refresh_status(cells: list[Cell]) -> None:
+    """done | changed (done, but its local benchmark files changed since) | running | failed |
+    pending."""
     for cell in cells:
         cell.status = jobdir.status(cell.path, cell.key)
+        if cell.status == "done" and data_changed(cell.path, cell.data):
+            cell.status = "changed"
 
 
 def plan_table(cells: list[Cell]) -> str:
@@ -185,6 +238,8 @@ def plan_table(cells: list[Cell]) -> str:
         line = f"  {cell.status:8s} {cell.path}"
         if cell.status == "failed":
             line += f"\n           {jobdir.first_error_line(cell.path)}"
+        if cell.status == "invalid":
+            line = f"  {cell.status:8s} {cell.relpath}\n           {cell.error}"
         lines.append(line)
     return "\n".join(lines)
 

@@ -7,7 +7,6 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from sa_bench.config import build
-from sa_bench.launch.identity import job_relpath
 from sa_bench.launch.pool import PoolConfig
 
 
@@ -20,7 +19,14 @@ def _plain(root: Any) -> dict:
 
 
 def _job_path(*, _root_: Any) -> str:
-    return job_relpath(_plain(_root_))
+    """The cell's directory below output_root: as the sweeper handed it to the job (`cell`),
+    else (a job started without the sweeper) computed here from the validated config."""
+    if "cell" in _root_ and _root_.cell is not None:
+        return str(_root_.cell)
+    from sa_bench.launch.identity import job_relpath
+    from sa_bench.spec import JobSpec
+
+    return job_relpath(JobSpec.from_dict(_plain(_root_)))
 
 
 def _n_jobs(*, _root_: Any) -> int:

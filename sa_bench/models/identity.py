@@ -1,0 +1,60 @@
+"""Which weights a model config loads, as a short string for the job key; never loads the model.
+
+- `embedded:<name>` and local directories: a fingerprint of the weight and config files (names,
+  sizes, content: see `fingerprint_files`), the same on every machine;
+- a hub id: `hub:<id>@<revision>` (`main` when unset; pin `model.revision` to a commit for an
+  exact identity). When the offline fallback will be used instead (`HF_HUB_OFFLINE` set, the
+  hub copy not in the local cache, the fallback prepared), the fallback's fingerprint.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from sa_bench.launch.identity import fingerprint_files
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".json", ".model")
+"""Files that decide what a checkpoint computes (weights, configs, tokenizer)."""
+
+
+def weights_identity(cfg: Any) -> str:
+    """`cfg` is a validated `ModelConfig`."""
+    source = cfg.source()
+    if source in ("embedded", "local"):
+        return f"{source}:{files_fingerprint(Path(cfg.resolved_path()))}"
+    revision = cfg.revision or "main"
+    if cfg.offline_fallback and _hub_offline() and not _in_hub_cache(cfg.pretrained, revision):
+        from sa_bench.models.loading import OFFLINE_FALLBACKS
+
+        fallback = OFFLINE_FALLBACKS[cfg.offline_fallback]()
+        if fallback is not None:
+            return f"fallback:{cfg.offline_fallback}:{files_fingerprint(Path(fallback))}"
+    return f"hub:{cfg.pretrained}@{revision}"
+
+
+def files_fingerprint(folder: Path, suffixes: tuple[str, ...] = WEIGHT_SUFFIXES) -> str:
+    """Fingerprint of the matching files under `folder` (names relative to it)."""
+    files = sorted(p for p in folder.rglob("*") if p.suffix in suffixes and p.is_file())
+    return fingerprint_files(files, folder)
+
+
+def _hub_offline() -> bool:
+    return any(os.environ.get(name, "").strip().upper() in ("1", "ON", "YES", "TRUE")
+               for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def hub_cache_dir() -> Path:
+    """The Hugging Face hub cache, located as huggingface_hub does (without importing it)."""
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if os.environ.get(var):
+            return Path(os.environ[var]).expanduser()
+    home = os.environ.get("HF_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
+    return Path(home).expanduser() / "hub"
+
+
+def _in_hub_cache(repo_id: str, revision: str) -> bool:
+    repo = hub_cache_dir() / f"models--{repo_id.replace('/', '--')}"
+    return (repo / "refs" / revision).is_file() or (repo / "snapshots" / revision).is_dir()
