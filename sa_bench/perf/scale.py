@@ -1,0 +1,271 @@
+"""Time and memory of a job's path at real model shapes, against a plain transformers loop.
+
+    python -m sa_bench.perf.scale --shape llama3.1-8b --layers 1 --tokens 8192 16384 \
+        --methods dense streaming oracle_topk
+
+Builds a random-weight model with the named architecture's shapes (nothing is downloaded),
+then for each context length runs, each in a fresh process (so peak memory is its own):
+
+- `plain`: a hand-written transformers loop — `attn_implementation="sdpa"`, the context in
+  one forward pass with `logits_to_keep=1`, the question, then greedy tokens;
+- every method: the job's own path (`SparseMethod.installed`, the runner's chunked
+  `_prefill` and greedy `_answer`, `model.attn_implementation=auto`).
+
+Prints prefill seconds, answer seconds (question + greedy tokens), decode ms per token and
+peak memory above the weights and inputs (peak RSS on CPU, `torch.cuda.max_memory_allocated`
+on CUDA), each with its ratio to `plain` at the same length.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+CONF = Path(__file__).resolve().parents[2] / "conf" / "sparse"
+
+SHAPES: dict[str, dict[str, Any]] = {
+    "llama3.1-8b": dict(arch="llama", hidden_size=4096, intermediate_size=14336,
+                        num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                        vocab_size=128256, rope_theta=500000.0, max_position_embeddings=131072,
+                        rope_scaling={"rope_type": "llama3", "factor": 8.0,
+                                      "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                      "original_max_position_embeddings": 8192}),
+    "qwen2.5-7b": dict(arch="qwen2", hidden_size=3584, intermediate_size=18944,
+                       num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
+                       rope_theta=1000000.0, max_position_embeddings=131072),
+    "mistral-7b": dict(arch="mistral", hidden_size=4096, intermediate_size=14336,
+                       num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                       vocab_size=32768, rope_theta=1000000.0, max_position_embeddings=32768,
+                       sliding_window=None),
+    "tiny": dict(arch="llama", hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=300, max_position_embeddings=65536),
+}
+
+
+def build_model(shape: str, layers: int, vocab: int | None, device: str, dtype: str,
+                attn_implementation: str = "sdpa") -> Any:
+    """A random-weight causal LM with `shape`'s dimensions and `layers` layers."""
+    import torch
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
+
+    spec = dict(SHAPES[shape])
+    config_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM),
+                             "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+                             "mistral": (MistralConfig, MistralForCausalLM)}[spec.pop("arch")]
+    if vocab:
+        spec["vocab_size"] = vocab
+    config = config_cls(num_hidden_layers=layers, **spec)
+    config._attn_implementation = attn_implementation
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = model_cls(config).to(getattr(torch, dtype))
+    return model.eval()
+
+
+def _rss() -> int:
+    """Current resident memory in bytes (Linux)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _peak_rss() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+class Memory:
+    """Peak memory of what follows `start()`, above what was in use at `start()`."""
+
+    def __init__(self, device: Any) -> None:
+        self.device = device
+
+    def start(self) -> None:
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+        else:
+            with open("/proc/self/clear_refs", "w") as f:  # resets VmHWM to the current RSS
+                f.write("5")
+            self.base = _rss()
+
+    def peak_above_start(self) -> int:
+        import torch
+
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) - self.base
+        return _peak_rss() - self.base
+
+
+def run_one(args: argparse.Namespace, method_name: str, tokens: int) -> dict[str, float]:
+    """One measurement in this process: prefill, question + greedy answer, peak memory."""
+    import torch
+
+    from sa_bench.runner import _answer, _prefill, _rewind, _synchronize, _with_cache
+
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    plain = method_name == "plain"
+    model = build_model(args.shape, args.layers, args.vocab, args.device, args.dtype)
+    vocab = model.config.vocab_size
+    g = torch.Generator().manual_seed(tokens)
+    context = torch.randint(0, vocab, (tokens,), generator=g).tolist()
+    question = torch.randint(0, vocab, (args.question,), generator=g).tolist()
+    memory = Memory(device)
+    memory.start()
+    if plain:
+        from transformers import DynamicCache
+
+        def answer(cache, n):
+            out = []
+            with torch.inference_mode():
+                logits = model(input_ids=torch.tensor([question], device=device),
+                               **_with_cache(model, cache)).logits
+                while True:
+                    out.append(int(logits[0, -1].argmax()))
+                    if len(out) >= n:
+                        break
+                    logits = model(input_ids=torch.tensor([[out[-1]]], device=device),
+                                   **_with_cache(model, cache)).logits
+            return out
+
+        t0 = time.perf_counter()
+        cache = DynamicCache(config=model.config)
+        with torch.inference_mode():
+            model(input_ids=torch.tensor([context], device=device), **_with_cache(model, cache))
+        _synchronize(device)
+        prefill = time.perf_counter() - t0
+        timed = _timed_answers(lambda n: answer(cache, n), lambda: _rewind(cache, tokens), device,
+                               args.new)
+        peak = memory.peak_above_start()
+        return {"prefill_s": prefill, **timed, "peak_bytes": peak}
+
+    import yaml
+
+    from sa_bench.attention.dense import resolve_implementation
+    from sa_bench.attention.method import SparseMethod
+
+    method = SparseMethod.from_config(yaml.safe_load((CONF / f"{method_name}.yaml").read_text()))
+    implementation = resolve_implementation("auto", device, model.dtype)
+    with method.installed(model, implementation):
+        cache, n_ctx, prefill = _prefill(model, method, tuple(context), device, args.chunk)
+        timed = _timed_answers(
+            lambda n: _answer(model, method, cache, question, n, set(), device),
+            lambda: _rewind(cache, n_ctx), device, args.new)
+        peak = memory.peak_above_start()
+    return {"prefill_s": prefill, **timed, "peak_bytes": peak}
+
+
+def _timed_answers(answer, rewind, device, new: int) -> dict[str, float]:
+    """Answer seconds for `new` tokens, and decode ms per token from the difference to a
+    one-token answer (the question pass alone)."""
+    from sa_bench.runner import _synchronize
+
+    times = {}
+    for n in (new, 1):
+        t0 = time.perf_counter()
+        got = answer(n)
+        _synchronize(device)
+        times[n] = time.perf_counter() - t0
+        assert len(got) == n
+        rewind()
+    per_token = (times[new] - times[1]) / max(new - 1, 1)
+    return {"answer_s": times[new], "question_s": times[1], "decode_ms": per_token * 1e3}
+
+
+def _child(args: argparse.Namespace, method: str, tokens: int) -> dict[str, float]:
+    cmd = [sys.executable, "-m", "sa_bench.perf.scale", "--child", method, str(tokens),
+           "--shape", args.shape, "--layers", str(args.layers), "--device", args.device,
+           "--dtype", args.dtype, "--threads", str(args.threads), "--question", str(args.question),
+           "--new", str(args.new), "--chunk", str(args.chunk or 0), "--repeat", "1"]
+    if args.vocab:
+        cmd += ["--vocab", str(args.vocab)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        return {"error": (proc.stderr.strip().splitlines() or ["?"])[-1]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _best(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The minimum of each figure over the runs that succeeded (else the first error)."""
+    ok = [r for r in runs if "error" not in r]
+    if not ok:
+        return runs[0]
+    return {key: min(r[key] for r in ok) for key in ok[0]}
+
+
+def _ratio(value: float, base: float) -> str:
+    return f"{value / base:.2f}x" if base > 0 else "-"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shape", default="llama3.1-8b", choices=sorted(SHAPES))
+    parser.add_argument("--layers", type=int, default=1)
+    parser.add_argument("--tokens", type=int, nargs="+", default=[8192, 16384])
+    parser.add_argument("--methods", nargs="+", default=["dense", "streaming", "oracle_topk"],
+                        help="conf/sparse names, or 'all'")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on CUDA")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--vocab", type=int, default=None, help="override the vocabulary size")
+    parser.add_argument("--question", type=int, default=64, help="question tokens")
+    parser.add_argument("--new", type=int, default=16, help="greedy tokens generated")
+    parser.add_argument("--chunk", type=int, default=4096, help="prefill chunk (0: one pass)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="measure plain and every method this many times, alternately; "
+                             "each figure is the minimum")
+    parser.add_argument("--child", nargs=2, metavar=("METHOD", "TOKENS"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    args.chunk = args.chunk or None
+    if args.child:
+        print(json.dumps(run_one(args, args.child[0], int(args.child[1]))))
+        return
+    methods = sorted(p.stem for p in CONF.glob("*.yaml")) if args.methods == ["all"] else args.methods
+    print(f"# {args.shape}, {args.layers} layer(s), {args.dtype} on {args.device}, "
+          f"{args.threads} thread(s); question {args.question} tokens, {args.new} new tokens, "
+          f"prefill chunk {args.chunk}; plain = transformers sdpa loop, one-pass prefill", flush=True)
+    print("\n| tokens | method | prefill s | ratio | answer s | ratio | decode ms/token | "
+          "peak MiB above weights | ratio |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for tokens in args.tokens:
+        results: dict[str, list[dict[str, Any]]] = {name: [] for name in ["plain", *methods]}
+        for _ in range(args.repeat):
+            for name in results:
+                results[name].append(_child(args, name, tokens))
+        rows = [(name, _best(runs)) for name, runs in results.items()]
+        base = rows[0][1]
+        for name, r in rows:
+            if "error" in r:
+                print(f"| {tokens} | {name} | failed: {r['error']} |||||||", flush=True)
+                continue
+            ok = "error" not in base
+            mib = r["peak_bytes"] / 2**20
+            print(f"| {tokens} | {name} | {r['prefill_s']:.2f} | "
+                  f"{_ratio(r['prefill_s'], base['prefill_s']) if ok else '-'} | "
+                  f"{r['answer_s']:.2f} | {_ratio(r['answer_s'], base['answer_s']) if ok else '-'} | "
+                  f"{r['decode_ms']:.1f} | {mib:.0f} | "
+                  f"{_ratio(r['peak_bytes'], base['peak_bytes']) if ok else '-'} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

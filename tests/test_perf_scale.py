@@ -1,0 +1,22 @@
+"""The scale perf command runs the job's path and the plain loop and prints one row each
+(figures themselves are not asserted: they come from the command, not from tests)."""
+
+from sa_bench.perf import scale
+
+
+def test_scale_command_prints_every_method(capsys):
+    scale.main(["--shape", "tiny", "--tokens", "300", "--methods", "dense", "streaming",
+                "--chunk", "128", "--question", "8", "--new", "3"])
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| 300 |")]
+    assert [row.split("|")[2].strip() for row in rows] == ["plain", "dense", "streaming"]
+    assert "failed" not in out
+    assert all(row.count("x |") == 3 for row in rows)  # three ratios per row
+
+
+def test_model_has_the_named_shape():
+    model = scale.build_model("llama3.1-8b", 1, 1000, "meta", "bfloat16")
+    attn = model.model.layers[0].self_attn
+    assert (attn.q_proj.out_features, attn.k_proj.out_features) == (4096, 1024)
+    assert model.model.layers[0].mlp.gate_proj.out_features == 14336
+    assert len(model.model.layers) == 1 and model.config.vocab_size == 1000
