@@ -30,8 +30,9 @@ def test_next_token_equals_transformers_repetition_penalty(penalty):
         answer = torch.randint(0, 50, (5,), generator=gen).tolist()
         seen = torch.tensor([prompt + answer])
         expected = RepetitionPenaltyLogitsProcessor(penalty)(seen, logits[None].clone())
-        ours = next_token(logits, Generation(repetition_penalty=penalty), prompt, answer)
-        assert ours == int(expected[0].argmax())
+        for pieces in ((prompt, answer), (tuple(prompt), [], answer)):  # a tuple is cached
+            ours = next_token(logits, Generation(repetition_penalty=penalty), *pieces)
+            assert ours == int(expected[0].argmax())
 
 
 def test_next_token_penalty_changes_the_choice_and_keeps_the_input():

@@ -11,6 +11,7 @@ A benchmark is a dataclass whose fields are the keys of its YAML file in `conf/b
 
 from __future__ import annotations
 
+import functools
 import random
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
@@ -42,18 +43,29 @@ def next_token(logits: torch.Tensor, generation: Generation, *seen: Sequence[int
     `seen` are the token ids so far (prompt and generated, in any number of pieces).
 
     The penalty is applied as transformers' `RepetitionPenaltyLogitsProcessor` does it, over
-    the prompt and the answer so far, each distinct id once.
+    the prompt and the answer so far (an id seen twice is penalised once). A tuple piece (the
+    runner's context ids, the same object at every step) is turned into a tensor only once.
     """
     import torch
 
     penalty = generation.repetition_penalty
     if penalty != 1.0:
-        ids = torch.tensor([i for part in seen for i in part], dtype=torch.long,
-                           device=logits.device).unique()
+        ids = torch.cat([
+            _distinct_ids(part, logits.device) if isinstance(part, tuple)
+            else torch.tensor(list(part), dtype=torch.long, device=logits.device)
+            for part in seen
+        ])  # fmt: skip
         logits = logits.to(torch.float32, copy=True)  # generate() scores float32 logits
         picked = logits[ids]
         logits[ids] = torch.where(picked < 0, picked * penalty, picked / penalty)
     return int(logits.argmax())
+
+
+@functools.lru_cache(maxsize=4)
+def _distinct_ids(part: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    import torch
+
+    return torch.tensor(part, dtype=torch.long, device=device).unique()
 
 
 @dataclass

@@ -1,9 +1,11 @@
 """Official per-sample metrics of the supported benchmarks (each returns a float in [0, 1]).
 
-Every function re-implements the definition named in its docstring; the text normalisation
-is the official one (SQuAD-style for English, jieba word segmentation for Chinese). The
-benchmarks average these per-sample values and report them on a 0-100 scale.
-Heavy optional imports (jieba, rouge, fuzzywuzzy) happen on first use.
+Every function re-implements the definition named in its docstring, or calls the package
+the official code calls (`rouge`, Google's `rouge_score`, `math_verify`); the text
+normalisation is the official one (SQuAD-style for English, jieba word segmentation for
+Chinese). The benchmarks average these per-sample values with each benchmark's own
+arithmetic (the aggregates at the end) and report them on a 0-100 scale.
+Heavy optional imports (jieba, rouge, rouge_score, fuzzywuzzy, math_verify) happen on first use.
 """
 
 from __future__ import annotations
