@@ -1,4 +1,5 @@
-"""The hook on CUDA: dense is exact, full budgets match eager, every method runs in bf16."""
+"""The hook on CUDA: dense on eager is exact, on the fast kernel close, full budgets match eager,
+every method runs in bf16."""
 
 from __future__ import annotations
 
@@ -43,6 +44,12 @@ def protocol(model, method, tokens, ctx_len=900, q_len=40, steps=8):
     return torch.cat(outs, 1).float()
 
 
+def _fast_kernel(dtype):
+    from sa_bench.attention.dense import resolve_implementation
+
+    return resolve_implementation("auto", torch.device("cuda"), dtype)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_dense_exact_and_full_budget_close(dtype, install):
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -54,14 +61,17 @@ def test_cuda_dense_exact_and_full_budget_close(dtype, install):
     tokens = torch.randint(0, 300, (1, 960), device="cuda")
     base.set_attn_implementation("eager")
     want = protocol(base, None, tokens)
-    method = SparseMethod.from_config(load("dense"))
-    install(method, base)
-    assert torch.equal(protocol(base, method, tokens), want)
+    exact = SparseMethod.from_config(load("dense"))
+    with exact.installed(base, "eager"):
+        assert torch.equal(protocol(base, exact, tokens), want)
+    tol = 1e-4 if dtype == torch.float32 else 5e-2
+    fast = SparseMethod.from_config(load("dense"))
+    with fast.installed(base, _fast_kernel(dtype)):
+        torch.testing.assert_close(protocol(base, fast, tokens), want, atol=tol, rtol=tol)
     data = load("oracle_topk")
     data["maskers"]["topk"]["heavy_size"] = 1.0
     method = SparseMethod.from_config(data)
     install(method, base)
-    tol = 1e-4 if dtype == torch.float32 else 5e-2
     torch.testing.assert_close(protocol(base, method, tokens), want, atol=tol, rtol=tol)
 
 
