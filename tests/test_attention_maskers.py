@@ -336,3 +336,175 @@ def test_config_errors_name_the_full_key():
             "_target_": "sa_bench.attention.maskers.HashAttention", "weights": "/nonexistent.st"}}})
     with pytest.raises(ConfigError, match=r"sparse\.maskers\.z\._target_"):
         SparseMethod.from_config({"name": "x", "maskers": {"z": {"_target_": "os.path.join"}}})
+
+
+# --- decode machinery: incremental caches, fast selection paths, blocks ----------------------
+
+
+def test_quest_page_stats_incremental_equal_recomputed_after_appends_and_crop():
+    from sa_bench.attention.maskers import PageStats
+
+    def scratch(key, p):
+        pages = [key[:, :, j:j + p] for j in range(0, key.shape[2], p)]
+        return torch.stack([torch.cat([pg.amax(2), pg.amin(2)], -1) for pg in pages], 2)
+
+    g = torch.Generator().manual_seed(1)
+    key = torch.randn(1, 2, 37, 8, generator=g)
+    stats = PageStats()
+    torch.testing.assert_close(stats.pages(0, key, 37, 16), scratch(key, 16), rtol=0, atol=0)
+    for _ in range(20):  # decode: one key per step, crossing page boundaries
+        key = torch.cat([key, torch.randn(1, 2, 1, 8, generator=g)], 2)
+        torch.testing.assert_close(stats.pages(0, key, 1, 16), scratch(key, 16), rtol=0, atol=0)
+    stats.truncate(0, 40)  # DynamicCache.crop to 40 keys, then other keys appended
+    key = torch.cat([key[:, :, :40], 10 + torch.randn(1, 2, 9, 8, generator=g)], 2)
+    torch.testing.assert_close(stats.pages(0, key, 9, 16), scratch(key, 16), rtol=0, atol=0)
+    view = torch.cat([key, key], 2)[:, :, :45]  # a strided view, as after crop
+    stats.truncate(0, 45)
+    torch.testing.assert_close(stats.pages(0, view, 0, 16), scratch(view, 16), rtol=0, atol=0)
+
+
+def test_quest_decode_steps_match_brute_force_with_partial_pages():
+    query, key, _ = tensors(h=4, hk=2, q=1, kv=101, d=8)
+    masker = Quest(heavy_size=24, page_size=8)
+    g = torch.Generator().manual_seed(3)
+    for _ in range(3):  # the cache grows by one key per call
+        key = torch.cat([key, torch.randn(1, 2, 1, 8, generator=g)], 2)
+        kv = key.shape[2]
+        _, sel = run([Sink(size=2), masker], query, key)
+        _, prior_sel = run([Sink(size=2)], query, key)
+
+        def score(bi, hi, i, key=key, kv=kv):
+            k, qv = key[bi, hi // 2], query[bi, hi, i]
+            return [torch.maximum(qv * k[j // 8 * 8:j // 8 * 8 + 8].min(0).values,
+                                  qv * k[j // 8 * 8:j // 8 * 8 + 8].max(0).values).sum().item()
+                    for j in range(kv)]
+
+        check_topk(row_sets(sel), row_sets(prior_sel), score, lambda n: 24, kv, 1)
+
+
+@pytest.mark.parametrize("uniform", [True, False])
+def test_top_rows_threshold_path_equals_topk(uniform):
+    from sa_bench.attention.base import top_rows
+
+    scores = torch.randn(1, 4, 3, 8192, generator=torch.Generator().manual_seed(0))
+    scores[0, 1, 2, :100] = float("-inf")
+    k = torch.full((1, 1, 3), 1500) if uniform else torch.tensor([[[1500, 1100, 1499]]])
+    idx, valid = top_rows(scores, k, 1500)
+    for hi in range(4):
+        for i in range(3):
+            got = set(idx[0, hi, i][valid[0, hi, i]].tolist())
+            want = set(scores[0, hi, i].topk(int(k[0, 0, i])).indices.tolist())
+            assert got == want
+
+
+def test_draw_candidates_is_uniform_over_the_candidates():
+    from sa_bench.attention.base import draw_candidates
+
+    query, key, _ = tensors(h=2, hk=1, q=2, kv=600)
+    counts = torch.zeros(2, 2, 600)
+    reps, m = 400, 30
+    for seed in range(reps):
+        ctx, sel = run([Sink(size=4), Local(size=16)], query, key, seed=seed)
+        idx, valid = draw_candidates(ctx, sel, torch.full((1, 2, 2), m), m)
+        assert idx.shape[-1] > m  # the draw path (a few more draws than keys wanted)
+        for hi in range(2):
+            for i in range(2):
+                keys = idx[0, hi, i][valid[0, hi, i]].tolist()
+                assert len(keys) == len(set(keys)) == m
+                counts[hi, i, keys] += 1
+    for i in range(2):
+        seen = causal_keys(600, 2, i) - set(range(4)) - set(range(600 - 2 + i - 15, 600 - 2 + i + 1))
+        inside = sorted(seen)
+        assert counts[:, i, [j for j in range(600) if j not in seen]].sum() == 0
+        freq = counts[:, i, inside] / reps  # each candidate: m / R, binomial noise
+        p = m / len(inside)
+        assert abs(freq.mean().item() - p) < 1e-6
+        assert (freq - p).abs().max().item() < 5 * math.sqrt(p * (1 - p) / reps)
+
+
+def test_vattention_budget_is_the_one_sided_clt_bound_of_the_reference():
+    masker = AdaptiveSampling(base_rate=0.02, epsilon=0.1, delta=0.05)
+    z = 1.6448536269514722  # Phi^-1(0.95): one-sided, as sparse-attention-hub's norm.ppf(1 - delta)
+    sigma = torch.tensor([0.5, 2.0, 1e-3, 0.05])
+    denom = torch.tensor([1000.0, 50.0, 10.0, 40.0])
+    n_rem = torch.tensor([5000, 5000, 5000, 100])
+    want = [min(max(math.floor((z * s * r / (0.1 * dd)) ** 2), 1), r)
+            for s, dd, r in zip(sigma.tolist(), denom.tolist(), n_rem.tolist(), strict=True)]
+    assert masker.budget(sigma, denom, n_rem).tolist() == want
+    assert want[0] == 1690  # (1.6449 * 25)^2 = 1690.96; two-sided (z = 1.96) would give 2400
+    assert masker.base_size(torch.tensor([5000, 120, 1, 0])).tolist() == [100, 2, 1, 0]
+
+
+def test_sparse_attention_reads_a_cropped_cache_view_without_copying():
+    from sa_bench.attention.base import key_rows
+
+    query, key, value = tensors(h=8, hk=2, q=1, kv=150)
+    big_k = torch.cat([key, torch.randn_like(key)], 2)
+    big_v = torch.cat([value, torch.randn_like(value)], 2)
+    view_k, view_v = big_k[:, :, :150], big_v[:, :, :150]  # what DynamicCache.crop leaves
+    rows, _, _ = key_rows(view_k)
+    assert rows.data_ptr() == big_k.data_ptr()
+    maskers = [Sink(size=4), Local(size=8)]
+    ctx, sel = run(maskers, query, view_k)
+    ctx_c, sel_c = run(maskers, query, key)
+    out = sparse_attention(ctx, view_v, sel, Workspace())
+    torch.testing.assert_close(out, sparse_attention(ctx_c, value, sel_c, Workspace()))
+
+
+def test_oracle_topp_large_flat_sets_match_sorting():
+    query, key, _ = tensors(h=2, hk=1, q=1, kv=3000, d=16, seed=2)
+    query = query * 0.3  # flat attention: the set is most of the keys
+    _, sel = run([Sink(size=4), OracleTopP(top_p=0.9)], query, key)
+    for hi in range(2):
+        s = (key[0, 0] @ query[0, hi, 0]) / 4
+        s[:4] = float("-inf")
+        p = torch.softmax(s.double(), 0)
+        order = p.argsort(descending=True)
+        before = p[order].cumsum(0) - p[order]
+        want = set(order[before < 0.9].tolist()) | set(range(4))
+        got = set(sel.idx[0, hi, 0][sel.valid[0, hi, 0]].tolist())
+        assert len(got ^ want) <= 1  # float32 vs float64 mass at the cut
+        assert len(got) > 1500
+
+
+def test_row_blocks_respect_the_budget():
+    from sa_bench.attention.base import row_blocks
+
+    mib = 2**20
+    blocks = row_blocks(1, 32, 1000, 131072, 256 * mib)
+    assert blocks[0] == (0, 7) and blocks[-1] == (994, 1000)
+    assert [r0 for r0, _ in blocks] == list(range(0, 1000, 7))
+    for b, h, q, kv, budget in [(1, 32, 1000, 131072, 256 * mib), (2, 8, 50, 3000, mib),
+                                (1, 4, 3, 10, 10**9)]:
+        blocks = row_blocks(b, h, q, kv, budget)
+        assert blocks[0][0] == 0 and blocks[-1][1] == q
+        assert all(r1 == n0 for (_, r1), (n0, _) in zip(blocks, blocks[1:], strict=False))
+        for r0, r1 in blocks:
+            assert (r1 - r0) * b * h * (kv + 1) * 8 <= budget
+    assert row_blocks(1, 32, 5, 10**8, mib) == [(i, i + 1) for i in range(5)]  # >= one row
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_question_in_blocks_equals_one_block(masked):
+    query, key, value = tensors(h=8, hk=2, q=23, kv=200)
+    mask = None
+    if masked:
+        mask = torch.zeros(1, 1, 23, 200)
+        mask[..., ~allowed_from_mask(None, 1, 23, 200, "cpu")[0, 0]] = torch.finfo(torch.float32).min
+    outs = {}
+    for budget in (10**9, 8 * 8 * 201 * 3):  # one block, blocks of 3 rows
+        method = SparseMethod.from_config({"name": "t", "block_bytes": budget, "maskers": {}})
+        method.maskers = {"sink": Sink(size=4), "local": Local(size=8),
+                          "topk": OracleTopK(heavy_size=0.1), "quest": Quest(heavy_size=16, page_size=8)}
+        method.num_layers = 1
+        method.set_phase("question")
+        out, _ = method.attention(MODULE, query, key, value, mask, 0.25)
+        outs[budget] = (out, method.stats()["density"]["question"][0])
+    (one, d_one), (blocked, d_blocked) = outs.values()
+    torch.testing.assert_close(blocked, one)
+    assert d_blocked == pytest.approx(d_one, abs=1e-5)
+
+
+def test_block_bytes_is_validated():
+    with pytest.raises(ConfigError, match=r"sparse\.block_bytes: expected a positive"):
+        SparseMethod.from_config({"name": "x", "block_bytes": 0, "maskers": {}})

@@ -15,6 +15,7 @@ dense numerator and denominator when keys are sampled.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -96,11 +97,22 @@ class Selection:
         logw = torch.where(valid, logw, NEG_INF)
         return Selection(torch.cat([self.idx, idx], -1), torch.cat([self.logw, logw], -1))
 
-    def contains(self, idx: Tensor) -> Tensor:
-        """Whether each candidate in `idx` [b, 1|H, q, m] is already selected -> [b, H, q, m]."""
+    def contains(self, idx: Tensor, kv: int | None = None) -> Tensor:
+        """Whether each candidate in `idx` [b, 1|H, q, m] is already selected -> [b, H, q, m].
+
+        With `kv` (every index <= kv): a [b, H, q, kv + 1] bitmap, O(kv + n + m) per row
+        (bool, an eighth of a row of scores); else a sorted search, O((n + m) log n)."""
+        shape = (*self.idx.shape[:3], idx.shape[-1])
         if self.idx.shape[-1] == 0:
-            return torch.zeros(idx.shape, dtype=torch.bool, device=idx.device)
-        return (idx.unsqueeze(-1) == self.idx.unsqueeze(-2)).any(-1)
+            return torch.zeros(shape, dtype=torch.bool, device=idx.device)
+        idx = idx.expand(shape)
+        if kv is not None:
+            taken = torch.zeros(*shape[:3], kv + 1, dtype=torch.bool, device=idx.device)
+            return taken.scatter_(-1, self.idx, True).gather(-1, idx)
+        ref = self.idx.sort(-1).values  # padding (the sentinel kv) sorts last, never a candidate
+        idx = idx.contiguous()
+        pos = torch.searchsorted(ref, idx).clamp_(max=ref.shape[-1] - 1)
+        return ref.gather(-1, pos) == idx
 
 
 class KeyCache:
@@ -127,21 +139,30 @@ class KeyCache:
     def get(self, layer: int, key: Tensor, n_new: int, fn) -> Tensor:
         """Features [b, Hk, kv, f] of all keys; `fn(key_slice)` computes them for new keys."""
         kv = key.shape[-2]
-        buf = self.buf.get(layer)
-        keep = min(self.length.get(layer, 0), kv - n_new)
-        if buf is not None and buf.shape[0] != key.shape[0]:
-            buf, keep = None, 0
+        keep = self.kept(layer, key, n_new)
         if keep < kv:
-            new = fn(key[:, :, keep:])
-            if buf is None or buf.shape[2] < kv or buf.dtype != new.dtype:
-                old = buf[:, :, :keep] if buf is not None else new[:, :, :0]
-                cap = kv + kv // 2 + 256
-                grown = new.new_empty(*new.shape[:2], cap, *new.shape[3:])
-                grown[:, :, :keep] = old
-                buf = self.buf[layer] = grown
-            buf[:, :, keep:kv] = new
+            self.write(layer, keep, fn(key[:, :, keep:]))
         self.length[layer] = kv
-        return buf[:, :, :kv]
+        return self.buf[layer][:, :, :kv]
+
+    def kept(self, layer: int, key: Tensor, n_new: int) -> int:
+        """How many of the keys' cached features are still valid (the last `n_new` never are)."""
+        buf = self.buf.get(layer)
+        if buf is None or buf.shape[0] != key.shape[0]:
+            return 0
+        return max(0, min(self.length.get(layer, 0), key.shape[-2] - n_new))
+
+    def write(self, layer: int, at: int, new: Tensor) -> None:
+        """Store rows `new` [b, Hk, n, ...] at row `at` (rows before `at` kept), growing the
+        buffer with spare capacity when it is too small."""
+        end = at + new.shape[2]
+        buf = self.buf.get(layer)
+        if buf is None or buf.shape[2] < end or buf.dtype != new.dtype or buf.shape[0] != new.shape[0]:
+            grown = new.new_empty(*new.shape[:2], end + end // 2 + 256, *new.shape[3:])
+            if buf is not None and at and buf.shape[0] == new.shape[0]:
+                grown[:, :, :at] = buf[:, :, :at]
+            buf = self.buf[layer] = grown
+        buf[:, :, at:end] = new
 
 
 @dataclass
@@ -183,6 +204,18 @@ class Context:
             return torch.round(n.double() * size).long()
         return n.clamp(max=int(size))
 
+    def budget_max(self, size: Size) -> int:
+        """An upper bound of `budget(size)` known without reading the mask (no device sync)."""
+        if isinstance(size, float):
+            return round(self.kv * size)
+        return min(int(size), self.kv)
+
+    @property
+    def positions(self) -> Tensor:
+        """Key position of each query row, [q] (row i sits at kv - q + i)."""
+        q = self.query.shape[2]
+        return torch.arange(self.kv - q, self.kv, device=self.key.device)
+
     def grouped(self, x: Tensor) -> Tensor:
         """[b, H, q, f] -> [b, Hk, g*q, f] so one matmul per kv head serves its query heads."""
         b, h, q, f = x.shape
@@ -200,9 +233,23 @@ class Context:
     def scores(self) -> Tensor:
         """Exact scores q.k * scaling, [b, H, q, kv] float32 (computed once per call)."""
         if self.full_scores is None:
-            s = self.score_with(self.query, self.key) * self.scaling
-            self.full_scores = s.float()
+            self.full_scores = self.score_with(self.query * self.scaling, self.key).float()
         return self.full_scores
+
+    def scores_at(self, idx: Tensor, workspace: Workspace | None = None) -> Tensor:
+        """Exact scores of the keys `idx` [b, H, q, n] (any index < kv), float32: taken from
+        `full_scores` when a masker computed them, else from the gathered keys only."""
+        idx = idx.clamp(max=self.kv - 1)
+        if self.full_scores is not None:
+            return self.full_scores.gather(-1, idx)
+        b, h, q, n = idx.shape
+        d = self.key.shape[-1]
+        rows, r0, r1 = key_rows(self.key)
+        flat = _flat_rows(idx, self.groups, r0, r1).reshape(-1)
+        keys = (workspace or Workspace()).take(flat.numel(), d, self.key)
+        torch.index_select(rows, 0, flat, out=keys)
+        s = torch.bmm(keys.view(b * h * q, n, d), self.query.reshape(b * h * q, d, 1))
+        return s.view(b, h, q, n).float() * self.scaling
 
     def candidates(self, sel: Selection) -> Tensor:
         """Bool [b, H, q, kv]: keys a row may see that are not selected yet."""
@@ -211,8 +258,18 @@ class Context:
         taken.scatter_(-1, sel.idx, True)
         return self.allowed & ~taken[..., : self.kv]
 
-    def rand(self, shape) -> Tensor:
-        return torch.rand(shape, generator=self.generator, device=self.key.device)
+    def without(self, scores: Tensor, sel: Selection, inplace: bool = False) -> Tensor:
+        """`scores` [b, H, q, kv] with -inf where a key is not a candidate (masked out or
+        already selected); no [b, H, q, kv] mask is built."""
+        scores = scores.masked_fill_(~self.allowed, NEG_INF) if inplace else \
+            scores.masked_fill(~self.allowed, NEG_INF)
+        if sel.idx.shape[-1]:  # padding entries (index kv) leave the last key as it is
+            fill = torch.where(sel.valid, NEG_INF, float("inf")).to(scores.dtype)
+            scores.scatter_reduce_(-1, sel.idx.clamp(max=self.kv - 1), fill, reduce="amin")
+        return scores
+
+    def rand(self, shape, dtype: torch.dtype = torch.float32) -> Tensor:
+        return torch.rand(shape, generator=self.generator, device=self.key.device, dtype=dtype)
 
 
 class TopKMasker(Masker):
@@ -224,32 +281,110 @@ class TopKMasker(Masker):
         raise NotImplementedError
 
     def select(self, ctx: Context, sel: Selection) -> Selection:
-        scores = self.score(ctx).masked_fill(~ctx.candidates(sel), NEG_INF)
-        idx, valid = top_rows(scores, ctx.budget(self.heavy_size))
+        scores = self.score(ctx)
+        scores = ctx.without(scores, sel, inplace=scores is not ctx.full_scores)
+        idx, valid = top_rows(scores, ctx.budget(self.heavy_size), ctx.budget_max(self.heavy_size))
         return sel.add(idx, valid, 0.0, ctx.kv)
 
 
-def top_rows(scores: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+def top_rows(scores: Tensor, k: Tensor, kmax: int | None = None) -> tuple[Tensor, Tensor]:
     """Per row, the k[row] highest finite entries of `scores` [b, H, q, kv].
 
-    k broadcasts to [b, H, q]. Returns (idx, valid) of shape [b, H, q, max k].
+    k broadcasts to [b, H, q]; `kmax` is an upper bound of k (read from k when None, a
+    device sync). Returns (idx, valid) of shape [b, H, q, kmax].
     """
     k = k.expand(scores.shape[:3])
-    kmax = min(int(k.max()) if k.numel() else 0, scores.shape[-1])
+    if kmax is None:
+        kmax = int(k.max()) if k.numel() else 0
+    kmax = min(kmax, scores.shape[-1])
     if kmax == 0:
         empty = scores.new_zeros(*scores.shape[:3], 0)
         return empty.long(), empty.bool()
-    uniform = bool((k == kmax).all())
-    vals, idx = scores.topk(kmax, dim=-1, sorted=not uniform)
+    cpu = scores.device.type == "cpu"
+    # on CPU reading k is free; on an accelerator sorting avoids a sync
+    uniform = cpu and bool((k == kmax).all())
+    found = _top_by_threshold(scores, kmax) if cpu and 1024 <= kmax <= scores.shape[-1] // 4 else None
+    if found is None:
+        vals, idx = scores.topk(kmax, dim=-1, sorted=not uniform)
+    else:
+        vals, idx = found
+        if not uniform:
+            vals, order = vals.sort(-1, descending=True)
+            idx = idx.gather(-1, order)
     valid = vals > NEG_INF
     if not uniform:
         valid &= torch.arange(kmax, device=scores.device) < k.unsqueeze(-1)
     return idx, valid
 
 
+def _top_by_threshold(scores: Tensor, k: int, stride: int = 16) -> tuple[Tensor, Tensor] | None:
+    """torch.topk on CPU costs more than computing the scores for k of ~10% of the keys.
+    Instead: a threshold from every `stride`-th score that about 1.25 k scores exceed, the
+    exact top k among those, or None when some row has fewer than k above it."""
+    sub = scores[..., ::stride]
+    rank = min(sub.shape[-1], (k + k // 4) // stride + 1)
+    th = sub.topk(rank, dim=-1, sorted=False).values.amin(-1, keepdim=True)
+    above = scores >= th
+    if not bool(th.isfinite().all()) or bool((above.sum(-1) < k).any()):
+        return None
+    cand, ok = compact(above, scores.shape[-1] - 1)
+    vals, pos = scores.gather(-1, cand).masked_fill_(~ok, NEG_INF).topk(k, dim=-1, sorted=False)
+    return vals, cand.gather(-1, pos)
+
+
+def compact(mask: Tensor, fill: int) -> tuple[Tensor, Tensor]:
+    """Positions of the True entries of each row of `mask` [..., n] -> (idx, valid) [..., w],
+    w the largest row count (read from the device), padding `fill`. O(n), no sort."""
+    lead, n = mask.shape[:-1], mask.shape[-1]
+    flat = mask.reshape(-1, n)
+    count = flat.sum(-1)
+    width = int(count.max()) if count.numel() else 0
+    rows, cols = flat.nonzero(as_tuple=True)
+    slot = torch.arange(rows.numel(), device=mask.device) - (count.cumsum(0) - count)[rows]
+    idx = torch.full((flat.shape[0], width), fill, dtype=torch.long, device=mask.device)
+    idx[rows, slot] = cols
+    valid = torch.arange(width, device=mask.device) < count.unsqueeze(-1)
+    return idx.view(*lead, width), valid.view(*lead, width)
+
+
+def draw_candidates(ctx: Context, sel: Selection, m: Tensor, mmax: int) -> tuple[Tensor, Tensor]:
+    """m[row] (<= the row's candidates, <= mmax) keys drawn uniformly without replacement
+    from the candidates (keys the row may see, not in `sel`) -> (idx, valid) [b, H, q, n].
+
+    Few draws next to the keys: i.i.d. uniform draws over the row's causal range, rejecting
+    masked, selected and repeated keys (a kv-wide map of each key's first draw, no sort); the
+    first m survivors in draw order are a uniform random m-subset. The result has one entry
+    per draw (a few more than mmax), the rejected ones invalid. Enough draws are made for the worst case with a wide margin; if a row
+    is still short (checked: one device sync), or when m is not small next to kv, kv random
+    numbers per row are ranked instead.
+    """
+    b, h, q = sel.idx.shape[:3]
+    kv = ctx.kv
+    if mmax == 0:
+        empty = torch.zeros(b, h, q, 0, dtype=torch.long, device=ctx.key.device)
+        return empty, empty.bool()
+    need = mmax + sel.idx.shape[-1]  # distinct draws needed if every selected key is hit
+    if 4 * need <= kv:
+        draws = math.ceil(-kv * math.log1p(-need / kv) + 8 * math.sqrt(need) + 32)
+        lo = first_allowed(ctx.allowed).unsqueeze(-1)  # [b, 1, q, 1]
+        width = (ctx.positions[:, None] - lo + 1).clamp(min=1)
+        u = ctx.rand((b, h, q, draws), torch.float64)
+        r = lo + (u * width).long()  # [b, H, q, draws], each in the row's causal range
+        order = torch.arange(draws, device=r.device).expand_as(r)
+        first = torch.full((b, h, q, kv + 1), draws, dtype=torch.long, device=r.device)
+        first.scatter_(-1, sel.idx, -1)  # selected keys: never a first draw
+        first.scatter_reduce_(-1, r, order, reduce="amin")  # earliest draw of each key
+        ok = (first.gather(-1, r) == order) & ctx.allowed.expand(b, h, q, kv).gather(-1, r)
+        ok &= ok.cumsum(-1) <= m.unsqueeze(-1)
+        if not bool((ok.sum(-1) < m).any()):  # one sync: a short row is never kept
+            return r, ok
+    keys = ctx.without(ctx.rand((b, h, q, kv)), sel, inplace=True)
+    return top_rows(keys, m, mmax)
+
+
 def first_allowed(allowed: Tensor) -> Tensor:
     """Index of the first key each row may see, [b, 1, q]."""
-    return allowed.int().argmax(-1)
+    return allowed.to(torch.uint8).argmax(-1)  # uint8: ~40x faster than int32 on CPU
 
 
 # --- attention kernels -------------------------------------------------------------------
@@ -286,44 +421,107 @@ class Workspace:
         return buf[: n * d].view(n, d)
 
 
-def _flat_rows(ctx: Context, idx: Tensor) -> Tensor:
-    """Key indices [b, H, q, n] -> row indices into key.reshape(-1, d)."""
-    b, hk, kv, _ = ctx.key.shape
-    heads = torch.arange(ctx.query.shape[1], device=idx.device) // ctx.groups
-    base = (torch.arange(b, device=idx.device)[:, None] * hk + heads[None, :]) * kv
-    return idx.clamp(max=kv - 1) + base[:, :, None, None]
+def key_rows(x: Tensor) -> tuple[Tensor, int, int]:
+    """x [b, Hk, kv, d] as rows [N, d] of its own storage, and the row strides of b and Hk.
+
+    No copy for a contiguous tensor or a prefix view of a bigger cache (DynamicCache.crop
+    leaves one; `reshape(-1, d)` would copy the whole cache)."""
+    b, hk, kv, d = x.shape
+    s0, s1, s2, s3 = x.stride()
+    s0 = s0 if b > 1 else 0
+    if s3 == 1 and s2 == d and s0 % d == 0 and s1 % d == 0 and s0 >= 0 and s1 >= 0:
+        n = (b - 1) * (s0 // d) + (hk - 1) * (s1 // d) + kv
+        return x.as_strided((n, d), (d, 1)), s0 // d, s1 // d
+    return x.contiguous().view(-1, d), hk * kv, kv
+
+
+def _flat_rows(idx: Tensor, groups: int, r0: int, r1: int) -> Tensor:
+    """Key indices [b, H, q, n] (each < kv) -> indices into `key_rows` with row strides r0, r1."""
+    b, h = idx.shape[:2]
+    heads = torch.arange(h, device=idx.device) // groups
+    base = torch.arange(b, device=idx.device)[:, None] * r0 + heads[None, :] * r1
+    return idx + base[:, :, None, None]
+
+
+# Relative costs on CPU (1 thread) of one row of d values: read in a stream (matmul over all
+# of K or V) = 1; gathered and dotted with q (index_select + bmm) ~ 8; gathered into a weighted
+# sum (embedding_bag) ~ 1.5. An element of a [H, q, kv] float temporary ~ 5 / d.
+GATHER_SCORE_COST = 8.0
+GATHER_VALUE_COST = 1.5
 
 
 def sparse_attention(ctx: Context, value: Tensor, sel: Selection, workspace: Workspace) -> Tensor:
     """Attention over the selected keys only, output [b, H, q, d].
 
-    Gather path (few keys per row): scores of the selected keys come from the maskers' exact
-    scores when one computed them, else from the gathered keys; the weighted sum of values is
-    an `embedding_bag` (reads only the selected rows). Otherwise (many query rows, as in the
-    question phase) the selection is scattered into a bias over the dense score matrix.
+    Scores of the selected keys: from the exact scores of all keys (computed once, shared
+    with maskers such as oracle top-k) when a masker computed them or when that streams fewer
+    rows than gathering the selected keys would cost, else from the gathered keys only.
+    Values: an `embedding_bag` over the selected rows (reads only those), or, when the
+    selections are large next to a kv head's keys, the selection becomes a bias over the
+    scores and the values are read once per kv head (a matmul). The cheaper path is taken.
     """
     b, h, q, n = sel.idx.shape
     kv, d = ctx.kv, ctx.key.shape[-1]
+    hk = ctx.key.shape[1]
     dtype = ctx.query.dtype
-    if q * n <= kv:
-        rows = _flat_rows(ctx, sel.idx)
-        if ctx.full_scores is not None:
-            s = ctx.full_scores.gather(-1, sel.idx.clamp(max=kv - 1))
-        else:
-            keys = workspace.take(rows.numel(), d, ctx.key)
-            torch.index_select(ctx.key.reshape(-1, d), 0, rows.reshape(-1), out=keys)
-            s = torch.bmm(keys.view(b * h * q, n, d), ctx.query.reshape(b * h * q, d, 1))
-            s = s.view(b, h, q, n).float() * ctx.scaling
+    rows = h * q * n
+    if ctx.full_scores is None and rows * GATHER_SCORE_COST > hk * kv + 5 * h * q * kv / d:
+        ctx.scores()
+    if rows * GATHER_VALUE_COST <= hk * kv + 5 * h * q * kv * 3 / d:
+        idx = sel.idx.clamp(max=kv - 1)
+        s = ctx.scores_at(idx, workspace)
         p = torch.softmax(s + sel.logw, dim=-1).nan_to_num_(0.0)
-        out = F.embedding_bag(rows.reshape(-1, n), value.reshape(-1, d),
+        v_rows, r0, r1 = key_rows(value)
+        flat = _flat_rows(idx, ctx.groups, r0, r1)
+        out = F.embedding_bag(flat.reshape(-1, n), v_rows,
                               per_sample_weights=p.to(value.dtype).reshape(-1, n), mode="sum")
         return out.view(b, h, q, d).to(dtype)
     bias = torch.full((b, h, q, kv + 1), NEG_INF, device=sel.idx.device)
     bias.scatter_(-1, sel.idx, sel.logw)
-    s = ctx.full_scores if ctx.full_scores is not None else ctx.scores()
-    p = torch.softmax(s + bias[..., :kv], dim=-1).nan_to_num_(0.0).to(value.dtype)
+    p = torch.softmax(ctx.scores() + bias[..., :kv], dim=-1).nan_to_num_(0.0).to(value.dtype)
     out = torch.matmul(ctx.grouped(p), value)
     return ctx.ungrouped(out).to(dtype)
+
+
+def row_blocks(b: int, h: int, q: int, kv: int, budget_bytes: int) -> list[tuple[int, int]]:
+    """Query-row blocks [r0, r1) for one sparse call: a block's largest per-call temporary
+    is a kv-wide row of 8-byte entries per head and row (index lists at full budget, the
+    first-draw map of sampling; scores are float32, half that), so a block has
+    budget_bytes // (b * H * (kv + 1) * 8) rows (at least one)."""
+    rows = max(1, budget_bytes // (b * h * (kv + 1) * 8))
+    return [(r0, min(q, r0 + rows)) for r0 in range(0, q, rows)]
+
+
+def attend_blocks(maskers, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
+                  scaling: float, layer: int, generator: torch.Generator | None,
+                  workspace: Workspace, budget_bytes: int) -> tuple[Tensor, Tensor]:
+    """Sparse attention of every query row, the rows in blocks (`row_blocks`) so that no
+    per-call tensor outgrows `budget_bytes` (a question of thousands of rows over 128k keys).
+    A block of rows sees the keys up to its last row's position only (causal masks; a mask
+    that lets a row see a later key is refused). Returns (output [b, H, q, d], the sum over
+    rows and heads of the attended fraction of each row's keys)."""
+    b, h, q, _ = query.shape
+    kv = key.shape[2]
+    outs, density = [], torch.zeros((), device=query.device)
+    for r0, r1 in row_blocks(b, h, q, kv, budget_bytes):
+        end = kv - q + r1
+        mask = attention_mask
+        if mask is not None:
+            mask = mask[:, :, r0:r1] if mask.shape[2] == q else mask
+            if end < kv and bool(allowed_from_mask(mask[..., end:kv], b, r1 - r0, kv - end,
+                                                   query.device).any()):
+                raise ValueError("sparse attention needs a causal mask: a query row may see a "
+                                 "later key")
+            mask = mask[..., :end]
+        k, v = (key, value) if end == kv else (key[:, :, :end], value[:, :, :end])
+        allowed = allowed_from_mask(mask, b, r1 - r0, end, query.device)
+        ctx = Context(query[:, :, r0:r1], k, scaling, layer, allowed, generator)
+        sel = Selection.empty(b, h, r1 - r0, query.device)
+        for masker in maskers:
+            sel = masker.select(ctx, sel)
+        outs.append(sparse_attention(ctx, v, sel, workspace))
+        density = density + (sel.valid.sum(-1).float() / ctx.n_keys.clamp(min=1).float()).sum()
+    return (outs[0] if len(outs) == 1 else torch.cat(outs, 2)), density
 
 
 def allowed_from_mask(attention_mask: Tensor | None, b: int, q: int, kv: int, device) -> Tensor:
@@ -350,7 +548,7 @@ def normal_quantile(p: float) -> float:
 
 
 __all__ = [
-    "Context", "KeyCache", "Masker", "Selection", "Workspace", "allowed_from_mask",
+    "Context", "KeyCache", "Masker", "Selection", "Workspace", "allowed_from_mask", "key_rows",
     "TopKMasker", "check_fraction", "eager_attention", "model_shapes", "first_allowed", "log_weight", "normal_quantile",
-    "sparse_attention", "top_rows",
+    "attend_blocks", "compact", "draw_candidates", "row_blocks", "sparse_attention", "top_rows",
 ]

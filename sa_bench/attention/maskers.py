@@ -7,7 +7,8 @@ row may see. "Candidates" are the keys a row may see that no earlier masker sele
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -15,14 +16,16 @@ from torch import Tensor
 from sa_bench.attention.base import (
     NEG_INF,
     Context,
+    KeyCache,
     Masker,
     Selection,
     TopKMasker,
     check_fraction,
+    compact,
+    draw_candidates,
     first_allowed,
     log_weight,
     normal_quantile,
-    top_rows,
 )
 from sa_bench.attention.double_sparsity import DoubleSparsity
 from sa_bench.attention.hashattn import HashAttention
@@ -41,12 +44,11 @@ class Sink(Masker):
 
     def select(self, ctx: Context, sel: Selection) -> Selection:
         s = ctx.budget(self.size)
-        smax = int(s.max())
-        ar = torch.arange(smax, device=s.device)
+        ar = torch.arange(ctx.budget_max(self.size), device=s.device)
         idx = first_allowed(ctx.allowed).unsqueeze(-1) + ar  # [b, 1, q, smax]
         idx = idx.clamp(max=ctx.kv - 1)
         valid = (ar < s.unsqueeze(-1)) & ctx.allowed.gather(-1, idx)
-        return sel.add(idx, valid & ~sel.contains(idx), 0.0, ctx.kv)
+        return sel.add(idx, valid & ~sel.contains(idx, ctx.kv), 0.0, ctx.kv)
 
 
 @dataclass
@@ -58,15 +60,12 @@ class Local(Masker):
 
     def select(self, ctx: Context, sel: Selection) -> Selection:
         w = ctx.budget(self.size)
-        wmax = int(w.max())
-        q = ctx.query.shape[2]
-        pos = ctx.kv - q + torch.arange(q, device=w.device)  # position of each query row
-        ar = torch.arange(wmax, device=w.device)
-        idx = (pos[:, None] - ar).expand(*w.shape, wmax)  # [b, 1, q, wmax]
+        ar = torch.arange(ctx.budget_max(self.size), device=w.device)
+        idx = (ctx.positions[:, None] - ar).expand(*w.shape, ar.shape[0])  # [b, 1, q, wmax]
         ok = (idx >= 0) & (ar < w.unsqueeze(-1))
         idx = idx.clamp(min=0)
         valid = ok & ctx.allowed.gather(-1, idx)
-        return sel.add(idx, valid & ~sel.contains(idx), 0.0, ctx.kv)
+        return sel.add(idx, valid & ~sel.contains(idx, ctx.kv), 0.0, ctx.kv)
 
 
 # --- top-k / top-p by a score ----------------------------------------------------------------
@@ -86,56 +85,107 @@ class OracleTopK(TopKMasker):
 class OracleTopP(Masker):
     """Oracle top-p: the smallest set of candidates whose softmax mass reaches p, with the
     softmax taken over the candidates: sort p_j = softmax(q.k)_j descending and keep
-    key i while the mass before it is < p."""
+    key i while the mass before it is < p.
+
+    Without a full sort: candidates are bucketed by log p_j (width 1/8); every key of the
+    buckets before the one where the mass reaches p is kept, and only that bucket is sorted.
+    """
 
     top_p: float = 0.9
+    bucket_width = 0.125  # log-probability width of a bucket (not config keys)
+    buckets = 200  # the last one holds every p_j < exp(-199 / 8)
 
     def __post_init__(self) -> None:
         check_fraction(self.top_p, "top_p")
 
     def select(self, ctx: Context, sel: Selection) -> Selection:
-        scores = ctx.scores().masked_fill(~ctx.candidates(sel), NEG_INF)
-        probs = torch.softmax(scores, -1).nan_to_num_(0.0)
-        sorted_p, order = probs.sort(-1, descending=True)
-        before = sorted_p.cumsum(-1) - sorted_p
-        keep = (before < self.top_p) & (sorted_p > 0)
-        n = int(keep.sum(-1).max()) if keep.numel() else 0
-        return sel.add(order[..., :n], keep[..., :n], 0.0, ctx.kv)
+        kv, nb = ctx.kv, self.buckets
+        logp = torch.log_softmax(ctx.without(ctx.scores(), sel), -1)
+        probs = logp.exp().nan_to_num_(0.0)
+        bucket = (-logp / self.bucket_width).nan_to_num_(nb - 1, nb - 1).clamp_(max=nb - 1).long()
+        mass = torch.zeros(*logp.shape[:3], nb, device=logp.device).scatter_add_(-1, bucket, probs)
+        cum = mass.cumsum(-1)
+        edge = (cum < self.top_p).sum(-1, keepdim=True).clamp_(max=nb - 1)  # the bucket reaching p
+        before_edge = (cum - mass).gather(-1, edge)
+        inner, inner_ok = compact(bucket < edge, kv)
+        idx, ok = compact(bucket == edge, kv - 1)
+        vals = probs.gather(-1, idx).masked_fill_(~ok, -1.0)
+        vals, order = vals.sort(-1, descending=True)
+        idx = idx.gather(-1, order)
+        before = before_edge + vals.cumsum(-1) - vals
+        ok = (before < self.top_p) & (vals > 0)
+        return sel.add(torch.cat([inner, idx], -1), torch.cat([inner_ok, ok], -1), 0.0, kv)
+
+
+class PageStats(KeyCache):
+    """Per-layer [max | min] over the keys of each page, [b, Hk, pages, 2d], kept as the KV
+    cache grows: a call recomputes only the pages holding keys not seen before (the last,
+    partly filled page and new ones), never all of K; `truncate` (DynamicCache.crop) makes
+    the pages from the cut on be recomputed."""
+
+    def pages(self, layer: int, key: Tensor, n_new: int, size: int) -> Tensor:
+        kv = key.shape[2]
+        first = self.kept(layer, key, n_new) // size
+        tail = key[:, :, first * size:]
+        full, rest = divmod(tail.shape[2], size)
+        parts = []
+        if full:
+            pages = tail[:, :, : full * size].unflatten(2, (full, size))
+            parts.append(torch.cat([pages.amax(3), pages.amin(3)], -1))
+        if rest:
+            last = tail[:, :, full * size:]
+            parts.append(torch.cat([last.amax(2, keepdim=True), last.amin(2, keepdim=True)], -1))
+        if parts:
+            self.write(layer, first, torch.cat(parts, 2))
+        self.length[layer] = kv
+        return self.buf[layer][:, :, : -(-kv // size)]
 
 
 @dataclass
-class Quest(TopKMasker):
+class Quest(Masker):
     """Quest (Tang et al., 2024, https://arxiv.org/abs/2406.10774): keys in pages of
     `page_size`; per page and channel d the min m_d and max M_d of the keys; page score
     sum_d max(q_d m_d, q_d M_d) (an upper bound of q.k in the page); the best pages are kept,
-    filling the budget of `heavy_size` keys in page-score order (the last page may be cut)."""
+    filling the budget of `heavy_size` keys in page-score order (the last page may be cut).
+    Page statistics are cached and updated incrementally (`PageStats`)."""
 
     heavy_size: Size = 0.1
     page_size: int = 16
+    _pages: PageStats = field(default_factory=PageStats, init=False, repr=False)
 
     def __post_init__(self) -> None:
         check_range(self.page_size, "page_size", 1)
 
-    def score(self, ctx: Context) -> Tensor:
+    def select(self, ctx: Context, sel: Selection) -> Selection:
         p, kv = self.page_size, ctx.kv
-        key = ctx.key
-        pad = (-kv) % p
-        if pad:
-            key = torch.cat([key, key[:, :, -1:].expand(-1, -1, pad, -1)], 2)
-        pages = key.reshape(*key.shape[:2], -1, p, key.shape[-1])
-        lo, hi = pages.amin(3), pages.amax(3)  # [b, Hk, pages, d]
+        bmax = ctx.budget_max(self.heavy_size)
+        if bmax == 0:
+            return sel
+        stats = self._pages.pages(ctx.layer, ctx.key, ctx.query.shape[2], p)  # [b, Hk, P, 2d]
         q = ctx.query
-        page_score = ctx.score_with(q.clamp(min=0), hi) + ctx.score_with(q.clamp(max=0), lo)
-        return page_score.repeat_interleave(p, dim=-1)[..., :kv].float()
+        score = ctx.score_with(torch.cat([q.clamp(min=0), q.clamp(max=0)], -1), stats).float()
+        n_pages = score.shape[-1]
+        start = torch.arange(n_pages, device=q.device) * p
+        lo = first_allowed(ctx.allowed).unsqueeze(-1)  # pages outside the row's keys: -inf
+        seen = (start + p > lo) & (start <= ctx.positions[:, None])
+        score = score.masked_fill_(~seen, NEG_INF)
+        # enough pages for the budget plus already selected keys and two partly seen pages
+        take = min(n_pages, -(-(bmax + sel.idx.shape[-1]) // p) + 2)
+        vals, top = score.topk(take, -1, sorted=True)
+        keys = (top.unsqueeze(-1) * p + torch.arange(p, device=q.device)).flatten(-2)
+        ok = (vals > NEG_INF).repeat_interleave(p, -1) & (keys < kv)
+        keys = keys.clamp(max=kv - 1)
+        ok &= ctx.allowed.expand(*keys.shape[:3], kv).gather(-1, keys) & ~sel.contains(keys, kv)
+        ok &= ok.cumsum(-1) <= ctx.budget(self.heavy_size).unsqueeze(-1)
+        return sel.add(keys, ok, 0.0, kv)
 
 
 # --- sampling --------------------------------------------------------------------------------
 
 
-def _uniform_sample(ctx: Context, cand: Tensor, m: Tensor) -> tuple[Tensor, Tensor]:
-    """m[row] candidates drawn uniformly without replacement -> (idx, valid)."""
-    keys = ctx.rand(cand.shape).masked_fill_(~cand, NEG_INF)
-    return top_rows(keys, m)
+def _remaining(ctx: Context, sel: Selection) -> Tensor:
+    """Candidates per row [b, H, q]: the row's keys less the (distinct, allowed) selected."""
+    return ctx.n_keys - sel.valid.sum(-1)
 
 
 @dataclass
@@ -149,25 +199,29 @@ class RandomSampling(Masker):
         check_fraction(self.rate, "rate")
 
     def select(self, ctx: Context, sel: Selection) -> Selection:
-        cand = ctx.candidates(sel)
-        n_rem = cand.sum(-1)  # [b, H, q]
+        n_rem = _remaining(ctx, sel)
         m = torch.minimum(ctx.budget(self.rate), n_rem)
-        idx, valid = _uniform_sample(ctx, cand, m)
+        idx, valid = draw_candidates(ctx, sel, m, ctx.budget_max(self.rate))
         pi = (m.float() / n_rem.clamp(min=1).float()).unsqueeze(-1)
         return sel.add(idx, valid, log_weight(pi), ctx.kv)
 
 
 @dataclass
 class AdaptiveSampling(Masker):
-    """vAttention adaptive sampling (Desai et al., 2025, https://arxiv.org/abs/2510.05688).
+    """vAttention adaptive sampling (Desai et al., 2025, "vAttention: Verified Sparse
+    Attention", https://arxiv.org/abs/2510.05688; reference code: sparse-attention-hub,
+    `AdaptiveSamplingMasker`, https://github.com/xAlg-ai/sparse-attention-hub).
 
-    Over the R candidates (keys not selected deterministically before, e.g. sink/local/top-k),
-    a base sample of b0 = max(2, base_rate) keys estimates the spread sigma of the terms
-    e_j = exp(s_j - c) of the softmax denominator. With D = sum_{selected} e_j + R mean(e_base)
-    the estimated denominator, the sample size that bounds the relative error of the
-    denominator estimate by `epsilon` with probability 1 - `delta` (CLT) is
-        m = (z_{1 - delta/2} * R * sigma / (epsilon * D))^2,  clamped to [b0, R].
-    m candidates are sampled uniformly (the base sample is part of it), weight R / m.
+    Over the R candidates (keys not selected before, e.g. by sink/local/top-k), a base sample
+    of b0 = max(2, floor(base_rate * R)) keys (an int base_rate: max(2, base_rate)) estimates
+    the standard deviation sigma (n - 1 denominator) of the terms e_j = exp(s_j - c) of the
+    softmax denominator. With D = sum_{selected} e_j + R mean(e_base) the estimated
+    denominator, the budget that bounds the relative error of the sampled denominator by
+    `epsilon` with probability 1 - `delta` by the CLT is, with the one-sided quantile the
+    reference code uses (`norm.ppf(1 - delta)`):
+        m = floor(clamp((Phi^-1(1 - delta) * R * sigma / (epsilon * D))^2, 1, R)),
+    then clamped to [b0, R]. m candidates are sampled uniformly without replacement (the
+    base sample is part of them), weight R / m (the reference samples with replacement).
     """
 
     base_rate: Size = 0.02
@@ -180,34 +234,50 @@ class AdaptiveSampling(Masker):
         if self.delta >= 1.0:
             raise ConfigError(f"delta: expected a value in (0, 1), got {self.delta}")
 
+    def base_size(self, n_rem: Tensor) -> Tensor:
+        if isinstance(self.base_rate, float):
+            b0 = (n_rem.double() * self.base_rate).floor().long().clamp(min=2)
+        else:
+            b0 = n_rem.new_full((), max(2, int(self.base_rate)))
+        return torch.minimum(b0, n_rem)
+
+    def budget(self, sigma: Tensor, denom: Tensor, n_rem: Tensor) -> Tensor:
+        """The sample size m of the class docstring (before the clamp to [b0, R])."""
+        z = normal_quantile(1.0 - self.delta)
+        m = (z * sigma * n_rem / (self.epsilon * denom).clamp_min(1e-8)) ** 2
+        return torch.minimum(m.nan_to_num(1.0).clamp(min=1.0), n_rem.double()).floor().long()
+
     def select(self, ctx: Context, sel: Selection) -> Selection:
-        cand = ctx.candidates(sel)
-        n_rem = cand.sum(-1)  # [b, H, q]
-        order = ctx.rand(cand.shape).masked_fill_(~cand, NEG_INF).argsort(-1, descending=True)
-        b0 = torch.minimum(ctx.budget(self.base_rate).clamp(min=2), n_rem)
-        b0max = int(b0.max()) if b0.numel() else 0
-        if b0max == 0:
-            return sel
-        scores = ctx.scores()
-        ar = torch.arange(order.shape[-1], device=order.device)
-        base_ok = ar[:b0max] < b0.unsqueeze(-1)
-        base_s = scores.gather(-1, order[..., :b0max]).masked_fill(~base_ok, NEG_INF)
-        det_s = scores.gather(-1, sel.idx.clamp(max=ctx.kv - 1)).masked_fill(~sel.valid, NEG_INF)
-        det_s = torch.cat([det_s, base_s.new_full((*det_s.shape[:3], 1), NEG_INF)], -1)
-        c = torch.maximum(base_s.amax(-1, keepdim=True), det_s.amax(-1, keepdim=True))
-        c = c.nan_to_num(0.0, neginf=0.0)
+        n_rem = _remaining(ctx, sel)
+        b0 = self.base_size(n_rem)
+        if isinstance(self.base_rate, float):
+            b0max = min(ctx.kv, max(2, math.floor(ctx.kv * self.base_rate)))
+        else:
+            b0max = min(ctx.kv, max(2, int(self.base_rate)))
+        base, base_ok = draw_candidates(ctx, sel, b0, b0max)
+        base_s = ctx.scores_at(base).masked_fill(~base_ok, NEG_INF)
+        det_s = ctx.scores_at(sel.idx).masked_fill(~sel.valid, NEG_INF)
+        c = torch.maximum(_max_or_neginf(base_s), _max_or_neginf(det_s)).nan_to_num(0.0, neginf=0.0)
         e = torch.exp(base_s - c)
         nb = base_ok.sum(-1).clamp(min=1)
         mean = e.sum(-1) / nb
         var = ((e - mean.unsqueeze(-1)) ** 2 * base_ok).sum(-1) / (nb - 1).clamp(min=1)
         denom = torch.exp(det_s - c).sum(-1) + n_rem * mean
-        z = normal_quantile(1.0 - self.delta / 2.0)
-        m = (z * n_rem * var.sqrt() / (self.epsilon * denom).clamp_min(1e-30)) ** 2
-        m = torch.minimum(torch.maximum(m.ceil().nan_to_num(0.0).long(), b0), n_rem)
-        mmax = int(m.max()) if m.numel() else 0
-        valid = ar[:mmax] < m.unsqueeze(-1)
+        m = torch.maximum(self.budget(var.sqrt().clamp_min(1e-8), denom, n_rem), b0)
+        m = torch.minimum(m, n_rem)
+        extra = m - b0
+        more, more_ok = draw_candidates(ctx, sel.add(base, base_ok, 0.0, ctx.kv), extra,
+                                        int(extra.max()) if extra.numel() else 0)
         pi = (m.float() / n_rem.clamp(min=1).float()).unsqueeze(-1)
-        return sel.add(order[..., :mmax], valid, log_weight(pi), ctx.kv)
+        return sel.add(torch.cat([base, more], -1), torch.cat([base_ok, more_ok], -1),
+                       log_weight(pi), ctx.kv)
+
+
+def _max_or_neginf(x: Tensor) -> Tensor:
+    """Row max [..., 1] of x [..., n], -inf for n = 0."""
+    if x.shape[-1] == 0:
+        return x.new_full((*x.shape[:-1], 1), NEG_INF)
+    return x.amax(-1, keepdim=True)
 
 
 __all__ = [

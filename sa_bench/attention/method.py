@@ -10,14 +10,7 @@ from typing import Any, Literal
 
 import torch
 
-from sa_bench.attention.base import (
-    Context,
-    Masker,
-    Selection,
-    Workspace,
-    allowed_from_mask,
-    sparse_attention,
-)
+from sa_bench.attention.base import Masker, Workspace, attend_blocks
 from sa_bench.attention.dense import dense_attention, dense_mask
 from sa_bench.config import ConfigError, build, build_target
 
@@ -35,8 +28,12 @@ class SparseConfig:
     measure_error: bool = False
     seed: int = 0
     maskers: dict[str, Any] = field(default_factory=dict)
+    block_bytes: int = 256 * 2**20
+    """Sparse calls process query rows in blocks with no temporary above this (question phase)."""
 
     def __post_init__(self) -> None:
+        if self.block_bytes < 1:
+            raise ConfigError(f"block_bytes: expected a positive number of bytes, got {self.block_bytes}")
         for i, layer in enumerate(self.dense_layers):
             if layer < 0:
                 raise ConfigError(f"dense_layers[{i}]: a layer index must be >= 0, got {layer}")
@@ -170,15 +167,10 @@ class SparseMethod:
             return out, None
         if self.generator is None or self.generator.device != query.device:
             self.generator = torch.Generator(device=query.device).manual_seed(self.config.seed)
-        allowed = allowed_from_mask(attention_mask, b, q, kv, query.device)
-        ctx = Context(query, key, scaling, layer, allowed, self.generator)
-        sel = Selection.empty(b, h, q, query.device)
-        for masker in self.maskers.values():
-            sel = masker.select(ctx, sel)
-        out = sparse_attention(ctx, value, sel, self.workspace)  # [b, H, q, d]
-        n_keys = ctx.n_keys.clamp(min=1).float()  # [b, 1, q]
-        density = sel.valid.sum(-1).float() / n_keys
-        self._density.add(self.phase, layer, density.sum(), b * h * q)
+        out, density = attend_blocks(self.maskers.values(), query, key, value, attention_mask,
+                                     scaling, layer, self.generator, self.workspace,
+                                     self.config.block_bytes)  # [b, H, q, d]
+        self._density.add(self.phase, layer, density, b * h * q)
         if self.config.measure_error:
             dense = dense_attention(module, query, key, value, attention_mask, scaling,
                                     self.implementation).float()
