@@ -46,9 +46,36 @@ def make(arch="llama", seed=0):
     return model, ref
 
 
+_SMALL_FILES: list[str] = []
+
+
+def small_model_files() -> str:
+    """A directory standing for SMALL's checkpoint, holding the files that hashattn and
+    double_sparsity look up next to the model (`${model.pretrained}`), random for its shapes."""
+    if not _SMALL_FILES:
+        import atexit
+        import shutil
+        import tempfile
+        from pathlib import Path
+
+        from safetensors.torch import save_file
+
+        from sa_bench.attention.double_sparsity import CALIBRATION_FILE
+        from sa_bench.attention.hashattn import WEIGHTS_FILE, HashWeights
+
+        folder = Path(tempfile.mkdtemp(prefix="sa_bench_small_"))
+        atexit.register(shutil.rmtree, folder, True)
+        HashWeights.init(2, 2, 16, bits=16, hidden=(16,)).save(folder / WEIGHTS_FILE)
+        g = torch.Generator().manual_seed(0)
+        rank = torch.stack([torch.randperm(16, generator=g) for _ in range(8)]).view(2, 4, 16)
+        save_file({"channel_rank": rank}, str(folder / CALIBRATION_FILE))
+        _SMALL_FILES.append(str(folder))
+    return _SMALL_FILES[0]
+
+
 def load(name, **override):
     with open(os.path.join(CONF, f"{name}.yaml")) as f:
-        data = yaml.safe_load(f)
+        data = yaml.safe_load(f.read().replace("${model.pretrained}", small_model_files()))
     data.update(override)
     return data
 

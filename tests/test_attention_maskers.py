@@ -20,15 +20,16 @@ from sa_bench.attention.base import (  # noqa: E402
     eager_attention,
     sparse_attention,
 )
+from sa_bench.attention.double_sparsity import kv_head_channels  # noqa: E402
 from sa_bench.attention.maskers import (  # noqa: E402
     AdaptiveSampling,
     DoubleSparsity,
-    HashAttention,
     Local,
     MagicPig,
     OracleTopK,
     OracleTopP,
     Quest,
+    RandomProjectionTopK,
     RandomSampling,
     Sink,
 )
@@ -153,7 +154,7 @@ def test_oracle_topp_matches_brute_force():
 
 def test_hashattn_random_projection_matches_brute_force():
     query, key, _ = tensors(h=4, hk=2, q=2, kv=200, d=16)
-    masker = HashAttention(heavy_size=30, bits=16, seed=3)
+    masker = RandomProjectionTopK(heavy_size=30, bits=16, seed=3)
     _, sel = run([masker], query, key)
     r = masker._proj[0]  # [Hk, d, bits]
 
@@ -190,13 +191,13 @@ def test_quest_matches_brute_force_page_scores():
 
 def test_double_sparsity_uses_channel_subset():
     query, key, _ = tensors(h=4, hk=2, q=1, kv=90, d=16)
-    masker = DoubleSparsity(heavy_size=10, channels=4)
+    masker = DoubleSparsity(heavy_size=10, channels=4, label_bits=16, calibration="online")
     masker._rank = torch.stack([torch.randperm(16, generator=torch.Generator().manual_seed(h))
                                 for h in range(4)]).unsqueeze(0)
     _, sel = run([masker], query, key)
 
-    def score(bi, hi, i):
-        ch = masker._rank[0, hi, :4]
+    def score(bi, hi, i):  # channels per kv head: the lowest summed rank of its query heads
+        ch = kv_head_channels(masker._rank[0], 2, 4)[hi // 2]
         return (key[bi, hi // 2][:, ch] @ query[bi, hi, i][ch]).tolist()
 
     empty = {k: set() for k in row_sets(sel)}
@@ -205,7 +206,7 @@ def test_double_sparsity_uses_channel_subset():
 
 def test_magicpig_keeps_exactly_the_colliding_keys():
     query, key, _ = tensors(h=4, hk=2, q=1, kv=150, d=16)
-    masker = MagicPig(lsh_bits=3, lsh_tables=4)
+    masker = MagicPig(lsh_bits=3, lsh_tables=4, min_collisions=1)
     _, sel = run([masker], query, key)
     planes, mean = masker._planes[0]
     for (bi, hi, i), chosen in row_sets(sel).items():
@@ -241,9 +242,9 @@ FULL = [
     [OracleTopK(heavy_size=1.0)],
     [Sink(size=4), Local(size=8), OracleTopK(heavy_size=1.0)],
     [OracleTopP(top_p=1.0)],
-    [Sink(size=4), HashAttention(heavy_size=1.0)],
+    [Sink(size=4), RandomProjectionTopK(heavy_size=1.0)],
     [Local(size=3), Quest(heavy_size=1.0, page_size=8)],
-    [DoubleSparsity(heavy_size=1.0, channels=4)],
+    [DoubleSparsity(heavy_size=1.0, channels=4, calibration="online")],
     [Sink(size=2), RandomSampling(rate=1.0)],
     [Local(size=2), AdaptiveSampling(base_rate=1.0)],
 ]
@@ -260,7 +261,7 @@ def test_full_budget_equals_dense(maskers, q):
 
 def test_gather_path_without_exact_scores_matches_dense():
     query, key, value = tensors(h=8, hk=2, q=1, kv=120)
-    ctx, sel = run([Sink(size=4), HashAttention(heavy_size=1.0)], query, key)
+    ctx, sel = run([Sink(size=4), RandomProjectionTopK(heavy_size=1.0)], query, key)
     assert ctx.full_scores is None  # scores come from gathered keys
     out = sparse_attention(ctx, value, sel, Workspace())
     torch.testing.assert_close(out, dense_out(query, key, value), atol=1e-5, rtol=1e-4)
@@ -300,8 +301,8 @@ def test_sampling_mean_approaches_dense(masker):
 
 
 @pytest.mark.parametrize("masker", [
-    OracleTopK(heavy_size=0.1), HashAttention(heavy_size=0.1), Quest(heavy_size=0.1),
-    DoubleSparsity(heavy_size=0.1), RandomSampling(rate=0.1),
+    OracleTopK(heavy_size=0.1), RandomProjectionTopK(heavy_size=0.1), Quest(heavy_size=0.1),
+    DoubleSparsity(heavy_size=0.1, calibration="online"), RandomSampling(rate=0.1),
 ], ids=lambda m: type(m).__name__)
 def test_density_within_one_percent(masker):
     method = SparseMethod.from_config({"name": "t", "maskers": {}})

@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from sa_bench.attention import SparseMethod, calibrate_ds, train_hashattn  # noqa: E402
+from sa_bench.attention.capture import capture, token_windows  # noqa: E402
 from sa_bench.attention.hashattn import HashWeights  # noqa: E402
 from sa_bench.config import ConfigError  # noqa: E402
 
@@ -35,26 +36,29 @@ def hash_cfg(weights, heavy=0.2):
 
 
 def test_weights_round_trip(tmp_path):
-    w = HashWeights.init(layers=2, kv_heads=2, head_dim=16, bits=8, hidden=12, seed=1)
+    w = HashWeights.init(layers=2, heads=2, head_dim=16, bits=8, hidden=(12, 10), seed=1)
     w.save(tmp_path / "w.safetensors")
     back = HashWeights.load(tmp_path / "w.safetensors", "k")
-    assert set(back.tensors) == set(w.tensors)
-    for name, t in w.tensors.items():
-        assert torch.equal(back.tensors[name], t)
-    back.check(2, 2, 16, "k")
+    assert len(back.layers) == 2 and back.activation == "silu"
+    for lay in range(2):
+        for side in ("query", "key"):
+            assert len(back.layers[lay][side]) == 3
+            for (wa, ba), (wb, bb) in zip(w.layers[lay][side], back.layers[lay][side], strict=True):
+                assert torch.equal(wa, wb) and torch.equal(ba, bb)
+    back.check(2, 4, 2, 16, "k")
     x = torch.randn(1, 2, 5, 16)
     assert torch.equal(back.project("key", 1, x), w.project("key", 1, x))
 
 
 def test_shape_mismatch_is_refused(tmp_path, tiny, install):
-    HashWeights.init(layers=2, kv_heads=2, head_dim=32, bits=8).save(tmp_path / "wrong.safetensors")
+    HashWeights.init(layers=2, heads=2, head_dim=32, bits=8).save(tmp_path / "wrong.safetensors")
     method = SparseMethod.from_config(hash_cfg(tmp_path / "wrong.safetensors"))
     model = LlamaForCausalLM.from_pretrained(tiny)
-    with pytest.raises(ConfigError, match=r"sparse\.maskers\.hash\.weights: tensor query\.w1 has "
-                                          r"shape \[2, 2, 32, 64\], but the model needs \[2, 2, 16, 64\]"):
+    with pytest.raises(ConfigError, match=r"sparse\.maskers\.hash\.weights: layer 0 query linear 0 has "
+                                          r"weight \[2, 32, 64\] and bias \[2, 64\]; expected \[2, 16, out\]"):
         install(method, model)
     save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
-    with pytest.raises(ConfigError, match="is not a sa_bench.hashattn.v1 file"):
+    with pytest.raises(ConfigError, match="is not a sa_bench.hashattn.v2 file"):
         install(SparseMethod.from_config(hash_cfg(tmp_path / "other.safetensors")), model)
 
 
@@ -65,8 +69,8 @@ def test_train_hashattn_writes_usable_weights(tmp_path, tiny, capsys, install):
     printed = capsys.readouterr().out
     assert "layer 1: top-0.05 recall" in printed
     w = HashWeights.load(out, "k")
-    w.check(2, 2, 16, "k")
-    assert w.bits == 16
+    w.check(2, 4, 2, 16, "k")
+    assert (w.bits, w.hash_heads, len(w.layers[0]["query"])) == (16, 2, 2)  # per kv head, 1 hidden
     method = SparseMethod.from_config(hash_cfg(out))
     model = LlamaForCausalLM.from_pretrained(tiny).eval()
     install(method, model)
@@ -77,7 +81,7 @@ def test_train_hashattn_writes_usable_weights(tmp_path, tiny, capsys, install):
         method.set_phase("question")
         model(ids[:, 120:140], past_key_values=cache)
     stats = method.stats()
-    assert stats["notes"] == [f"hashattn: learned signatures from {out} (16 bits)"]
+    assert stats["notes"] == [f"hashattn: learned signatures from {out} (16 bits, 2 hash heads)"]
     assert all(abs(d - 0.2) < 0.01 for d in stats["density"]["question"])
 
 
@@ -87,13 +91,19 @@ def test_calibrate_ds_writes_channel_ranks(tmp_path, tiny, install):
     rank = load_file(str(out))["channel_rank"]
     assert rank.shape == (2, 4, 16)
     assert torch.equal(rank.sort(-1).values, torch.arange(16).expand(2, 4, 16))
+    # the authors' "qk" statistic: mean over tokens of |q_c k_c|, each token against its own key
+    seen = capture(LlamaForCausalLM.from_pretrained(tiny).eval(), token_windows(str(tiny), None, 128, 1, 300))
+    for layer in range(2):
+        q, k = seen[layer][0]
+        stat = (q * k.repeat_interleave(2, 0)).abs().mean(1)  # [H, d]
+        assert torch.equal(rank[layer], stat.argsort(-1, descending=True))
     cfg = {"name": "ds", "maskers": {"ds": {"_target_": "sa_bench.attention.maskers.DoubleSparsity",
                                             "heavy_size": 0.1, "channels": 4,
                                             "calibration": str(out)}}}
     method = SparseMethod.from_config(cfg)
     model = LlamaForCausalLM.from_pretrained(tiny).eval()
     install(method, model)
-    assert method.stats()["notes"] == [f"double_sparsity: channels from {out}"]
+    assert method.stats()["notes"] == [f"double_sparsity: channels from {out}, 4-bit labels"]
     bad = dict(SMALL, num_attention_heads=8, num_key_value_heads=4, hidden_size=128)
     with pytest.raises(ConfigError, match=r"sparse\.maskers\.ds\.calibration: channel_rank has shape"):
         install(SparseMethod.from_config(cfg), LlamaForCausalLM(LlamaConfig(**bad)))

@@ -2,9 +2,10 @@
 
     python -m sa_bench.attention.calibrate_ds --model <hf dir or id> --out ds.safetensors
 
-For each layer and query head h, channel c is ranked by its mean contribution to |q.k|,
-E_{i,j} |q_ic k_jc| = mean_i |q_ic| * mean_j |k_jc| (k from h's kv head), over sample text
-(Yang et al., 2024, https://arxiv.org/abs/2408.07092). Writes `channel_rank` [L, H, d]
+For each layer and query head h, channel c is ranked by the authors' "qk" statistic (reference
+code config/offline_calibration.py, https://github.com/andy-yang-1/DoubleSparse): the mean over
+tokens t of |q_tc k_tc|, each token's query against its own key (k from h's kv head), over sample
+text (Yang et al., 2024, https://arxiv.org/abs/2408.07092). Writes `channel_rank` [L, H, d]
 (int64, most important first), format "sa_bench.double_sparsity.v1".
 """
 
@@ -24,8 +25,8 @@ def channel_rank(seen: dict, layers: int, heads: int, kv_heads: int) -> torch.Te
     ranks = []
     for layer in range(layers):
         qs = torch.cat([q for q, _ in seen[layer]], 1)  # [H, n, d]
-        ks = torch.cat([k for _, k in seen[layer]], 1)  # [Hk, n, d]
-        imp = qs.abs().mean(1) * ks.abs().mean(1).repeat_interleave(g, 0)  # [H, d]
+        ks = torch.cat([k for _, k in seen[layer]], 1).repeat_interleave(g, 0)  # [H, n, d]
+        imp = (qs * ks).abs().mean(1)  # [H, d]
         ranks.append(imp.argsort(-1, descending=True))
     return torch.stack(ranks)
 

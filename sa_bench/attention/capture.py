@@ -24,10 +24,11 @@ SAMPLE_TEXT = (
 
 
 def add_common_args(parser) -> None:
-    parser.add_argument("--model", required=True, help="Hugging Face model directory or hub id")
+    parser.add_argument("--model", required=True,
+                        help="Hugging Face model directory, hub id, or embedded:<name>")
     parser.add_argument("--out", required=True, help="output .safetensors file")
-    parser.add_argument("--text", default=None, help="plain-text file of sample text "
-                        "(default: a built-in paragraph, repeated)")
+    parser.add_argument("--text", default=None, help="plain-text file of sample text, or "
+                        "'passkey' for passkey-benchmark prompts (default: a built-in paragraph, repeated)")
     parser.add_argument("--max-tokens", type=int, default=1024, help="tokens per sample")
     parser.add_argument("--samples", type=int, default=1, help="number of text windows")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -35,21 +36,45 @@ def add_common_args(parser) -> None:
     parser.add_argument("--seed", type=int, default=0)
 
 
+def resolve(name: str) -> str:
+    """`embedded:<name>` (as in conf/model) -> its directory; anything else unchanged."""
+    from sa_bench.models.loading import EMBEDDED_PREFIX, embedded_dir
+
+    return str(embedded_dir(name[len(EMBEDDED_PREFIX):])) if name.startswith(EMBEDDED_PREFIX) else name
+
+
 def load_model(name: str, dtype: str, device: str):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(name, dtype=getattr(torch, dtype))
+    model = AutoModelForCausalLM.from_pretrained(resolve(name), dtype=getattr(torch, dtype))
     return model.to(device).eval()
+
+
+def passkey_text(n_tokens: int, samples: int, seed: int = 7) -> str:
+    """Passkey-benchmark prompts with their answers (the embedded model's own task)."""
+    import random
+
+    from sa_bench.benchmarks.passkey import make_prompt
+
+    rng = random.Random(seed)
+    parts = []
+    for _ in range(samples):
+        context, question, answer = make_prompt(rng, n_tokens - 24, rng.random(), len)
+        parts.append(f"{context}{question}{answer}.\n")
+    return "".join(parts)
 
 
 def token_windows(name: str, text_file: str | None, max_tokens: int, samples: int,
                   vocab: int) -> list[Tensor]:
     """Token id windows of the sample text; byte values mod vocab if there is no tokenizer."""
-    text = Path(text_file).read_text(encoding="utf-8") if text_file else SAMPLE_TEXT
+    if text_file == "passkey":
+        text = passkey_text(max_tokens, samples)
+    else:
+        text = Path(text_file).read_text(encoding="utf-8") if text_file else SAMPLE_TEXT
     try:
         from transformers import AutoTokenizer
 
-        ids = AutoTokenizer.from_pretrained(name)(text)["input_ids"]
+        ids = AutoTokenizer.from_pretrained(resolve(name))(text)["input_ids"]
     except Exception:  # a bare model directory: no tokenizer files
         ids = [b % vocab for b in text.encode("utf-8")]
     need = max_tokens * samples

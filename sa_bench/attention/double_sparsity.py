@@ -1,4 +1,4 @@
-"""Double Sparsity: top-k by approximate scores from a few outlier channels."""
+"""Double Sparsity: top-k by approximate scores from a few calibrated "label" channels."""
 
 from __future__ import annotations
 
@@ -8,80 +8,143 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from sa_bench.attention.base import Context, KeyCache, TopKMasker, model_shapes
-from sa_bench.config import ConfigError, Size, check_range
+from sa_bench.attention.base import Context, KeyCache, TopKMasker, model_file, model_shapes
+from sa_bench.config import ConfigError, Size, check_range, check_size
+
+CALIBRATION_FILE = "double_sparsity.safetensors"
+"""Name of the calibration file looked up next to a model (`calibration: auto`)."""
+CALIBRATE_COMMAND = "python -m sa_bench.attention.calibrate_ds"
+
+
+def pseudo_quantize(x: Tensor, bits: int) -> Tensor:
+    """The authors' label quantisation: per row (a token's r label channels), uniform on
+    [min, max] with 2^bits - 1 steps, returned dequantised. bits >= 16: unchanged."""
+    if bits >= 16:
+        return x
+    top = 2**bits - 1
+    lo = x.amin(-1, keepdim=True)
+    span = x.amax(-1, keepdim=True) - lo
+    scale = top / torch.where(span == 0, torch.ones_like(span), span)
+    return torch.round((x - lo) * scale).clamp_(0, top) / scale + lo
+
+
+def kv_head_channels(rank: Tensor, kv_heads: int, r: int) -> Tensor:
+    """Channel ranks per query head [H, d] -> the r best channels per kv head [Hk, r]: the
+    lowest summed rank over the kv head's query heads (Borda count; = the ranks when H = Hk)."""
+    h, d = rank.shape
+    position = torch.empty_like(rank)
+    position.scatter_(-1, rank, torch.arange(d, device=rank.device).expand(h, d))  # channel -> rank
+    total = position.view(kv_heads, h // kv_heads, d).sum(1)
+    return total.argsort(dim=-1, stable=True)[:, :r]
 
 
 @dataclass
 class DoubleSparsity(TopKMasker):
-    """Double Sparsity (Yang et al., 2024, https://arxiv.org/abs/2408.07092): approximate
-    scores from r outlier channels C_h per query head, s_j = sum_{c in C_h} q_c k_jc, then top-k.
+    """Double Sparsity (Yang et al., 2024, https://arxiv.org/abs/2408.07092; reference code
+    https://github.com/andy-yang-1/DoubleSparse): approximate scores from r label channels,
+    s_j = sum_{c in C} Q(q)_c Q(k_j)_c with Q the authors' per-token `label_bits`
+    quantisation (`pseudo_quantize`), then top-k by s.
 
-    `calibration`: safetensors file from `python -m sa_bench.attention.calibrate_ds` with
-    `channel_rank` [L, H, d] (channels by importance, per layer and query head). null = the
-    documented fallback: channels ranked per head by mean|q_c| * mean|k_c| over the first
-    sparse call's queries and the keys then in the cache (calibration on the context itself).
-    The key channels ("label cache") are cached across decode steps.
+    Defaults as the authors' evaluation scripts (evaluation/generate.py, chat.py):
+    group_factor 4 -> `channels` = head_dim / 4, q_bits 4 -> `label_bits` 4, channels ranked
+    offline by the "qk" statistic mean_t |q_tc k_tc| (calibrate_ds). `calibration`: `auto` =
+    `double_sparsity.safetensors` next to `model` (shipped for the embedded model; a model
+    without one is refused at validation); a file from calibrate_ds; or `online` = ranked on
+    each context from its first sparse call (the query rows and their own keys), recorded in
+    the notes. The channel set is per kv head (the group's query-head ranks summed), so one
+    label cache serves the group; for models without GQA this is the authors' per-head set.
     """
 
     heavy_size: Size = 0.1
-    channels: int = 16
-    calibration: str | None = None
+    channels: Size = 0.25
+    label_bits: int = 4
+    calibration: str = "auto"
+    model: str | None = None
     _labels: KeyCache = field(default_factory=KeyCache, init=False, repr=False)
     _rank: Tensor | None = field(default=None, init=False, repr=False)
-    _online: dict = field(default_factory=dict, init=False, repr=False)
+    _path: Path | None = field(default=None, init=False, repr=False)
+    _chosen: dict = field(default_factory=dict, init=False, repr=False)
+    _online_rows: int = field(default=0, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        check_range(self.channels, "channels", 1)
-        if self.calibration is not None and not Path(self.calibration).is_file():
-            raise ConfigError(f"calibration: double-sparsity calibration file not found: "
-                              f"{self.calibration}")
+        check_size(self.channels, "channels")
+        check_range(self.label_bits, "label_bits", 1, 16)
+        if self.calibration == "online":
+            return
+        if self.calibration != "auto":
+            self._path = Path(self.calibration).expanduser()
+            if not self._path.is_file():
+                raise ConfigError(f"calibration: double-sparsity calibration file not found: "
+                                  f"{self.calibration}")
+            return
+        if self.model is None:
+            raise ConfigError("calibration: 'auto' looks up the model's calibration file, but `model` "
+                              "is not set (the method config sets model: ${model.pretrained})")
+        self._path = model_file(self.model, CALIBRATION_FILE)
+        if self._path is None:
+            raise ConfigError(
+                f"calibration: no Double Sparsity calibration for model {self.model!r} (looked for "
+                f"{CALIBRATION_FILE} in its directory). Make one with `{CALIBRATE_COMMAND} --model "
+                f"{self.model} --out ds.safetensors` and pass sparse.maskers.<name>.calibration="
+                f"ds.safetensors, or calibration=online")
+
+    def _r(self, head_dim: int) -> int:
+        r = round(self.channels * head_dim) if isinstance(self.channels, float) else self.channels
+        return max(1, min(r, head_dim))
 
     def prepare(self, model_config, key: str) -> None:
-        if self.calibration is None:
+        layers, heads, _, head_dim = model_shapes(model_config)
+        if isinstance(self.channels, int) and self.channels > head_dim:
+            raise ConfigError(f"{key}.channels: {self.channels} > head_dim {head_dim}")
+        if self._path is None:
             return
         from safetensors.torch import load_file
 
-        layers, heads, _, head_dim = model_shapes(model_config)
-        rank = load_file(self.calibration).get("channel_rank")
+        rank = load_file(str(self._path)).get("channel_rank")
         want = (layers, heads, head_dim)
         if rank is None or tuple(rank.shape) != want:
             got = None if rank is None else list(rank.shape)
             raise ConfigError(f"{key}.calibration: channel_rank has shape {got}, but the model "
                               f"needs {list(want)} (layers, heads, head_dim)")
-        if self.channels > head_dim:
-            raise ConfigError(f"{key}.channels: {self.channels} > head_dim {head_dim}")
         self._rank = rank
 
     def reset(self) -> None:
         super().reset()
-        self._online.clear()
+        if self._path is None:
+            self._chosen.clear()
 
     def notes(self) -> list[str]:
-        if self._rank is None:
-            return ["double_sparsity: channels calibrated online on each context (no calibration file)"]
-        return [f"double_sparsity: channels from {self.calibration}"]
+        what = f"{self.label_bits}-bit labels"
+        if self._path is None:
+            return [f"double_sparsity: channels calibrated online on each context's first sparse call "
+                    f"(its query rows and their own keys; {self._online_rows} rows so far), {what}"]
+        return [f"double_sparsity: channels from {self._path}, {what}"]
 
     def _channels(self, ctx: Context) -> Tensor:
-        """Channel indices [H, r] for this layer."""
-        if self._rank is not None:
-            return self._rank[ctx.layer, :, : self.channels].to(ctx.key.device)
-        ch = self._online.get(ctx.layer)
-        if ch is None:
-            kmag = ctx.key.abs().float().mean((0, 2)).repeat_interleave(ctx.groups, 0)  # [H, d]
-            qmag = ctx.query.abs().float().mean((0, 2))
-            ch = self._online[ctx.layer] = (qmag * kmag).argsort(-1, descending=True)[:, : self.channels]
+        """Label channels [Hk, r] of this layer."""
+        ch = self._chosen.get(ctx.layer)
+        if ch is None or ch.device != ctx.key.device:
+            r, hk = self._r(ctx.key.shape[-1]), ctx.key.shape[1]
+            if self._rank is not None:
+                rank = self._rank[ctx.layer].to(ctx.key.device)
+            else:  # online: the authors' "qk" statistic on this call's rows and their own keys
+                q = ctx.query.float()
+                k = ctx.key[:, :, ctx.kv - q.shape[2]:].float().repeat_interleave(ctx.groups, 1)
+                rank = (q * k).abs().mean((0, 2)).argsort(-1, descending=True)
+                self._online_rows += q.shape[2]
+            ch = self._chosen[ctx.layer] = kv_head_channels(rank, hk, r)
         return ch
 
     def score(self, ctx: Context) -> Tensor:
-        ch = self._channels(ctx)  # [H, r]
-        b, h, q, d = ctx.query.shape
-        r = ch.shape[-1]
+        ch = self._channels(ctx)  # [Hk, r]
+        b, hk = ctx.key.shape[:2]
 
-        def labels(k: Tensor) -> Tensor:  # [b, Hk, n, d] -> [b, H, n, r]
-            k = k.repeat_interleave(ctx.groups, 1)
-            return k.gather(-1, ch[None, :, None, :].expand(b, h, k.shape[2], r))
+        def labels(k: Tensor) -> Tensor:  # [b, Hk, n, d] -> [b, Hk, n, r]
+            lab = k.gather(-1, ch[None, :, None, :].expand(b, hk, k.shape[2], -1)).float()
+            return pseudo_quantize(lab, self.label_bits)
 
-        lab = self._labels.get(ctx.layer, ctx.key, q, labels)
-        qc = ctx.query.gather(-1, ch[None, :, None, :].expand(b, h, q, r))
-        return torch.matmul(qc, lab.transpose(-1, -2)).float()
+        lab = self._labels.get(ctx.layer, ctx.key, ctx.query.shape[2], labels)
+        qg = ctx.grouped(ctx.query)
+        qc = pseudo_quantize(qg.gather(-1, ch[None, :, None, :].expand(b, hk, qg.shape[2], -1)).float(),
+                             self.label_bits)
+        return ctx.ungrouped(torch.matmul(lab, qc.transpose(-1, -2)).transpose(-1, -2))

@@ -1,20 +1,31 @@
-"""HashAttention signature functions and their safetensors file format.
+"""HashAttention (learned bit signatures) and random-projection top-k, with bit-packed scoring.
 
-HashAttention (Desai et al., 2024, https://arxiv.org/abs/2412.14468): per layer l and kv head
-h, two small MLPs map a query and a key to `bits` real numbers,
+HashAttention (Desai et al., 2024, https://arxiv.org/abs/2412.14468): per layer and head, two
+small MLPs f (queries) and g (keys) map a vector to `bits` real numbers; the signature is
+sign(f(x)) in {-1, +1}^bits and a query scores a key by the +-1 dot product of the
+signatures, bits - 2 * popcount(sig(q) xor sig(k)) (= 2 * agreeing bits - bits).
 
-    f(x) = W2 silu(W1 x + b1) + b2,
+Weights (`HashWeights`): per layer and side, a list of linear layers (W [Hh, in, out],
+b [Hh, out]) with an activation between them (SiLU unless the file says otherwise), Hh either
+the query heads (the published layout, keys hashed once per query head) or the kv heads (one
+key signature shared by the query heads of a group). Three file layouts load:
 
-and the signature is sign(f(x)) in {-1, +1}^bits. A query scores a key by the number of
-agreeing bits, (bits + sign(f(q)) . sign(g(k))) / 2.
-
-File (`safetensors`, metadata {"format": "sa_bench.hashattn.v1"}): for `side` in query, key:
-`{side}.w1` [L, Hk, d, m], `{side}.b1` [L, Hk, m], `{side}.w2` [L, Hk, m, bits],
-`{side}.b2` [L, Hk, bits].
+- sa_bench's own safetensors (`python -m sa_bench.attention.train_hashattn`), metadata
+  {"format": "sa_bench.hashattn.v2", "activation": ...}: `{side}.{i}.weight` [L, Hh, in, out],
+  `{side}.{i}.bias` [L, Hh, out] for side in query, key and i = 0 .. depth-1;
+- sparse-attention-hub's `hat_weights` pickle (`load_hat_weights`), {layer: {"query_matrix":
+  [W [H, in, out] per MLP layer], "query_bias": [b [H, out]], "key_matrix": ..., "key_bias":
+  ...}}; read with an unpickler that admits only tensors;
+- HashAttention-1.0's USA checkpoint (`torch.save` of a state dict), `{layer}.learning_to_hash_
+  transformation_{q,k}.{head}.{2i}.weight` [out, in] (nn.Sequential of Linear / SiLU).
 """
 
 from __future__ import annotations
 
+import io
+import pickle
+import re
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,139 +33,353 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sa_bench.attention.base import Context, KeyCache, TopKMasker, model_shapes
+from sa_bench.attention.base import Context, KeyCache, TopKMasker, model_file, model_shapes
 from sa_bench.config import ConfigError, Size, check_range
 
-FORMAT = "sa_bench.hashattn.v1"
+FORMAT = "sa_bench.hashattn.v2"
 SIDES = ("query", "key")
-PARTS = ("w1", "b1", "w2", "b2")
+ACTIVATIONS = {"silu": F.silu, "relu": F.relu, "gelu": F.gelu, "tanh": torch.tanh}
+WEIGHTS_FILE = "hashattn.safetensors"
+"""Name of the weights file looked up next to a model (`weights: auto`)."""
+TRAIN_COMMAND = "python -m sa_bench.attention.train_hashattn"
+
+Mlp = list[tuple[Tensor, Tensor]]  # [(W [Hh, in, out], b [Hh, out]), ...]
+
+
+# --- signatures ----------------------------------------------------------------------------
+
+
+def pack_signs(x: Tensor) -> Tensor:
+    """Signs of x [..., bits] (x >= 0 -> bit 1) packed into int32 words [..., ceil(bits / 32)]."""
+    bits = x.shape[-1]
+    words = -(-bits // 32)
+    b = (x >= 0).to(torch.int64)
+    if words * 32 != bits:
+        b = F.pad(b, (0, words * 32 - bits))
+    b = b.view(*x.shape[:-1], words, 32)
+    shifts = torch.arange(32, device=x.device, dtype=torch.int64)
+    return (b << shifts).sum(-1).to(torch.int32)  # values >= 2^31 wrap to negative int32
+
+
+def popcount32_(x: Tensor) -> Tensor:
+    """Set bits of each int32, in place (SWAR; torch has no popcount)."""
+    x.sub_((x >> 1).bitwise_and_(0x55555555))
+    x = (x >> 2).bitwise_and_(0x33333333).add_(x.bitwise_and_(0x33333333))
+    x.add_(x >> 4).bitwise_and_(0x0F0F0F0F)
+    return x.mul_(0x01010101).bitwise_right_shift_(24)
+
+
+def signature_scores(qs: Tensor, ks: Tensor, bits: int) -> Tensor:
+    """+-1 dot products of packed signatures, bits - 2 popcount(q xor k): qs [b, Hs, r, w],
+    ks [b, Hs, kv, w] -> float [b, Hs, r, kv]."""
+    diff = popcount32_(ks[:, :, None, :, 0] ^ qs[..., 0, None])
+    for w in range(1, qs.shape[-1]):
+        diff.add_(popcount32_(ks[:, :, None, :, w] ^ qs[..., w, None]))
+    return diff.float().mul_(-2.0).add_(bits)
+
+
+def _per_head(x: Tensor, heads: int) -> Tensor:
+    """x [b, Hk, n, d] -> [b, heads, n, d], each of a kv head's query heads seeing its rows."""
+    b, hk, n, d = x.shape
+    if heads == hk:
+        return x
+    return x[:, :, None].expand(b, hk, heads // hk, n, d).reshape(b, heads, n, d)
+
+
+class _SignatureTopK(TopKMasker):
+    """Top-k by bit signatures; key signatures packed and cached as the KV cache grows.
+
+    Subclasses give `_signs(side, layer, x, heads)`: real vectors whose signs are the
+    signature, for x [b, Hk, n, d] keys (`side` key) or [b, Hk, g*n, d] grouped queries.
+    """
+
+    _sigs: KeyCache
+
+    @property
+    def _bits(self) -> int:  # pragma: no cover
+        raise NotImplementedError
+
+    def _signs(self, side: str, ctx: Context, x: Tensor) -> Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def score(self, ctx: Context) -> Tensor:
+        ks = self._sigs.get(ctx.layer, ctx.key, ctx.query.shape[2],
+                            lambda k: pack_signs(self._signs("key", ctx, k)))
+        qs = pack_signs(self._signs("query", ctx, ctx.grouped(ctx.query)))
+        return ctx.ungrouped(signature_scores(qs, ks, self._bits)).float()
+
+
+# --- HashAttention weights -------------------------------------------------------------------
 
 
 @dataclass
 class HashWeights:
-    """Stacked MLP weights: tensors[f"{side}.{part}"], shapes as in the module docstring."""
+    """Per layer, {side: MLP}; see the module docstring."""
 
-    tensors: dict[str, Tensor]
+    layers: list[dict[str, Mlp]]
+    activation: str = "silu"
 
     @property
     def bits(self) -> int:
-        return self.tensors["query.w2"].shape[-1]
+        return self.layers[0]["query"][-1][0].shape[-1]
+
+    @property
+    def hash_heads(self) -> int:
+        return self.layers[0]["query"][0][0].shape[0]
 
     @classmethod
-    def init(cls, layers: int, kv_heads: int, head_dim: int, bits: int = 32, hidden: int = 64,
-             seed: int = 0) -> HashWeights:
+    def init(cls, layers: int, heads: int, head_dim: int, bits: int = 32,
+             hidden: list[int] | tuple[int, ...] = (64,), seed: int = 0) -> HashWeights:
         """Random initial weights (the training command starts from these)."""
         g = torch.Generator().manual_seed(seed)
-        t = {}
-        for side in SIDES:
-            t[f"{side}.w1"] = torch.randn(layers, kv_heads, head_dim, hidden, generator=g) / head_dim**0.5
-            t[f"{side}.b1"] = torch.zeros(layers, kv_heads, hidden)
-            t[f"{side}.w2"] = torch.randn(layers, kv_heads, hidden, bits, generator=g) / hidden**0.5
-            t[f"{side}.b2"] = torch.zeros(layers, kv_heads, bits)
-        return cls(t)
+        dims = [head_dim, *hidden, bits]
+        out = []
+        for _ in range(layers):
+            out.append({side: [(torch.randn(heads, a, b, generator=g) / a**0.5, torch.zeros(heads, b))
+                               for a, b in zip(dims[:-1], dims[1:], strict=True)] for side in SIDES})
+        return cls(out)
+
+    # --- files ---
 
     def save(self, path: str | Path) -> None:
         from safetensors.torch import save_file
 
-        tensors = {k: v.detach().float().contiguous().cpu() for k, v in self.tensors.items()}
-        save_file(tensors, str(path), metadata={"format": FORMAT})
+        tensors = {}
+        for side in SIDES:
+            for i in range(len(self.layers[0][side])):
+                tensors[f"{side}.{i}.weight"] = torch.stack([lay[side][i][0] for lay in self.layers])
+                tensors[f"{side}.{i}.bias"] = torch.stack([lay[side][i][1] for lay in self.layers])
+        tensors = {k: v.detach().float().contiguous().cpu() for k, v in tensors.items()}
+        save_file(tensors, str(path), metadata={"format": FORMAT, "activation": self.activation})
 
     @classmethod
     def load(cls, path: str | Path, key: str) -> HashWeights:
+        """Read any of the three layouts (module docstring); ConfigError naming `key` otherwise."""
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{key}: hashattn weights file not found: {path}")
+        try:
+            if path.suffix == ".safetensors":
+                return cls._load_own(path, key)
+            if zipfile.is_zipfile(path):
+                return cls._from_usa(torch.load(path, map_location="cpu", weights_only=True), path, key)
+            with open(path, "rb") as f:
+                return cls._from_hub(_TensorUnpickler(f).load(), path, key)
+        except ConfigError:
+            raise
+        except Exception as exc:
+            raise ConfigError(f"{key}: cannot read {path} as HashAttention weights "
+                              f"({type(exc).__name__}: {exc})") from exc
+
+    @classmethod
+    def _load_own(cls, path: Path, key: str) -> HashWeights:
         from safetensors import safe_open
 
-        if not Path(path).is_file():
-            raise ConfigError(f"{key}: hashattn weights file not found: {path}")
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             names = set(f.keys())
-            expected = {f"{s}.{p}" for s in SIDES for p in PARTS}
-            if meta.get("format") != FORMAT or names != expected:
-                raise ConfigError(
-                    f"{key}: {path} is not a {FORMAT} file (tensors {sorted(names)}, "
-                    f"metadata {meta}); expected tensors {sorted(expected)}")
-            return cls({name: f.get_tensor(name) for name in names})
+            if meta.get("format") != FORMAT:
+                raise ConfigError(f"{key}: {path} is not a {FORMAT} file (metadata {meta})")
+            t = {n: f.get_tensor(n) for n in names}
+        depth = sum(f"query.{i}.weight" in t for i in range(len(t)))
+        want = {f"{s}.{i}.{p}" for s in SIDES for i in range(depth) for p in ("weight", "bias")}
+        if depth == 0 or names != want:
+            raise ConfigError(f"{key}: {path} has tensors {sorted(names)}; expected {sorted(want)}")
+        n_layers = t["query.0.weight"].shape[0]
+        layers = [{s: [(t[f"{s}.{i}.weight"][lay], t[f"{s}.{i}.bias"][lay]) for i in range(depth)]
+                   for s in SIDES} for lay in range(n_layers)]
+        return cls(layers, meta.get("activation", "silu"))
 
-    def check(self, layers: int, kv_heads: int, head_dim: int, key: str) -> None:
-        """Raise ConfigError unless every tensor fits a model with these attention shapes."""
-        hidden = self.tensors["query.w1"].shape[-1]
-        bits = self.bits
-        for side in SIDES:
-            want = {"w1": (layers, kv_heads, head_dim, hidden), "b1": (layers, kv_heads, hidden),
-                    "w2": (layers, kv_heads, hidden, bits), "b2": (layers, kv_heads, bits)}
-            for part, shape in want.items():
-                got = tuple(self.tensors[f"{side}.{part}"].shape)
-                if got != shape:
-                    raise ConfigError(
-                        f"{key}: tensor {side}.{part} has shape {list(got)}, but the model needs "
-                        f"{list(shape)} (layers={layers}, kv_heads={kv_heads}, head_dim={head_dim}, "
-                        f"hidden={hidden}, bits={bits})")
+    @classmethod
+    def _from_hub(cls, data, path: Path, key: str) -> HashWeights:
+        if not isinstance(data, dict) or not data:
+            raise ConfigError(f"{key}: {path} is not a hat_weights file (expected {{layer: {{...}}}})")
+        layers = []
+        for i in range(len(data)):
+            entry = data.get(i)
+            if not isinstance(entry, dict) or not {"query_matrix", "query_bias", "key_matrix",
+                                                   "key_bias"} <= set(entry):
+                raise ConfigError(f"{key}: {path}: layer {i} lacks query_matrix / query_bias / "
+                                  f"key_matrix / key_bias")
+            layers.append({s: list(zip(entry[f"{s}_matrix"], entry[f"{s}_bias"], strict=True))
+                           for s in SIDES})
+        return cls(layers)
+
+    @classmethod
+    def _from_usa(cls, state: dict, path: Path, key: str) -> HashWeights:
+        pat = re.compile(r"^(\d+)\.learning_to_hash_transformation_([qk])\.(\d+)\.(\d+)\.(weight|bias)$")
+        found: dict[tuple[int, str, int, int, str], Tensor] = {}
+        for name, value in state.items():
+            m = pat.match(name)
+            if m:
+                lay, side, head, idx, part = m.groups()
+                found[int(lay), "query" if side == "q" else "key", int(head), int(idx), part] = value
+        if not found:
+            raise ConfigError(f"{key}: {path} has no learning_to_hash_transformation_q/k tensors "
+                              f"(not a HashAttention USA checkpoint)")
+        n_layers = 1 + max(k[0] for k in found)
+        heads = 1 + max(k[2] for k in found)
+        linear = sorted({k[3] for k in found})
+        layers = []
+        for lay in range(n_layers):
+            sides = {}
+            for side in SIDES:
+                mlp = []
+                for idx in linear:
+                    w = [found[lay, side, h, idx, "weight"].t() for h in range(heads)]
+                    b = [found.get((lay, side, h, idx, "bias"), torch.zeros(w[h].shape[1])) for h in range(heads)]
+                    mlp.append((torch.stack(w), torch.stack(b)))
+                sides[side] = mlp
+            layers.append(sides)
+        return cls(layers)
+
+    # --- use ---
+
+    def check(self, layers: int, heads: int, kv_heads: int, head_dim: int, key: str) -> None:
+        """Raise ConfigError unless the weights fit a model with these attention shapes."""
+        if self.activation not in ACTIVATIONS:
+            raise ConfigError(f"{key}: unknown activation {self.activation!r}; expected one of "
+                              f"{sorted(ACTIVATIONS)}")
+        if len(self.layers) != layers:
+            raise ConfigError(f"{key}: weights for {len(self.layers)} layers, but the model has {layers}")
+        hh = self.hash_heads
+        if hh not in (heads, kv_heads):
+            raise ConfigError(f"{key}: weights for {hh} heads, but the model has {heads} query heads "
+                              f"and {kv_heads} kv heads")
+        for lay, sides in enumerate(self.layers):
+            for side, mlp in sides.items():
+                dim = head_dim
+                for i, (w, b) in enumerate(mlp):
+                    if w.dim() != 3 or tuple(w.shape[:2]) != (hh, dim) or tuple(b.shape) != (hh, w.shape[2]):
+                        raise ConfigError(
+                            f"{key}: layer {lay} {side} linear {i} has weight {list(w.shape)} and bias "
+                            f"{list(b.shape)}; expected [{hh}, {dim}, out] and [{hh}, out] "
+                            f"(head_dim={head_dim})")
+                    dim = w.shape[2]
+                if dim != self.bits:
+                    raise ConfigError(f"{key}: layer {lay} {side} gives {dim} bits, query side of layer 0 "
+                                      f"{self.bits}")
 
     def project(self, side: str, layer: int, x: Tensor) -> Tensor:
-        """f(x) for x [b, Hk, n, d] (rows already grouped per kv head) -> [b, Hk, n, bits]."""
-        t = {p: self.tensors[f"{side}.{p}"][layer].to(x.device, x.dtype) for p in PARTS}
-        h = F.silu(torch.matmul(x, t["w1"].unsqueeze(0)) + t["b1"][None, :, None, :])
-        return torch.matmul(h, t["w2"].unsqueeze(0)) + t["b2"][None, :, None, :]
+        """f(x) for x [b, Hh, n, d] (rows already arranged per hash head) -> [b, Hh, n, bits]."""
+        act = ACTIVATIONS[self.activation]
+        mlp = self.layers[layer][side]
+        for i, (w, b) in enumerate(mlp):
+            x = torch.matmul(x, w.to(x.dtype)) + b.to(x.dtype)[None, :, None, :]
+            if i < len(mlp) - 1:
+                x = act(x)
+        return x
 
     def to(self, device) -> HashWeights:
-        return HashWeights({k: v.to(device) for k, v in self.tensors.items()})
+        return HashWeights([{s: [(w.to(device), b.to(device)) for w, b in mlp] for s, mlp in lay.items()}
+                            for lay in self.layers], self.activation)
+
+
+class _TensorUnpickler(pickle.Unpickler):
+    """Unpickles dicts / lists of tensors only (a pickle can otherwise run any code)."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+            from torch._utils import _rebuild_tensor_v2
+
+            return _rebuild_tensor_v2
+        if (module, name) == ("torch.storage", "_load_from_bytes"):
+            return lambda b: torch.load(io.BytesIO(b), map_location="cpu", weights_only=True)
+        if (module, name) == ("collections", "OrderedDict"):
+            from collections import OrderedDict
+
+            return OrderedDict
+        raise pickle.UnpicklingError(f"refusing {module}.{name} in a weights pickle")
+
+
+# --- maskers -------------------------------------------------------------------------------
 
 
 @dataclass
-class HashAttention(TopKMasker):
+class HashAttention(_SignatureTopK):
     """HashAttention top-k (Desai et al., 2024, https://arxiv.org/abs/2412.14468).
 
-    Per layer and kv head, learned MLPs f, g map q and k to `bits`-bit sign signatures;
-    score(q, k) = #agreeing bits = (bits + sign(f(q)) . sign(g(k))) / 2; top-k by score.
-    Key signatures are cached across decode steps. `weights`: safetensors file written by
-    `python -m sa_bench.attention.train_hashattn`; null = random-projection signatures
-    f = g = x R, R Gaussian [d, bits] per layer/kv head (SimHash), labelled in the notes.
+    Learned MLPs f, g give `bits`-bit signatures of q and k; top-k keys by the +-1 dot product
+    of the signatures (module docstring). `weights`: a file in any layout of the module
+    docstring, or `auto` = `hashattn.safetensors` next to `model` (the config sets
+    `model: ${model.pretrained}`; the embedded model ships one). A model without weights is
+    refused when the config is validated, before any job runs, naming the training command.
     """
 
     heavy_size: Size = 0.1
-    weights: str | None = None
+    weights: str = "auto"
+    model: str | None = None
+    _sigs: KeyCache = field(default_factory=KeyCache, init=False, repr=False)
+    _w: HashWeights | None = field(default=None, init=False, repr=False)
+    _path: Path | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.weights != "auto":
+            if not Path(self.weights).expanduser().is_file():
+                raise ConfigError(f"weights: hashattn weights file not found: {self.weights}")
+            self._path = Path(self.weights).expanduser()
+            return
+        if self.model is None:
+            raise ConfigError("weights: 'auto' looks up the model's weights file, but `model` is not "
+                              "set (the method config sets model: ${model.pretrained}); or give a file")
+        self._path = model_file(self.model, WEIGHTS_FILE)
+        if self._path is None:
+            raise ConfigError(
+                f"weights: no HashAttention weights for model {self.model!r} (looked for {WEIGHTS_FILE} "
+                f"in its directory). Fit them with `{TRAIN_COMMAND} --model {self.model} --out "
+                f"hash.safetensors` and pass sparse.maskers.<name>.weights=hash.safetensors, or "
+                f"use sparse=random_projection_topk")
+
+    def prepare(self, model_config, key: str) -> None:
+        layers, heads, kv_heads, head_dim = model_shapes(model_config)
+        w = HashWeights.load(self._path, f"{key}.weights")
+        w.check(layers, heads, kv_heads, head_dim, f"{key}.weights")
+        self._w = w
+
+    @property
+    def _bits(self) -> int:
+        return self._w.bits
+
+    def notes(self) -> list[str]:
+        if self._w is None:
+            return []
+        return [f"hashattn: learned signatures from {self._path} ({self._w.bits} bits, "
+                f"{self._w.hash_heads} hash heads)"]
+
+    def _signs(self, side: str, ctx: Context, x: Tensor) -> Tensor:
+        if self._w is None:
+            raise RuntimeError("HashAttention used before prepare() loaded its weights")
+        if self._w.layers[0]["query"][0][0].device != x.device:
+            self._w = self._w.to(x.device)
+        heads = ctx.query.shape[1]
+        if self._w.hash_heads == heads and heads != ctx.key.shape[1]:  # per query head
+            x = ctx.ungrouped(x) if side == "query" else _per_head(x, heads)
+        return self._w.project(side, ctx.layer, x)
+
+
+@dataclass
+class RandomProjectionTopK(_SignatureTopK):
+    """Top-k by random-projection signatures (SimHash, Charikar 2002): sign(x R) with R a
+    Gaussian [d, bits] per layer and kv head, the same for queries and keys; the untrained
+    baseline of HashAttention."""
+
+    heavy_size: Size = 0.1
     bits: int = 32
     seed: int = 0
     _sigs: KeyCache = field(default_factory=KeyCache, init=False, repr=False)
-    _w: HashWeights | None = field(default=None, init=False, repr=False)
     _proj: dict = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         check_range(self.bits, "bits", 1, 1024)
-        if self.weights is not None and not Path(self.weights).is_file():
-            raise ConfigError(f"weights: hashattn weights file not found: {self.weights}")
 
-    def prepare(self, model_config, key: str) -> None:
-        if self.weights is None:
-            return
-        layers, _, kv_heads, head_dim = model_shapes(model_config)
-        w = HashWeights.load(self.weights, f"{key}.weights")
-        w.check(layers, kv_heads, head_dim, f"{key}.weights")
-        self._w = w
+    @property
+    def _bits(self) -> int:
+        return self.bits
 
-    def notes(self) -> list[str]:
-        if self._w is None:
-            return [f"hashattn: random-projection signatures ({self.bits} bits, no weights file)"]
-        return [f"hashattn: learned signatures from {self.weights} ({self._w.bits} bits)"]
-
-    def _project(self, side: str, layer: int, x: Tensor) -> Tensor:
-        if self._w is not None:
-            if self._w.tensors["query.w1"].device != x.device:
-                self._w = self._w.to(x.device)
-            return self._w.project(side, layer, x)
-        r = self._proj.get(layer)
+    def _signs(self, side: str, ctx: Context, x: Tensor) -> Tensor:
+        r = self._proj.get(ctx.layer)
         if r is None or r.device != x.device:
-            g = torch.Generator().manual_seed(self.seed * 100003 + layer)
+            g = torch.Generator().manual_seed(self.seed * 100003 + ctx.layer)
             r = torch.randn(x.shape[1], x.shape[-1], self.bits, generator=g).to(x.device)
-            self._proj[layer] = r
+            self._proj[ctx.layer] = r
         return torch.matmul(x, r.to(x.dtype).unsqueeze(0))
-
-    def score(self, ctx: Context) -> Tensor:
-        def sign(x: Tensor) -> Tensor:
-            return torch.where(x >= 0, 1.0, -1.0).to(torch.float32)
-
-        sk = self._sigs.get(ctx.layer, ctx.key, ctx.query.shape[2],
-                            lambda k: sign(self._project("key", ctx.layer, k)))
-        sq = sign(self._project("query", ctx.layer, ctx.grouped(ctx.query)))
-        agree = torch.matmul(sq, sk.transpose(-1, -2))  # +-1 dot product, [b, Hk, g*q, kv]
-        return ctx.ungrouped(agree)

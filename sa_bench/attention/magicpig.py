@@ -1,4 +1,4 @@
-"""MagicPIG: LSH sampling with importance weights."""
+"""MagicPIG: LSH sampling with importance weights, through bucketed hash tables."""
 
 from __future__ import annotations
 
@@ -8,44 +8,76 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from sa_bench.attention.base import (
-    NEG_INF,
-    Context,
-    KeyCache,
-    Masker,
-    Selection,
-    log_weight,
-    top_rows,
-)
-from sa_bench.config import check_range
+from sa_bench.attention.base import Context, KeyCache, Masker, Selection, log_weight
+from sa_bench.config import ConfigError, check_range
+
+TAIL = 1024
+"""Keys appended since the tables were last sorted that are compared one by one; beyond this
+many the tables are rebuilt (a sort of the codes, about 1.6 s at 32k keys, 8 kv heads, L=150)."""
+
+
+def inclusion_probability(theta: Tensor, bits: int, tables: int, min_collisions: int) -> Tensor:
+    """P(a key at angle theta from the query collides in >= m of L tables of K-bit SimHash):
+    with P = (1 - theta / pi)^K per table, 1 - sum_{i < m} C(L, i) P^i (1 - P)^(L - i)."""
+    p = (1.0 - theta / math.pi).clamp(0.0, 1.0) ** bits
+    miss = torch.zeros_like(p)
+    for i in range(min_collisions):
+        miss = miss + math.comb(tables, i) * p**i * (1.0 - p) ** (tables - i)
+    return (1.0 - miss).clamp(min=0.0)
+
+
+@dataclass
+class _Tables:
+    """Keys [0, n) of one layer sorted by code per (batch, kv head, table): `order` [B, n] key
+    ids (B = b * Hk * L rows), `starts` [B, 2^K + 1] where each code's run begins."""
+
+    n: int
+    order: Tensor
+    starts: Tensor
 
 
 @dataclass
 class MagicPig(Masker):
-    """MagicPIG (Chen et al., 2024, https://arxiv.org/abs/2410.16179): LSH sampling.
+    """MagicPIG (Chen et al., 2024, https://arxiv.org/abs/2410.16179; reference code
+    https://github.com/Infini-AI-Lab/MagicPIG, evaluations/RULER/pred/cache_ref.py).
 
-    Keys are centred (k - mean key of the context, per kv head; q.(k - kbar) ranks keys as
-    q.k), then hashed with L tables of K-bit SimHash (random hyperplanes). A candidate
-    colliding with the query in at least one table is kept, with inclusion probability
-    p(theta) = 1 - (1 - (1 - theta/pi)^K)^L, theta the angle between q and k - kbar; its
-    weight is 1/p(theta). Hyperplanes are drawn per layer at the first sparse call of a
-    context (new ones after `reset()`); key codes are cached across decode steps.
+    Keys are centred (k - kbar, kbar the mean key of the context per kv head, taken at the
+    first sparse call) and hashed by L tables of K-bit SimHash (random hyperplanes per kv
+    head); the query is hashed by the same hyperplanes. As in the reference code, a key is
+    sampled when its code equals the query's in at least `min_collisions` = 2 tables
+    (1 = the plain LSH rule), with K = `lsh_bits` = 10 and L = `lsh_tables` = 150, and weighted
+    by 1 / its inclusion probability (`inclusion_probability`, theta the angle between q and
+    k - kbar). Tables are bucketed by code, so a step reads only the colliding keys' ids (plus
+    up to `TAIL` recent keys compared directly), never all of q.K.
     """
 
-    lsh_bits: int = 8
-    lsh_tables: int = 75
+    lsh_bits: int = 10
+    lsh_tables: int = 150
+    min_collisions: int = 2
     seed: int = 0
     _codes: KeyCache = field(default_factory=KeyCache, init=False, repr=False)
+    _norms: KeyCache = field(default_factory=KeyCache, init=False, repr=False)
     _planes: dict = field(default_factory=dict, init=False, repr=False)
+    _tables: dict = field(default_factory=dict, init=False, repr=False)
     _gen: torch.Generator | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        check_range(self.lsh_bits, "lsh_bits", 1, 62)
+        check_range(self.lsh_bits, "lsh_bits", 1, 15)
         check_range(self.lsh_tables, "lsh_tables", 1)
+        check_range(self.min_collisions, "min_collisions", 1)
+        if self.min_collisions > self.lsh_tables:
+            raise ConfigError(f"min_collisions: {self.min_collisions} > lsh_tables {self.lsh_tables}")
 
     def reset(self) -> None:
         super().reset()
         self._planes.clear()
+        self._tables.clear()
+
+    def truncate(self, layer: int, n: int) -> None:
+        super().truncate(layer, n)
+        t = self._tables.get(layer)
+        if t is not None and t.n > n:
+            del self._tables[layer]
 
     def _layer_state(self, ctx: Context) -> tuple[Tensor, Tensor]:
         st = self._planes.get(ctx.layer)
@@ -59,28 +91,79 @@ class MagicPig(Masker):
         return st
 
     def _hash(self, x: Tensor, planes: Tensor) -> Tensor:
-        """x [b, Hk, n, d] -> table codes [b, Hk, n, L] (int64)."""
-        bits = (torch.matmul(x.float(), planes.unsqueeze(0)) >= 0).long()
-        bits = bits.view(*x.shape[:3], self.lsh_tables, self.lsh_bits)
-        return (bits << torch.arange(self.lsh_bits, device=x.device)).sum(-1)
+        """x [b, Hk, n, d] -> table codes [b, Hk, n, L] (int16)."""
+        bits = torch.matmul(x.float(), planes.unsqueeze(0)) >= 0
+        bits = bits.view(*x.shape[:3], self.lsh_tables, self.lsh_bits).to(torch.int16)
+        weights = (2 ** torch.arange(self.lsh_bits, device=x.device)).to(torch.int16)
+        return (bits * weights).sum(-1, dtype=torch.int16)
+
+    def _build(self, codes: Tensor, n: int) -> _Tables:
+        b, hk, _, L = codes.shape
+        c = codes[:, :, :n].permute(0, 1, 3, 2).reshape(b * hk * L, n)
+        _, order = c.sort(dim=-1, stable=True)
+        rows = torch.arange(c.shape[0], device=c.device)[:, None] * (2**self.lsh_bits)
+        counts = torch.bincount((c.long() + rows).view(-1), minlength=c.shape[0] * 2**self.lsh_bits)
+        starts = torch.zeros(c.shape[0], 2**self.lsh_bits + 1, dtype=torch.long, device=c.device)
+        starts[:, 1:] = counts.view(c.shape[0], -1).cumsum(-1)
+        return _Tables(n, order.to(torch.int32), starts)
+
+    def collisions(self, ctx: Context, codes: Tensor, qc: Tensor) -> Tensor:
+        """Tables in which each key's code equals the query row's: [b, Hk, R, kv] (int)."""
+        b, hk, kv, L = codes.shape
+        R = qc.shape[2]
+        t = self._tables.get(ctx.layer)
+        if t is None or t.n > kv - ctx.query.shape[2] or kv - t.n > TAIL:  # stale or long tail
+            t = self._tables[ctx.layer] = self._build(codes, kv)
+        # bucket runs of the query's codes: rows (b, hk, table) of order / starts
+        table_row = torch.arange(b * hk * L, device=qc.device).view(b, hk, 1, L)
+        q = qc.long()
+        start = t.starts[table_row, q]  # [b, hk, R, L]
+        length = t.starts[table_row, q + 1] - start
+        flat = (table_row * t.n + start).view(-1)
+        length = length.view(-1)
+        total = int(length.sum())
+        first = torch.repeat_interleave(flat - (length.cumsum(0) - length), length)
+        key_ids = t.order.view(-1)[first + torch.arange(total, device=qc.device)].long()
+        row = torch.repeat_interleave(torch.arange(b * hk * R, device=qc.device), length.view(-1, L).sum(-1))
+        counts = torch.bincount(row * kv + key_ids, minlength=b * hk * R * kv).view(b, hk, R, kv)
+        if t.n < kv:  # keys appended since the build: compared directly
+            tail = codes[:, :, t.n:]
+            counts[..., t.n:] += (tail[:, :, None] == qc[:, :, :, None]).sum(-1)
+        return counts
 
     def select(self, ctx: Context, sel: Selection) -> Selection:
         planes, mean = self._layer_state(ctx)
-        kc = self._codes.get(ctx.layer, ctx.key, ctx.query.shape[2],
-                             lambda k: self._hash(k.float() - mean, planes))
+        n_new = ctx.query.shape[2]
+        codes = self._codes.get(ctx.layer, ctx.key, n_new, lambda k: self._hash(k.float() - mean, planes))
+        knorm = self._norms.get(ctx.layer, ctx.key, n_new, lambda k: (k.float() - mean).norm(dim=-1, keepdim=True))
         qc = self._hash(ctx.grouped(ctx.query), planes)  # [b, Hk, g*q, L]
-        hit = torch.zeros(*qc.shape[:3], ctx.kv, dtype=torch.bool, device=qc.device)
-        for t in range(self.lsh_tables):  # one table at a time keeps memory at [.., kv]
-            hit |= qc[..., t, None] == kc[..., None, :, t]
-        hit = ctx.ungrouped(hit) & ctx.candidates(sel)
-        idx, valid = top_rows(hit.float().masked_fill(~hit, NEG_INF), hit.sum(-1))
+        hit = ctx.ungrouped(self.collisions(ctx, codes, qc) >= self.min_collisions) & ctx.candidates(sel)
+        idx, valid = _row_lists(hit, ctx.kv)
         # inclusion probability from the angle between q and the selected centred keys
-        kcent = ctx.key.float() - mean
-        qn = ctx.query.float().norm(dim=-1, keepdim=True)
-        kn = kcent.norm(dim=-1).repeat_interleave(ctx.groups, 1)  # [b, H, kv]
-        dots = ctx.score_with(ctx.query.float(), kcent).gather(-1, idx)
-        kn_sel = kn.unsqueeze(2).expand(*idx.shape[:3], -1).gather(-1, idx)
-        cos = (dots / (qn * kn_sel).clamp_min(1e-12)).clamp(-1.0, 1.0)
-        theta = torch.arccos(cos)
-        p = 1.0 - (1.0 - (1.0 - theta / math.pi) ** self.lsh_bits) ** self.lsh_tables
+        b, h, q, n = idx.shape
+        d = ctx.key.shape[-1]
+        heads = torch.arange(h, device=idx.device) // ctx.groups
+        base = (torch.arange(b, device=idx.device)[:, None] * ctx.key.shape[1] + heads[None, :]) * ctx.kv
+        rows = idx.clamp(max=ctx.kv - 1) + base[:, :, None, None]
+        keys = ctx.key.reshape(-1, d).index_select(0, rows.view(-1)).view(b, h, q, n, d).float()
+        qf = ctx.query.float()
+        qmean = ctx.ungrouped(torch.matmul(ctx.grouped(qf), mean.transpose(-1, -2)))  # q . kbar, [b, H, q, 1]
+        dots = torch.matmul(keys, qf.unsqueeze(-1)).squeeze(-1) - qmean
+        kn = knorm.reshape(-1).index_select(0, rows.view(-1)).view(b, h, q, n)
+        cos = (dots / (qf.norm(dim=-1, keepdim=True) * kn).clamp_min(1e-12)).clamp(-1.0, 1.0)
+        p = inclusion_probability(torch.arccos(cos), self.lsh_bits, self.lsh_tables, self.min_collisions)
         return sel.add(idx, valid, log_weight(p), ctx.kv)
+
+
+def _row_lists(hit: Tensor, kv: int) -> tuple[Tensor, Tensor]:
+    """Bool [b, H, q, kv] -> (idx, valid) [b, H, q, max per row], each row's hits in key order."""
+    shape = hit.shape[:3]
+    flat = hit.reshape(-1, kv)
+    count = flat.sum(-1)
+    n = int(count.max()) if count.numel() else 0
+    nz = flat.nonzero()
+    pos = torch.arange(nz.shape[0], device=hit.device) - torch.repeat_interleave(count.cumsum(0) - count, count)
+    idx = torch.full((flat.shape[0], n), kv, dtype=torch.long, device=hit.device)
+    idx[nz[:, 0], pos] = nz[:, 1]
+    idx = idx.view(*shape, n)
+    return idx, idx < kv

@@ -28,7 +28,7 @@ from sa_bench.attention.base import (
     normal_quantile,
 )
 from sa_bench.attention.double_sparsity import DoubleSparsity
-from sa_bench.attention.hashattn import HashAttention
+from sa_bench.attention.hashattn import HashAttention, RandomProjectionTopK
 from sa_bench.attention.magicpig import MagicPig
 from sa_bench.config import ConfigError, Size, check_range
 
@@ -282,5 +282,5 @@ def _max_or_neginf(x: Tensor) -> Tensor:
 
 __all__ = [
     "AdaptiveSampling", "DoubleSparsity", "HashAttention", "Local", "MagicPig", "OracleTopK",
-    "OracleTopP", "Quest", "RandomSampling", "Sink", "TopKMasker",
+    "OracleTopP", "Quest", "RandomProjectionTopK", "RandomSampling", "Sink", "TopKMasker",
 ]

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sa_bench.attention.capture import add_common_args, capture, load_model, shapes, token_windows
-from sa_bench.attention.hashattn import PARTS, SIDES, HashWeights
+from sa_bench.attention.hashattn import ACTIVATIONS, SIDES, HashWeights
 
 
 def _labels(q: Tensor, k: Tensor, pos: Tensor, top: float) -> tuple[Tensor, Tensor]:
@@ -44,20 +44,25 @@ def _recall(w: HashWeights, layer: int, q: Tensor, k: Tensor, pos: Tensor, top: 
 
 def fit_layer(w: HashWeights, layer: int, data: list[tuple[Tensor, Tensor]], groups: int,
               steps: int, lr: float, top: float, rows: int, gen: torch.Generator) -> tuple[float, float]:
-    """Train w's layer `layer` in place; returns (recall before, recall after) on the data."""
-    params = {f"{s}.{p}": w.tensors[f"{s}.{p}"][layer].clone().requires_grad_(True)
-              for s in SIDES for p in PARTS}
+    """Train w's layer `layer` (hashes per kv head) in place; returns recall (before, after)."""
+    params = {side: [(wt.clone().requires_grad_(True), b.clone().requires_grad_(True))
+                     for wt, b in w.layers[layer][side]] for side in SIDES}
     scale = torch.tensor(10.0, requires_grad=True)
     bias = torch.tensor(0.0, requires_grad=True)
-    opt = torch.optim.Adam([*params.values(), scale, bias], lr=lr)
+    opt = torch.optim.Adam([t for mlp in params.values() for pair in mlp for t in pair] + [scale, bias], lr=lr)
     per_window = []
     for q, k in data:  # q [H, n, d] -> [Hk, g*n, d]; positions repeat per query head
         hk, n = k.shape[0], k.shape[1]
         per_window.append((q.reshape(hk, groups * n, -1), k, torch.arange(n).repeat(groups)))
+    act = ACTIVATIONS[w.activation]
 
     def mlp(side: str, x: Tensor) -> Tensor:
-        h = F.silu(torch.matmul(x, params[f"{side}.w1"]) + params[f"{side}.b1"][:, None, :])
-        return torch.matmul(h, params[f"{side}.w2"]) + params[f"{side}.b2"][:, None, :]
+        layers = params[side]
+        for i, (wt, b) in enumerate(layers):
+            x = torch.matmul(x, wt) + b[:, None, :]
+            if i < len(layers) - 1:
+                x = act(x)
+        return x
 
     def recall() -> float:
         return sum(_recall(w, layer, q, k, pos, top) for q, k, pos in per_window) / len(per_window)
@@ -78,9 +83,7 @@ def fit_layer(w: HashWeights, layer: int, data: list[tuple[Tensor, Tensor]], gro
         opt.zero_grad()
         loss.backward()
         opt.step()
-    with torch.no_grad():
-        for name, value in params.items():
-            w.tensors[name][layer] = value.detach()
+    w.layers[layer] = {side: [(wt.detach(), b.detach()) for wt, b in mlp_] for side, mlp_ in params.items()}
     return before, recall()
 
 
@@ -88,7 +91,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common_args(parser)
     parser.add_argument("--bits", type=int, default=32)
-    parser.add_argument("--hidden", type=int, default=64)
+    parser.add_argument("--hidden", type=int, nargs="*", default=[64],
+                        help="hidden widths of the MLPs (their depth is this count + 1)")
     parser.add_argument("--steps", type=int, default=200, help="optimiser steps per layer")
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--top", type=float, default=0.05, help="fraction of keys that are positives")
@@ -100,12 +104,12 @@ def main(argv: list[str] | None = None) -> None:
     layers, heads, kv_heads, head_dim = shapes(model)
     vocab = model.config.get_text_config().vocab_size
     seen = capture(model, token_windows(args.model, args.text, args.max_tokens, args.samples, vocab))
-    w = HashWeights.init(layers, kv_heads, head_dim, args.bits, args.hidden, args.seed)
+    w = HashWeights.init(layers, kv_heads, head_dim, args.bits, args.hidden, args.seed)  # per kv head
     for layer in range(layers):
         before, after = fit_layer(w, layer, seen[layer], heads // kv_heads, args.steps, args.lr,
                                   args.top, args.rows, gen)
         print(f"layer {layer}: top-{args.top:g} recall {before:.3f} -> {after:.3f}", flush=True)
-    w.check(layers, kv_heads, head_dim, "--out")
+    w.check(layers, heads, kv_heads, head_dim, "--out")
     w.save(args.out)
     print(f"wrote {args.out}")
 

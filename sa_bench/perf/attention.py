@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import tempfile
 import time
 import types
 from pathlib import Path
@@ -44,10 +45,31 @@ def sdpa_gqa(query, key, value):
     return F.scaled_dot_product_attention(query, key, value, enable_gqa=True)
 
 
-def load_method(name: str) -> SparseMethod:
-    method = SparseMethod.from_config(yaml.safe_load((CONF / f"{name}.yaml").read_text()))
+def model_files(folder: Path, heads: int, kv_heads: int, head_dim: int) -> Path:
+    """Files of methods fitted per model (`${model.pretrained}` in their configs), random for a
+    1-layer model of the timed shape: hashattn weights in the published layout (per query head,
+    MLP head_dim-128-128-32 as HashAttention-1.0's Llama-3.1-8B patch), Double Sparsity ranks."""
+    from safetensors.torch import save_file
+
+    from sa_bench.attention.double_sparsity import CALIBRATION_FILE
+    from sa_bench.attention.hashattn import WEIGHTS_FILE, HashWeights
+
+    HashWeights.init(1, heads, head_dim, 32, (128, 128)).save(folder / WEIGHTS_FILE)
+    rank = torch.stack([torch.randperm(head_dim) for _ in range(heads)])[None]
+    save_file({"channel_rank": rank}, str(folder / CALIBRATION_FILE))
+    return folder
+
+
+def load_method(name: str, args, files: Path) -> SparseMethod:
+    """conf/sparse/<name>.yaml on a 1-layer model of the timed shape, its files from `files`."""
+    text = (CONF / f"{name}.yaml").read_text().replace("${model.pretrained}", str(files))
+    method = SparseMethod.from_config(yaml.safe_load(text))
     method.num_layers = 1
     method.set_phase("decode")
+    config = types.SimpleNamespace(num_hidden_layers=1, num_attention_heads=args.heads,
+                                   num_key_value_heads=args.kv_heads, head_dim=args.head_dim)
+    for key, masker in method.maskers.items():
+        masker.prepare(config, f"sparse.maskers.{key}")
     return method
 
 
@@ -62,7 +84,7 @@ def run_size(kv: int, names: list[str], args, device, dtype) -> dict[str, tuple[
 
     key, value = rand(1, hk, n0 - 1, d), rand(1, hk, n0 - 1, d)
     module = types.SimpleNamespace(layer_idx=0, training=False)
-    methods = {name: load_method(name) for name in names}
+    methods = {name: load_method(name, args, args.files) for name in names}
     for method in methods.values():  # the context: per-layer key caches built once
         method.attention(module, rand(1, h, 1, d), key, value, torch.zeros(1, 1, 1, key.shape[2],
                          device=device, dtype=dtype), d**-0.5)
@@ -112,6 +134,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--methods: no conf/sparse/<name>.yaml for {unknown}")
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     results = {}
+    tmp = tempfile.TemporaryDirectory()
+    args.files = model_files(Path(tmp.name), args.heads, args.kv_heads, args.head_dim)
     for kv in args.keys:
         results[kv] = run_size(kv, names, args, device, dtype)
         base = results[kv]["sdpa"][0]

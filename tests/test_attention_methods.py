@@ -1,0 +1,318 @@
+"""HashAttention, random-projection top-k, Double Sparsity and MagicPIG against brute-force
+references; the published HashAttention weight layouts; files shipped for the embedded model;
+refusal (before any job) of a model without fitted files."""
+
+from __future__ import annotations
+
+import math
+import os
+import pickle
+
+import pytest
+import torch
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
+
+from torch import nn  # noqa: E402
+
+from sa_bench.attention.base import Context, Selection, allowed_from_mask  # noqa: E402
+from sa_bench.attention.double_sparsity import DoubleSparsity, kv_head_channels, pseudo_quantize  # noqa: E402
+from sa_bench.attention.hashattn import (  # noqa: E402
+    HashAttention,
+    HashWeights,
+    RandomProjectionTopK,
+    pack_signs,
+    signature_scores,
+)
+from sa_bench.attention.magicpig import MagicPig, inclusion_probability  # noqa: E402
+from sa_bench.attention.method import SparseMethod  # noqa: E402
+from sa_bench.config import ConfigError  # noqa: E402
+from sa_bench.models.loading import embedded_dir  # noqa: E402
+from tests.conftest import run_sa_bench  # noqa: E402
+
+EMBEDDED = "embedded:tiny-retrieval"
+
+
+def context(query, key, layer=0):
+    b, _, q, _ = query.shape
+    return Context(query, key, query.shape[-1] ** -0.5, layer, allowed_from_mask(None, b, q, key.shape[2], "cpu"))
+
+
+def select(masker, query, key):
+    ctx = context(query, key)
+    return masker.select(ctx, Selection.empty(query.shape[0], query.shape[1], query.shape[2], "cpu"))
+
+
+def assert_topk(sel, scores, k):
+    """Each row holds k keys, none scoring below a key left out (ties may go either way)."""
+    b, h, q, kv = scores.shape
+    for bi in range(b):
+        for hi in range(h):
+            for i in range(q):
+                n = kv - q + i + 1  # causal keys of the row
+                chosen = sel.idx[bi, hi, i][sel.valid[bi, hi, i]].tolist()
+                assert len(chosen) == len(set(chosen)) == min(k, n)
+                rest = sorted(set(range(n)) - set(chosen))
+                s = scores[bi, hi, i]
+                if rest:
+                    assert s[chosen].min() >= s[rest].max() - 1e-5
+
+
+def signs(x):
+    return torch.where(x >= 0, 1.0, -1.0)
+
+
+# --- bit-packed signatures --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bits", [1, 5, 31, 32, 33, 64, 100])
+def test_packed_signatures_are_the_signs_they_encode(bits):
+    x = torch.randn(2, 3, 7, bits)
+    packed = pack_signs(x)
+    assert packed.dtype == torch.int32 and packed.shape[-1] == -(-bits // 32)
+    unpacked = torch.stack([(packed[..., i // 32] >> (i % 32)) & 1 for i in range(bits)], -1)
+    assert torch.equal(unpacked.bool(), x >= 0)
+    y = torch.randn(2, 3, 40, bits)
+    want = signs(x) @ signs(y).transpose(-1, -2)
+    assert torch.equal(signature_scores(packed, pack_signs(y), bits), want)
+
+
+def test_random_projection_topk_matches_brute_force():
+    g = torch.Generator().manual_seed(0)
+    query, key = torch.randn(1, 8, 3, 16, generator=g), torch.randn(1, 2, 150, 16, generator=g)
+    masker = RandomProjectionTopK(heavy_size=20, bits=24, seed=3)
+    sel = select(masker, query, key)
+    r = masker._proj[0]  # [Hk, d, bits]
+    scores = torch.stack([signs(query[0, h] @ r[h // 4]) @ signs(key[0, h // 4] @ r[h // 4]).T
+                          for h in range(8)])[None]
+    assert_topk(sel, scores, 20)
+
+
+# --- HashAttention weights in the published layouts -------------------------------------------
+
+
+def usa_modules(heads, d, hidden, bits, seed=0):
+    """Per query head, HashAttention-1.0's nn.Sequential(Linear, SiLU, Linear, SiLU, Linear)."""
+    torch.manual_seed(seed)
+
+    def mlp():
+        return nn.Sequential(nn.Linear(d, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
+                             nn.Linear(hidden, bits))
+
+    return {"q": nn.ModuleList([mlp() for _ in range(heads)]),
+            "k": nn.ModuleList([mlp() for _ in range(heads)])}
+
+
+def usa_state_dict(layers):
+    """The USA checkpoint's keys: {layer}.learning_to_hash_transformation_{q,k}.{head}.{i}.*"""
+    state = {}
+    for lay, mods in enumerate(layers):
+        for side, ml in mods.items():
+            for name, t in ml.state_dict().items():
+                state[f"{lay}.learning_to_hash_transformation_{side}.{name}"] = t
+    return state
+
+
+def hat_weights(layers):
+    """sparse-attention-hub's convert_usa_weights_to_hash_attention layout (weights [H, in, out])."""
+    out = {}
+    for lay, mods in enumerate(layers):
+        entry = {}
+        for side, name in (("q", "query"), ("k", "key")):
+            linears = [[m[i] for m in mods[side]] for i in (0, 2, 4)]
+            entry[f"{name}_matrix"] = [torch.stack([lin.weight.detach().t() for lin in ls]) for ls in linears]
+            entry[f"{name}_bias"] = [torch.stack([lin.bias.detach() for lin in ls]) for ls in linears]
+        out[lay] = entry
+    return out
+
+
+@pytest.mark.parametrize("layout", ["usa", "hub", "own"])
+def test_published_layouts_load_and_select_as_the_modules(tmp_path, layout):
+    heads, kv_heads, d, bits = 4, 2, 16, 12
+    layers = [usa_modules(heads, d, 10, bits, seed=s) for s in range(2)]
+    if layout == "usa":
+        path = tmp_path / "patch.pt"
+        torch.save(usa_state_dict(layers), path)
+    else:
+        path = tmp_path / "w.hat_weights.pkl"
+        with open(path, "wb") as f:
+            pickle.dump(hat_weights(layers), f)
+        if layout == "own":
+            own = tmp_path / "w.safetensors"
+            HashWeights.load(path, "k").save(own)
+            path = own
+    w = HashWeights.load(path, "k")
+    w.check(2, heads, kv_heads, d, "k")
+    assert (w.bits, w.hash_heads, len(w.layers[1]["key"])) == (bits, heads, 3)
+
+    g = torch.Generator().manual_seed(1)
+    query, key = torch.randn(1, heads, 2, d, generator=g), torch.randn(1, kv_heads, 90, d, generator=g)
+    masker = HashAttention(heavy_size=15, weights=str(path))
+    cfg = {"num_hidden_layers": 2, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
+           "head_dim": d}
+    masker.prepare(type("Cfg", (), cfg)(), "sparse.maskers.hash")
+    ctx = context(query, key, layer=1)
+    sel = masker.select(ctx, Selection.empty(1, heads, 2, "cpu"))
+    with torch.no_grad():  # per query head h: sign(f_h(q)) . sign(g_h(k)), keys of h's kv head
+        scores = torch.stack([signs(layers[1]["q"][h](query[0, h])) @ signs(layers[1]["k"][h](key[0, h // 2])).T
+                              for h in range(heads)])[None]
+    assert_topk(sel, scores, 15)
+    assert masker.notes() == [f"hashattn: learned signatures from {path} ({bits} bits, {heads} hash heads)"]
+
+
+def test_weights_pickle_may_hold_only_tensors(tmp_path):
+    path = tmp_path / "evil.pkl"
+    with open(path, "wb") as f:
+        pickle.dump({0: {"query_matrix": [os.system]}}, f)
+    with pytest.raises(ConfigError, match=r"k: cannot read .*refusing posix.system|k: cannot read .*refusing"):
+        HashWeights.load(path, "k")
+
+
+def test_weights_that_do_not_fit_the_model_are_refused(tmp_path):
+    HashWeights.init(2, 4, 32, bits=8, hidden=(6,)).save(tmp_path / "w.safetensors")
+    w = HashWeights.load(tmp_path / "w.safetensors", "x.weights")
+    with pytest.raises(ConfigError, match=r"x\.weights: weights for 4 heads, but the model has 8 query"):
+        w.check(2, 8, 2, 32, "x.weights")
+    with pytest.raises(ConfigError, match=r"x\.weights: layer 0 query linear 0 has weight \[4, 32, 6\]"):
+        w.check(2, 4, 2, 16, "x.weights")
+
+
+# --- auto files for the model: shipped for the embedded model, refused elsewhere --------------
+
+
+def test_embedded_model_ships_hashattn_and_double_sparsity_files():
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(embedded_dir("tiny-retrieval"))
+    hash_ = HashAttention(model=EMBEDDED)
+    hash_.prepare(config, "sparse.maskers.hash")
+    assert hash_.notes()[0].startswith("hashattn: learned signatures from ") and "hashattn.safetensors" in hash_.notes()[0]
+    ds = DoubleSparsity(model=EMBEDDED)
+    ds.prepare(config, "sparse.maskers.ds")
+    assert ds._rank.shape == (2, 4, 32)
+
+
+def test_model_without_files_is_refused_naming_the_command():
+    with pytest.raises(ConfigError, match=r"^sparse\.maskers\.hash\.weights: no HashAttention weights for "
+                                          r"model 'org/some-model'.*`python -m sa_bench\.attention\.train_hashattn "
+                                          r"--model org/some-model"):
+        SparseMethod.from_config({"name": "h", "maskers": {"hash": {
+            "_target_": "sa_bench.attention.maskers.HashAttention", "model": "org/some-model"}}})
+    with pytest.raises(ConfigError, match=r"^sparse\.maskers\.ds\.calibration: no Double Sparsity calibration "
+                                          r".*`python -m sa_bench\.attention\.calibrate_ds --model org/m"):
+        SparseMethod.from_config({"name": "d", "maskers": {"ds": {
+            "_target_": "sa_bench.attention.maskers.DoubleSparsity", "model": "org/m"}}})
+
+
+def test_sweep_refuses_hashattn_for_a_model_without_weights_before_any_job(tmp_path):
+    proc = run_sa_bench("model=llama3.1-8b,tiny", "sparse=hashattn", "benchmark.n_samples=1",
+                        root=tmp_path / "out")
+    assert proc.returncode != 0
+    assert "nothing was run" in proc.stdout
+    assert "python -m sa_bench.attention.train_hashattn --model meta-llama/Llama-3.1-8B" in proc.stdout
+    assert not list((tmp_path / "out").rglob("predictions.jsonl"))
+
+
+# --- Double Sparsity ---------------------------------------------------------------------------
+
+
+def test_pseudo_quantize_is_the_authors_rounding():
+    x = torch.tensor([[0.0, 0.1, 0.5, 1.0], [2.0, 2.0, 2.0, 2.0]])
+    # 2 bits: levels min + i * (max - min) / 3
+    assert torch.allclose(pseudo_quantize(x, 2), torch.tensor([[0.0, 0.0, 2 / 3, 1.0], [2.0] * 4]))
+    assert torch.equal(pseudo_quantize(x, 16), x)
+
+
+def test_kv_head_channels_sum_the_group_ranks():
+    rank = torch.tensor([[0, 1, 2, 3], [1, 3, 0, 2], [2, 3, 1, 0], [2, 3, 1, 0]])  # channels, best first
+    # heads 0 and 1: summed ranks of channels 0..3 are 0 + 2, 1 + 0, 2 + 3, 3 + 1
+    assert kv_head_channels(rank, 2, 2).tolist() == [[1, 0], [2, 3]]
+    assert torch.equal(kv_head_channels(rank, 4, 4), rank)
+
+
+@pytest.mark.parametrize("bits", [4, 16])
+def test_double_sparsity_matches_brute_force(tmp_path, bits):
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(2)
+    rank = torch.stack([torch.randperm(16, generator=g) for _ in range(4)])[None]
+    save_file({"channel_rank": rank}, str(tmp_path / "ds.safetensors"))
+    masker = DoubleSparsity(heavy_size=12, channels=0.25, label_bits=bits, calibration=str(tmp_path / "ds.safetensors"))
+    cfg = {"num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16}
+    masker.prepare(type("Cfg", (), cfg)(), "ds")
+    query, key = torch.randn(1, 4, 2, 16, generator=g), torch.randn(1, 2, 70, 16, generator=g)
+    sel = select(masker, query, key)
+    ch = kv_head_channels(rank[0], 2, 4)
+    scores = torch.stack([pseudo_quantize(key[0, h // 2][:, ch[h // 2]], bits)
+                          @ pseudo_quantize(query[0, h][:, ch[h // 2]], bits).T for h in range(4)]).transpose(-1, -2)
+    assert_topk(sel, scores[None], 12)
+
+
+def test_double_sparsity_online_calibration_is_recorded():
+    method = SparseMethod.from_config({"name": "d", "maskers": {"ds": {
+        "_target_": "sa_bench.attention.maskers.DoubleSparsity", "calibration": "online"}}})
+    method.num_layers = 1
+    method.set_phase("question")
+    g = torch.Generator().manual_seed(0)
+    query, key = torch.randn(1, 4, 5, 16, generator=g), torch.randn(1, 2, 60, 16, generator=g)
+    module = type("M", (), {"layer_idx": 0, "training": False})()
+    method.attention(module, query, key, key.clone(), None, 0.25)
+    notes = method.stats()["notes"]
+    assert notes == ["double_sparsity: channels calibrated online on each context's first sparse call "
+                     "(its query rows and their own keys; 5 rows so far), 4-bit labels"]
+
+
+# --- MagicPIG ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("m", [1, 2])
+def test_magicpig_keeps_exactly_the_keys_with_enough_collisions(m):
+    g = torch.Generator().manual_seed(3)
+    query, key = torch.randn(1, 4, 2, 16, generator=g), torch.randn(1, 2, 200, 16, generator=g)
+    masker = MagicPig(lsh_bits=3, lsh_tables=6, min_collisions=m)
+    for step in range(3):  # the context, then keys appended one at a time (the tables' tail)
+        if step:
+            key = torch.cat([key, torch.randn(1, 2, 1, 16, generator=g)], 2)
+            query = torch.randn(1, 4, 1, 16, generator=g)
+        sel = select(masker, query, key)
+        planes, mean = masker._planes[0]
+        kv, q = key.shape[2], query.shape[2]
+        for h in range(4):
+            pl = planes[h // 2].view(16, 6, 3)
+            kc = key[0, h // 2] - mean[0, h // 2]
+            kb = torch.einsum("nd,dlk->nlk", kc, pl) >= 0
+            for i in range(q):
+                qb = torch.einsum("d,dlk->lk", query[0, h, i], pl) >= 0
+                hits = (kb == qb).all(-1).sum(-1)
+                want = {j for j in range(kv - q + i + 1) if hits[j] >= m}
+                valid = sel.valid[0, h, i]
+                assert set(sel.idx[0, h, i][valid].tolist()) == want
+                for j, lw in zip(sel.idx[0, h, i][valid].tolist(), sel.logw[0, h, i][valid], strict=True):
+                    cos = kc[j] @ query[0, h, i] / (kc[j].norm() * query[0, h, i].norm())
+                    p = inclusion_probability(torch.arccos(cos.clamp(-1, 1)), 3, 6, m)
+                    assert torch.allclose(lw, -torch.log(p), atol=1e-4)
+
+
+def test_inclusion_probability_at_two_collisions_matches_simulation():
+    """Official K = 10, L = 150: a key at angle theta to the query, hashed by independent random
+    hyperplanes in each of 3000 trials (kv heads), is sampled as often as the formula says."""
+    trials, d = 3000, 4
+    g = torch.Generator().manual_seed(0)
+    for cos in (0.3, 0.45):
+        theta = math.acos(cos)
+        q = torch.tensor([1.0, 0.0, 0.0, 0.0])
+        k = torch.tensor([cos, math.sin(theta), 0.0, 0.0]) * 2.0
+        key = torch.stack([k, -k]).expand(1, trials, 2, d).contiguous()  # mean 0: centring keeps k
+        query = q.expand(1, trials, 1, d).contiguous()
+        masker = MagicPig(seed=int(cos * 100))
+        assert (masker.lsh_bits, masker.lsh_tables, masker.min_collisions) == (10, 150, 2)
+        sel = select(masker, query, key)
+        picked = ((sel.idx == 0) & sel.valid).any(-1).float().mean().item()
+        p = inclusion_probability(torch.tensor(theta), 10, 150, 2).item()
+        assert 0.1 < p < 0.9
+        assert abs(picked - p) < 4 * math.sqrt(p * (1 - p) / trials), (cos, picked, p)
+        # and the formula is P(Binomial(L, (1 - theta/pi)^K) >= 2)
+        pk = (1 - theta / math.pi) ** 10
+        assert math.isclose(p, 1 - (1 - pk) ** 150 - 150 * pk * (1 - pk) ** 149, rel_tol=1e-5)
+    del g
