@@ -96,14 +96,17 @@ def apply_value(cfg: dict, choice: Choice) -> None:
         node = node[part]
     if not isinstance(node, dict):
         raise ConfigError(_unknown(choice, choice.key))
-    if choice.kind == "delete":
-        if last not in node:
-            raise ConfigError(f"{choice.key}: cannot delete, no such key")
+    if choice.kind == "delete":  # Hydra: a null value counts as absent; `~k=v` checks v
+        if node.get(last) is None:
+            raise ConfigError(f"{choice.key}: cannot delete, no such key (or it is null)")
+        if choice.value is not None and choice.value != node[last]:
+            raise ConfigError(f"{choice.key}: cannot delete, its value is {node[last]!r}, "
+                              f"not {choice.value!r}")
         del node[last]
         return
     if last not in node and choice.kind == "set":
         raise ConfigError(_unknown(choice, choice.key))
-    if last in node and choice.kind == "add" and not isinstance(choice.value, (dict, list)):
+    if node.get(last) is not None and choice.kind == "add" and not isinstance(choice.value, (dict, list)):
         raise ConfigError(f"{choice.key}: already set; drop the '+' to override it")
     if isinstance(choice.value, dict) and isinstance(node.get(last), dict):
         _merge(node[last], copy.deepcopy(choice.value))
