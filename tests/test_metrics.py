@@ -243,7 +243,8 @@ def test_cloze_parses_the_prediction_as_the_official_eval(prediction):
 def test_rouge_scores_the_same_at_any_stack_depth():
     """The `rouge` package recurses once per LCS step; the official eval.py calls it four
     frames deep under the default limit, where identical 990-word texts score 1 and 991-word
-    texts hit RecursionError (scored 0). That point must not move in a deep stack."""
+    texts hit RecursionError (scored 0). That point must not move in a deep stack. The
+    official-like script below reproduces eval.py's call chain and says where it is."""
     import subprocess
     import sys
 
@@ -262,17 +263,24 @@ def test_rouge_scores_the_same_at_any_stack_depth():
             "        return Rouge().get_scores([p], [g], avg=True)['rouge-l']['f']\n"
             "    except Exception:\n"
             "        return 0.0\n"
-            "def scorer(n):\n"
+            "def rouge_zh_score(p, g):\n"
+            "    import jieba\n"
+            "    return rouge_score(' '.join(jieba.cut(p)), ' '.join(jieba.cut(g)))\n"
+            "def scorer(n, metric):\n"
             "    t = ' '.join(f'w{i}' for i in range(n))\n"
-            "    return rouge_score(t, t)\n"
-            "print(scorer(990) > 0.99, scorer(991) > 0.99)\n"
+            "    return metric(t, t)\n"
+            "found = [scorer(990, rouge_score), scorer(991, rouge_score),\n"  # no extra frame
+            "         scorer(989, rouge_zh_score), scorer(990, rouge_zh_score)]\n"
+            "print(*[f > 0.99 for f in found])\n"
         )],
         capture_output=True, text=True, check=True,
     ).stdout.split()
-    assert official == ["True", "False"]
+    assert official == ["True", "False", "True", "False"]  # the zh path is one frame deeper
     for depth in (0, 500):
         assert nested(depth, lambda: m.rouge_score(text(990), text(990))) == approx(1.0, abs=1e-6)
         assert nested(depth, lambda: m.rouge_score(text(991), text(991))) == 0.0
+        assert nested(depth, lambda: m.rouge_zh_score(text(989), text(989))) == approx(1.0, abs=1e-6)
+        assert nested(depth, lambda: m.rouge_zh_score(text(990), text(990))) == 0.0
     r = nested(500, lambda: m.rouge_all(text(990), text(990)))
     assert r[2] == approx(1.0)
 
