@@ -319,36 +319,13 @@ def top_rows(scores: Tensor, k: Tensor, kmax: int | None = None) -> tuple[Tensor
     if kmax == 0:
         empty = scores.new_zeros(*scores.shape[:3], 0)
         return empty.long(), empty.bool()
-    cpu = scores.device.type == "cpu"
     # on CPU reading k is free; on an accelerator sorting avoids a sync
-    uniform = cpu and bool((k == kmax).all())
-    found = _top_by_threshold(scores, kmax) if cpu and 1024 <= kmax <= scores.shape[-1] // 4 else None
-    if found is None:
-        vals, idx = scores.topk(kmax, dim=-1, sorted=not uniform)
-    else:
-        vals, idx = found
-        if not uniform:
-            vals, order = vals.sort(-1, descending=True)
-            idx = idx.gather(-1, order)
+    uniform = scores.device.type == "cpu" and bool((k == kmax).all())
+    vals, idx = scores.topk(kmax, dim=-1, sorted=not uniform)
     valid = vals > NEG_INF
     if not uniform:
         valid &= torch.arange(kmax, device=scores.device) < k.unsqueeze(-1)
     return idx, valid
-
-
-def _top_by_threshold(scores: Tensor, k: int, stride: int = 16) -> tuple[Tensor, Tensor] | None:
-    """torch.topk on CPU costs more than computing the scores for k of ~10% of the keys.
-    Instead: a threshold from every `stride`-th score that about 1.25 k scores exceed, the
-    exact top k among those, or None when some row has fewer than k above it."""
-    sub = scores[..., ::stride]
-    rank = min(sub.shape[-1], (k + k // 4) // stride + 1)
-    th = sub.topk(rank, dim=-1, sorted=False).values.amin(-1, keepdim=True)
-    above = scores >= th
-    if not bool(th.isfinite().all()) or bool((above.sum(-1) < k).any()):
-        return None
-    cand, ok = compact(above, scores.shape[-1] - 1)
-    vals, pos = scores.gather(-1, cand).masked_fill_(~ok, NEG_INF).topk(k, dim=-1, sorted=False)
-    return vals, cand.gather(-1, pos)
 
 
 def compact(mask: Tensor, fill: int) -> tuple[Tensor, Tensor]:
@@ -388,8 +365,8 @@ def draw_candidates(ctx: Context, sel: Selection, m: Tensor, mmax: int) -> tuple
         width = (ctx.positions[:, None] - lo + 1).clamp(min=1)
         u = ctx.rand((b, h, q, draws), torch.float64)
         r = lo + (u * width).long()  # [b, H, q, draws], each in the row's causal range
-        order = torch.arange(draws, device=r.device).expand_as(r)
-        first = torch.full((b, h, q, kv + 1), draws, dtype=torch.long, device=r.device)
+        order = torch.arange(draws, dtype=torch.int32, device=r.device).expand_as(r)
+        first = torch.full((b, h, q, kv + 1), draws, dtype=torch.int32, device=r.device)
         first.scatter_(-1, sel.idx, -1)  # selected keys: never a first draw
         first.scatter_reduce_(-1, r, order, reduce="amin")  # earliest draw of each key
         ok = (first.gather(-1, r) == order) & ctx.allowed.expand(b, h, q, kv).gather(-1, r)
