@@ -73,6 +73,11 @@ def test_mask_function_skips_plain_causal_only():
     window = dense.dense_mask(1, 4, 40, q_offset=36,
                               mask_function=sliding_window_causal_mask_function(8), local_size=8)
     assert window is not None and window[0, 0, -1].sum() == 8
+    # a window longer than every key so far is plain causal
+    assert dense.dense_mask(1, 4, 40, q_offset=36, local_size=64,
+                            mask_function=sliding_window_causal_mask_function(64)) is None
+    # a caller that adds more than causality forbids the skip
+    assert dense.dense_mask(1, 50, 150, q_offset=100, allow_is_causal_skip=False) is not None
 
 
 def test_padding_mask_is_applied():

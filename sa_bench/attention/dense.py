@@ -58,12 +58,13 @@ def dense_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0
                local_size: int | None = None, allow_is_causal_skip: bool = True, **kwargs: Any):
     """A transformers mask-interface function: None for a plain causal mask (see module doc),
     else transformers' own boolean SDPA mask."""
-    from transformers.masking_utils import causal_mask_function, prepare_padding_mask, sdpa_mask
+    from transformers.masking_utils import prepare_padding_mask, sdpa_mask
 
+    # as transformers' own SDPA mask: callers that add anything but causality, a window or
+    # padding (packed sequences, custom overlays) pass allow_is_causal_skip=False
     padding = prepare_padding_mask(attention_mask, kv_length, kv_offset)
     plain = (
         allow_is_causal_skip
-        and (mask_function is None or mask_function is causal_mask_function)
         and (local_size is None or kv_length < local_size)
         and kv_offset == 0
         and not isinstance(q_offset, Tensor)
