@@ -250,3 +250,35 @@ def test_legacy_tree_found_done_by_the_command_that_wrote_it(tmp_path, sa_bench_
                         root=tree, check=True)
     assert "4 jobs: 4 done (skipped), 0 to run" in proc.stdout, proc.stdout + proc.stderr
     assert "4 finished cells re-keyed" in proc.stdout
+
+
+# --- the job checks the identity it is handed; changed data is rerun --------------------------
+
+def test_job_refuses_a_cell_computed_differently(tmp_path, sa_bench_cli):
+    out = tmp_path / "out"
+    wrong = "tiny/dense/passkey/1k/000000000000"
+    proc = sa_bench_cli("hydra.mode=RUN", "benchmark.subset=1k", f"++cell={wrong}", root=out)
+    assert proc.returncode != 0
+    error = (out / wrong / jobdir.ERROR).read_text()
+    assert "IdentityMismatch" in error and "the job computes tiny/dense/passkey/1k/" in error
+    assert not (out / wrong / jobdir.PREDICTIONS).exists()  # refused before any work
+
+
+def test_finished_cell_whose_data_changed_is_rerun(tmp_path, sa_bench_cli):
+    data = tmp_path / "data"
+    shutil.copytree(ROOT / "tests" / "fixtures" / "longbench", data)
+    args = ["benchmark=longbench", "benchmark.subsets=[hotpotqa]", "benchmark.max_samples=1",
+            "max_new_tokens=2", f"benchmark.data_dir={data}"]
+    out = tmp_path / "out"
+    first = sa_bench_cli(*args, root=out, check=True)
+    assert "1 jobs: 0 done (skipped), 1 to run" in first.stdout
+    (cell,) = [p.parent for p in out.rglob(jobdir.MARKER)]
+    recorded = jobdir.read_json(cell / jobdir.MARKER)["summary"]["data"]
+    assert sa_bench_cli(*args, root=out, check=True).stdout.startswith("1 jobs: 1 done")
+    rows = (data / "hotpotqa.jsonl").read_text().splitlines()
+    (data / "hotpotqa.jsonl").write_text("\n".join(reversed(rows)) + "\n")  # other samples
+    again = sa_bench_cli(*args, root=out, check=True)
+    assert ("1 jobs: 0 done (skipped), 1 to run (1 of them finished, but their benchmark "
+            "data files changed since)") in again.stdout
+    assert jobdir.read_json(cell / jobdir.MARKER)["summary"]["data"] != recorded
+    assert sa_bench_cli(*args, root=out, check=True).stdout.startswith("1 jobs: 1 done")

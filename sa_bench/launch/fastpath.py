@@ -21,6 +21,7 @@ from pathlib import Path
 import sa_bench
 from sa_bench.launch import jobdir
 from sa_bench.launch.hydra_app import CONF_DIR  # the installed tree, in a wheel too
+from sa_bench.launch.identity import data_changed, local_data_fingerprint
 
 _SEARCHPATH = re.compile(r"file://([^,\]]+)")
 
@@ -57,7 +58,16 @@ def manifest_path(argv: list[str]) -> Path | None:
         for file in sorted(folder.rglob("*.yaml")):
             st = file.stat()
             digest.update(f"{file}:{st.st_size}:{st.st_mtime_ns}".encode())
+    for file in _package_files():  # code defaults and embedded weights are part of job keys
+        st = file.stat()
+        digest.update(f"{file}:{st.st_size}:{st.st_mtime_ns}\0".encode())
     return root / ".sa_bench" / "sweeps" / f"{digest.hexdigest()[:20]}.json"
+
+
+def _package_files() -> list[Path]:
+    package = Path(sa_bench.__file__).resolve().parent
+    return sorted(p for suffix in ("*.py", "*.json", "*.safetensors")
+                  for p in package.rglob(suffix) if p.parent.name != "conf")
 
 
 def write_manifest(argv: list[str], cells: list) -> None:
@@ -65,7 +75,15 @@ def write_manifest(argv: list[str], cells: list) -> None:
     if path is None:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    jobdir.write_json_atomic(path, {"cells": [[str(c.path), c.key] for c in cells]})
+    jobdir.write_json_atomic(path, {"cells": [[str(c.path), c.key, *_data_source(c.config)]
+                                              for c in cells]})
+
+
+def _data_source(config: dict) -> list:
+    """Where a cell's benchmark reads local files from (data_files, data_dir), or []."""
+    bench = config.get("benchmark") or {}
+    source = [bench.get("data_files"), bench.get("data_dir")]
+    return source if any(source) else []
 
 
 def resume_if_all_done(argv: list[str]) -> bool:
@@ -75,7 +93,10 @@ def resume_if_all_done(argv: list[str]) -> bool:
     if not isinstance(manifest, dict) or not manifest.get("cells"):
         return False
     cells = manifest["cells"]
-    if not all(jobdir.is_done(Path(p), key) for p, key in cells):
+    if not all(jobdir.is_done(Path(p), key) for p, key, *_ in cells):
         return False
+    if any(data_changed(Path(p), local_data_fingerprint(*source)) for p, _, *source in cells
+           if any(source)):
+        return False  # local benchmark files changed since: the sweeper reruns those cells
     print(f"{len(cells)} jobs: {len(cells)} done (skipped), 0 to run", flush=True)
     return True

@@ -160,11 +160,15 @@ def data_fingerprint(benchmark: Any) -> str | None:
     """Fingerprint of the local files a benchmark reads (`data_files`, else every file directly
     in `data_dir`); None for hub or generated data. Not part of the key (the data location is
     not): recorded in `done.json` so a finished cell whose data changed is found and rerun."""
-    if benchmark.data_files:
-        file = Path(benchmark.data_files).expanduser()
+    return local_data_fingerprint(benchmark.data_files, benchmark.data_dir)
+
+
+def local_data_fingerprint(data_files: str | None, data_dir: str | None) -> str | None:
+    if data_files:
+        file = Path(data_files).expanduser()
         return fingerprint_files([file], file.parent) if file.is_file() else "missing"
-    if benchmark.data_dir:
-        folder = Path(benchmark.data_dir).expanduser()
+    if data_dir:
+        folder = Path(data_dir).expanduser()
         if not folder.is_dir():
             return "missing"
         return fingerprint_files(sorted(p for p in folder.iterdir() if p.is_file()), folder)
