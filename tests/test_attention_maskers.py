@@ -509,3 +509,15 @@ def test_question_in_blocks_equals_one_block(masked):
 def test_block_bytes_is_validated():
     with pytest.raises(ConfigError, match=r"sparse\.block_bytes: expected a positive"):
         SparseMethod.from_config({"name": "x", "block_bytes": 0, "maskers": {}})
+
+
+def test_perf_command_times_real_decoding_steps(capsys):
+    from sa_bench.perf.attention import main
+
+    main(["--keys", "300", "--steps", "2", "--methods", "streaming", "quest", "--heads", "4",
+          "--kv-heads", "2", "--head-dim", "16"])
+    out = capsys.readouterr().out
+    assert "# 303..305 keys" in out  # 300 + 3 keys, one appended per step
+    rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ")}
+    assert {"SDPA grouped (baseline)", "SDPA enable_gqa (reference)", "streaming", "quest"} <= set(rows)
+    assert "1.00x" in rows["SDPA grouped (baseline)"]
