@@ -9,6 +9,7 @@ It is cheap and imports nothing heavy, so a sweep validates every cell before an
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import types
 import typing
@@ -125,6 +126,12 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
+@functools.cache
+def _type_hints(cls: type) -> dict[str, Any]:
+    """Evaluated once per class: a sweep validates hundreds of cells of the same classes."""
+    return typing.get_type_hints(cls)
+
+
 def build(cls: type[T], data: dict, key: str) -> T:
     """Build dataclass `cls` from `data`, naming `key.field` in every error.
 
@@ -133,7 +140,7 @@ def build(cls: type[T], data: dict, key: str) -> T:
     """
     if not isinstance(data, dict):
         raise ConfigError(f"{key}: expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
+    hints = _type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields) - {"_target_"})
     if unknown:

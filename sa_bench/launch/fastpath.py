@@ -21,7 +21,6 @@ from pathlib import Path
 import sa_bench
 from sa_bench.launch import jobdir
 from sa_bench.launch.hydra_app import CONF_DIR  # the installed tree, in a wheel too
-from sa_bench.launch.identity import data_changed, local_data_fingerprint
 
 _SEARCHPATH = re.compile(r"file://([^,\]]+)")
 
@@ -95,8 +94,11 @@ def resume_if_all_done(argv: list[str]) -> bool:
     cells = manifest["cells"]
     if not all(jobdir.is_done(Path(p), key) for p, key, *_ in cells):
         return False
-    if any(data_changed(Path(p), local_data_fingerprint(*source)) for p, _, *source in cells
-           if any(source)):
-        return False  # local benchmark files changed since: the sweeper reruns those cells
+    sourced = [(p, source) for p, _, *source in cells if any(source)]
+    if sourced:
+        from sa_bench.launch.identity import data_changed, local_data_fingerprint
+
+        if any(data_changed(Path(p), local_data_fingerprint(*source)) for p, source in sourced):
+            return False  # local benchmark files changed since: the sweeper reruns those cells
     print(f"{len(cells)} jobs: {len(cells)} done (skipped), 0 to run", flush=True)
     return True

@@ -23,7 +23,6 @@ Result trees written before this scheme (key = hash of the raw YAML) are re-keye
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
@@ -90,17 +89,20 @@ def canonical(value: Any, drop: set[str] | frozenset[str] = frozenset()) -> Any:
     raise TypeError(f"cannot put a {type(value).__name__} into a job key: {value!r}")
 
 
-def identity_values(spec: JobSpec) -> dict[str, Any]:
-    """Everything that can change the result of the cell `spec` describes."""
-    from sa_bench.models.identity import weights_identity
+def identity_values(spec: JobSpec, weights: str | None = None) -> dict[str, Any]:
+    """Everything that can change the result of the cell `spec` describes; `weights` is
+    `weights_identity(spec.model)` when the caller already has it."""
+    if weights is None:
+        from sa_bench.models.identity import weights_identity
 
+        weights = weights_identity(spec.model)
     top = canonical(spec, drop=NON_RESULT_FIELDS["JobSpec"] | {"model", "sparse", "benchmark"})
     sparse = canonical(spec.sparse.config, drop={"maskers"})
     sparse["maskers"] = {name: canonical(m) for name, m in spec.sparse.maskers.items()}
     return {
         **top,
         "model": canonical(spec.model),
-        "weights": weights_identity(spec.model),
+        "weights": weights,
         "sparse": sparse,
         "benchmark": canonical(spec.benchmark, drop=NON_RESULT_FIELDS["benchmark"]),
     }
@@ -111,16 +113,16 @@ def _digest(values: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def job_key(spec: JobSpec) -> str:
+def job_key(spec: JobSpec, weights: str | None = None) -> str:
     """Short stable hash of the canonical identity of a validated cell."""
-    return _digest(identity_values(spec))
+    return _digest(identity_values(spec, weights))
 
 
-def job_relpath(spec: JobSpec) -> str:
+def job_relpath(spec: JobSpec, weights: str | None = None) -> str:
     """`<model>/<sparse>/<benchmark>/<subset>/<key>` of a validated cell."""
     bench = spec.benchmark
     parts = [spec.model.name, spec.sparse.config.name, bench.name, bench.subset]
-    return "/".join(sanitize(p) for p in parts) + "/" + job_key(spec)
+    return "/".join(sanitize(p) for p in parts) + "/" + job_key(spec, weights)
 
 
 # --- files: weights and benchmark data -------------------------------------------------------
@@ -321,6 +323,8 @@ def record_missing() -> dict[str, dict[str, Any]]:
 
 
 def main() -> None:
+    import argparse
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--record", action="store_true",
                         help="append the defaults of fields not yet recorded to key_defaults.json")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -188,11 +189,13 @@ def identify(cells: list[Cell]) -> tuple[list[Cell], list[Cell]]:
     """Validate every cell and compute its directory, once; drop duplicates (two override
     lists naming the same cell). Returns the valid cells and the invalid ones (status
     "invalid", `error` set, `relpath` without a key)."""
+    from sa_bench.models.identity import weights_identity
     from sa_bench.spec import JobSpec
 
     valid: list[Cell] = []
     invalid: list[Cell] = []
     seen: set[str] = set()
+    weights: dict[str, str] = {}  # per distinct model section: its files are read once
     for cell in cells:
         try:
             spec = JobSpec.from_dict(cell.config)
@@ -202,7 +205,10 @@ def identify(cells: list[Cell]) -> tuple[list[Cell], list[Cell]]:
             cell.relpath += "/" + sanitize(_name(cell.config, "benchmark", "subset"))
             invalid.append(cell)
             continue
-        rel = job_relpath(spec)
+        model = json.dumps(cell.config.get("model"), sort_keys=True, default=str)
+        if model not in weights:
+            weights[model] = weights_identity(spec.model)
+        rel = job_relpath(spec, weights[model])
         if rel in seen:
             continue
         seen.add(rel)
