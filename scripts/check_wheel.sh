@@ -9,7 +9,9 @@ repo="$(cd "$(dirname "$0")/.." && pwd)"
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 
+rm -rf "$repo/build"  # setuptools builds in-tree: no stale module of an earlier build
 pip wheel --quiet --no-deps --no-build-isolation -w "$work/dist" "$repo"
+rm -rf "$repo/build"
 wheel="$(ls "$work"/dist/sa_bench-*.whl)"
 python -m venv "$work/venv"
 deps="$(python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
@@ -28,4 +30,13 @@ out="$(OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 "$work/venv/bin/python" -m sa_bench \
 echo "$out" | tail -4
 echo "$out" | grep -q "Sweep finished .*: 2 done, 0 skipped, 0 failed" || {
   echo "check_wheel: the default job did not finish from the wheel install"; exit 1; }
-echo "check_wheel: OK ($(basename "$wheel") installed in a fresh venv ran the default job)"
+# user configs next to the installed tree: one benchmark file of the user's own
+mkdir -p "$work/userconf/benchmark"
+printf '_target_: sa_bench.benchmarks.passkey.Passkey\nname: mine\nsubsets: [1k]\nn_samples: 1\n' \
+  > "$work/userconf/benchmark/mine.yaml"
+plan="$("$work/venv/bin/python" -m sa_bench output_root="$work/outputs" \
+        "hydra.searchpath=[file://$work/userconf]" benchmark=mine plan=true 2>&1)" || { echo "$plan"; exit 1; }
+echo "$plan" | grep -q "^1 jobs: 0 done (skipped), 1 to run" || {
+  echo "$plan"; echo "check_wheel: hydra.searchpath did not add the user's config"; exit 1; }
+echo "check_wheel: OK ($(basename "$wheel") installed in a fresh venv ran the default job;" \
+     "hydra.searchpath adds user configs)"

@@ -2,6 +2,7 @@
 model, the sweeper plugin. (.ci/run goes further with scripts/check_wheel.sh: it installs the
 wheel in a fresh venv and runs the default job from it.)"""
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -24,9 +25,12 @@ def test_config_tree_is_found_through_the_package():
 def wheel(tmp_path_factory) -> zipfile.ZipFile:
     pytest.importorskip("setuptools")
     out = tmp_path_factory.mktemp("dist")
+    src = tmp_path_factory.mktemp("src") / "sa_bench"  # a copy: setuptools builds in-tree
+    shutil.copytree(ROOT, src, symlinks=True, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "outputs", "*.egg-info", "__pycache__", ".*_cache", "data"))
     proc = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
-         "-w", str(out), str(ROOT)], capture_output=True, text=True, timeout=300)
+         "-w", str(out), str(src)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     (path,) = out.glob("sa_bench-*.whl")
     return zipfile.ZipFile(path)
