@@ -521,3 +521,27 @@ def test_perf_command_times_real_decoding_steps(capsys):
     rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ")}
     assert {"SDPA grouped (baseline)", "SDPA enable_gqa (reference)", "streaming", "quest"} <= set(rows)
     assert "1.00x" in rows["SDPA grouped (baseline)"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_maskers_on_cuda_equal_cpu_and_the_perf_command_runs_in_bf16(capsys):
+    from sa_bench.perf.attention import main
+
+    query, key, value = tensors(h=8, hk=2, q=3, kv=500)
+    for make in (lambda: [Sink(size=4), Local(size=8), OracleTopK(heavy_size=0.1)],
+                 lambda: [Sink(size=4), Quest(heavy_size=0.1, page_size=8)],
+                 lambda: [Local(size=4), OracleTopP(top_p=0.8)]):
+        ctx, sel = run(make(), query, key)
+        want = sparse_attention(ctx, value, sel, Workspace())
+        q, k, v = (t.cuda() for t in (query, key, value))
+        ctx = Context(q, k, 0.25, 0, allowed_from_mask(None, 1, 3, 500, q.device),
+                      torch.Generator(device="cuda").manual_seed(0))
+        sel = Selection.empty(1, 8, 3, q.device)
+        for masker in make():
+            sel = masker.select(ctx, sel)
+        torch.testing.assert_close(sparse_attention(ctx, v, sel, Workspace()).cpu(), want,
+                                   atol=1e-4, rtol=1e-3)
+    main(["--device", "cuda", "--dtype", "bfloat16", "--keys", "4096", "--steps", "2", "--methods",
+          "streaming", "oracle_topk", "quest", "random_sampling", "oracle_topp", "vattention"])
+    assert "| vattention |" in capsys.readouterr().out

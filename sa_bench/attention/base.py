@@ -167,7 +167,7 @@ class KeyCache:
     def kept(self, layer: int, key: Tensor, n_new: int) -> int:
         """How many of the keys' cached features are still valid (the last `n_new` never are)."""
         buf = self.buf.get(layer)
-        if buf is None or buf.shape[0] != key.shape[0]:
+        if buf is None or buf.shape[0] != key.shape[0] or buf.device != key.device:
             return 0
         return max(0, min(self.length.get(layer, 0), key.shape[-2] - n_new))
 
@@ -176,9 +176,10 @@ class KeyCache:
         buffer with spare capacity when it is too small."""
         end = at + new.shape[2]
         buf = self.buf.get(layer)
-        if buf is None or buf.shape[2] < end or buf.dtype != new.dtype or buf.shape[0] != new.shape[0]:
+        if (buf is None or buf.shape[2] < end or buf.dtype != new.dtype
+                or buf.shape[0] != new.shape[0] or buf.device != new.device):
             grown = new.new_empty(*new.shape[:2], end + end // 2 + 256, *new.shape[3:])
-            if buf is not None and at and buf.shape[0] == new.shape[0]:
+            if at:  # kept() said the rows before `at` are valid: same batch, dtype, device
                 grown[:, :, :at] = buf[:, :, :at]
             buf = self.buf[layer] = grown
         buf[:, :, at:end] = new
