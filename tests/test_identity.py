@@ -173,6 +173,17 @@ def test_key_changed_by_the_weights_not_by_their_mtime(tmp_path):
     assert key(cfg) != before
 
 
+def test_files_beside_the_model_that_are_not_the_model_keep_the_key(tmp_path):
+    model = local_copy(tmp_path)
+    cfg = changed(CFG, "model.pretrained", str(model))
+    before = key(cfg)
+    (model / "hashattn.safetensors").write_bytes(b"a sparse method's own weights")
+    (model / "training.json").write_text("{}")
+    assert key(cfg) == before
+    (model / "tokenizer.json").write_text((model / "tokenizer.json").read_text().replace('"', "'", 1))
+    assert key(cfg) != before
+
+
 def test_embedded_and_a_copy_elsewhere_share_the_weights_part(tmp_path):
     model = local_copy(tmp_path)
     embedded = weights_identity(JobSpec.from_dict(CFG).model)

@@ -1,7 +1,7 @@
 """Which weights a model config loads, as a short string for the job key; never loads the model.
 
-- `embedded:<name>` and local directories: a fingerprint of the weight and config files (names,
-  sizes, content: see `fingerprint_files`), the same on every machine;
+- `embedded:<name>` and local directories: a fingerprint of the model's files (`MODEL_FILES`:
+  names, sizes, content, see `fingerprint_files`), the same on every machine;
 - a hub id: `hub:<id>@<revision>` (`main` when unset; pin `model.revision` to a commit for an
   exact identity). When the offline fallback will be used instead (`HF_HUB_OFFLINE` set, the
   hub copy not in the local cache, the fallback prepared), the fallback's fingerprint.
@@ -9,14 +9,21 @@
 
 from __future__ import annotations
 
+import fnmatch
 import os
 from pathlib import Path
 from typing import Any
 
 from sa_bench.launch.identity import fingerprint_files
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".json", ".model")
-"""Files that decide what a checkpoint computes (weights, configs, tokenizer)."""
+MODEL_FILES = (
+    "config.json", "generation_config.json", "model*.safetensors", "model*.safetensors.index.json",
+    "pytorch_model*.bin", "pytorch_model*.bin.index.json", "*.gguf", "tokenizer*.json",
+    "tokenizer.model", "special_tokens_map.json", "vocab.json", "merges.txt", "chat_template.jinja",
+)
+"""The files transformers reads for a model and its tokenizer. Other files next to them (a
+sparse method's own weights, training notes) are not the model's: changing them keeps the
+keys of dense cells."""
 
 
 def weights_identity(cfg: Any) -> str:
@@ -34,9 +41,10 @@ def weights_identity(cfg: Any) -> str:
     return f"hub:{cfg.pretrained}@{revision}"
 
 
-def files_fingerprint(folder: Path, suffixes: tuple[str, ...] = WEIGHT_SUFFIXES) -> str:
-    """Fingerprint of the matching files under `folder` (names relative to it)."""
-    files = sorted(p for p in folder.rglob("*") if p.suffix in suffixes and p.is_file())
+def files_fingerprint(folder: Path) -> str:
+    """Fingerprint of the model files (`MODEL_FILES`) under `folder`."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file()
+                   and any(fnmatch.fnmatch(p.name, pattern) for pattern in MODEL_FILES))
     return fingerprint_files(files, folder)
 
 
