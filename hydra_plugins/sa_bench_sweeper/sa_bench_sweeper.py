@@ -75,8 +75,8 @@ class SaBenchSweeper(BasicSweeper):
             for message in errors[:20]:
                 say(f"  {message}")
             sys.exit(2)
-        migrated = migrate(cells)
         refresh_status(cells)
+        migrated = migrate(cells)
         fastpath.write_manifest(sys.argv[1:], cells)
         overwrite = bool(self.config.get("overwrite", False))
         todo = [c for c in cells if overwrite or c.status not in ("done", "running")]

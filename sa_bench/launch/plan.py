@@ -226,9 +226,12 @@ def _name(cfg: dict, section: str, key: str = "name") -> str:
 
 
 def migrate(cells: list[Cell]) -> int:
-    """Re-key finished cells written by the first key scheme; returns how many moved."""
-    return sum(migrate_legacy(c.path, c.key) for c in cells
-               if not jobdir.is_done(c.path, c.key) and c.path.parent.is_dir())
+    """Re-key finished cells written by the first key scheme (call after `refresh_status`:
+    only pending cells can have one); returns how many moved."""
+    moved = [c for c in cells if c.status == "pending" and c.path.parent.is_dir()
+             and migrate_legacy(c.path, c.key)]
+    refresh_status(moved)
+    return len(moved)
 
 
 def refresh_status(cells: list[Cell]) -> None:
