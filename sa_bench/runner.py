@@ -76,7 +76,7 @@ def evaluate(spec: JobSpec, path: Path, lease: Lease) -> dict[str, Any]:
     device = next(model.parameters()).device
     implementation = resolve_implementation(spec.model.attn_implementation, device, model.dtype)
     chunk = spec.model.prefill_chunk
-    eos = _eos_ids(model, tokenizer)
+    eos = _eos_ids(model, tokenizer) | bench.generation.stop_ids(tokenizer)
     timing = {"prefill_s": 0.0, "answer_s": 0.0, "generated_tokens": 0, "samples_run": 0}
     write_progress(path, len(finished), len(requests))
     with method.installed(model, implementation), open(path / jobdir.PREDICTIONS, "a") as out:
@@ -209,7 +209,7 @@ def _answer(model: Any, method: Any, cache: Any, question_ids: list[int], max_ne
         method.set_phase("decode")
         while True:
             token = next_token(logits[0, -1], generation or Generation(), context_ids,
-                               question_ids, tokens)
+                               question_ids, tokens, stop=eos, n_new=len(tokens))
             if token in eos:
                 break
             tokens.append(token)

@@ -289,6 +289,7 @@ def test_longbench_v2_accuracy_by_group():
     assert result["score"] == 33.3  # one decimal, as result.py; the empty output counts as wrong
     assert result["n_empty"] == 1 and result["score_without_empty"] == 50.0  # as pred.py/result.py
     assert result["empty_outputs"] == "counted as wrong"
+    assert result["decoding"] == "greedy (official: temperature 0.1)"  # says how it differs
     assert result["easy"] == 100.0 and result["hard"] == 0.0
     assert result["short"] == 50.0 and result["medium"] == 0.0
     assert result["long"] is None and result["n_long"] == 0  # empty bucket, no division by zero
@@ -347,6 +348,26 @@ def test_infinitebench_prompt_details():
     assert s.context.startswith("Summarize the book below.\n\nOnce") and s.question == "\n\nSummary:"
     assert [make("infinitebench", subset=t).max_new_tokens()
             for t in ("longbook_sum_eng", "longbook_qa_chn", "math_calc")] == [1200, 40, 30000]
+
+
+def test_infinitebench_raw_prompt_without_chat_template(byte_tokenizer):
+    """The official scripts for open models generate from the raw prompt; the model's chat
+    template only where benchmark.chat_template=true."""
+    from sa_bench.models.prompting import build_request
+
+    tok = byte_tokenizer.__class__(tokenizer_object=byte_tokenizer.backend_tokenizer,
+                                   bos_token="<s>", eos_token="</s>")
+    tok.chat_template = "<|user|>{{ messages[0]['content'] }}<|assistant|>"
+    for chat_template, expected in [(False, "\n\nThe pass key is"),
+                                    (True, "\n\nThe pass key is<|assistant|>")]:
+        bench = make("infinitebench", subset="passkey", data_dir=str(FIXTURES / "infinitebench"),
+                     chat_template=chat_template)
+        (s,) = bench.load(None)
+        assert s.chat is chat_template
+        request = build_request(s, tok, True, 10_000)
+        assert tok.decode(request.question_ids).endswith(expected)
+        assert tok.decode(request.context_ids).startswith("<|user|>") is chat_template
+    assert make("infinitebench", subset="passkey").chat_template is False  # the YAML's default
 
 
 def test_infinitebench_kv_retrieval_label_as_stored(tmp_path):

@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 from omegaconf import OmegaConf
-from transformers import RepetitionPenaltyLogitsProcessor
+from transformers import MinNewTokensLengthLogitsProcessor, RepetitionPenaltyLogitsProcessor
 
 from sa_bench.benchmarks.base import Benchmark, Generation, next_token
 from sa_bench.config import ConfigError, build_target
@@ -78,9 +78,13 @@ def test_official_defaults_per_benchmark():
     for path in sorted((ROOT / "conf" / "benchmark").glob("*.yaml")):
         data = yaml.safe_load(path.read_text())
         expected = 2.0 if path.stem == "loogle" else 1.0
-        assert data["generation"] == {"repetition_penalty": expected}, path.name
-        data["subset"] = data["subsets"][0]
-        assert build_target(data, "benchmark", Benchmark).generation.repetition_penalty == expected
+        assert data["generation"] == {"repetition_penalty": expected, "stop_on_newline": None,
+                                      "min_new_tokens": None}, path.name
+        for subset in data["subsets"]:  # null: the subset's official value, set when built
+            samsum = subset == "samsum"  # LongBench (and -E) pred.py, samsum only
+            generation = build_target({**data, "subset": subset}, "benchmark", Benchmark).generation
+            assert generation == Generation(expected, stop_on_newline=samsum,
+                                            min_new_tokens=int(samsum)), (path.name, subset)
     # the class default too, when a YAML leaves the key out
     data = {k: v for k, v in bench_yaml("loogle").items() if k != "generation"}
     assert build_target(data, "benchmark", Benchmark).generation == Generation(2.0)
@@ -95,22 +99,147 @@ def test_bad_generation_settings_name_the_key():
     data = {**bench_yaml("loogle"), "generation": {"temperature": 0.5}}
     with pytest.raises(ConfigError, match=r"benchmark\.generation\.temperature: unknown key"):
         build_target(data, "benchmark", Benchmark)
+    data = {**bench_yaml("longbench"), "generation": {"min_new_tokens": -1}}
+    with pytest.raises(ConfigError, match=r"generation\.min_new_tokens: expected an int >= 0"):
+        build_target(data, "benchmark", Benchmark)
+    data = {**bench_yaml("longbench"), "generation": {"stop_on_newline": "yes"}}
+    with pytest.raises(ConfigError, match=r"benchmark\.generation\.stop_on_newline"):
+        build_target(data, "benchmark", Benchmark)
 
 
-def test_repetition_penalty_is_part_of_the_job_key():
-    from sa_bench.launch.identity import job_key
+def test_a_value_set_in_the_config_wins_over_the_official_one():
+    data = {**bench_yaml("longbench"), "subset": "samsum",
+            "generation": {"stop_on_newline": False, "min_new_tokens": 0}}
+    assert build_target(data, "benchmark", Benchmark).generation == Generation(1.0, False, 0)
+    data = {**data, "subset": "hotpotqa", "generation": {"stop_on_newline": True}}
+    assert build_target(data, "benchmark", Benchmark).generation == Generation(1.0, True, 0)
+
+
+@pytest.mark.parametrize("min_new", [0, 1, 3])
+def test_next_token_bans_stop_ids_like_transformers_min_new_tokens(min_new):
+    gen = torch.Generator().manual_seed(min_new)
+    stop = [3, 7]
+    for n_new in range(5):
+        logits = torch.randn(10, generator=gen)
+        logits[7] = 10.0  # a stop id is the greedy choice
+        seen = torch.zeros(1, 4 + n_new, dtype=torch.long)  # a prompt of 4 tokens, n_new new
+        expected = MinNewTokensLengthLogitsProcessor(4, min_new, stop)(seen, logits[None].clone())
+        ours = next_token(logits, Generation(min_new_tokens=min_new), stop=set(stop), n_new=n_new)
+        assert ours == int(expected[0].argmax())
+        assert (ours == 7) == (n_new >= min_new)
+    assert logits[7] == 10.0  # the caller's logits are left as they were
+
+
+def test_stop_ids_the_newline_as_longbench_finds_it():
+    from sa_bench.models.loading import ModelConfig, load_tokenizer
+
+    tok = load_tokenizer(ModelConfig(name="tiny", pretrained="embedded:tiny-retrieval"))
+    newline = tok.encode("\n", add_special_tokens=False)
+    assert len(newline) == 1 and tok.decode(newline) == "\n"
+    assert Generation(stop_on_newline=True).stop_ids(tok) == set(newline)
+    assert Generation(stop_on_newline=False).stop_ids(tok) == set() == Generation().stop_ids(tok)
+
+
+SAMSUM_ROWS = [  # found by search: the tiny model's greedy answer starts with a newline ...
+    {"context": "pass a A:\n.five\nSummary: the\norange ", "input": "\n\n\nis\n.isfive\n"},
+    # ... and here it writes a newline after 13 tokens
+    {"context": ".\nx\n\n\n\n\n#1\nx\nfiveand ais.\nx five   is Dialogue:\n  fivex\nDialogue: is"
+                "\nxfive\na\npass\nfive \n\n\n", "input": ".\n\n\n passxB:\nfive\n. and\ndigits "},
+]
+
+
+def test_samsum_decoding_equals_generate_with_newline_stop(tmp_path):
+    """A LongBench samsum job decodes as the official pred.py: `generate(eos_token_id=[eos,
+    newline], min_length=context_length+1)`, i.e. min_new_tokens=1; other settings differ."""
+    import json
+
+    from sa_bench.launch.pool import Lease
+    from sa_bench.models.loading import load_model
+    from sa_bench.models.prompting import build_request
+    from sa_bench.runner import evaluate
+    from sa_bench.spec import JobSpec
+
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = [{**r, "answers": ["a"], "length": 9, "all_classes": None, "_id": f"s{i}"}
+            for i, r in enumerate(SAMSUM_ROWS)]
+    (data / "samsum.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def run(generation: dict) -> tuple[list[str], JobSpec]:
+        benchmark = {**bench_yaml("longbench"), "subset": "samsum", "data_dir": str(data),
+                     "generation": {**bench_yaml("longbench")["generation"], **generation}}
+        cfg = {"model": yaml.safe_load((ROOT / "conf/model/tiny.yaml").read_text()),
+               "sparse": yaml.safe_load((ROOT / "conf/sparse/dense.yaml").read_text()),
+               "benchmark": benchmark, "pool": {"devices": "cpu"}, "seed": 0,
+               "max_new_tokens": 20, "overwrite": False, "plan": False, "output_root": "out"}
+        spec = JobSpec.from_dict(cfg)
+        out = tmp_path / str(len(list(tmp_path.iterdir())))
+        out.mkdir()
+        evaluate(spec, out, Lease(devices=[], simulated=False))
+        lines = (out / "predictions.jsonl").read_text().splitlines()
+        return [json.loads(x)["prediction"] for x in lines], spec
+
+    official, spec = run({})
+    assert spec.benchmark.generation == Generation(1.0, stop_on_newline=True, min_new_tokens=1)
+    plain, _ = run({"stop_on_newline": False, "min_new_tokens": 0})
+
+    torch.manual_seed(0)
+    model, tok = load_model(spec.model, [])
+    newline = tok.encode("\n", add_special_tokens=False)[-1]
+    stops = [tok.eos_token_id, newline]
+    for sample, ours, other in zip(spec.benchmark.load(tok), official, plain, strict=True):
+        request = build_request(sample, tok, False, 8192 - 20)
+        full = torch.tensor([request.context_ids + request.question_ids])
+        ref = model.generate(full, attention_mask=torch.ones_like(full), do_sample=False,
+                             max_new_tokens=20, eos_token_id=stops, min_new_tokens=1)
+        new = ref[0, full.shape[1]:].tolist()
+        new = new[: min((new.index(s) for s in stops if s in new), default=len(new))]
+        assert ours == tok.decode(new, skip_special_tokens=True) and ours != other
+    assert plain[0].startswith("\n") and official[0] and "\n" not in official[0]  # min_new_tokens
+    assert "\n" in plain[1] and plain[1].startswith(official[1])  # the newline stop
+
+
+def spec_of(benchmark: str, subset: str, **overrides):
     from sa_bench.spec import JobSpec
 
     def conf(group: str, name: str) -> dict:
         return yaml.safe_load((ROOT / "conf" / group / f"{name}.yaml").read_text())
 
+    cfg = {"model": conf("model", "tiny"), "sparse": conf("sparse", "dense"),
+           "benchmark": {**conf("benchmark", benchmark), "subset": subset, **overrides},
+           "pool": {"devices": "cpu"}, "seed": 0, "max_new_tokens": None, "overwrite": False,
+           "plan": False, "output_root": "out"}
+    return JobSpec.from_dict(cfg)
+
+
+def test_repetition_penalty_is_part_of_the_job_key():
+    from sa_bench.launch.identity import job_key
+
     def key(penalty: float) -> str:
-        benchmark = {**conf("benchmark", "loogle"), "subset": "shortdep_qa",
-                     "generation": {"repetition_penalty": penalty}}
-        cfg = {"model": conf("model", "tiny"), "sparse": conf("sparse", "dense"),
-               "benchmark": benchmark, "pool": {"devices": "cpu"}, "seed": 0,
-               "max_new_tokens": None, "overwrite": False, "plan": False, "output_root": "out"}
-        return job_key(JobSpec.from_dict(cfg))
+        return job_key(spec_of("loogle", "shortdep_qa", generation={"repetition_penalty": penalty}))
 
     assert key(2.0) == key(2.0)
     assert len({key(1.0), key(2.0), key(1.5)}) == 3
+
+
+def test_new_settings_change_the_key_only_where_they_change_the_result():
+    """key_defaults.json records the behaviour from before these settings (no newline stop,
+    no minimum, InfiniteBench with the chat template): cells decoded as before keep their
+    keys, samsum and InfiniteBench cells (decoded differently now) get new ones."""
+    from sa_bench.launch.identity import NON_RESULT_FIELDS, canonical, job_key
+
+    def bench_key(spec) -> dict:
+        return canonical(spec.benchmark, drop=NON_RESULT_FIELDS["benchmark"])
+
+    off = {"stop_on_newline": False, "min_new_tokens": 0}
+    assert bench_key(spec_of("longbench", "hotpotqa")) == {
+        "@": "LongBench", "name": "longbench", "subset": "hotpotqa"}  # as before
+    assert bench_key(spec_of("longbench", "samsum"))["generation"] == {
+        "@": "Generation", "stop_on_newline": True, "min_new_tokens": 1}
+    assert "generation" not in bench_key(spec_of("longbench_e", "samsum", generation=off))
+    assert job_key(spec_of("longbench", "samsum")) != job_key(spec_of("longbench", "samsum",
+                                                                      generation=off))
+    assert job_key(spec_of("longbench", "qasper")) == job_key(spec_of("longbench", "qasper",
+                                                                      generation=off))
+    assert bench_key(spec_of("infinitebench", "passkey"))["chat_template"] is False
+    assert "chat_template" not in bench_key(spec_of("infinitebench", "passkey", chat_template=True))

@@ -5,7 +5,9 @@ A benchmark is a dataclass whose fields are the keys of its YAML file in `conf/b
 
     samples = bench.load(tokenizer)        # list[Sample], already narrowed by max_samples
     n = bench.max_new_tokens()              # official generation length for bench.subset
-    token = next_token(logits, bench.generation, prompt_ids, generated)  # each greedy step
+    stop = eos | bench.generation.stop_ids(tokenizer)  # token ids that end an answer
+    token = next_token(logits, bench.generation, prompt_ids, generated,  # each greedy step
+                       stop=stop, n_new=len(generated))
     metrics = bench.score(samples, preds)  # {"score": 0-100, ...}, official metric
 """
 
@@ -14,7 +16,7 @@ from __future__ import annotations
 import functools
 import random
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from sa_bench.config import ConfigError
@@ -25,39 +27,76 @@ if TYPE_CHECKING:
 
 @dataclass
 class Generation:
-    """Decoding settings of a benchmark's official prediction script (greedy decoding)."""
+    """Decoding settings of a benchmark's official prediction script (greedy decoding).
+
+    A setting that is null in the config is the benchmark's official value for the job's
+    subset (`Benchmark.official_generation`), filled in when the subset is set, so the job
+    key holds the value actually used.
+    """
 
     repetition_penalty: float = 1.0
     """transformers' `repetition_penalty`: the logit of every token id already in the prompt
     or the answer is divided by it where positive, multiplied where negative. 1.0: off."""
+
+    stop_on_newline: bool | None = None
+    """Also end the answer at the newline token, found as LongBench's `pred.py` finds it:
+    the last id of `tokenizer.encode("\\n", add_special_tokens=False)` (officially on for
+    LongBench samsum). null: the subset's official value."""
+
+    min_new_tokens: int | None = None
+    """No stop token (EOS, or the newline above) is chosen before this many tokens, as
+    transformers' `min_new_tokens` (LongBench samsum: 1, its `min_length=context_length+1`).
+    null: the subset's official value."""
 
     def __post_init__(self) -> None:
         if self.repetition_penalty <= 0:
             raise ConfigError(
                 f"generation.repetition_penalty: expected a value > 0, got {self.repetition_penalty}"
             )
+        if self.min_new_tokens is not None and self.min_new_tokens < 0:
+            raise ConfigError(
+                f"generation.min_new_tokens: expected an int >= 0 or null, got {self.min_new_tokens}"
+            )
+
+    def resolved(self, official: dict[str, Any]) -> Generation:
+        """These settings with each null one set to its value in `official`."""
+        return replace(self, **{k: v for k, v in official.items() if getattr(self, k) is None})
+
+    def stop_ids(self, tokenizer: Any) -> set[int]:
+        """Token ids that end an answer besides the model's EOS ids."""
+        if not self.stop_on_newline:
+            return set()
+        return {tokenizer.encode("\n", add_special_tokens=False)[-1]}
 
 
-def next_token(logits: torch.Tensor, generation: Generation, *seen: Sequence[int]) -> int:
+def next_token(logits: torch.Tensor, generation: Generation, *seen: Sequence[int],
+               stop: Collection[int] = (), n_new: int = 0) -> int:
     """The greedy choice from one position's logits ([vocab]) under `generation`, where
-    `seen` are the token ids so far (prompt and generated, in any number of pieces).
+    `seen` are the token ids so far (prompt and generated, in any number of pieces), `stop`
+    the ids that end an answer and `n_new` the number of tokens generated so far.
 
     The penalty is applied as transformers' `RepetitionPenaltyLogitsProcessor` does it, over
     the prompt and the answer so far (an id seen twice is penalised once). A tuple piece (the
     runner's context ids, the same object at every step) is turned into a tensor only once.
+    The `stop` ids cannot be chosen while `n_new < generation.min_new_tokens`, as with
+    transformers' `MinNewTokensLengthLogitsProcessor`.
     """
     import torch
 
     penalty = generation.repetition_penalty
+    ban = bool(stop) and n_new < (generation.min_new_tokens or 0)
+    if penalty != 1.0 or ban:
+        logits = logits.to(torch.float32, copy=True)  # generate() scores float32 logits
     if penalty != 1.0:
         ids = torch.cat([
             _distinct_ids(part, logits.device) if isinstance(part, tuple)
             else torch.tensor(list(part), dtype=torch.long, device=logits.device)
             for part in seen
         ])  # fmt: skip
-        logits = logits.to(torch.float32, copy=True)  # generate() scores float32 logits
         picked = logits[ids]
         logits[ids] = torch.where(picked < 0, picked * penalty, picked / penalty)
+    if ban:
+        logits[torch.tensor(sorted(stop), dtype=torch.long, device=logits.device)] = -torch.inf
     return int(logits.argmax())
 
 
@@ -117,6 +156,12 @@ class Benchmark:
             raise ConfigError(f"subset: {self.subset!r} is not one of {self.subsets}")
         if self.max_samples is not None and self.max_samples < 1:
             raise ConfigError(f"max_samples: expected an int >= 1 or null, got {self.max_samples}")
+        if self.subset is not None:
+            self.generation = self.generation.resolved(self.official_generation())
+
+    def official_generation(self) -> dict[str, Any]:
+        """The official values of the `generation` settings that depend on the subset."""
+        return {"stop_on_newline": False, "min_new_tokens": 0}
 
     def load(self, tokenizer: Any) -> list[Sample]:
         raise NotImplementedError(f"{type(self).__name__}.load")

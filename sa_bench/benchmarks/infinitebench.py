@@ -8,6 +8,10 @@ ends each prompt with an answer cue), generation lengths are `DATA_NAME_TO_MAX_N
 Rows: `id`, `context`, `input`, `answer`, `options` (list). `answer` is a list in every
 official file except kv_retrieval.jsonl, where it is the value string itself (the authors'
 result files store it so); math_calc's is a list holding the list of expected values.
+
+No chat template by default: the official scripts for open models (`src/eval_yarn_mistral.py`,
+`eval_yi_200k.py`, `eval_chatglm.py`) tokenize the raw prompt (`create_prompt`) and generate
+from it; `benchmark.chat_template=true` applies the model's template instead.
 """
 
 from __future__ import annotations
@@ -143,6 +147,9 @@ def score_one(task: str, prediction: str, label: Any) -> float:
 class InfiniteBench(Benchmark):
     """The twelve InfiniteBench tasks with their official prompts and scorers."""
 
+    chat_template: bool = False
+    """Apply the model's chat template to the prompts (officially not: the raw prompt)."""
+
     known_subsets: ClassVar[Collection[str]] = TEMPLATES
 
     def load(self, tokenizer: Any = None) -> list[Sample]:
@@ -163,6 +170,7 @@ class InfiniteBench(Benchmark):
                     context=context,
                     question=question,
                     answers=[str(a) for a in answers],
+                    chat=self.chat_template,
                     meta={"label": label},
                 )
             )

@@ -129,6 +129,13 @@ class LongBench(Benchmark):
     def max_new_tokens(self) -> int:
         return int(max_lengths()[self.subset])
 
+    def official_generation(self) -> dict[str, Any]:
+        """samsum as `pred.py` decodes it (also for LongBench-E): "\\n" ends the answer too,
+        and the first token is never a stop token (`min_length=context_length+1`)."""
+        if self.subset == "samsum":
+            return {"stop_on_newline": True, "min_new_tokens": 1}
+        return super().official_generation()
+
     def _per_sample(self, samples: list[Sample], predictions: list[str]) -> list[float]:
         if len(samples) != len(predictions):
             raise ValueError(f"{len(samples)} samples but {len(predictions)} predictions")
