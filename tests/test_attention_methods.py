@@ -267,15 +267,21 @@ def test_double_sparsity_online_calibration_is_recorded():
 
 
 @pytest.mark.parametrize("m", [1, 2])
-def test_magicpig_keeps_exactly_the_keys_with_enough_collisions(m):
+def test_magicpig_keeps_exactly_the_keys_with_enough_collisions(m, monkeypatch):
+    from sa_bench.attention import magicpig
+
+    monkeypatch.setattr(magicpig, "TAIL", 2)  # every path: tail, second-level tables, rebuild
+    monkeypatch.setattr(magicpig, "REBUILD", 5)
     g = torch.Generator().manual_seed(3)
     query, key = torch.randn(1, 4, 2, 16, generator=g), torch.randn(1, 2, 200, 16, generator=g)
     masker = MagicPig(lsh_bits=3, lsh_tables=6, min_collisions=m)
-    for step in range(3):  # the context, then keys appended one at a time (the tables' tail)
+    levels = set()
+    for step in range(12):  # the context, then keys appended one at a time; a crop at step 9
         if step:
-            key = torch.cat([key, torch.randn(1, 2, 1, 16, generator=g)], 2)
+            key = torch.cat([key[:, :, :-3] if step == 9 else key, torch.randn(1, 2, 1, 16, generator=g)], 2)
             query = torch.randn(1, 4, 1, 16, generator=g)
         sel = select(masker, query, key)
+        levels.add((len(masker._tables[0]), masker._tables[0][-1].n < key.shape[2]))
         planes, mean = masker._planes[0]
         kv, q = key.shape[2], query.shape[2]
         for h in range(4):
@@ -292,6 +298,7 @@ def test_magicpig_keeps_exactly_the_keys_with_enough_collisions(m):
                     cos = kc[j] @ query[0, h, i] / (kc[j].norm() * query[0, h, i].norm())
                     p = inclusion_probability(torch.arccos(cos.clamp(-1, 1)), 3, 6, m)
                     assert torch.allclose(lw, -torch.log(p), atol=1e-4)
+    assert levels == {(1, False), (1, True), (2, False), (2, True)}
 
 
 def test_inclusion_probability_at_two_collisions_matches_simulation():

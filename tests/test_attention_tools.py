@@ -17,6 +17,7 @@ from sa_bench.attention import SparseMethod, calibrate_ds, train_hashattn  # noq
 from sa_bench.attention.capture import capture, token_windows  # noqa: E402
 from sa_bench.attention.hashattn import HashWeights  # noqa: E402
 from sa_bench.config import ConfigError  # noqa: E402
+from sa_bench.models.loading import embedded_dir  # noqa: E402
 
 SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              intermediate_size=128, vocab_size=300)  # head_dim 16
@@ -63,19 +64,25 @@ def test_shape_mismatch_is_refused(tmp_path, tiny, install):
 
 
 def test_train_hashattn_writes_usable_weights(tmp_path, tiny, capsys, install):
+    """On the embedded model (peaked attention: a random model's is flat, any top keys hold the
+    same mass) training raises the share of attention mass the hashed top keys capture."""
+    import re
+
     out = tmp_path / "hash.safetensors"
-    train_hashattn.main(["--model", str(tiny), "--out", str(out), "--max-tokens", "192",
-                         "--steps", "40", "--bits", "16", "--hidden", "32"])
+    train_hashattn.main(["--model", "embedded:tiny-retrieval", "--out", str(out), "--text", "passkey",
+                         "--max-tokens", "512", "--samples", "2", "--steps", "40", "--bits", "16",
+                         "--hidden", "32"])
     printed = capsys.readouterr().out
-    assert "layer 1: top-0.05 recall" in printed
+    gains = re.findall(r"layer \d: top-0.1 attention-mass recall ([\d.]+) -> ([\d.]+)", printed)
+    assert len(gains) == 2 and all(float(after) > float(before) for before, after in gains), printed
     w = HashWeights.load(out, "k")
-    w.check(2, 4, 2, 16, "k")
+    w.check(2, 4, 2, 32, "k")
     assert (w.bits, w.hash_heads, len(w.layers[0]["query"])) == (16, 2, 2)  # per kv head, 1 hidden
     method = SparseMethod.from_config(hash_cfg(out))
-    model = LlamaForCausalLM.from_pretrained(tiny).eval()
+    model = LlamaForCausalLM.from_pretrained(embedded_dir("tiny-retrieval")).eval()
     install(method, model)
     cache = DynamicCache(config=model.config)
-    ids = torch.randint(0, 300, (1, 140))
+    ids = torch.randint(0, 250, (1, 140))
     with torch.no_grad():
         model(ids[:, :120], past_key_values=cache)
         method.set_phase("question")

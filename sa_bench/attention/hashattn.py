@@ -130,13 +130,15 @@ class HashWeights:
     @classmethod
     def init(cls, layers: int, heads: int, head_dim: int, bits: int = 32,
              hidden: list[int] | tuple[int, ...] = (64,), seed: int = 0) -> HashWeights:
-        """Random initial weights (the training command starts from these)."""
+        """Random initial weights, the same for queries and keys, so that the untrained hash is
+        locality-sensitive (as SimHash is); the training command starts from these."""
         g = torch.Generator().manual_seed(seed)
         dims = [head_dim, *hidden, bits]
         out = []
         for _ in range(layers):
-            out.append({side: [(torch.randn(heads, a, b, generator=g) / a**0.5, torch.zeros(heads, b))
-                               for a, b in zip(dims[:-1], dims[1:], strict=True)] for side in SIDES})
+            mlp = [(torch.randn(heads, a, b, generator=g) / a**0.5, torch.zeros(heads, b))
+                   for a, b in zip(dims[:-1], dims[1:], strict=True)]
+            out.append({side: [(w.clone(), b.clone()) for w, b in mlp] for side in SIDES})
         return cls(out)
 
     # --- files ---

@@ -11,9 +11,14 @@ from torch import Tensor
 from sa_bench.attention.base import Context, KeyCache, Masker, Selection, log_weight
 from sa_bench.config import ConfigError, check_range
 
-TAIL = 1024
-"""Keys appended since the tables were last sorted that are compared one by one; beyond this
-many the tables are rebuilt (a sort of the codes, about 1.6 s at 32k keys, 8 kv heads, L=150)."""
+TAIL = 64
+"""Keys appended since the last table build that are compared one by one."""
+REBUILD = 2048
+"""Keys in the small second-level tables beyond which all tables are rebuilt as one.
+
+Appended keys go to a small second table (rebuilt every `TAIL` steps, a sort of at most
+`REBUILD` keys), the bulk stays in the first (sorted again every `REBUILD` steps, about 1.6 s
+at 32k keys, 8 kv heads, L = 150 on one CPU thread)."""
 
 
 def inclusion_probability(theta: Tensor, bits: int, tables: int, min_collisions: int) -> Tensor:
@@ -28,9 +33,10 @@ def inclusion_probability(theta: Tensor, bits: int, tables: int, min_collisions:
 
 @dataclass
 class _Tables:
-    """Keys [0, n) of one layer sorted by code per (batch, kv head, table): `order` [B, n] key
-    ids (B = b * Hk * L rows), `starts` [B, 2^K + 1] where each code's run begins."""
+    """Keys [lo, n) of one layer sorted by code per (batch, kv head, table): `order` [B, n - lo]
+    key ids (B = b * Hk * L rows), `starts` [B, 2^K + 1] where each code's run begins."""
 
+    lo: int
     n: int
     order: Tensor
     starts: Tensor
@@ -48,7 +54,8 @@ class MagicPig(Masker):
     (1 = the plain LSH rule), with K = `lsh_bits` = 10 and L = `lsh_tables` = 150, and weighted
     by 1 / its inclusion probability (`inclusion_probability`, theta the angle between q and
     k - kbar). Tables are bucketed by code, so a step reads only the colliding keys' ids (plus
-    up to `TAIL` recent keys compared directly), never all of q.K.
+    up to `TAIL` recent keys compared directly), never all of q.K; see `REBUILD` for how they
+    follow the growing cache.
     """
 
     lsh_bits: int = 10
@@ -75,8 +82,8 @@ class MagicPig(Masker):
 
     def truncate(self, layer: int, n: int) -> None:
         super().truncate(layer, n)
-        t = self._tables.get(layer)
-        if t is not None and t.n > n:
+        tables = self._tables.get(layer)
+        if tables and tables[-1].n > n:
             del self._tables[layer]
 
     def _layer_state(self, ctx: Context) -> tuple[Tensor, Tensor]:
@@ -97,38 +104,51 @@ class MagicPig(Masker):
         weights = (2 ** torch.arange(self.lsh_bits, device=x.device)).to(torch.int16)
         return (bits * weights).sum(-1, dtype=torch.int16)
 
-    def _build(self, codes: Tensor, n: int) -> _Tables:
+    def _build(self, codes: Tensor, lo: int, n: int) -> _Tables:
         b, hk, _, L = codes.shape
-        c = codes[:, :, :n].permute(0, 1, 3, 2).reshape(b * hk * L, n)
+        c = codes[:, :, lo:n].permute(0, 1, 3, 2).reshape(b * hk * L, n - lo)
         _, order = c.sort(dim=-1, stable=True)
         rows = torch.arange(c.shape[0], device=c.device)[:, None] * (2**self.lsh_bits)
         counts = torch.bincount((c.long() + rows).view(-1), minlength=c.shape[0] * 2**self.lsh_bits)
         starts = torch.zeros(c.shape[0], 2**self.lsh_bits + 1, dtype=torch.long, device=c.device)
         starts[:, 1:] = counts.view(c.shape[0], -1).cumsum(-1)
-        return _Tables(n, order.to(torch.int32), starts)
+        return _Tables(lo, n, (order + lo).to(torch.int32), starts)
+
+    def _layer_tables(self, layer: int, codes: Tensor, n_new: int) -> list[_Tables]:
+        """The layer's tables, rebuilt where stale (keys replaced) or extended (see REBUILD)."""
+        kv = codes.shape[2]
+        tables = self._tables.get(layer, [])
+        if tables and tables[-1].n > kv - n_new:  # keys it holds were replaced (crop, new context)
+            tables = []
+        if not tables:
+            tables = [self._build(codes, 0, kv)]
+        elif kv - tables[-1].n > TAIL:
+            lo = tables[0].n
+            tables = [self._build(codes, 0, kv)] if kv - lo > REBUILD else [tables[0], self._build(codes, lo, kv)]
+        self._tables[layer] = tables
+        return tables
 
     def collisions(self, ctx: Context, codes: Tensor, qc: Tensor) -> Tensor:
         """Tables in which each key's code equals the query row's: [b, Hk, R, kv] (int)."""
         b, hk, kv, L = codes.shape
         R = qc.shape[2]
-        t = self._tables.get(ctx.layer)
-        if t is None or t.n > kv - ctx.query.shape[2] or kv - t.n > TAIL:  # stale or long tail
-            t = self._tables[ctx.layer] = self._build(codes, kv)
-        # bucket runs of the query's codes: rows (b, hk, table) of order / starts
+        tables = self._layer_tables(ctx.layer, codes, ctx.query.shape[2])
         table_row = torch.arange(b * hk * L, device=qc.device).view(b, hk, 1, L)
         q = qc.long()
-        start = t.starts[table_row, q]  # [b, hk, R, L]
-        length = t.starts[table_row, q + 1] - start
-        flat = (table_row * t.n + start).view(-1)
-        length = length.view(-1)
-        total = int(length.sum())
-        first = torch.repeat_interleave(flat - (length.cumsum(0) - length), length)
-        key_ids = t.order.view(-1)[first + torch.arange(total, device=qc.device)].long()
-        row = torch.repeat_interleave(torch.arange(b * hk * R, device=qc.device), length.view(-1, L).sum(-1))
-        counts = torch.bincount(row * kv + key_ids, minlength=b * hk * R * kv).view(b, hk, R, kv)
-        if t.n < kv:  # keys appended since the build: compared directly
-            tail = codes[:, :, t.n:]
-            counts[..., t.n:] += (tail[:, :, None] == qc[:, :, :, None]).sum(-1)
+        rows, keys = [], []
+        for t in tables:  # bucket runs of the query's codes in rows (b, hk, table)
+            start = t.starts[table_row, q]  # [b, hk, R, L]
+            length = (t.starts[table_row, q + 1] - start).view(-1)
+            flat = (table_row * (t.n - t.lo) + start).view(-1)
+            first = torch.repeat_interleave(flat - (length.cumsum(0) - length), length)
+            keys.append(t.order.view(-1)[first + torch.arange(first.shape[0], device=qc.device)].long())
+            rows.append(torch.repeat_interleave(torch.arange(b * hk * R, device=qc.device),
+                                                length.view(-1, L).sum(-1)))
+        flat_ids = torch.cat(rows) * kv + torch.cat(keys)
+        counts = torch.bincount(flat_ids, minlength=b * hk * R * kv).view(b, hk, R, kv)
+        n = tables[-1].n
+        if n < kv:  # keys appended since the last build: compared directly
+            counts[..., n:] += (codes[:, :, None, n:] == qc[:, :, :, None]).sum(-1)
         return counts
 
     def select(self, ctx: Context, sel: Selection) -> Selection:
