@@ -7,8 +7,8 @@ Tensors have a real model's attention shape (32 query heads, 8 kv heads, head di
 batch 1). Decoding is simulated as in a job: every method first sees the context once (its
 per-layer key caches are built), then each step appends one key and value to the cache
 (`torch.cat`, as transformers' DynamicCache does; not timed) and calls the method's attention
-for the new query with the model's float mask. Key counts start at `keys + 3`, so they are
-not multiples of any page size. Within a step the baseline (SDPA with the query heads of a kv
+for the new query with the model's float mask. Key counts run from `keys + 3` (for up to 12
+steps none is a multiple of 16, Quest's page size), so pages are partly filled. Within a step the baseline (SDPA with the query heads of a kv
 head grouped as rows: `[b, Hk, g, d]` against `[b, Hk, kv, d]`), SDPA with `enable_gqa=True`
 (reference) and every method are timed one after the other, in an order rotated per step, so
 load changes hit all of them. Prints median milliseconds and the median of the per-step
