@@ -45,17 +45,18 @@ def sdpa_gqa(query, key, value):
     return F.scaled_dot_product_attention(query, key, value, enable_gqa=True)
 
 
-def model_files(folder: Path, heads: int, kv_heads: int, head_dim: int) -> Path:
+def model_files(folder: Path, heads: int, kv_heads: int, head_dim: int, layers: int = 1) -> Path:
     """Files of methods fitted per model (`${model.pretrained}` in their configs), random for a
-    1-layer model of the timed shape: hashattn weights in the published layout (per query head,
-    MLP head_dim-128-128-32 as HashAttention-1.0's Llama-3.1-8B patch), Double Sparsity ranks."""
+    model of the timed shape: hashattn weights in the published layout (per query head, MLP
+    head_dim-128-128-32 as HashAttention-1.0's Llama-3.1-8B patch), Double Sparsity ranks."""
     from safetensors.torch import save_file
 
     from sa_bench.attention.double_sparsity import CALIBRATION_FILE
     from sa_bench.attention.hashattn import WEIGHTS_FILE, HashWeights
 
-    HashWeights.init(1, heads, head_dim, 32, (128, 128)).save(folder / WEIGHTS_FILE)
-    rank = torch.stack([torch.randperm(head_dim) for _ in range(heads)])[None]
+    HashWeights.init(layers, heads, head_dim, 32, (128, 128)).save(folder / WEIGHTS_FILE)
+    rank = torch.stack([torch.stack([torch.randperm(head_dim) for _ in range(heads)])
+                        for _ in range(layers)])
     save_file({"channel_rank": rank}, str(folder / CALIBRATION_FILE))
     return folder
 

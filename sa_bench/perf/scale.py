@@ -9,7 +9,8 @@ then for each context length runs, each in a fresh process (so peak memory is it
 - `plain`: a hand-written transformers loop — `attn_implementation="sdpa"`, the context in
   one forward pass with `logits_to_keep=1`, the question, then greedy tokens;
 - every method: the job's own path (`SparseMethod.installed`, the runner's chunked
-  `_prefill` and greedy `_answer`, `model.attn_implementation=auto`).
+  `_prefill` and greedy `_answer`, `model.attn_implementation=auto`); methods fitted per model
+  (hashattn weights, Double Sparsity calibration) get random files of the model's shapes.
 
 Prints prefill seconds, answer seconds (question + greedy tokens), decode ms per token and
 peak memory above the weights and inputs (peak RSS on CPU, `torch.cuda.max_memory_allocated`
@@ -23,6 +24,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -160,10 +162,15 @@ def run_one(args: argparse.Namespace, method_name: str, tokens: int) -> dict[str
 
     import yaml
 
+    from sa_bench.attention.base import model_shapes
     from sa_bench.attention.dense import resolve_implementation
     from sa_bench.attention.method import SparseMethod
+    from sa_bench.perf.attention import model_files
 
-    method = SparseMethod.from_config(yaml.safe_load((CONF / f"{method_name}.yaml").read_text()))
+    layers, heads, kv_heads, head_dim = model_shapes(model.config)
+    files = model_files(Path(tempfile.mkdtemp()), heads, kv_heads, head_dim, layers)
+    text = (CONF / f"{method_name}.yaml").read_text().replace("${model.pretrained}", str(files))
+    method = SparseMethod.from_config(yaml.safe_load(text))
     implementation = resolve_implementation("auto", device, model.dtype)
     with method.installed(model, implementation):
         cache, n_ctx, prefill = _prefill(model, method, tuple(context), device, args.chunk)
