@@ -94,13 +94,13 @@ def test_official_defaults_per_benchmark():
 
 def test_bad_generation_settings_name_the_key():
     data = {**bench_yaml("loogle"), "generation": {"repetition_penalty": 0}}
-    with pytest.raises(ConfigError, match="repetition_penalty: expected a value > 0"):
+    with pytest.raises(ConfigError, match=r"^benchmark\.generation\.repetition_penalty: expected a value > 0"):
         build_target(data, "benchmark", Benchmark)
     data = {**bench_yaml("loogle"), "generation": {"temperature": 0.5}}
     with pytest.raises(ConfigError, match=r"benchmark\.generation\.temperature: unknown key"):
         build_target(data, "benchmark", Benchmark)
     data = {**bench_yaml("longbench"), "generation": {"min_new_tokens": -1}}
-    with pytest.raises(ConfigError, match=r"generation\.min_new_tokens: expected an int >= 0"):
+    with pytest.raises(ConfigError, match=r"^benchmark\.generation\.min_new_tokens: expected an int >= 0"):
         build_target(data, "benchmark", Benchmark)
     data = {**bench_yaml("longbench"), "generation": {"stop_on_newline": "yes"}}
     with pytest.raises(ConfigError, match=r"benchmark\.generation\.stop_on_newline"):

@@ -51,11 +51,11 @@ class Generation:
     def __post_init__(self) -> None:
         if self.repetition_penalty <= 0:
             raise ConfigError(
-                f"generation.repetition_penalty: expected a value > 0, got {self.repetition_penalty}"
+                f"repetition_penalty: expected a value > 0, got {self.repetition_penalty}"
             )
         if self.min_new_tokens is not None and self.min_new_tokens < 0:
             raise ConfigError(
-                f"generation.min_new_tokens: expected an int >= 0 or null, got {self.min_new_tokens}"
+                f"min_new_tokens: expected an int >= 0 or null, got {self.min_new_tokens}"
             )
 
     def resolved(self, official: dict[str, Any]) -> Generation:
