@@ -6,12 +6,17 @@ from sa_bench.launch.fastpath import resume_if_all_done
 
 
 def main() -> None:
-    if resume_if_all_done(sys.argv[1:]):  # an all-finished sweep: no need to start Hydra
-        return
-    from sa_bench.job import run_job
-    from sa_bench.launch.hydra_app import hydra_main
+    try:
+        if resume_if_all_done(sys.argv[1:]):  # an all-finished sweep: no need to start Hydra
+            return
+        from sa_bench.job import run_job
+        from sa_bench.launch.hydra_app import hydra_main
 
-    hydra_main(run_job)()
+        hydra_main(run_job)()
+    except KeyboardInterrupt:
+        print("\nInterrupted. Finished cells are kept; run the same command again to resume.",
+              file=sys.stderr, flush=True)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

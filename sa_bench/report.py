@@ -21,6 +21,7 @@ import argparse
 import csv
 import fnmatch
 import json
+import os
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from sa_bench.launch import jobdir
-from sa_bench.launch.identity import result_values, sanitize
+from sa_bench.launch.identity import NON_RESULT_FIELDS, sanitize
 
 JOB_FILES = jobdir.RESULT_FILES
 """A directory at job depth holding any of these is a job directory."""
@@ -109,7 +110,7 @@ def read_config(path: Path) -> dict:
 
     try:
         data = yaml.safe_load((path / jobdir.CONFIG).read_text())
-    except (OSError, yaml.YAMLError):
+    except (OSError, ValueError, yaml.YAMLError):  # ValueError: not UTF-8
         return {}
     return data if isinstance(data, dict) else {}
 
@@ -240,6 +241,20 @@ class Table:
 def _mean(values: Iterable[float | None]) -> float | None:
     present = [v for v in values if v is not None]
     return sum(present) / len(present) if present else None
+
+
+RUN_ONLY_KEYS = ("output_root", "plan", "hydra")
+"""Top-level config keys that are not JobSpec fields and never change a result."""
+
+
+def result_values(config: dict) -> dict:
+    """The part of a job's resolved config that can change its result (as in the job key)."""
+    skip = NON_RESULT_FIELDS["JobSpec"] | set(RUN_ONLY_KEYS)
+    values = {k: v for k, v in config.items() if k not in skip}
+    if isinstance(values.get("benchmark"), dict):
+        values["benchmark"] = {k: v for k, v in values["benchmark"].items()
+                               if k not in NON_RESULT_FIELDS["benchmark"]}
+    return values
 
 
 def _row_identity(config: dict) -> dict[str, Any]:
@@ -403,15 +418,26 @@ def format_markdown_table(header: list[str], body: list[list[str]]) -> str:
 
 def status_entries(jobs: list[Job]) -> list[tuple[str, str, str]]:
     """(kind, job path, detail): failed jobs with their first error line, then running jobs,
-    then jobs started but not finished (no valid completion marker)."""
+    then jobs started but not finished (no valid completion marker), then finished jobs the
+    table cannot place because their config.yaml is missing or unreadable."""
     entries = [("failed", j.relpath, j.error or "(empty error.txt)")
                for j in jobs if j.status == "failed"]
     for job in jobs:
         if job.status in ("running", "pending"):
             done, total = job.progress.get("done"), job.progress.get("total")
             detail = f"{done}/{total} samples" if done is not None and total else ""
+            damaged = jobdir.damaged_results(job.path, job.path.name)
+            if damaged:
+                detail = ("finished, but since then result files went missing or changed: "
+                          + ", ".join(damaged) + " (the next sweep reruns it)")
             entries.append(("running" if job.status == "running" else "unfinished",
                             job.relpath, detail))
+    for job in jobs:
+        if job.status == "done" and not job.config:
+            score = "no score" if job.score is None else f"score {job.score:g}"
+            entries.append(("no config", job.relpath,
+                            f"finished ({score}) but {jobdir.CONFIG} is missing or unreadable, "
+                            "so it is not in the table"))
     return entries
 
 
@@ -545,22 +571,28 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     jobs = select(read_jobs(root), args.model, args.method, args.benchmark)
     table = build_table(jobs)
-    header, body = table_cells(table)
-    print(counts(jobs))
-    if body:
-        print(LEGEND)
-        print(format_text_table(header, body))
-    status = status_lines(jobs)
-    if status:
-        print("\nfailed and unfinished jobs:")
-        print("\n".join("  " + line for line in status))
     out: Path = args.out or root
     out.mkdir(parents=True, exist_ok=True)
     plots = [] if args.no_plots else write_plots(table, out)
     write_csv(jobs, table, out / "results.csv")
     write_markdown(jobs, table, root, plots, out / "report.md")
-    print(f"\nwrote {out / 'report.md'}, {out / 'results.csv'}"
-          + "".join(f", {p}" for p in plots))
+    # printed last: the files are complete even when the reader stops early (`| head`)
+    header, body = table_cells(table)
+    try:
+        print(counts(jobs))
+        if body:
+            print(LEGEND)
+            print(format_text_table(header, body))
+        status = status_lines(jobs)
+        if status:
+            print("\nfailed and unfinished jobs:")
+            print("\n".join("  " + line for line in status))
+        print(f"\nwrote {out / 'report.md'}, {out / 'results.csv'}"
+              + "".join(f", {p}" for p in plots))
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # the reader is gone: say nothing more (and let no flush at exit fail again)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import sa_bench
-from sa_bench.benchmarks.base import Generation, next_token
+from sa_bench.benchmarks.base import Generation, next_token, unique_ids
 from sa_bench.launch import jobdir
 from sa_bench.launch.pool import Lease
 from sa_bench.launch.progress import write_progress
@@ -38,10 +38,16 @@ def read_predictions(path: Path) -> dict[str, dict]:
         with open(file, "r+b") as f:
             f.truncate(end)
     records = {}
-    for line in data[:end].decode().splitlines():
+    for number, line in enumerate(data[:end].decode("utf-8", "replace").splitlines(), 1):
         if line.strip():
-            record = json.loads(line)
-            records[record["id"]] = record
+            try:
+                record = json.loads(line)
+                records[record["id"]] = record
+            except (ValueError, TypeError, KeyError) as exc:
+                raise ValueError(
+                    f"{file} line {number}: expected a JSON prediction record with an 'id' "
+                    f"({type(exc).__name__}: {exc}); delete that line to redo its sample"
+                ) from None
     return records
 
 
@@ -58,7 +64,7 @@ def evaluate(spec: JobSpec, path: Path, lease: Lease) -> dict[str, Any]:
     model, tokenizer = load_model(spec.model, lease.torch_devices)
     loaded = time.time()
     bench = spec.benchmark
-    samples = bench.load(tokenizer)
+    samples = unique_ids(bench.load(tokenizer))
     if not samples:
         raise ValueError(f"benchmark {bench.name}/{bench.subset}: no samples were loaded")
     max_new = spec.max_new_tokens or bench.max_new_tokens()

@@ -100,7 +100,22 @@ def test_auto_follows_cuda_visible_devices(monkeypatch):
     ({"devices": "gpu"}, "pool.devices: expected 'auto', 'cpu' or a list"),
     ({"devices": [0], "devices_per_job": 2}, "pool.devices_per_job: 2 devices per job"),
     ({"jobs_per_device": 0}, "pool.jobs_per_device: expected an int >= 1"),
+    ({"devices": [0, 0], "devices_per_job": 2}, "pool.devices: each GPU id may be listed once"),
+    ({"poll_seconds": -1}, "pool.poll_seconds: expected a number > 0, got -1"),
+    ({"poll_seconds": 0}, "pool.poll_seconds: expected a number > 0, got 0"),
+    ({"lock_dir": "/dev/null"}, "pool.lock_dir: expected a writable directory; /dev/null is not a directory"),
 ])
 def test_bad_pool_config(data, message):
-    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
         build(PoolConfig, data, "pool")
+
+
+def test_listed_gpus_must_exist_unless_simulated(monkeypatch, tmp_path):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "7")  # one visible GPU, index 0
+    PoolConfig(devices=[0]).check_visible()
+    with pytest.raises(ConfigError, match=r"devices: GPU id\(s\) \[1\] requested but this machine has 1"):
+        PoolConfig(devices=[0, 1]).check_visible()
+    PoolConfig(devices=[0, 1], simulate=True).check_visible()
+    with pytest.raises(ConfigError, match="devices: GPU id"):  # the lease refuses too
+        with lease(PoolConfig(devices=[5], lock_dir=str(tmp_path))):
+            pass

@@ -20,8 +20,10 @@ class Tty(io.StringIO):
 
 def test_progress_counts_and_sample_progress_without_carriage_returns(tmp_path):
     done, running, failed, waiting = (cell(tmp_path, n) for n in ("a", "b", "c", "d"))
+    (done.path / jobdir.METRICS).write_text('{"score": 1}')
     jobdir.write_marker(done.path, "key0")
-    jobdir.mark_running(running.path)  # names this (live) process
+    lock = jobdir.JobLock(running.path)  # running = its lock is held
+    assert lock.try_acquire()
     write_progress(running.path, 3, 10)
     (failed.path / jobdir.ERROR).write_text("Traceback\nValueError: x\n")
     log = io.StringIO()
@@ -33,6 +35,7 @@ def test_progress_counts_and_sample_progress_without_carriage_returns(tmp_path):
     write_progress(running.path, 4, 10)
     time.sleep(0.3)
     progress.stop()
+    lock.release()
     lines = log.getvalue().splitlines()
     assert "\r" not in log.getvalue()
     assert lines == ["[sa_bench] 1 done, 1 running, 1 failed, 1 waiting | m/s/b/b 3/10",

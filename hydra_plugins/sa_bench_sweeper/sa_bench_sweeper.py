@@ -16,12 +16,12 @@ from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.config_store import ConfigStore
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 import sa_bench.launch.resolvers  # noqa: F401  (registers resolvers in the parent)
-from sa_bench.config import ConfigError, build
-from sa_bench.launch import fastpath, jobdir
+from sa_bench.config import ConfigError
+from sa_bench.launch import fastpath, jobdir, outcome, preflight
 from sa_bench.launch.plan import Cell, expand, identify, migrate, plan_table, refresh_status
-from sa_bench.launch.pool import PoolConfig
 from sa_bench.launch.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -46,11 +46,13 @@ class SaBenchSweeper(BasicSweeper):
     def __init__(self, max_batch_size: int | None = None, launch_attempts: int = 3) -> None:
         super().__init__(max_batch_size=max_batch_size, params=None)
         self.launch_attempts = launch_attempts
+        self.disk_full = False
+        self.hub_note: str | None = None
 
     def setup(self, *, hydra_context: Any, task_function: Any, config: Any) -> None:
         # The launcher's n_jobs is derived from the pool: check the pool first, readably.
         try:
-            build(PoolConfig, OmegaConf.to_container(config.pool, resolve=True), "pool")
+            preflight.check_pool(config)
         except ConfigError as exc:
             say(f"Config error: {exc}")
             sys.exit(2)
@@ -61,10 +63,16 @@ class SaBenchSweeper(BasicSweeper):
         assert self.hydra_context is not None
         loader = self.hydra_context.config_loader
         try:
+            root = preflight.check_job_dirs(self.config, arguments)
             overrides = OverridesParser.create(config_loader=loader).parse_overrides(arguments)
             groups = set(loader.list_groups(""))
             cells = expand(overrides, groups, self._compose)
+            # before the keys: whether an offline fallback will be loaded is part of them
+            self.hub_note = preflight.decide_hub([c.config for c in cells])
             cells, invalid = identify(cells)
+        except OmegaConfBaseException as exc:  # e.g. an unset ${oc.env:...}
+            say(f"Config error: {preflight.config_error(exc)}")
+            sys.exit(2)
         except ConfigError as exc:
             say(f"Config error: {exc}")
             sys.exit(2)
@@ -77,7 +85,7 @@ class SaBenchSweeper(BasicSweeper):
             sys.exit(2)
         refresh_status(cells)
         migrated = migrate(cells)
-        fastpath.write_manifest(sys.argv[1:], cells)
+        fastpath.write_manifest(sys.argv[1:], cells)  # best effort: a read-only root is fine
         overwrite = bool(self.config.get("overwrite", False))
         todo = [c for c in cells if overwrite or c.status not in ("done", "running")]
         done = sum(c.status == "done" for c in cells)
@@ -103,9 +111,14 @@ class SaBenchSweeper(BasicSweeper):
         say(line)
         if not todo:
             return []
+        try:
+            preflight.check_writable(root)
+        except ConfigError as exc:
+            say(f"Config error: {exc}")
+            sys.exit(2)
         started = time.time()
         returns = self._launch(todo)
-        self._summary(cells, todo, started)
+        self._summary(cells, todo, started, returns)
         return returns
 
     def _compose(self, group_overrides: list[str]) -> dict:
@@ -120,6 +133,8 @@ class SaBenchSweeper(BasicSweeper):
         pending = todo
         progress = Progress(todo)
         progress.start()
+        # the launcher's per-job "Launching jobs ... #0 : ..." lines would bury the progress line
+        logging.getLogger("hydra_plugins").setLevel(logging.WARNING)
         try:
             for attempt in range(self.launch_attempts):
                 try:
@@ -127,6 +142,11 @@ class SaBenchSweeper(BasicSweeper):
                     returns.append(results)
                     break
                 except Exception as exc:  # a broken worker pool: relaunch what is unfinished
+                    if jobdir.disk_full(exc):  # relaunching cannot help
+                        say(f"Launch stopped: disk full ({exc}); free space under "
+                            f"{self.config.output_root} and rerun")  # type: ignore[union-attr]
+                        self.disk_full = True
+                        break
                     refresh_status(pending)
                     pending = [c for c in pending if c.status not in ("done", "failed")]
                     say(
@@ -140,7 +160,8 @@ class SaBenchSweeper(BasicSweeper):
             progress.stop()
         return returns
 
-    def _summary(self, cells: list[Cell], todo: list[Cell], started: float) -> None:
+    def _summary(self, cells: list[Cell], todo: list[Cell], started: float,
+                 returns: list[Any]) -> None:
         refresh_status(todo)
         ran = [c for c in todo if c.status == "done"]
         elsewhere = [c for c in todo if c.status == "running"]
@@ -150,9 +171,12 @@ class SaBenchSweeper(BasicSweeper):
             f"{len(cells) - len(todo)} skipped, {len(failed)} failed"
             + (f", {len(elsewhere)} still running in another sweep" if elsewhere else "")
         )
+        errors = outcome.job_errors(todo, returns)
         for cell in failed:
-            reason = jobdir.first_error_line(cell.path) or "not finished: its worker process died"
-            say(f"  FAILED {cell.path}\n         {reason}")
+            say(f"  FAILED {cell.path}\n         {outcome.failure_reason(cell.path, errors.get(cell.relpath), self.disk_full)}")
+        note = outcome.fallback_note([c.path for c in ran], self.hub_note)
+        if note:
+            say(note)
         for cell in ran:
             summary = (jobdir.read_json(cell.path / jobdir.MARKER) or {}).get("summary", {})
             if summary.get("score") is not None:

@@ -178,3 +178,26 @@ class Benchmark:
             return samples
         keep = sorted(random.Random(self.seed).sample(range(len(samples)), self.max_samples))
         return [samples[i] for i in keep]
+
+
+def unique_ids(samples: list[Sample]) -> list[Sample]:
+    """The samples with ids made unique: predictions are stored and matched by id, so two
+    samples sharing one (repeated LongBench `_id`s, LooGLE's flattened rows of one document)
+    would both be scored with one prediction. A repeated id becomes `<id>#2`, `<id>#3`, ...
+    in data order, the same on every run over the same data."""
+    taken = {s.id for s in samples}
+    seen: set[str] = set()
+    last: dict[str, int] = {}
+    out = []
+    for sample in samples:
+        if sample.id not in seen:
+            seen.add(sample.id)
+            out.append(sample)
+            continue
+        n = last.get(sample.id, 1) + 1
+        while f"{sample.id}#{n}" in taken:
+            n += 1
+        last[sample.id] = n
+        taken.add(f"{sample.id}#{n}")
+        out.append(replace(sample, id=f"{sample.id}#{n}"))
+    return out

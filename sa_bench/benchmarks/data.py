@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import zipfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,30 @@ _SENTINEL = "\x00sa_bench_context\x00"
 
 class DataNotFoundError(FileNotFoundError):
     """The data of a benchmark subset could not be found locally or on the hub."""
+
+
+class BadRowError(ValueError):
+    """A data row lacks a field the benchmark needs, or the field has the wrong type."""
+
+
+FieldTypes = Mapping[str, "type | tuple[type, ...]"]
+
+
+def check_rows(rows: list[Any], fields: FieldTypes, where: str) -> list[dict[str, Any]]:
+    """`rows` unchanged if each is an object with `fields` of the given types; else
+    BadRowError naming `where` (file or hub id), the row (1-based) and the field."""
+    for i, row in enumerate(rows, 1):
+        if not isinstance(row, dict):
+            raise BadRowError(f"{where}: row {i}: expected an object with fields {sorted(fields)}, "
+                              f"got {type(row).__name__}")
+        for name, kinds in fields.items():
+            if name not in row:
+                raise BadRowError(f"{where}: row {i}: missing field {name!r}")
+            if not isinstance(row[name], kinds):
+                expected = " or ".join(k.__name__ for k in (kinds if isinstance(kinds, tuple) else (kinds,)))
+                raise BadRowError(f"{where}: row {i}: field {name!r} should be {expected}, got "
+                                  f"{type(row[name]).__name__} {str(row[name])[:40]!r}")
+    return rows
 
 
 def read_rows(path: str | Path) -> list[dict[str, Any]]:
@@ -75,12 +99,14 @@ def load_rows(
     hub: Callable[[], list[dict[str, Any]]] | None,
     hub_id: str,
     how_to_get: str,
+    fields: FieldTypes | None = None,
 ) -> list[dict[str, Any]]:
     """The raw rows of one subset: `data_files`, else `data_dir/<name>.*`, else the hub.
 
     `names` are the official file names without extension (tried in order); `hub` fetches
     the rows from the hub (may raise when offline); `how_to_get` tells the user where the
-    files come from. Raises DataNotFoundError naming every location tried.
+    files come from. Raises DataNotFoundError naming every location tried, and BadRowError
+    (file, row, field) for a row without the `fields` the benchmark needs.
     """
     if data_files:
         if not Path(data_files).is_file():
@@ -88,7 +114,7 @@ def load_rows(
                 f"{benchmark}/{subset}: benchmark.data_files={data_files} does not exist. "
                 f"{how_to_get}"
             )
-        return read_rows(data_files)
+        return check_rows(read_rows(data_files), fields or {}, str(data_files))
     if data_dir:
         found, tried = find_file(data_dir, names)
         if found is None:
@@ -96,14 +122,14 @@ def load_rows(
             raise DataNotFoundError(
                 f"{benchmark}/{subset}: none of these files exist: {listed}. {how_to_get}"
             )
-        return read_rows(found)
+        return check_rows(read_rows(found), fields or {}, str(found))
     if hub is None:
         raise DataNotFoundError(
             f"{benchmark}/{subset}: no hub copy; set benchmark.data_dir or benchmark.data_files. "
             f"{how_to_get}"
         )
     try:
-        return hub()
+        rows = hub()
     except Exception as exc:
         raise DataNotFoundError(
             f"{benchmark}/{subset}: could not load it from the hub ({hub_id}): "
@@ -111,6 +137,7 @@ def load_rows(
             f"with {' or '.join(n + '.jsonl' for n in names[:2])} (jsonl/json/parquet). "
             f"{how_to_get}"
         ) from exc
+    return check_rows(rows, fields or {}, hub_id)
 
 
 def hub_file(repo_id: str, filename: str) -> Path:

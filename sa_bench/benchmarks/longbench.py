@@ -49,6 +49,9 @@ E_SUBSETS = (
 
 E_BUCKETS = (("0-4k", 0, 4000), ("4-8k", 4000, 8000), ("8k+", 8000, float("inf")))
 
+ROW_FIELDS = {"context": str, "answers": (list, str)}
+"""The row fields a LongBench prompt and score need, with their types."""
+
 HOW_TO_GET = (
     "Get the files from https://huggingface.co/datasets/THUDM/LongBench/resolve/main/data.zip "
     "(unzip; the folder `data/` holds <dataset>.jsonl and <dataset>_e.jsonl) and point "
@@ -99,6 +102,7 @@ class LongBench(Benchmark):
             hub=lambda: hub_zip_member(HUB_ID, "data.zip", f"data/{name}.jsonl"),
             hub_id=f"{HUB_ID} data.zip:data/{name}.jsonl",
             how_to_get=HOW_TO_GET,
+            fields=ROW_FIELDS,
         )
 
     def load(self, tokenizer: Any = None) -> list[Sample]:

@@ -4,10 +4,12 @@ Hydra's start-up and one config composition cost ~0.4 s, which dominates resumin
 whose cells are all done. After planning, the sweeper records the sweep's cells (directory
 and key) in a manifest named by a fingerprint of everything that decides the plan: the
 command-line arguments, the working directory, the package version, and every config file
-(path, size, modification time) in `conf/` and in any `hydra.searchpath` folder given on the
-command line. The next identical command reads that manifest; if every listed cell still has
-its marker it prints the usual line and stops. Anything else (a changed file, an unfinished
-cell, an option it does not understand) falls through to the normal Hydra path.
+(path and content) in `conf/` and in any `hydra.searchpath` folder given on the command line,
+with the value of every environment variable those files read through `${oc.env:...}`. The
+next identical command reads that manifest; if every listed cell is still done it prints the
+usual line and stops. Whenever the fingerprint might miss a change (an interpolation on the
+command line, a resolver whose value it cannot know, a search path set inside a config file,
+an option it does not understand) it gives up and the normal Hydra path runs.
 """
 
 from __future__ import annotations
@@ -17,12 +19,17 @@ import json
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 import sa_bench
 from sa_bench.launch import jobdir
 from sa_bench.launch.hydra_app import CONF_DIR  # the installed tree, in a wheel too
 
-_SEARCHPATH = re.compile(r"file://([^,\]]+)")
+_SEARCHPATH = re.compile(r"file://([^,\]'\"]+)")
+_RESOLVER = re.compile(r"\$\{\s*([\w.]+)\s*:([^,}]*)")
+DETERMINISTIC_RESOLVERS = ("oc.select", "oc.create", "oc.decode", "oc.deprecated",
+                           "oc.dict.keys", "oc.dict.values", "hydra")
+"""Resolvers whose value follows from the config files, the arguments and the working dir."""
 
 
 def _plain_overrides(argv: list[str]) -> list[str] | None:
@@ -30,6 +37,8 @@ def _plain_overrides(argv: list[str]) -> list[str] | None:
     args = [a for a in argv if a not in ("-m", "--multirun")]
     if any(a.startswith("-") for a in args):
         return None  # --help, --cfg, --config-dir, ...
+    if any("${" in a for a in args):
+        return None  # resolved later (environment variables, other keys): cannot vouch
     if any(a.split("=", 1)[0].lstrip("+~") in ("plan", "overwrite") for a in args):
         return None
     if any(a.startswith("hydra.searchpath") and "pkg://" in a for a in args):
@@ -51,12 +60,16 @@ def manifest_path(argv: list[str]) -> Path | None:
     if args is None or root is None:
         return None
     digest = hashlib.sha256(json.dumps([args, os.getcwd(), sa_bench.__version__]).encode())
-    dirs = [CONF_DIR] + [Path(p) for a in args if a.startswith("hydra.searchpath")
+    dirs = [CONF_DIR] + [Path(p) for a in args if a.lstrip("+").startswith("hydra.searchpath")
                          for p in _SEARCHPATH.findall(a)]
+    if not all(folder.is_dir() for folder in dirs):
+        return None
     for folder in dirs:
         for file in sorted(folder.rglob("*.yaml")):
-            st = file.stat()
-            digest.update(f"{file}:{st.st_size}:{st.st_mtime_ns}".encode())
+            text = file.read_bytes()
+            if not _fingerprint_file(digest, file, text.decode("utf-8", "replace")):
+                return None
+            digest.update(text)
     for file in _package_files():  # code defaults and embedded weights are part of job keys
         st = file.stat()
         digest.update(f"{file}:{st.st_size}:{st.st_mtime_ns}\0".encode())
@@ -69,13 +82,30 @@ def _package_files() -> list[Path]:
                   for p in package.rglob(suffix) if p.parent.name != "conf")
 
 
+def _fingerprint_file(digest: Any, file: Path, text: str) -> bool:
+    """Add what `file` reads from outside itself; False if that cannot be known here."""
+    if "searchpath" in text:
+        return False  # more config folders, named inside a config file
+    digest.update(f"\0{file}\0".encode())
+    for name, arg in _RESOLVER.findall(text):
+        if name == "oc.env":
+            var = arg.strip()
+            digest.update(f"{var}={os.environ.get(var)}\0".encode())
+        elif not (name in DETERMINISTIC_RESOLVERS or name.startswith("sa_bench_")):
+            return False  # e.g. ${now:...}: a value this fingerprint cannot know
+    return True
+
+
 def write_manifest(argv: list[str], cells: list) -> None:
     path = manifest_path(argv)
     if path is None:
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    jobdir.write_json_atomic(path, {"cells": [[str(c.path), c.key, *_data_source(c.config)]
-                                              for c in cells]})
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        jobdir.write_json_atomic(path, {"cells": [[str(c.path), c.key, *_data_source(c.config)]
+                                                  for c in cells]})
+    except OSError:
+        pass  # a read-only (or full) output root: resuming just takes the Hydra path
 
 
 def _data_source(config: dict) -> list:

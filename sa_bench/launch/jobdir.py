@@ -1,11 +1,18 @@
 """The files of one job directory, its completion marker and its per-job lock.
 
-A job is done exactly when `done.json` exists, parses, and holds the job's own key.
-The marker is written last, atomically (write a temporary file, fsync, rename).
+A job is done exactly when `done.json` exists, parses, holds the job's own key, and every
+result file it lists is still there with the size it had when the marker was written. The
+marker is written last, atomically (write a temporary file, fsync, rename).
+
+A job is running exactly when its per-job lock (`.lock`, an fcntl `flock`) is held: the
+operating system drops the lock when its holder exits or is killed, so no leftover file can
+make a cell look busy. `running.json` only tells a reader which process holds the lock.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
 import socket
@@ -24,6 +31,8 @@ ENV = "env.json"
 CONFIG = "config.yaml"
 PROGRESS = "progress.json"
 RESULT_FILES = (PREDICTIONS, METRICS, STATS, ENV, CONFIG, ERROR, RUNNING, PROGRESS, MARKER)
+OUTPUT_FILES = (PREDICTIONS, METRICS, STATS, ENV, CONFIG)
+"""What a finished job leaves; the marker records their sizes."""
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -45,24 +54,45 @@ def read_json(path: Path) -> Any | None:
 
 
 def is_done(path: Path, key: str) -> bool:
+    return damaged_results(path, key) == []
+
+
+def damaged_results(path: Path, key: str) -> list[str] | None:
+    """None without a marker for `key`; else the result files it lists that are missing or
+    changed size since (a marker from before files were recorded vouches for metrics.json)."""
     marker = read_json(path / MARKER)
-    return isinstance(marker, dict) and marker.get("key") == key
+    if not isinstance(marker, dict) or marker.get("key") != key:
+        return None
+    files = marker.get("files")
+    if not isinstance(files, dict):
+        files = {METRICS: None}
+    damaged = [] if METRICS in files else [METRICS]  # a result without metrics is none
+    for name, size in files.items():
+        try:
+            if os.stat(path / name).st_size != size and size is not None:
+                damaged.append(name)
+        except OSError:
+            damaged.append(name)
+    return damaged
 
 
 def write_marker(path: Path, key: str, summary: dict | None = None) -> None:
+    """Record the key and the result files present (name -> size); metrics.json must be."""
+    files = {name: (path / name).stat().st_size for name in OUTPUT_FILES if (path / name).is_file()}
+    if METRICS not in files:
+        raise FileNotFoundError(f"{path / METRICS}: a finished job must have written it")
     write_json_atomic(
-        path / MARKER, {"key": key, "finished": time.time(), "summary": summary or {}}
+        path / MARKER,
+        {"key": key, "finished": time.time(), "files": files, "summary": summary or {}},
     )
 
 
 def status(path: Path, key: str) -> str:
-    """done | running | failed | pending — cheap: a few stats, no locks taken."""
+    """done | running | failed | pending — cheap: a few stats and one lock probe."""
     if is_done(path, key):
         return "done"
-    if (path / RUNNING).exists():
-        info = read_json(path / RUNNING) or {}
-        if _alive(info):
-            return "running"
+    if is_locked(path):
+        return "running"
     if (path / ERROR).exists():
         return "failed"
     return "pending"
@@ -78,21 +108,34 @@ def first_error_line(path: Path) -> str:
 
 
 def mark_running(path: Path) -> None:
+    """Say which process holds the lock (for people and tests; status never reads it)."""
     write_json_atomic(
         path / RUNNING, {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
     )
 
 
-def _alive(info: dict) -> bool:
-    if info.get("host") != socket.gethostname():
-        return True  # cannot check another machine's process; trust the file
-    try:
-        os.kill(int(info.get("pid", -1)), 0)
-    except (ProcessLookupError, ValueError, TypeError):
-        return False
-    except PermissionError:
-        return True
-    return True
+def disk_full(exc: BaseException | None) -> bool:
+    """Whether `exc`, or an exception it was raised from, is "no space left on device"."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def unusable_dir(path: Path, write: bool = True) -> str | None:
+    """Why `path` cannot be (or be created as) a directory we write into; None if it can."""
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is not a directory" if existing == path else \
+            f"{path} cannot be created: {existing} is not a directory"
+    if write and not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable"
+    return None
 
 
 def clear_results(path: Path) -> None:
@@ -101,41 +144,51 @@ def clear_results(path: Path) -> None:
         (path / name).unlink(missing_ok=True)
 
 
+def is_locked(path: Path) -> bool:
+    """Whether a live process holds the job's lock. Probes with a shared lock on a read-only
+    descriptor (works on a read-only output root) and drops it at once."""
+    try:
+        fd = os.open(path / LOCK, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False  # no lock file: nobody ever locked this job
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as exc:
+        return exc.errno in (errno.EAGAIN, errno.EACCES)
+    finally:
+        os.close(fd)  # closing drops a probe lock we got
+    return False
+
+
 class JobLock:
-    """Exclusive per-job lock (fcntl): released by the OS when its holder dies."""
+    """Exclusive per-job lock (fcntl `flock`): released by the OS when its holder dies."""
 
     def __init__(self, path: Path) -> None:
-        from filelock import FileLock  # imported here: resuming a finished sweep never locks
-
         path.mkdir(parents=True, exist_ok=True)
-        self._lock = FileLock(str(path / LOCK))
+        self.file = path / LOCK
+        self._fd: int | None = None
 
-    def try_acquire(self) -> bool:
-        from filelock import Timeout
-
-        try:
-            self._lock.acquire(timeout=0)
-        except Timeout:
-            return False
-        return True
+    def try_acquire(self, wait: float = 2.0) -> bool:
+        """Take the lock, retrying for `wait` seconds: another sweep's status probe holds it
+        for microseconds; a running job holds it for its whole run."""
+        fd = os.open(self.file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                    os.close(fd)
+                    raise
+                if time.monotonic() >= deadline:
+                    os.close(fd)
+                    return False
+                time.sleep(0.02)
+                continue
+            self._fd = fd
+            return True
 
     def release(self) -> None:
-        if self._lock.is_locked:
-            self._lock.release()
-
-
-_held: JobLock | None = None
-
-
-def hold_lock(lock: JobLock) -> None:
-    """Keep `lock` until the completion callback (or the next job in this worker) releases it."""
-    global _held
-    release_held_lock()
-    _held = lock
-
-
-def release_held_lock() -> None:
-    global _held
-    if _held is not None:
-        _held.release()
-        _held = None
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor releases the flock
+            self._fd = None

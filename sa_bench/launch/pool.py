@@ -23,6 +23,7 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from sa_bench.config import ConfigError
+from sa_bench.launch.jobdir import unusable_dir
 
 
 @dataclass
@@ -42,6 +43,14 @@ class PoolConfig:
             raise ConfigError(f"devices: expected 'auto', 'cpu' or a list of GPU ids, got {self.devices!r}")
         if isinstance(self.devices, list) and any(d < 0 for d in self.devices):
             raise ConfigError(f"devices: GPU ids must be >= 0, got {self.devices}")
+        if isinstance(self.devices, list) and len(set(self.devices)) != len(self.devices):
+            raise ConfigError(f"devices: each GPU id may be listed once, got {self.devices}")
+        if not self.poll_seconds > 0:
+            raise ConfigError(f"poll_seconds: expected a number > 0, got {self.poll_seconds}")
+        if self.lock_dir is not None:
+            problem = unusable_dir(Path(self.lock_dir).expanduser())
+            if problem:
+                raise ConfigError(f"lock_dir: expected a writable directory; {problem}")
         if self.jobs_per_device < 1:
             raise ConfigError(f"jobs_per_device: expected an int >= 1, got {self.jobs_per_device}")
         if self.devices_per_job < 1:
@@ -50,6 +59,18 @@ class PoolConfig:
         if n and self.devices_per_job > n:
             raise ConfigError(
                 f"devices_per_job: {self.devices_per_job} devices per job but the pool has {n}"
+            )
+
+    def check_visible(self) -> None:
+        """Listed GPU ids must exist on this machine (unless simulated): fail before any job."""
+        if self.simulate or not isinstance(self.devices, list):
+            return
+        n = visible_gpu_count()
+        missing = [d for d in self.devices if d >= n]
+        if missing:
+            raise ConfigError(
+                f"devices: GPU id(s) {missing} requested but this machine has {n} visible GPU(s); "
+                "use pool.devices=auto or cpu (or pool.simulate=true to test the pool)"
             )
 
     def gpu_ids(self) -> list[int]:
@@ -122,6 +143,7 @@ def lease(cfg: PoolConfig) -> Iterator[Lease]:
     Taking several devices happens under one pool-wide mutex, all or nothing, so two
     multi-device jobs can never deadlock holding half of what each needs.
     """
+    cfg.check_visible()
     root = cfg.lock_path()
     root.mkdir(parents=True, exist_ok=True)
     ids: list[int | str] = list(cfg.gpu_ids()) or ["cpu"]

@@ -129,6 +129,45 @@ def _fallback_smollm2() -> str | None:
 OFFLINE_FALLBACKS = {"smollm2-135m-instruct-gguf": _fallback_smollm2}
 
 
+def offline_by_env() -> bool:
+    """HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) says: use only local files."""
+    return any(os.environ.get(name, "").strip().upper() in ("1", "ON", "YES", "TRUE")
+               for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def hub_offline(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub is out of reach: HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE is
+    set, or its endpoint (HF_ENDPOINT) does not answer within `timeout` seconds.
+
+    Without this, every load of an uncached hub id spends ~30 s in huggingface_hub's retries
+    before the offline fallback is tried. A sweep asks once and hands the answer to its jobs
+    through `go_offline` (the environment its workers inherit).
+    """
+    if offline_by_env():
+        return True
+    import urllib.error
+    import urllib.request
+
+    endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    try:
+        urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return False  # it answered
+    except (OSError, ValueError):
+        return True
+    return False
+
+
+def go_offline() -> None:
+    """Use only local files from now on, in this process and the processes it starts."""
+    import sys
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    constants = sys.modules.get("huggingface_hub.constants")  # read at import: patch it too
+    if constants is not None:
+        constants.HF_HUB_OFFLINE = True
+
+
 def _torch_dtype(cfg: ModelConfig, devices: list[int]) -> Any:
     import torch
 
@@ -194,6 +233,8 @@ def load_model(cfg: ModelConfig, devices: list[int] | tuple[int, ...] = ()) -> t
         kwargs.update(_placement(devices))
 
     source = cfg.source()
+    if source == "hub" and hub_offline():
+        go_offline()  # fail fast on an uncached id instead of retrying, then fall back
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
         tokenizer = load_tokenizer(cfg, path)
@@ -202,8 +243,10 @@ def load_model(cfg: ModelConfig, devices: list[int] | tuple[int, ...] = ()) -> t
             source == "hub" and cfg.offline_fallback) else None
         if fallback is None:
             raise
-        log.warning("cannot load %s from the hub (%s); using offline fallback %s",
-                    cfg.pretrained, str(exc).splitlines()[0], fallback)
+        # not on the console of every job: env.json records it and a sweep's summary says
+        # it once
+        log.debug("cannot load %s from the hub (%s); using offline fallback %s",
+                  cfg.pretrained, str(exc).splitlines()[0], fallback)
         kwargs.pop("revision", None)
         model = AutoModelForCausalLM.from_pretrained(fallback, **kwargs)
         tokenizer = load_tokenizer(cfg, fallback)

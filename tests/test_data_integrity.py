@@ -1,0 +1,53 @@
+"""Data that would silently corrupt a score: repeated sample ids, malformed rows, a garbage
+line in predictions.jsonl. Each is made unique or refused with the file and row named."""
+
+import json
+
+import pytest
+
+from sa_bench.benchmarks.base import Sample, unique_ids
+from sa_bench.benchmarks.data import BadRowError, check_rows
+from sa_bench.runner import read_predictions
+
+
+def sample(i: str, answer: str = "a") -> Sample:
+    return Sample(id=i, context="c", question="q", answers=[answer])
+
+
+def test_repeated_ids_become_unique_in_data_order():
+    samples = [sample("x", "1"), sample("y"), sample("x", "2"), sample("x#2"), sample("x", "3")]
+    ids = [s.id for s in unique_ids(samples)]
+    assert ids == ["x", "y", "x#3", "x#2", "x#4"]  # x#2 was taken by a real id
+    assert len(set(ids)) == len(ids)
+    assert [s.answers for s in unique_ids(samples)] == [s.answers for s in samples]
+    assert [s.id for s in unique_ids(samples)] == ids  # the same on every run
+    plain = [sample("a"), sample("b")]
+    assert unique_ids(plain) == plain
+
+
+def test_rows_missing_fields_or_of_the_wrong_type_are_named():
+    fields = {"context": str, "answers": (list, str)}
+    good = [{"context": "c", "answers": ["a"]}, {"context": "d", "answers": "b"}]
+    assert check_rows(good, fields, "f.jsonl") is good
+    with pytest.raises(BadRowError, match=r"^f.jsonl: row 2: field 'context' should be str, got int '12'"):
+        check_rows([good[0], {"context": 12, "answers": []}], fields, "f.jsonl")
+    with pytest.raises(BadRowError, match=r"^f.jsonl: row 1: missing field 'answers'"):
+        check_rows([{"context": "c"}], fields, "f.jsonl")
+    with pytest.raises(BadRowError, match=r"row 1: field 'answers' should be list or str, got NoneType"):
+        check_rows([{"context": "c", "answers": None}], fields, "f.jsonl")
+    with pytest.raises(BadRowError, match=r"row 1: expected an object"):
+        check_rows(["text"], fields, "f.jsonl")
+
+
+def test_garbage_line_in_predictions_names_file_and_line(tmp_path):
+    file = tmp_path / "predictions.jsonl"
+    rec = [json.dumps({"id": str(i), "prediction": "p"}) for i in range(3)]
+    file.write_text(f"{rec[0]}\n{rec[1]}\n{rec[2][:5]}")  # a torn last line is cut, silently
+    assert list(read_predictions(tmp_path)) == ["0", "1"]
+    assert file.read_text() == f"{rec[0]}\n{rec[1]}\n"
+    file.write_text(f"{rec[0]}\nnot json\n{rec[2]}\n")
+    with pytest.raises(ValueError, match=rf"^{file} line 2: expected a JSON prediction record"):
+        read_predictions(tmp_path)
+    file.write_text(f"{rec[0]}\n" + json.dumps({"prediction": "no id"}) + "\n")
+    with pytest.raises(ValueError, match=rf"^{file} line 2: expected a JSON prediction record"):
+        read_predictions(tmp_path)
