@@ -50,33 +50,38 @@ def load_model(name: str, dtype: str, device: str):
     return model.to(device).eval()
 
 
-def passkey_text(n_tokens: int, samples: int, seed: int = 7) -> str:
-    """Passkey-benchmark prompts with their answers (the embedded model's own task)."""
+def passkey_prompts(n_tokens: int, samples: int, seed: int = 7) -> list[str]:
+    """Passkey-benchmark prompts with their answers (the embedded model's own task), each
+    ending with its question and answer."""
     import random
 
     from sa_bench.benchmarks.passkey import make_prompt
 
     rng = random.Random(seed)
-    parts = []
+    out = []
     for _ in range(samples):
-        context, question, answer = make_prompt(rng, n_tokens - 24, rng.random(), len)
-        parts.append(f"{context}{question}{answer}.\n")
-    return "".join(parts)
+        context, question, answer = make_prompt(rng, n_tokens - 32, rng.random(), len)
+        out.append(f"{context}{question}{answer}.")
+    return out
 
 
 def token_windows(name: str, text_file: str | None, max_tokens: int, samples: int,
                   vocab: int) -> list[Tensor]:
-    """Token id windows of the sample text; byte values mod vocab if there is no tokenizer."""
-    if text_file == "passkey":
-        text = passkey_text(max_tokens, samples)
-    else:
-        text = Path(text_file).read_text(encoding="utf-8") if text_file else SAMPLE_TEXT
+    """Token id windows of the sample text; byte values mod vocab if there is no tokenizer.
+    `passkey`: one passkey prompt per window, ending at the window's end (its last tokens are
+    the question and answer)."""
     try:
         from transformers import AutoTokenizer
 
-        ids = AutoTokenizer.from_pretrained(resolve(name))(text)["input_ids"]
+        tokenize = AutoTokenizer.from_pretrained(resolve(name))
     except Exception:  # a bare model directory: no tokenizer files
-        ids = [b % vocab for b in text.encode("utf-8")]
+        def tokenize(text):
+            return {"input_ids": [b % vocab for b in text.encode("utf-8")]}
+    if text_file == "passkey":
+        return [torch.tensor(tokenize(p)["input_ids"][-max_tokens:]).unsqueeze(0)
+                for p in passkey_prompts(max_tokens, samples)]
+    text = Path(text_file).read_text(encoding="utf-8") if text_file else SAMPLE_TEXT
+    ids = tokenize(text)["input_ids"]
     need = max_tokens * samples
     ids = (ids * (need // max(len(ids), 1) + 1))[:need]
     return [torch.tensor(ids[i * max_tokens:(i + 1) * max_tokens]).unsqueeze(0) for i in range(samples)]

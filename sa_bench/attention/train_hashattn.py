@@ -6,6 +6,8 @@
 Captures each layer's (post-RoPE) queries and keys on sample text, then fits, per layer and
 kv head, f (queries) and g (keys) so that the keys carrying a query's attention rank high.
 Keys that the method's sink and local window always keep (`--sink`, `--local`) are left out;
+queries can be limited to each window's last tokens (`--last-rows`: with `--text passkey` the
+question and answer, the rows the method actually runs on);
 of the rest, the `--top` fraction with the highest q.k are the positives. With soft
 signatures tanh(f(q)), tanh(g(k)) and logit = a * tanh(f(q)).tanh(g(k)) / bits + c, the loss
 is a binary cross-entropy in which each positive weighs its softmax attention probability and
@@ -64,9 +66,11 @@ def fit_layer(w: HashWeights, layer: int, data: list[tuple[Tensor, Tensor]], gro
     opt = torch.optim.Adam([t for mlp in params.values() for pair in mlp for t in pair] + [scale, bias],
                            lr=args.lr)
     per_window = []
-    for q, k in data:  # q [H, n, d] -> [Hk, g*n, d]; positions repeat per query head
+    for q, k in data:  # q [H, n, d] -> [Hk, g*m, d] (the last m rows); positions repeat per head
         hk, n = k.shape[0], k.shape[1]
-        per_window.append((q.reshape(hk, groups * n, -1), k, torch.arange(n).repeat(groups)))
+        m = min(args.last_rows, n) if args.last_rows else n
+        q = q[:, n - m:].reshape(hk, groups * m, -1)
+        per_window.append((q, k, torch.arange(n - m, n).repeat(groups)))
     act = ACTIVATIONS[w.activation]
     cut = (args.top, args.sink, args.local)
 
@@ -112,6 +116,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sink", type=int, default=4, help="first keys always kept (left out of training)")
     parser.add_argument("--local", type=int, default=64, help="last keys always kept (left out of training)")
     parser.add_argument("--rows", type=int, default=256, help="queries per step")
+    parser.add_argument("--last-rows", type=int, default=0,
+                        help="train on the queries of each window's last N tokens only (0: all); the "
+                        "method runs on question and answer rows, which end a passkey window")
     args = parser.parse_args(argv)
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
