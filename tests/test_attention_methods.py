@@ -4,6 +4,7 @@ refusal (before any job) of a model without fitted files."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import pickle
@@ -323,3 +324,12 @@ def test_inclusion_probability_at_two_collisions_matches_simulation():
         pk = (1 - theta / math.pi) ** 10
         assert math.isclose(p, 1 - (1 - pk) ** 150 - 150 * pk * (1 - pk) ** 149, rel_tol=1e-5)
     del g
+
+
+def test_online_calibration_is_recorded_in_stats_json(tmp_path):
+    proc = run_sa_bench("sparse=double_sparsity", "sparse.maskers.ds.calibration=online",
+                        "benchmark.n_samples=1", "benchmark.subsets=[1k]", root=tmp_path / "out", check=True)
+    assert "1 jobs" in proc.stdout
+    (stats,) = (tmp_path / "out").rglob("stats.json")
+    notes = json.loads(stats.read_text())["attention"]["notes"]
+    assert len(notes) == 1 and notes[0].startswith("double_sparsity: channels calibrated online")
