@@ -49,8 +49,9 @@ def files_fingerprint(folder: Path) -> str:
 
 
 def _hub_offline() -> bool:
-    return any(os.environ.get(name, "").strip().upper() in ("1", "ON", "YES", "TRUE")
-               for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    from sa_bench.models.loading import offline_by_env  # the sweep sets it once (decide_hub)
+
+    return offline_by_env()
 
 
 def hub_cache_dir() -> Path:
