@@ -47,8 +47,9 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
         lock.release()
         return {"status": "skipped", "dir": str(path)}
     handle = LockHandle(lock)
-    if spec.overwrite or jobdir.is_done(path, key):  # rerun on purpose, or on changed data
-        jobdir.clear_results(path)
+    if spec.overwrite or jobdir.is_done(path, key) or _other_data(path, data):
+        jobdir.clear_results(path)  # on purpose, or the results are of other samples than now
+    jobdir.write_json_atomic(path / jobdir.DATA, {"data": data})
     (path / jobdir.ERROR).unlink(missing_ok=True)
     (path / jobdir.MARKER).unlink(missing_ok=True)
     jobdir.mark_running(path)
@@ -86,6 +87,12 @@ def check_identity(handed: str | None, relpath: str, path: Path, output_root: Pa
             "output_root and the config only (do not set hydra.run.dir / hydra.sweep.dir / "
             "hydra.sweep.subdir; set output_root)"
         )
+
+
+def _other_data(path: Path, data: str | None) -> bool:
+    """Whether an interrupted attempt's predictions were made on other local data files."""
+    previous = jobdir.read_json(path / jobdir.DATA)
+    return isinstance(previous, dict) and previous.get("data") != data
 
 
 def _free_accelerator_memory() -> None:

@@ -1,5 +1,6 @@
 import copy
 import dataclasses
+import json
 import os
 import shutil
 from pathlib import Path
@@ -293,3 +294,23 @@ def test_finished_cell_whose_data_changed_is_rerun(tmp_path, sa_bench_cli):
             "data files changed since)") in again.stdout
     assert jobdir.read_json(cell / jobdir.MARKER)["summary"]["data"] != recorded
     assert sa_bench_cli(*args, root=out, check=True).stdout.startswith("1 jobs: 1 done")
+
+
+def test_interrupted_cell_whose_data_changed_starts_over(tmp_path, sa_bench_cli):
+    data = tmp_path / "data"
+    shutil.copytree(ROOT / "tests" / "fixtures" / "longbench", data)
+    args = ["benchmark=longbench", "benchmark.subsets=[hotpotqa]", "max_new_tokens=2",
+            f"benchmark.data_dir={data}"]
+    out = tmp_path / "out"
+    sa_bench_cli(*args, root=out, check=True)
+    (cell,) = [p.parent for p in out.rglob(jobdir.MARKER)]
+    before = {r["id"]: r for r in map(json.loads, (cell / jobdir.PREDICTIONS).read_text().splitlines())}
+    (cell / jobdir.MARKER).unlink()  # as if killed after its last prediction
+    rows = [json.loads(x) for x in (data / "hotpotqa.jsonl").read_text().splitlines()]
+    for row in rows:  # same ids, other contexts
+        row["context"] += "\nPassage 3:\nAn extra passage that makes every prompt longer."
+    (data / "hotpotqa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    sa_bench_cli(*args, root=out, check=True)
+    after = {r["id"]: r for r in map(json.loads, (cell / jobdir.PREDICTIONS).read_text().splitlines())}
+    assert after.keys() == before.keys()
+    assert all(after[i]["prompt_tokens"] > before[i]["prompt_tokens"] for i in after)
