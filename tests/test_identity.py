@@ -245,6 +245,21 @@ def test_legacy_tree_is_rekeyed_and_found_done(tmp_path):
         assert not migrate_legacy(new, new_key)  # nothing left to move
 
 
+def test_legacy_cell_keyed_with_its_subsets_list_is_rekeyed_too(tmp_path):
+    """Trees written before benchmark.subsets left the first scheme's key."""
+    tree = tmp_path / "out"
+    shutil.copytree(LEGACY, tree)
+    old = next(p.parent for p in tree.rglob(jobdir.MARKER))
+    cfg = identity._read_yaml(old / jobdir.CONFIG)
+    older = old.parent / legacy_key(cfg, with_subsets=True)
+    assert older.name != old.name
+    old.rename(older)
+    marker = jobdir.read_json(older / jobdir.MARKER)
+    jobdir.write_json_atomic(older / jobdir.MARKER, {**marker, "key": older.name})
+    assert migrate_legacy(older.parent / key(cfg), key(cfg))
+    assert jobdir.is_done(older.parent / key(cfg), key(cfg))
+
+
 def test_legacy_cell_of_another_config_is_not_taken(tmp_path):
     tree = tmp_path / "out"
     shutil.copytree(LEGACY, tree)

@@ -193,10 +193,13 @@ _LEGACY_TOP = ("output_root", "overwrite", "pool", "plan", "hydra", "cell")
 _LEGACY_SUB = (("benchmark", "data_dir"), ("benchmark", "data_files"), ("benchmark", "subsets"))
 
 
-def legacy_key(cfg: dict) -> str:
-    """The key of the first scheme: a hash of the raw resolved config dict minus run settings."""
+def legacy_key(cfg: dict, with_subsets: bool = False) -> str:
+    """The key of the first scheme: a hash of the raw resolved config dict minus run settings
+    (`with_subsets`: as written before commit 36e23ba, when `benchmark.subsets` was in it)."""
     values = {k: v for k, v in cfg.items() if k not in _LEGACY_TOP}
     for section, key in _LEGACY_SUB:
+        if with_subsets and key == "subsets":
+            continue
         if isinstance(values.get(section), dict) and key in values[section]:
             values[section] = {k: v for k, v in values[section].items() if k != key}
     text = json.dumps(values, sort_keys=True, separators=(",", ":"), default=str)
@@ -224,7 +227,7 @@ def migrate_legacy(path: Path, key: str) -> bool:
         if not isinstance(marker, dict):
             continue
         cfg = _read_yaml(old / jobdir.CONFIG)
-        if cfg is None or marker.get("key") != legacy_key(cfg):
+        if cfg is None or marker.get("key") not in (legacy_key(cfg), legacy_key(cfg, True)):
             continue
         try:
             if job_key(JobSpec.from_dict(cfg)) != key:
