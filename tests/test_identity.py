@@ -329,3 +329,19 @@ def test_interrupted_cell_whose_data_changed_starts_over(tmp_path, sa_bench_cli)
     after = {r["id"]: r for r in map(json.loads, (cell / jobdir.PREDICTIONS).read_text().splitlines())}
     assert after.keys() == before.keys()
     assert all(after[i]["prompt_tokens"] > before[i]["prompt_tokens"] for i in after)
+
+
+def test_a_methods_resolved_weights_file_is_in_the_key(tmp_path):
+    """hashattn `weights: auto` resolves to the file next to the model: its content counts."""
+    model = local_copy(tmp_path)
+    assert (model / "hashattn.safetensors").is_file()
+    cfg = changed(CFG, "model.pretrained", str(model))
+    cfg["sparse"]["maskers"]["hash"] = {"_target_": "sa_bench.attention.maskers.HashAttention",
+                                        "heavy_size": 0.1, "weights": "auto", "model": str(model)}
+    before = key(cfg)
+    dense_before = key(changed(CFG, "model.pretrained", str(model)))
+    data = bytearray((model / "hashattn.safetensors").read_bytes())
+    data[-1] ^= 1
+    (model / "hashattn.safetensors").write_bytes(bytes(data))
+    assert key(cfg) != before
+    assert key(changed(CFG, "model.pretrained", str(model))) == dense_before

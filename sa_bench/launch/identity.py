@@ -5,6 +5,8 @@
 `<key>` is a short hash of the canonical form of a cell's *validated* config (`JobSpec`):
 
 - every init field of every config dataclass, so a default written only in code counts;
+- the content of any file a dataclass resolved at validation into a non-init `Path` field
+  (a method's fitted weights, `weights: auto`), not only the setting that names it;
 - classes named by a stable name (`key_name` class attribute, else the class name), never
   by their module path, so moving a class or renaming a module keeps every key;
 - a field whose value equals its *recorded* default (`key_defaults.json`, appended by
@@ -73,7 +75,12 @@ def canonical(value: Any, drop: set[str] | frozenset[str] = frozenset()) -> Any:
         recorded = recorded_defaults().get(name, {})
         out: dict[str, Any] = {"@": name}
         for f in dataclasses.fields(value):
-            if not f.init or f.name in drop:
+            if f.name in drop:
+                continue
+            if not f.init:  # derived state; a file it resolved to (weights: auto) is read: its content counts
+                resolved = getattr(value, f.name, None)
+                if isinstance(resolved, Path) and resolved.is_file():
+                    out[f"{f.name.lstrip('_')}:content"] = fingerprint_files([resolved], resolved.parent)
                 continue
             v = canonical(getattr(value, f.name))
             if f.name in recorded and recorded[f.name] == v:
