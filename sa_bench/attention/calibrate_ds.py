@@ -12,6 +12,7 @@ text (Yang et al., 2024, https://arxiv.org/abs/2408.07092). Writes `channel_rank
 from __future__ import annotations
 
 import argparse
+import sys
 
 import torch
 
@@ -43,7 +44,9 @@ def main(argv: list[str] | None = None) -> None:
     vocab = model.config.get_text_config().vocab_size
     seen = capture(model, token_windows(args.model, args.text, args.max_tokens, args.samples, vocab))
     rank = channel_rank(seen, layers, heads, kv_heads).contiguous()
-    save_file({"channel_rank": rank}, args.out, metadata={"format": FORMAT, "model": str(args.model)})
+    command = " ".join(["python -m sa_bench.attention.calibrate_ds", *(sys.argv[1:] if argv is None else argv)])
+    save_file({"channel_rank": rank}, args.out, metadata={"format": FORMAT, "model": str(args.model),
+                                                          "command": command})
     print(f"wrote {args.out}: channel_rank {list(rank.shape)}")
 
 

@@ -143,7 +143,8 @@ class HashWeights:
 
     # --- files ---
 
-    def save(self, path: str | Path) -> None:
+    def save(self, path: str | Path, info: dict[str, str] | None = None) -> None:
+        """Write the own format; `info` (e.g. the training command) goes into the metadata."""
         from safetensors.torch import save_file
 
         tensors = {}
@@ -152,7 +153,7 @@ class HashWeights:
                 tensors[f"{side}.{i}.weight"] = torch.stack([lay[side][i][0] for lay in self.layers])
                 tensors[f"{side}.{i}.bias"] = torch.stack([lay[side][i][1] for lay in self.layers])
         tensors = {k: v.detach().float().contiguous().cpu() for k, v in tensors.items()}
-        save_file(tensors, str(path), metadata={"format": FORMAT, "activation": self.activation})
+        save_file(tensors, str(path), metadata={**(info or {}), "format": FORMAT, "activation": self.activation})
 
     @classmethod
     def load(cls, path: str | Path, key: str) -> HashWeights:

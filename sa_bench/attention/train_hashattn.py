@@ -21,6 +21,7 @@ keys capture. (HashAttention: https://arxiv.org/abs/2412.14468.)
 from __future__ import annotations
 
 import argparse
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -131,7 +132,8 @@ def main(argv: list[str] | None = None) -> None:
         before, after = fit_layer(w, layer, seen[layer], heads // kv_heads, args, gen)
         print(f"layer {layer}: top-{args.top:g} attention-mass recall {before:.3f} -> {after:.3f}", flush=True)
     w.check(layers, heads, kv_heads, head_dim, "--out")
-    w.save(args.out)
+    argv = sys.argv[1:] if argv is None else argv
+    w.save(args.out, {"command": " ".join(["python -m sa_bench.attention.train_hashattn", *argv])})
     print(f"wrote {args.out}")
 
 
