@@ -64,8 +64,10 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
         handle.release()
         raise  # interrupted, not failed: the cell stays unfinished and resumes next time
     except BaseException:
-        (path / jobdir.ERROR).write_text(traceback.format_exc())
-        handle.release()
+        try:
+            (path / jobdir.ERROR).write_text(traceback.format_exc())
+        finally:  # even when error.txt cannot be written (a full disk), free the cell
+            handle.release()
         raise
     finally:
         (path / jobdir.RUNNING).unlink(missing_ok=True)

@@ -276,6 +276,38 @@ def test_disk_full_is_reported_as_such_and_not_relaunched(tmp_path, conf):
     assert "Traceback" not in proc.stderr, proc.stderr
 
 
+def test_disk_filling_up_during_a_job_fails_that_job_and_frees_its_cell(tmp_path, conf):
+    """The job's writes (and its error.txt) fail: the cell is reported failed with the disk
+    as the reason, its lock is released (not "still running"), and nothing is relaunched."""
+    out = tmp_path / "out"
+    out.mkdir()
+    mount("-t", "tmpfs", "-o", "size=2m", "tmpfs", str(out))
+    try:
+        cmd = [sys.executable, "-m", "sa_bench", f"output_root={out}", *probe_args(conf),
+               "benchmark.n_samples=40", "benchmark.subsets=[1k]"]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, **env(), "OMP_NUM_THREADS": "1"})
+        deadline = time.time() + 240
+        while not list(out.rglob(jobdir.PROGRESS)):
+            assert time.time() < deadline and proc.poll() is None
+            time.sleep(0.1)
+        fd = os.open(out / "filler", os.O_WRONLY | os.O_CREAT)
+        try:  # the disk fills up while the job runs
+            while True:
+                os.write(fd, b"\0" * 4096)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+        stdout, stderr = proc.communicate(timeout=300)
+    finally:
+        subprocess.run(["umount", str(out)], check=True)
+    assert proc.returncode == 1, stdout + stderr
+    assert "0 done, 0 skipped, 1 failed" in stdout and "still running" not in stdout, stdout
+    assert "disk full: [Errno 28] No space left on device" in stdout, stdout
+    assert "relaunching" not in stdout
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_ctrl_c_prints_one_line_and_leaves_the_cell_unfinished(tmp_path, conf, workers):
     out = tmp_path / "out"
