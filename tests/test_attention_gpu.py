@@ -75,16 +75,19 @@ def test_cuda_dense_exact_and_full_budget_close(dtype, install):
     torch.testing.assert_close(protocol(base, method, tokens), want, atol=tol, rtol=tol)
 
 
-def test_cuda_every_method_runs_bf16(install):
+def test_cuda_every_method_runs_bf16(install, tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from sa_bench.attention import SparseMethod
+    from sa_bench.perf.attention import model_files
+
+    files = str(model_files(tmp_path, 8, 2, 32, layers=2))  # hashattn / double_sparsity files for SMALL
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**SMALL)).eval().to("cuda", torch.bfloat16)
     tokens = torch.randint(0, 300, (1, 960), device="cuda")
     for path in sorted(glob.glob(os.path.join(CONF, "*.yaml"))):
-        data = yaml.safe_load(open(path))
+        data = yaml.safe_load(open(path).read().replace("${model.pretrained}", files))
         data["measure_error"] = True
         method = SparseMethod.from_config(data)
         install(method, model)
