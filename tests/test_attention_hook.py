@@ -58,18 +58,11 @@ def small_model_files() -> str:
         import tempfile
         from pathlib import Path
 
-        from safetensors.torch import save_file
-
-        from sa_bench.attention.double_sparsity import CALIBRATION_FILE
-        from sa_bench.attention.hashattn import WEIGHTS_FILE, HashWeights
+        from sa_bench.perf.attention import model_files
 
         folder = Path(tempfile.mkdtemp(prefix="sa_bench_small_"))
         atexit.register(shutil.rmtree, folder, True)
-        HashWeights.init(2, 2, 16, bits=16, hidden=(16,)).save(folder / WEIGHTS_FILE)
-        g = torch.Generator().manual_seed(0)
-        rank = torch.stack([torch.randperm(16, generator=g) for _ in range(8)]).view(2, 4, 16)
-        save_file({"channel_rank": rank}, str(folder / CALIBRATION_FILE))
-        _SMALL_FILES.append(str(folder))
+        _SMALL_FILES.append(str(model_files(folder, 4, 2, 16, layers=2)))
     return _SMALL_FILES[0]
 
 
