@@ -197,8 +197,9 @@ def test_double_sparsity_uses_channel_subset():
     _, sel = run([masker], query, key)
 
     def score(bi, hi, i):  # channels per kv head: the lowest summed rank of its query heads
-        ch = kv_head_channels(masker._rank[0], 2, 4)[hi // 2]
-        return (key[bi, hi // 2][:, ch] @ query[bi, hi, i][ch]).tolist()
+        ch = kv_head_channels(masker._rank[0], 2, 4)[hi // 2]  # labels and product in bfloat16
+        k, q = key[bi, hi // 2][:, ch].bfloat16().float(), query[bi, hi, i][ch].bfloat16().float()
+        return (k @ q).bfloat16().float().tolist()
 
     empty = {k: set() for k in row_sets(sel)}
     check_topk(row_sets(sel), empty, score, lambda n: 10, 90, 1)
