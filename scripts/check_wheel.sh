@@ -10,7 +10,9 @@ work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 
 rm -rf "$repo/build"  # setuptools builds in-tree: no stale module of an earlier build
-pip wheel --quiet --no-deps --no-build-isolation -w "$work/dist" "$repo"
+isolation="--no-build-isolation"  # use the venv's setuptools; Python >= 3.12 venvs have none
+python -c "import setuptools" 2>/dev/null || isolation=""
+pip wheel --quiet --no-deps $isolation -w "$work/dist" "$repo"
 rm -rf "$repo/build"
 wheel="$(ls "$work"/dist/sa_bench-*.whl)"
 python -m venv "$work/venv"
