@@ -128,8 +128,9 @@ class MagicPig(Masker):
         self._tables[layer] = tables
         return tables
 
-    def collisions(self, ctx: Context, codes: Tensor, qc: Tensor) -> Tensor:
-        """Tables in which each key's code equals the query row's: [b, Hk, R, kv] (int)."""
+    def sampled(self, ctx: Context, codes: Tensor, qc: Tensor) -> Tensor:
+        """Sorted flat ids `row * kv + key` (rows over [b, Hk, g*q], i.e. [b, H, q]) of the keys
+        whose code equals the query row's in at least `min_collisions` tables."""
         b, hk, kv, L = codes.shape
         R = qc.shape[2]
         tables = self._layer_tables(ctx.layer, codes, ctx.query.shape[2])
@@ -144,12 +145,16 @@ class MagicPig(Masker):
             keys.append(t.order.view(-1)[first + torch.arange(first.shape[0], device=qc.device)].long())
             rows.append(torch.repeat_interleave(torch.arange(b * hk * R, device=qc.device),
                                                 length.view(-1, L).sum(-1)))
-        flat_ids = torch.cat(rows) * kv + torch.cat(keys)
-        counts = torch.bincount(flat_ids, minlength=b * hk * R * kv).view(b, hk, R, kv)
+        ids = torch.cat(rows) * kv + torch.cat(keys)  # one entry per (row, key, colliding table)
+        counts = torch.zeros(b * hk * R * kv, dtype=torch.int16, device=ids.device)
+        counts.scatter_add_(0, ids, torch.ones(1, dtype=torch.int16, device=ids.device).expand_as(ids))
+        found = [ids[counts[ids] >= self.min_collisions]]
         n = tables[-1].n
         if n < kv:  # keys appended since the last build: compared directly
-            counts[..., n:] += (codes[:, :, None, n:] == qc[:, :, :, None]).sum(-1)
-        return counts
+            tail = (codes[:, :, None, n:] == qc[:, :, :, None]).sum(-1) >= self.min_collisions
+            row, key = tail.view(-1, kv - n).nonzero().unbind(-1)
+            found.append(row * kv + n + key)
+        return torch.unique(torch.cat(found))
 
     def select(self, ctx: Context, sel: Selection) -> Selection:
         planes, mean = self._layer_state(ctx)
@@ -157,8 +162,9 @@ class MagicPig(Masker):
         codes = self._codes.get(ctx.layer, ctx.key, n_new, lambda k: self._hash(k.float() - mean, planes))
         knorm = self._norms.get(ctx.layer, ctx.key, n_new, lambda k: (k.float() - mean).norm(dim=-1, keepdim=True))
         qc = self._hash(ctx.grouped(ctx.query), planes)  # [b, Hk, g*q, L]
-        hit = ctx.ungrouped(self.collisions(ctx, codes, qc) >= self.min_collisions) & ctx.candidates(sel)
-        idx, valid = _row_lists(hit, ctx.kv)
+        ids = self.sampled(ctx, codes, qc)
+        ids = ids[ctx.candidates(sel).reshape(-1)[ids]]
+        idx, valid = _padded(ids, ctx.query.shape[:3], ctx.kv)
         # inclusion probability from the angle between q and the selected centred keys
         b, h, q, n = idx.shape
         d = ctx.key.shape[-1]
@@ -175,15 +181,14 @@ class MagicPig(Masker):
         return sel.add(idx, valid, log_weight(p), ctx.kv)
 
 
-def _row_lists(hit: Tensor, kv: int) -> tuple[Tensor, Tensor]:
-    """Bool [b, H, q, kv] -> (idx, valid) [b, H, q, max per row], each row's hits in key order."""
-    shape = hit.shape[:3]
-    flat = hit.reshape(-1, kv)
-    count = flat.sum(-1)
+def _padded(ids: Tensor, shape: torch.Size, kv: int) -> tuple[Tensor, Tensor]:
+    """Sorted flat ids row * kv + key -> (idx, valid) [*shape, max per row], keys in order."""
+    rows, keys = ids // kv, ids % kv
+    n_rows = math.prod(shape)
+    count = torch.bincount(rows, minlength=n_rows)
     n = int(count.max()) if count.numel() else 0
-    nz = flat.nonzero()
-    pos = torch.arange(nz.shape[0], device=hit.device) - torch.repeat_interleave(count.cumsum(0) - count, count)
-    idx = torch.full((flat.shape[0], n), kv, dtype=torch.long, device=hit.device)
-    idx[nz[:, 0], pos] = nz[:, 1]
+    pos = torch.arange(ids.shape[0], device=ids.device) - (count.cumsum(0) - count)[rows]
+    idx = torch.full((n_rows, n), kv, dtype=torch.long, device=ids.device)
+    idx[rows, pos] = keys
     idx = idx.view(*shape, n)
     return idx, idx < kv
