@@ -338,3 +338,18 @@ def test_online_calibration_is_recorded_in_stats_json(tmp_path):
     (stats,) = (tmp_path / "out").rglob("stats.json")
     notes = json.loads(stats.read_text())["attention"]["notes"]
     assert len(notes) == 1 and notes[0].startswith("double_sparsity: channels calibrated online")
+
+
+@pytest.mark.parametrize("target,values,message", [
+    ("DoubleSparsity", {"channels": 0, "calibration": "online"}, r"sparse\.maskers\.m\.channels: expected at least 1"),
+    ("DoubleSparsity", {"label_bits": 17, "calibration": "online"}, r"sparse\.maskers\.m\.label_bits"),
+    ("DoubleSparsity", {"calibration": "/no/such.safetensors"}, r"sparse\.maskers\.m\.calibration: .*not found"),
+    ("MagicPig", {"min_collisions": 5, "lsh_tables": 4}, r"sparse\.maskers\.m\.min_collisions: 5 > lsh_tables 4"),
+    ("MagicPig", {"lsh_bits": 16}, r"sparse\.maskers\.m\.lsh_bits"),
+    ("HashAttention", {"weights": "/no/such.pt"}, r"sparse\.maskers\.m\.weights: hashattn weights file not found"),
+    ("RandomProjectionTopK", {"bits": 0}, r"sparse\.maskers\.m\.bits"),
+])
+def test_bad_values_name_their_key(target, values, message):
+    with pytest.raises(ConfigError, match=message):
+        SparseMethod.from_config({"name": "x", "maskers": {"m": {
+            "_target_": f"sa_bench.attention.maskers.{target}", **values}}})

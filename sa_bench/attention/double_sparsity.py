@@ -59,6 +59,8 @@ class DoubleSparsity(TopKMasker):
     label cache serves the group; for models without GQA this is the authors' per-head set.
     """
 
+    key_version = 2  # results changed meaning: authors' label bits and channels
+
     heavy_size: Size = 0.1
     channels: Size = 0.25
     label_bits: int = 4
@@ -72,6 +74,8 @@ class DoubleSparsity(TopKMasker):
 
     def __post_init__(self) -> None:
         check_size(self.channels, "channels")
+        if self.channels == 0:
+            raise ConfigError("channels: expected at least 1 label channel (an int) or a fraction of head_dim")
         check_range(self.label_bits, "label_bits", 1, 16)
         if self.calibration == "online":
             return
