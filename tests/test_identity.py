@@ -345,3 +345,29 @@ def test_a_methods_resolved_weights_file_is_in_the_key(tmp_path):
     (model / "hashattn.safetensors").write_bytes(bytes(data))
     assert key(cfg) != before
     assert key(changed(CFG, "model.pretrained", str(model))) == dense_before
+
+
+def test_legacy_config_without_a_field_now_in_the_key_is_not_this_cell():
+    """A legacy LooGLE cell ran without the repetition penalty its config did not name: it is
+    not migrated to the key of today's LooGLE cell (penalty 2.0); a legacy passkey cell,
+    whose missing fields all take their recorded defaults, is."""
+    import yaml
+
+    from sa_bench.launch.identity import filled_by_code, identity_values
+    from sa_bench.spec import JobSpec
+
+    cfg = yaml.safe_load((LEGACY / "tiny/dense/passkey/1k/f1627d3a8373/config.yaml").read_text())
+    assert filled_by_code(identity_values(JobSpec.from_dict(cfg)), cfg) == []
+    old = copy.deepcopy(cfg)
+    old["benchmark"] = yaml.safe_load((ROOT / "conf/benchmark/loogle.yaml").read_text())
+    old["benchmark"].pop("generation")
+    old["benchmark"]["subset"] = "shortdep_qa"
+    assert filled_by_code(identity_values(JobSpec.from_dict(old)), old) == ["benchmark.generation"]
+
+
+def test_key_version_marks_classes_whose_results_changed_meaning():
+    from sa_bench.attention.maskers import RandomSampling, Sink
+    from sa_bench.launch.identity import canonical
+
+    assert canonical(RandomSampling())["@v"] == 2
+    assert "@v" not in canonical(Sink())

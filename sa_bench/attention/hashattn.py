@@ -309,6 +309,8 @@ class HashAttention(_SignatureTopK):
     refused when the config is validated, before any job runs, naming the training command.
     """
 
+    key_version = 2  # results changed meaning: learned weights only, published layouts
+
     heavy_size: Size = 0.1
     weights: str = "auto"
     model: str | None = None

@@ -58,6 +58,8 @@ class MagicPig(Masker):
     follow the growing cache.
     """
 
+    key_version = 2  # results changed meaning: official >= 2 collision rule
+
     lsh_bits: int = 10
     lsh_tables: int = 150
     min_collisions: int = 2

@@ -193,6 +193,8 @@ class RandomSampling(Masker):
     """Uniform random sampling: m = round(rate * n) of the row's n keys, drawn uniformly
     without replacement from the R candidates; inclusion probability pi = m / R, weight 1/pi."""
 
+    key_version = 2  # results changed meaning: indices drawn directly (another random stream)
+
     rate: float = 0.1
 
     def __post_init__(self) -> None:
@@ -223,6 +225,8 @@ class AdaptiveSampling(Masker):
     then clamped to [b0, R]. m candidates are sampled uniformly without replacement (the
     base sample is part of them), weight R / m (the reference samples with replacement).
     """
+
+    key_version = 2  # results changed meaning: one-sided bound as the reference code
 
     base_rate: Size = 0.02
     epsilon: float = 0.1

@@ -147,6 +147,8 @@ def score_one(task: str, prediction: str, label: Any) -> float:
 class InfiniteBench(Benchmark):
     """The twelve InfiniteBench tasks with their official prompts and scorers."""
 
+    key_version = 2  # results changed meaning: official scorers, prompts and no chat template
+
     chat_template: bool = False
     """Apply the model's chat template to the prompts (officially not: the raw prompt)."""
 

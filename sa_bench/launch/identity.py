@@ -8,7 +8,9 @@
 - the content of any file a dataclass resolved at validation into a non-init `Path` field
   (a method's fitted weights, `weights: auto`), not only the setting that names it;
 - classes named by a stable name (`key_name` class attribute, else the class name), never
-  by their module path, so moving a class or renaming a module keeps every key;
+  by their module path, so moving a class or renaming a module keeps every key; a class
+  whose results change meaning without any config change (a scorer fixed, a sampling rule
+  replaced) raises its `key_version` class attribute, which changes the keys of its cells;
 - a field whose value equals its *recorded* default (`key_defaults.json`, appended by
   `python -m sa_bench.launch.identity --record` when a field is added) is left out: a new
   option with a default keeps every existing key, while changing a default in code (the
@@ -74,6 +76,9 @@ def canonical(value: Any, drop: set[str] | frozenset[str] = frozenset()) -> Any:
         name = key_name(type(value))
         recorded = recorded_defaults().get(name, {})
         out: dict[str, Any] = {"@": name}
+        version = getattr(type(value), "key_version", 1)
+        if version != 1:  # the class's results changed meaning without a config change
+            out["@v"] = version
         for f in dataclasses.fields(value):
             if f.name in drop:
                 continue
@@ -217,8 +222,8 @@ def migrate_legacy(path: Path, key: str) -> bool:
     """Re-key a finished legacy sibling of `path` that is this very cell; True if one moved.
 
     A sibling qualifies when its `done.json` holds the legacy key of its own `config.yaml`
-    (so it is intact and of the old scheme) and that config, validated now, has `key`. It is
-    renamed to `path` and its marker rewritten. The weights of a migrated cell are taken to
+    (so it is intact and of the old scheme) and that config, validated now, has `key` without
+    a field that it did not set (`filled_by_code`). It is renamed to `path` and its marker rewritten. The weights of a migrated cell are taken to
     be the ones present now (the old scheme did not record them).
     """
     from sa_bench.config import ConfigError
@@ -237,9 +242,10 @@ def migrate_legacy(path: Path, key: str) -> bool:
         if cfg is None or marker.get("key") not in (legacy_key(cfg), legacy_key(cfg, True)):
             continue
         try:
-            if job_key(JobSpec.from_dict(cfg)) != key:
-                continue
+            values = identity_values(JobSpec.from_dict(cfg))
         except (ConfigError, TypeError):
+            continue
+        if _digest(values) != key or filled_by_code(values, cfg):
             continue
         try:
             os.rename(old, path)  # fails if `path` exists and is not empty: then leave it
@@ -249,6 +255,25 @@ def migrate_legacy(path: Path, key: str) -> bool:
         jobdir.write_json_atomic(path / jobdir.MARKER, marker)
         return True
     return False
+
+
+def filled_by_code(values: Any, raw: Any) -> list[str]:
+    """Dotted names of the fields in the identity `values` that the raw config `raw` lacks.
+
+    A legacy config that did not set a field which is now in the key (its value differs from
+    the recorded default) ran with the behaviour of its time, not with today's default, so it
+    is not this cell (e.g. LooGLE's repetition penalty, added with default 2.0)."""
+    if not (isinstance(values, dict) and isinstance(raw, dict)):
+        return []
+    missing = []
+    for name, value in values.items():
+        if name.startswith("@") or ":" in name or name == "weights":
+            continue
+        if name not in raw:
+            missing.append(name)
+        else:
+            missing += [f"{name}.{sub}" for sub in filled_by_code(value, raw[name])]
+    return missing
 
 
 def _read_yaml(file: Path) -> dict | None:
