@@ -114,3 +114,22 @@ def test_calibrate_ds_writes_channel_ranks(tmp_path, tiny, install):
     bad = dict(SMALL, num_attention_heads=8, num_key_value_heads=4, hidden_size=128)
     with pytest.raises(ConfigError, match=r"sparse\.maskers\.ds\.calibration: channel_rank has shape"):
         install(SparseMethod.from_config(cfg), LlamaForCausalLM(LlamaConfig(**bad)))
+
+
+def test_capture_sees_causal_queries_and_keys_and_leaves_no_registration(tiny):
+    """Layer 1's keys depend on layer 0's (causal) attention: captured keys equal the KV cache
+    of a plain forward pass; the capture's attention function is unregistered afterwards."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    model = LlamaForCausalLM.from_pretrained(tiny).eval()
+    ids = torch.randint(0, 300, (1, 50), generator=torch.Generator().manual_seed(0))
+    seen = capture(model, [ids])
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(ids, past_key_values=cache)
+    for layer in range(2):
+        torch.testing.assert_close(seen[layer][0][1], cache.layers[layer].keys[0], atol=1e-5, rtol=1e-5)
+    assert "sa_bench_capture" not in AttentionInterface._global_mapping
+    assert "sa_bench_capture" not in AttentionMaskInterface._global_mapping
+    assert model.config._attn_implementation != "sa_bench_capture"

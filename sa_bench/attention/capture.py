@@ -90,6 +90,7 @@ def token_windows(name: str, text_file: str | None, max_tokens: int, samples: in
 def capture(model, windows: list[Tensor]) -> dict[int, list[tuple[Tensor, Tensor]]]:
     """{layer: [(query [H, n, d], key [Hk, n, d]) per window]} in float32 on the CPU."""
     from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
     seen: dict[int, list[tuple[Tensor, Tensor]]] = {}
 
@@ -98,12 +99,20 @@ def capture(model, windows: list[Tensor]) -> dict[int, list[tuple[Tensor, Tensor
             (query[0].detach().float().cpu(), key[0].detach().float().cpu()))
         return eager_attention(module, query, key, value, attention_mask, scaling, dropout)
 
-    AttentionInterface.register("sa_bench_capture", record)
-    model.set_attn_implementation("sa_bench_capture")
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        for ids in windows:
-            model(ids.to(device))
+    name = "sa_bench_capture"
+    previous = model.config._attn_implementation
+    AttentionInterface.register(name, record)
+    AttentionMaskInterface.register(name, eager_mask)  # else the function gets no (causal) mask
+    try:
+        model.set_attn_implementation(name)
+        device = next(model.parameters()).device
+        with torch.no_grad():
+            for ids in windows:
+                model(ids.to(device))
+    finally:  # leave no global registration behind
+        model.set_attn_implementation(previous)
+        AttentionInterface._global_mapping.pop(name, None)
+        AttentionMaskInterface._global_mapping.pop(name, None)
     return seen
 
 
