@@ -353,3 +353,23 @@ def test_bad_values_name_their_key(target, values, message):
     with pytest.raises(ConfigError, match=message):
         SparseMethod.from_config({"name": "x", "maskers": {"m": {
             "_target_": f"sa_bench.attention.maskers.{target}", **values}}})
+
+
+def test_double_sparsity_reads_the_authors_channel_config(tmp_path):
+    """DoubleSparse's config/<org>/<model>.json: per layer and projection, [H][d] channel indices."""
+    g = torch.Generator().manual_seed(4)
+    rank = torch.stack([torch.stack([torch.randperm(16, generator=g) for _ in range(4)]) for _ in range(2)])
+    config = {}
+    for i in range(2):
+        config[f"model.layers.{i}.self_attn.q_proj"] = torch.randperm(16).expand(4, 16).tolist()
+        config[f"model.layers.{i}.self_attn.k_proj"] = torch.randperm(16).expand(2, 16).tolist()
+        config[f"model.layers.{i}.self_attn.qk_proj"] = rank[i].tolist()
+    (tmp_path / "Llama-x.json").write_text(json.dumps(config))
+    masker = DoubleSparsity(calibration=str(tmp_path / "Llama-x.json"))
+    shapes = {"num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16}
+    masker.prepare(type("Cfg", (), shapes)(), "sparse.maskers.ds")
+    assert torch.equal(masker._rank, rank)  # the qk ranking, as the authors' scripts default to
+    del config["model.layers.1.self_attn.qk_proj"], config["model.layers.1.self_attn.q_proj"]
+    (tmp_path / "Llama-x.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match=r"sparse\.maskers\.ds\.calibration: .* has no model\.layers"):
+        masker.prepare(type("Cfg", (), shapes)(), "sparse.maskers.ds")

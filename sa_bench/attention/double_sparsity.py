@@ -31,6 +31,29 @@ def pseudo_quantize(x: Tensor, bits: int) -> Tensor:
     return torch.round((x - lo) * scale).clamp_(0, top) / scale + lo
 
 
+def load_channel_rank(path: Path, layers: int, key: str) -> Tensor | None:
+    """`channel_rank` [L, H, d] from calibrate_ds's safetensors, or from the authors' channel
+    config JSON (config/<org>/<model>.json in their repository: per layer
+    "model.layers.<i>.self_attn.qk_proj" -> [H][d] channel indices, most important first; the
+    "qk" ranking their evaluation scripts default to, else "q_proj")."""
+    if path.suffix != ".json":
+        from safetensors.torch import load_file
+
+        return load_file(str(path)).get("channel_rank")
+    import json
+
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{key}: cannot read {path} as a Double Sparsity channel config ({exc})") from None
+    for kind in ("qk_proj", "q_proj"):
+        names = [f"model.layers.{i}.self_attn.{kind}" for i in range(layers)]
+        if all(n in config for n in names):
+            return torch.tensor([config[n] for n in names], dtype=torch.long)
+    raise ConfigError(f"{key}: {path} has no model.layers.<0..{layers - 1}>.self_attn.qk_proj (or q_proj) "
+                      f"channel lists")
+
+
 def kv_head_channels(rank: Tensor, kv_heads: int, r: int) -> Tensor:
     """Channel ranks per query head [H, d] -> the r best channels per kv head [Hk, r]: the
     lowest summed rank over the kv head's query heads (Borda count; = the ranks when H = Hk)."""
@@ -53,7 +76,8 @@ class DoubleSparsity(TopKMasker):
     group_factor 4 -> `channels` = head_dim / 4, q_bits 4 -> `label_bits` 4, channels ranked
     offline by the "qk" statistic mean_t |q_tc k_tc| (calibrate_ds). `calibration`: `auto` =
     `double_sparsity.safetensors` next to `model` (shipped for the embedded model; a model
-    without one is refused at validation); a file from calibrate_ds; or `online` = ranked on
+    without one is refused at validation); a file from calibrate_ds or the authors' channel
+    config JSON (`load_channel_rank`); or `online` = ranked on
     each context from its first sparse call (the query rows and their own keys), recorded in
     the notes. The channel set is per kv head (the group's query-head ranks summed), so one
     label cache serves the group; for models without GQA this is the authors' per-head set.
@@ -106,9 +130,7 @@ class DoubleSparsity(TopKMasker):
             raise ConfigError(f"{key}.channels: {self.channels} > head_dim {head_dim}")
         if self._path is None:
             return
-        from safetensors.torch import load_file
-
-        rank = load_file(str(self._path)).get("channel_rank")
+        rank = load_channel_rank(self._path, layers, f"{key}.calibration")
         want = (layers, heads, head_dim)
         if rank is None or tuple(rank.shape) != want:
             got = None if rank is None else list(rank.shape)
