@@ -84,6 +84,27 @@ def model_file(pretrained: str, name: str) -> Path | None:
     return path if path.is_file() else None
 
 
+def method_file(value: str, model: str | None, name: str, key: str, what: str,
+                missing: str) -> Path:
+    """The file a masker reads: `value` itself, or for `auto` the file `name` next to `model`.
+
+    Raises ConfigError naming `key`: a given file that does not exist (`what` names its kind),
+    `auto` without a model, or `missing` when the model has no such file.
+    """
+    if value != "auto":
+        path = Path(value).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"{key}: {what} file not found: {value}")
+        return path
+    if model is None:
+        raise ConfigError(f"{key}: 'auto' looks up the model's {what} file, but `model` is not "
+                          "set (the method config sets model: ${model.pretrained}); or give a file")
+    path = model_file(model, name)
+    if path is None:
+        raise ConfigError(f"{key}: {missing}")
+    return path
+
+
 def check_fraction(value: float, name: str, low_open: bool = True) -> None:
     """Raise ConfigError('name: ...') unless value is in (0, 1] (or [0, 1] with low_open=False)."""
     if (value <= 0.0 if low_open else value < 0.0) or value > 1.0:

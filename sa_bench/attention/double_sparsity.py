@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from sa_bench.attention.base import Context, KeyCache, TopKMasker, model_file, model_shapes
+from sa_bench.attention.base import Context, KeyCache, TopKMasker, method_file, model_shapes
 from sa_bench.config import ConfigError, Size, check_range, check_size
 
 CALIBRATION_FILE = "double_sparsity.safetensors"
@@ -103,22 +103,13 @@ class DoubleSparsity(TopKMasker):
         check_range(self.label_bits, "label_bits", 1, 16)
         if self.calibration == "online":
             return
-        if self.calibration != "auto":
-            self._path = Path(self.calibration).expanduser()
-            if not self._path.is_file():
-                raise ConfigError(f"calibration: double-sparsity calibration file not found: "
-                                  f"{self.calibration}")
-            return
-        if self.model is None:
-            raise ConfigError("calibration: 'auto' looks up the model's calibration file, but `model` "
-                              "is not set (the method config sets model: ${model.pretrained})")
-        self._path = model_file(self.model, CALIBRATION_FILE)
-        if self._path is None:
-            raise ConfigError(
-                f"calibration: no Double Sparsity calibration for model {self.model!r} (looked for "
-                f"{CALIBRATION_FILE} in its directory). Make one with `{CALIBRATE_COMMAND} --model "
-                f"{self.model} --out ds.safetensors` and pass sparse.maskers.<name>.calibration="
-                f"ds.safetensors, or calibration=online")
+        self._path = method_file(
+            self.calibration, self.model, CALIBRATION_FILE, "calibration",
+            "double-sparsity calibration",
+            f"no Double Sparsity calibration for model {self.model!r} (looked for "
+            f"{CALIBRATION_FILE} in its directory). Make one with `{CALIBRATE_COMMAND} --model "
+            f"{self.model} --out ds.safetensors` and pass sparse.maskers.<name>.calibration="
+            f"ds.safetensors, or calibration=online")
 
     def _r(self, head_dim: int) -> int:
         r = round(self.channels * head_dim) if isinstance(self.channels, float) else self.channels

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sa_bench.attention.base import Context, KeyCache, TopKMasker, model_file, model_shapes
+from sa_bench.attention.base import Context, KeyCache, TopKMasker, method_file, model_shapes
 from sa_bench.config import ConfigError, Size, check_range
 
 FORMAT = "sa_bench.hashattn.v2"
@@ -319,21 +319,12 @@ class HashAttention(_SignatureTopK):
     _path: Path | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        if self.weights != "auto":
-            if not Path(self.weights).expanduser().is_file():
-                raise ConfigError(f"weights: hashattn weights file not found: {self.weights}")
-            self._path = Path(self.weights).expanduser()
-            return
-        if self.model is None:
-            raise ConfigError("weights: 'auto' looks up the model's weights file, but `model` is not "
-                              "set (the method config sets model: ${model.pretrained}); or give a file")
-        self._path = model_file(self.model, WEIGHTS_FILE)
-        if self._path is None:
-            raise ConfigError(
-                f"weights: no HashAttention weights for model {self.model!r} (looked for {WEIGHTS_FILE} "
-                f"in its directory). Fit them with `{TRAIN_COMMAND} --model {self.model} --out "
-                f"hash.safetensors` and pass sparse.maskers.<name>.weights=hash.safetensors, or "
-                f"use sparse=random_projection_topk")
+        self._path = method_file(
+            self.weights, self.model, WEIGHTS_FILE, "weights", "hashattn weights",
+            f"no HashAttention weights for model {self.model!r} (looked for {WEIGHTS_FILE} in its "
+            f"directory). Fit them with `{TRAIN_COMMAND} --model {self.model} --out "
+            f"hash.safetensors` and pass sparse.maskers.<name>.weights=hash.safetensors, or use "
+            f"sparse=random_projection_topk")
 
     def prepare(self, model_config, key: str) -> None:
         layers, heads, kv_heads, head_dim = model_shapes(model_config)
