@@ -39,3 +39,24 @@ def test_cache_keyword_follows_the_forward_signature():
             pass
 
     assert _cache_keyword(Old) == "past_key_values" and _cache_keyword(New) == "cache"
+
+
+def test_resumed_predictions_are_reused_only_for_the_same_sample():
+    """Same id, other data (a re-downloaded hub file, a changed generator): the earlier
+    prediction is not scored against the new sample; records without a digest are kept."""
+    from sa_bench.benchmarks.base import Sample
+    from sa_bench.models.prompting import Request
+    from sa_bench.runner import input_digest, reusable
+
+    def request(sid, context, answers):
+        return Request(Sample(sid, "c", "q", answers), context, [7, 8], False)
+
+    a, b = request("a", [1, 2, 3], ["x"]), request("b", [4, 5], ["y"])
+    digests = {r.sample.id: input_digest(r) for r in (a, b)}
+    assert digests["a"] != input_digest(request("a", [1, 2, 4], ["x"]))  # other context
+    assert digests["a"] != input_digest(request("a", [1, 2, 3], ["z"]))  # other answers
+    assert digests["a"] == input_digest(request("a", (1, 2, 3), ["x"]))
+    earlier = {"a": {"id": "a", "input": digests["a"]}, "b": {"id": "b", "input": "stale"},
+               "old": {"id": "old"}}
+    assert set(reusable(earlier, digests)) == {"a"}
+    assert set(reusable({"a": {"id": "a"}}, digests)) == {"a"}
