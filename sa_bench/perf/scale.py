@@ -219,8 +219,11 @@ def _best(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return {key: min(r[key] for r in ok) for key in ok[0]}
 
 
-def _ratio(value: float, base: float) -> str:
-    return f"{value / base:.2f}x" if base > 0 else "-"
+def _ratio(run: dict[str, Any], base: dict[str, Any], key: str) -> str:
+    """`run[key]` as a ratio to the plain loop's, '-' where the plain loop has no figure."""
+    if "error" in base or base[key] <= 0:
+        return "-"
+    return f"{run[key] / base[key]:.2f}x"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -265,13 +268,10 @@ def main(argv: list[str] | None = None) -> None:
             if "error" in r:
                 print(f"| {tokens} | {name} | failed: {r['error']} |||||||", flush=True)
                 continue
-            ok = "error" not in base
             mib = r["peak_bytes"] / 2**20
-            print(f"| {tokens} | {name} | {r['prefill_s']:.2f} | "
-                  f"{_ratio(r['prefill_s'], base['prefill_s']) if ok else '-'} | "
-                  f"{r['answer_s']:.2f} | {_ratio(r['answer_s'], base['answer_s']) if ok else '-'} | "
-                  f"{r['decode_ms']:.1f} | {mib:.0f} | "
-                  f"{_ratio(r['peak_bytes'], base['peak_bytes']) if ok else '-'} |", flush=True)
+            print(f"| {tokens} | {name} | {r['prefill_s']:.2f} | {_ratio(r, base, 'prefill_s')} | "
+                  f"{r['answer_s']:.2f} | {_ratio(r, base, 'answer_s')} | "
+                  f"{r['decode_ms']:.1f} | {mib:.0f} | {_ratio(r, base, 'peak_bytes')} |", flush=True)
 
 
 if __name__ == "__main__":
