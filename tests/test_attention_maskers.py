@@ -546,3 +546,27 @@ def test_maskers_on_cuda_equal_cpu_and_the_perf_command_runs_in_bf16(capsys):
     main(["--device", "cuda", "--dtype", "bfloat16", "--keys", "4096", "--steps", "2", "--methods",
           "streaming", "oracle_topk", "quest", "random_sampling", "oracle_topp", "vattention"])
     assert "| vattention |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("loop_rows", [0, 256])
+def test_scores_at_equals_the_exact_scores_of_the_gathered_keys(monkeypatch, loop_rows):
+    """One query row at a time (CPU decode) and in one batch: q.k * scaling of each index."""
+    import sa_bench.attention.base as base
+
+    monkeypatch.setattr(base, "ROW_LOOP_MAX", loop_rows)
+    query, key, _ = tensors(b=2, h=4, hk=2, q=3, kv=50)
+    ctx = context(query, key)
+    idx = torch.randint(0, 50, (2, 4, 3, 7), generator=torch.Generator().manual_seed(1))
+    want = (query.unsqueeze(3) * key.repeat_interleave(2, 1)[:, :, None].expand(2, 4, 3, 50, 16)
+            .gather(3, idx[..., None].expand(2, 4, 3, 7, 16))).sum(-1) * ctx.scaling
+    torch.testing.assert_close(ctx.scores_at(idx), want)
+
+
+def test_ordered_ints_sort_as_the_floats():
+    from sa_bench.attention.base import ordered_ints
+
+    x = torch.cat([torch.tensor([float("-inf"), float("inf"), -0.0, 0.0, 1e-40, -1e-40]),
+                   torch.randn(1000, generator=torch.Generator().manual_seed(0)) * 1e3])
+    ints = ordered_ints(x)
+    assert torch.equal(x[ints.argsort(stable=True)], x.sort(stable=True).values)
+    assert ints[0] < ints[2] < ints[3] < ints[1]  # -inf < -0.0 < +0.0 < inf
