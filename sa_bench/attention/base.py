@@ -56,6 +56,12 @@ class Masker:
     def notes(self) -> list[str]:
         return []
 
+    @property
+    def group_shared(self) -> bool:
+        """Whether the keys this masker adds are the same for the query heads of a kv head
+        (given a shared selection before it): `per_kv_head: true` maskers, sink and local."""
+        return bool(getattr(self, "per_kv_head", False))
+
 
 def model_shapes(model_config) -> tuple[int, int, int, int]:
     """(layers, heads, kv_heads, head_dim) of a transformers config."""
@@ -118,6 +124,9 @@ class Selection:
 
     idx: Tensor
     logw: Tensor
+    shared: bool = True
+    """The query heads of each kv head hold the same entries (every masker so far added keys
+    with `shared=True`); `sparse_attention` then reads each kv head's selected keys once."""
 
     @classmethod
     def empty(cls, b: int, h: int, q: int, device) -> Selection:
@@ -128,14 +137,17 @@ class Selection:
     def valid(self) -> Tensor:
         return self.logw > NEG_INF
 
-    def add(self, idx: Tensor, valid: Tensor, logw: Tensor | float, kv: int) -> Selection:
-        """Append `idx` (broadcast to [b, H, q, m]); invalid entries become padding."""
+    def add(self, idx: Tensor, valid: Tensor, logw: Tensor | float, kv: int,
+            shared: bool = False) -> Selection:
+        """Append `idx` (broadcast to [b, H, q, m]); invalid entries become padding. `shared`:
+        the added entries are equal for the query heads of a kv head."""
         shape = (*self.idx.shape[:3], idx.shape[-1])
         idx, valid = idx.expand(shape), valid.expand(shape)
         logw = torch.as_tensor(logw, dtype=torch.float32, device=idx.device).expand(shape)
         idx = torch.where(valid, idx, kv)
         logw = torch.where(valid, logw, NEG_INF)
-        return Selection(torch.cat([self.idx, idx], -1), torch.cat([self.logw, logw], -1))
+        return Selection(torch.cat([self.idx, idx], -1), torch.cat([self.logw, logw], -1),
+                         self.shared and shared)
 
     def contains(self, idx: Tensor, kv: int | None = None) -> Tensor:
         """Whether each candidate in `idx` [b, 1|H, q, m] is already selected -> [b, H, q, m].
@@ -262,6 +274,10 @@ class Context:
         b, h, q, f = x.shape
         return x.reshape(b, self.key.shape[1], self.groups * q, f)
 
+    def group_max(self, x: Tensor) -> Tensor:
+        """[b, H, q, n] -> [b, Hk, q, n]: the maximum over each kv head's query heads."""
+        return x.unflatten(1, (self.key.shape[1], self.groups)).amax(2)
+
     def ungrouped(self, x: Tensor) -> Tensor:
         """[b, Hk, g*q, n] -> [b, H, q, n]."""
         return x.reshape(x.shape[0], self.query.shape[1], self.query.shape[2], x.shape[-1])
@@ -326,9 +342,13 @@ class Context:
 
 
 class TopKMasker(Masker):
-    """Shared top-k step: the `heavy_size` candidates with the highest `score`."""
+    """Shared top-k step: the `heavy_size` candidates with the highest `score`, per query head
+    (as the papers), or with `per_kv_head` one set per kv head chosen by the highest score
+    among its query heads (every query head of the group attends to it; a GQA variant that
+    reads each selected key once per kv head)."""
 
     heavy_size: Size
+    per_kv_head: bool
 
     def score(self, ctx: Context) -> Tensor:  # pragma: no cover
         raise NotImplementedError
@@ -336,8 +356,14 @@ class TopKMasker(Masker):
     def select(self, ctx: Context, sel: Selection) -> Selection:
         scores = self.score(ctx)
         scores = ctx.without(scores, sel, inplace=scores is not ctx.full_scores)
-        idx, valid = top_rows(scores, ctx.budget(self.heavy_size), ctx.budget_max(self.heavy_size))
-        return sel.add(idx, valid, 0.0, ctx.kv)
+        k, kmax = ctx.budget(self.heavy_size), ctx.budget_max(self.heavy_size)
+        if not self.per_kv_head:
+            idx, valid = top_rows(scores, k, kmax)
+            return sel.add(idx, valid, 0.0, ctx.kv)
+        idx, valid = top_rows(ctx.group_max(scores), k, kmax)
+        g = ctx.groups
+        return sel.add(idx.repeat_interleave(g, 1), valid.repeat_interleave(g, 1), 0.0, ctx.kv,
+                       shared=True)
 
 
 def top_rows(scores: Tensor, k: Tensor, kmax: int | None = None) -> tuple[Tensor, Tensor]:
@@ -508,10 +534,15 @@ def sparse_attention(ctx: Context, value: Tensor, sel: Selection, workspace: Wor
     Values: an `embedding_bag` over the selected rows (reads only those), or, when the
     selections are large next to a kv head's keys, the selection becomes a bias over the
     scores and the values are read once per kv head (a matmul). The cheaper path is taken.
+    A selection shared by each kv head's query heads (`Selection.shared`: sink, local,
+    `per_kv_head` maskers) reads each selected key once per kv head (`shared_attention`).
     """
     b, h, q, n = sel.idx.shape
-    kv, d = ctx.kv, ctx.key.shape[-1]
     hk = ctx.key.shape[1]
+    if sel.shared and ctx.groups > 1 and b * hk * q * n * (
+            GATHER_SCORE_COST + GATHER_VALUE_COST) <= 2 * b * hk * ctx.kv:
+        return shared_attention(ctx, value, sel)
+    kv, d = ctx.kv, ctx.key.shape[-1]
     dtype = ctx.query.dtype
     rows = h * q * n
     score_cost = GATHER_SCORE_COST if row_loop(ctx.key.device, b * h * q) else GATHER_SCORE_BATCH_COST
@@ -531,6 +562,45 @@ def sparse_attention(ctx: Context, value: Tensor, sel: Selection, workspace: Wor
     p = torch.softmax(ctx.scores() + bias[..., :kv], dim=-1).nan_to_num_(0.0).to(value.dtype)
     out = torch.matmul(ctx.grouped(p), value)
     return ctx.ungrouped(out).to(dtype)
+
+
+def shared_attention(ctx: Context, value: Tensor, sel: Selection) -> Tensor:
+    """`sparse_attention` for a selection shared by the query heads of each kv head
+    (`Selection.shared`): a kv head's selected keys and values are gathered once and serve
+    its g query heads as matmuls of g rows. Output [b, H, q, d]."""
+    b, h, q, n = sel.idx.shape
+    hk, g, d, kv = ctx.key.shape[1], ctx.groups, ctx.key.shape[-1], ctx.kv
+    rows = b * hk * q
+    idx = sel.idx[:, ::g].clamp(max=kv - 1)  # [b, Hk, q, n]: the first query head of each group
+
+    def per_group(x: Tensor) -> Tensor:  # [b, H, q, f] -> [b * Hk * q, g, f]
+        return x.unflatten(1, (hk, g)).transpose(2, 3).reshape(rows, g, x.shape[-1])
+
+    k_rows, k0, k1 = key_rows(ctx.key)
+    v_rows, v0, v1 = key_rows(value)
+    k_flat = _flat_rows(idx, 1, k0, k1).reshape(rows, n)
+    v_flat = _flat_rows(idx, 1, v0, v1).reshape(rows, n)
+    query = per_group(ctx.query).to(ctx.key.dtype)
+    logw = per_group(sel.logw)
+    known = None if ctx.full_scores is None else per_group(ctx.full_scores.gather(-1, sel.idx.clamp(max=kv - 1)))
+    if row_loop(ctx.key.device, rows):  # one kv head and query row at a time: gathers stay in cache
+        out = torch.empty(rows, g, d, dtype=value.dtype)
+        singles = torch.arange(n)
+        for r in range(rows):
+            if known is None:
+                s = torch.mm(query[r], F.embedding_bag(k_flat[r], k_rows, singles, mode="sum").t())
+                s = s.float() * ctx.scaling
+            else:
+                s = known[r]
+            p = torch.softmax(s + logw[r], -1).nan_to_num_(0.0).to(value.dtype)
+            torch.mm(p, F.embedding_bag(v_flat[r], v_rows, singles, mode="sum"), out=out[r])
+    else:
+        if known is None:
+            keys = torch.index_select(k_rows, 0, k_flat.reshape(-1)).view(rows, n, d)
+            known = torch.matmul(query, keys.transpose(1, 2)).float() * ctx.scaling
+        p = torch.softmax(known + logw, -1).nan_to_num_(0.0).to(value.dtype)
+        out = torch.matmul(p, torch.index_select(v_rows, 0, v_flat.reshape(-1)).view(rows, n, d))
+    return out.view(b, hk, q, g, d).transpose(2, 3).reshape(b, h, q, d).to(ctx.query.dtype)
 
 
 def row_blocks(b: int, h: int, q: int, kv: int, budget_bytes: int) -> list[tuple[int, int]]:

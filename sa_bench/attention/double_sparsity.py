@@ -86,6 +86,7 @@ class DoubleSparsity(TopKMasker):
     key_version = 2  # results changed meaning: authors' label bits and channels
 
     heavy_size: Size = 0.1
+    per_kv_head: bool = False
     channels: Size = 0.25
     label_bits: int = 4
     calibration: str = "auto"

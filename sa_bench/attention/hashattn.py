@@ -312,6 +312,7 @@ class HashAttention(_SignatureTopK):
     key_version = 2  # results changed meaning: learned weights only, published layouts
 
     heavy_size: Size = 0.1
+    per_kv_head: bool = False
     weights: str = "auto"
     model: str | None = None
     _sigs: KeyCache = field(default_factory=KeyCache, init=False, repr=False)
@@ -360,6 +361,7 @@ class RandomProjectionTopK(_SignatureTopK):
     baseline of HashAttention."""
 
     heavy_size: Size = 0.1
+    per_kv_head: bool = False
     bits: int = 32
     seed: int = 0
     _sigs: KeyCache = field(default_factory=KeyCache, init=False, repr=False)

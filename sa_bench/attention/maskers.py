@@ -48,7 +48,11 @@ class Sink(Masker):
         idx = first_allowed(ctx.allowed).unsqueeze(-1) + ar  # [b, 1, q, smax]
         idx = idx.clamp(max=ctx.kv - 1)
         valid = (ar < s.unsqueeze(-1)) & ctx.allowed.gather(-1, idx)
-        return sel.add(idx, valid & ~sel.contains(idx, ctx.kv), 0.0, ctx.kv)
+        return sel.add(idx, valid & ~sel.contains(idx, ctx.kv), 0.0, ctx.kv, shared=True)
+
+    @property
+    def group_shared(self) -> bool:
+        return True
 
 
 @dataclass
@@ -65,7 +69,11 @@ class Local(Masker):
         ok = (idx >= 0) & (ar < w.unsqueeze(-1))
         idx = idx.clamp(min=0)
         valid = ok & ctx.allowed.gather(-1, idx)
-        return sel.add(idx, valid & ~sel.contains(idx, ctx.kv), 0.0, ctx.kv)
+        return sel.add(idx, valid & ~sel.contains(idx, ctx.kv), 0.0, ctx.kv, shared=True)
+
+    @property
+    def group_shared(self) -> bool:
+        return True
 
 
 # --- top-k / top-p by a score ----------------------------------------------------------------
@@ -76,6 +84,7 @@ class OracleTopK(TopKMasker):
     """Oracle top-k: the k candidates with the highest exact score q.k."""
 
     heavy_size: Size = 0.1
+    per_kv_head: bool = False
 
     def score(self, ctx: Context) -> Tensor:
         return ctx.scores()
@@ -147,10 +156,13 @@ class Quest(Masker):
     `page_size`; per page and channel d the min m_d and max M_d of the keys; page score
     sum_d max(q_d m_d, q_d M_d) (an upper bound of q.k in the page); the best pages are kept,
     filling the budget of `heavy_size` keys in page-score order (the last page may be cut).
-    Page statistics are cached and updated incrementally (`PageStats`)."""
+    Page statistics are cached and updated incrementally (`PageStats`). `per_kv_head`: one
+    page set per kv head, by the highest page score among its query heads (GQA variant, as
+    `TopKMasker`)."""
 
     heavy_size: Size = 0.1
     page_size: int = 16
+    per_kv_head: bool = False
     _pages: PageStats = field(default_factory=PageStats, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -171,13 +183,17 @@ class Quest(Masker):
         score = score.masked_fill_(~seen, NEG_INF)
         # enough pages for the budget plus already selected keys and two partly seen pages
         take = min(n_pages, -(-(bmax + sel.idx.shape[-1]) // p) + 2)
+        if self.per_kv_head:
+            score = ctx.group_max(score)
         vals, top = score.topk(take, -1, sorted=True)
+        if self.per_kv_head:
+            vals, top = vals.repeat_interleave(ctx.groups, 1), top.repeat_interleave(ctx.groups, 1)
         keys = (top.unsqueeze(-1) * p + torch.arange(p, device=q.device)).flatten(-2)
         ok = (vals > NEG_INF).repeat_interleave(p, -1) & (keys < kv)
         keys = keys.clamp(max=kv - 1)
         ok &= ctx.allowed.expand(*keys.shape[:3], kv).gather(-1, keys) & ~sel.contains(keys, kv)
         ok &= ok.cumsum(-1) <= ctx.budget(self.heavy_size).unsqueeze(-1)
-        return sel.add(keys, ok, 0.0, kv)
+        return sel.add(keys, ok, 0.0, kv, shared=self.per_kv_head)
 
 
 # --- sampling --------------------------------------------------------------------------------

@@ -81,8 +81,16 @@ class SparseMethod:
         """Validate the `sparse` section (no model needed) and build the method."""
         config = build(SparseConfig, dict(data), "sparse")
         maskers = {}
+        per_head = None  # the first masker that selects per query head
         for name, masker in config.maskers.items():
             maskers[name] = build_target(masker, f"sparse.maskers.{name}", Masker)
+            if getattr(maskers[name], "per_kv_head", False) and per_head is not None:
+                raise ConfigError(
+                    f"sparse.maskers.{name}.per_kv_head: one selection per kv head needs every "
+                    f"earlier masker to select the same keys for a kv head's query heads (sink, "
+                    f"local or per_kv_head: true), but '{per_head}' selects per query head")
+            if per_head is None and not maskers[name].group_shared:
+                per_head = name
         return cls(config, maskers)
 
     # --- runner API --------------------------------------------------------------------------

@@ -61,10 +61,21 @@ def model_files(folder: Path, heads: int, kv_heads: int, head_dim: int, layers: 
     return folder
 
 
+KV_SUFFIX = "/kv"
+"""A method name with this suffix: its maskers that have `per_kv_head` set it true."""
+
+
 def load_method(name: str, args, files: Path) -> SparseMethod:
-    """conf/sparse/<name>.yaml on a 1-layer model of the timed shape, its files from `files`."""
-    text = (CONF / f"{name}.yaml").read_text().replace("${model.pretrained}", str(files))
-    method = SparseMethod.from_config(yaml.safe_load(text))
+    """conf/sparse/<name>.yaml on a 1-layer model of the timed shape, its files from `files`
+    (`<name>/kv`: with `per_kv_head: true` on every masker that has it)."""
+    base = name.removesuffix(KV_SUFFIX)
+    data = yaml.safe_load((CONF / f"{base}.yaml").read_text().replace("${model.pretrained}", str(files)))
+    if name != base:
+        built = SparseMethod.from_config(data).maskers
+        for key, masker in built.items():
+            if hasattr(masker, "per_kv_head"):
+                data["maskers"][key]["per_kv_head"] = True
+    method = SparseMethod.from_config(data)
     method.num_layers = 1
     method.set_phase("decode")
     config = types.SimpleNamespace(num_hidden_layers=1, num_attention_heads=args.heads,
@@ -121,6 +132,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--keys", type=int, nargs="+", default=[4096, 16384, 32768, 65536])
     parser.add_argument("--steps", type=int, default=4, help="timed decode steps per size")
     parser.add_argument("--methods", nargs="+", default=None, help="conf/sparse names (default: all)")
+    parser.add_argument("--per-kv-head", action="store_true",
+                        help="also time each method with a per_kv_head masker with it set true "
+                             "(rows `<name>/kv`: one selection per kv head)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
@@ -137,6 +151,9 @@ def main(argv: list[str] | None = None) -> None:
     results = {}
     tmp = tempfile.TemporaryDirectory()
     args.files = model_files(Path(tmp.name), args.heads, args.kv_heads, args.head_dim)
+    if args.per_kv_head:
+        names += [n + KV_SUFFIX for n in names if any(
+            "per_kv_head" in vars(m) for m in load_method(n, args, args.files).maskers.values())]
     for kv in args.keys:
         results[kv] = run_size(kv, names, args, device, dtype)
         base = results[kv]["sdpa"][0]
