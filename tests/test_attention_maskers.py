@@ -248,6 +248,8 @@ FULL = [
     [DoubleSparsity(heavy_size=1.0, channels=4, calibration="online")],
     [Sink(size=2), RandomSampling(rate=1.0)],
     [Local(size=2), AdaptiveSampling(base_rate=1.0)],
+    [Sink(size=4), Local(size=8), OracleTopK(heavy_size=1.0, per_kv_head=True)],
+    [Local(size=3), Quest(heavy_size=1.0, page_size=8, per_kv_head=True)],
 ]
 
 
@@ -570,3 +572,101 @@ def test_ordered_ints_sort_as_the_floats():
     ints = ordered_ints(x)
     assert torch.equal(x[ints.argsort(stable=True)], x.sort(stable=True).values)
     assert ints[0] < ints[2] < ints[3] < ints[1]  # -inf < -0.0 < +0.0 < inf
+
+
+# --- per_kv_head: one selection per kv head -------------------------------------------------
+
+
+def selection_out(query, key, value, sel):
+    """Brute force: softmax over the selected keys (weights exp(logw)) of q.k * scaling, v."""
+    g = query.shape[1] // key.shape[1]
+    kv = key.shape[2]
+    bias = torch.full((*sel.idx.shape[:3], kv + 1), float("-inf")).scatter_(-1, sel.idx, sel.logw)
+    s = query @ key.repeat_interleave(g, 1).transpose(-1, -2) * query.shape[-1] ** -0.5
+    return torch.softmax(s + bias[..., :kv], -1) @ value.repeat_interleave(g, 1)
+
+
+def quest_page_scores(query, key, page):
+    """Quest's page score of every key's page, brute force: [b, H, q, kv]."""
+    b, hk, kv, d = key.shape
+    g = query.shape[1] // hk
+    out = torch.empty(b, query.shape[1], query.shape[2], kv)
+    for j in range(kv):
+        keys = key[:, :, j // page * page:(j // page + 1) * page].repeat_interleave(g, 1)
+        lo, hi = keys.amin(2, keepdim=True), keys.amax(2, keepdim=True)  # [b, H, 1, d]
+        out[..., j] = torch.maximum(query * lo, query * hi).sum(-1)
+    return out
+
+
+PER_KV_HEAD = {
+    "oracle_topk": (lambda: OracleTopK(heavy_size=0.2, per_kv_head=True),
+                    lambda masker, ctx, query, key: ctx.scores()),
+    "random_projection": (lambda: RandomProjectionTopK(heavy_size=0.2, per_kv_head=True),
+                          lambda masker, ctx, query, key: masker.score(ctx)),
+    "double_sparsity": (lambda: DoubleSparsity(heavy_size=0.2, channels=4, label_bits=16,
+                                               calibration="online", per_kv_head=True),
+                        lambda masker, ctx, query, key: masker.score(ctx)),
+    "quest": (lambda: Quest(heavy_size=24, page_size=8, per_kv_head=True),
+              lambda masker, ctx, query, key: quest_page_scores(query, key, 8)),
+}
+
+
+@pytest.mark.parametrize("q", [1, 6])
+@pytest.mark.parametrize("name", sorted(PER_KV_HEAD))
+def test_per_kv_head_is_one_set_per_kv_head_by_the_groups_highest_score(name, q):
+    make, score_of = PER_KV_HEAD[name]
+    query, key, _ = tensors(h=8, hk=2, q=q, kv=120)
+    prior = [Sink(size=3), Local(size=5)]
+    _, prior_sel = run(prior, query, key)
+    masker = make()
+    ctx, sel = run([*prior, masker], query, key)
+    assert prior_sel.shared and sel.shared
+    sets = row_sets(sel)
+    for (bi, hi, i), keys in sets.items():
+        assert keys == sets[bi, hi // 4 * 4, i]  # the 4 query heads of a kv head share the set
+    group = score_of(masker, ctx, query, key).unflatten(1, (2, 4)).amax(2)  # [b, Hk, q, kv]
+    k_of = (lambda n: 24) if name == "quest" else (lambda n: round(0.2 * n))
+    if name == "quest":  # pages: the best pages fill the budget (only the last may be cut)
+        for (bi, hi, i), keys in sets.items():
+            new = keys - row_sets(prior_sel)[bi, hi, i]
+            assert len(new) == 24
+            rest = causal_keys(120, q, i) - keys
+            pages = {j // 8 for j in new}
+            worst = min(group[bi, hi // 4, i, j].item() for j in new)
+            assert all(group[bi, hi // 4, i, j].item() <= worst + 1e-5 for j in rest
+                       if j // 8 not in pages)
+    else:
+        check_topk(sets, row_sets(prior_sel), lambda bi, hi, i: group[bi, hi // 4, i].tolist(),
+                   k_of, 120, q)
+
+
+@pytest.mark.parametrize("loop_rows", [0, 256])
+@pytest.mark.parametrize("q", [1, 2])
+def test_shared_selections_attend_as_brute_force(monkeypatch, loop_rows, q):
+    """Each kv head's keys gathered once (one row at a time or in a batch) = the masked softmax,
+    with the exact scores computed by a masker (oracle top-k) or gathered (Quest)."""
+    import sa_bench.attention.base as base
+
+    monkeypatch.setattr(base, "ROW_LOOP_MAX", loop_rows)
+    calls = []
+    monkeypatch.setattr(base, "shared_attention",
+                        lambda *a, f=base.shared_attention: calls.append(1) or f(*a))
+    query, key, value = tensors(h=8, hk=2, q=q, kv=300)
+    for last in (OracleTopK(heavy_size=0.1, per_kv_head=True),
+                 Quest(heavy_size=0.1, page_size=8, per_kv_head=True)):
+        ctx, sel = run([Sink(size=4), Local(size=8), last], query, key)
+        calls.clear()
+        out = sparse_attention(ctx, value, sel, Workspace())
+        assert calls  # the shared path was taken
+        torch.testing.assert_close(out, selection_out(query, key, value, sel), atol=1e-5, rtol=1e-4)
+
+
+def test_per_kv_head_after_a_per_query_head_masker_is_refused():
+    data = {"name": "x", "maskers": {
+        "sample": {"_target_": "sa_bench.attention.maskers.RandomSampling", "rate": 0.1},
+        "topk": {"_target_": "sa_bench.attention.maskers.OracleTopK", "per_kv_head": True}}}
+    with pytest.raises(ConfigError, match=r"sparse.maskers.topk.per_kv_head: .*'sample'"):
+        SparseMethod.from_config(data)
+    data["maskers"] = {"sink": {"_target_": "sa_bench.attention.maskers.Sink"},
+                       "topk": data["maskers"]["topk"]}
+    assert SparseMethod.from_config(data).maskers["topk"].per_kv_head

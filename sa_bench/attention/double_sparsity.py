@@ -81,6 +81,7 @@ class DoubleSparsity(TopKMasker):
     each context from its first sparse call (the query rows and their own keys), recorded in
     the notes. The channel set is per kv head (the group's query-head ranks summed), so one
     label cache serves the group; for models without GQA this is the authors' per-head set.
+    `per_kv_head`: one selection per kv head (`TopKMasker`).
     """
 
     key_version = 2  # results changed meaning: authors' label bits and channels

@@ -307,6 +307,7 @@ class HashAttention(_SignatureTopK):
     docstring, or `auto` = `hashattn.safetensors` next to `model` (the config sets
     `model: ${model.pretrained}`; the embedded model ships one). A model without weights is
     refused when the config is validated, before any job runs, naming the training command.
+    `per_kv_head`: one selection per kv head (`TopKMasker`).
     """
 
     key_version = 2  # results changed meaning: learned weights only, published layouts
