@@ -280,9 +280,10 @@ def _sharp(kv=256):
 
 @pytest.mark.parametrize("masker", [
     RandomSampling(rate=0.1),
+    RandomSampling(rate=0.1, per_kv_head=True),
     AdaptiveSampling(base_rate=0.05, epsilon=0.2, delta=0.1),
     MagicPig(lsh_bits=2, lsh_tables=3),
-], ids=lambda m: type(m).__name__)
+], ids=lambda m: type(m).__name__ + ("_per_kv_head" if getattr(m, "per_kv_head", False) else ""))
 def test_sampling_mean_approaches_dense(masker):
     query, key, value = _sharp()
     dense = dense_out(query, key, value)
@@ -306,7 +307,9 @@ def test_sampling_mean_approaches_dense(masker):
 @pytest.mark.parametrize("masker", [
     OracleTopK(heavy_size=0.1), RandomProjectionTopK(heavy_size=0.1), Quest(heavy_size=0.1),
     DoubleSparsity(heavy_size=0.1, calibration="online"), RandomSampling(rate=0.1),
-], ids=lambda m: type(m).__name__)
+    OracleTopK(heavy_size=0.1, per_kv_head=True), Quest(heavy_size=0.1, per_kv_head=True),
+    RandomSampling(rate=0.1, per_kv_head=True),
+], ids=lambda m: type(m).__name__ + ("_per_kv_head" if getattr(m, "per_kv_head", False) else ""))
 def test_density_within_one_percent(masker):
     method = SparseMethod.from_config({"name": "t", "maskers": {}})
     method.maskers = {"m": masker}
@@ -670,3 +673,29 @@ def test_per_kv_head_after_a_per_query_head_masker_is_refused():
     data["maskers"] = {"sink": {"_target_": "sa_bench.attention.maskers.Sink"},
                        "topk": data["maskers"]["topk"]}
     assert SparseMethod.from_config(data).maskers["topk"].per_kv_head
+
+
+def test_per_kv_head_sampling_is_one_uniform_sample_per_kv_head():
+    """Shared by the group's query heads, m keys per row among the candidates, weight R / m."""
+    query, key, _ = tensors(h=8, hk=2, q=3, kv=400)
+    counts = torch.zeros(2, 3, 400)
+    for seed in range(200):
+        ctx, sel = run([Sink(size=4), Local(size=8), RandomSampling(rate=0.1, per_kv_head=True)],
+                       query, key, seed=seed)
+        assert sel.shared
+        sets = row_sets(sel)
+        for (bi, hi, i), keys in sets.items():
+            assert keys == sets[bi, hi // 4 * 4, i]
+            fixed = set(range(4)) | set(range(400 - 3 + i - 7, 400 - 3 + i + 1))
+            drawn = keys - fixed
+            assert len(drawn) == round(0.1 * (400 - 3 + i + 1)) and drawn <= causal_keys(400, 3, i)
+            if hi % 4 == 0:
+                counts[hi // 4, i, list(drawn)] += 1
+            row = sel.idx[bi, hi, i]
+            weights = sel.logw[bi, hi, i][(row >= 4) & (row < 400 - 3 + i - 7) & sel.valid[bi, hi, i]]
+            n_cand = 400 - 3 + i + 1 - len(fixed)
+            torch.testing.assert_close(weights, torch.full_like(weights, math.log(n_cand / len(drawn))))
+    for hg in range(2):  # every candidate is drawn about equally often (~20 times)
+        for i in range(3):
+            cand = counts[hg, i, 4:400 - 3 + i - 7]
+            assert cand.min() > 0.2 * cand.mean() and cand.max() < 2.5 * cand.mean()

@@ -207,11 +207,14 @@ def _remaining(ctx: Context, sel: Selection) -> Tensor:
 @dataclass
 class RandomSampling(Masker):
     """Uniform random sampling: m = round(rate * n) of the row's n keys, drawn uniformly
-    without replacement from the R candidates; inclusion probability pi = m / R, weight 1/pi."""
+    without replacement from the R candidates; inclusion probability pi = m / R, weight 1/pi.
+    `per_kv_head`: one sample per kv head that all its query heads use (each head's estimate
+    is as unbiased as with its own sample; the heads' errors are then correlated)."""
 
     key_version = 2  # results changed meaning: indices drawn directly (another random stream)
 
     rate: float = 0.1
+    per_kv_head: bool = False
 
     def __post_init__(self) -> None:
         check_fraction(self.rate, "rate")
@@ -219,9 +222,15 @@ class RandomSampling(Masker):
     def select(self, ctx: Context, sel: Selection) -> Selection:
         n_rem = _remaining(ctx, sel)
         m = torch.minimum(ctx.budget(self.rate), n_rem)
-        idx, valid = draw_candidates(ctx, sel, m, ctx.budget_max(self.rate))
         pi = (m.float() / n_rem.clamp(min=1).float()).unsqueeze(-1)
-        return sel.add(idx, valid, log_weight(pi), ctx.kv)
+        if not self.per_kv_head:
+            idx, valid = draw_candidates(ctx, sel, m, ctx.budget_max(self.rate))
+            return sel.add(idx, valid, log_weight(pi), ctx.kv)
+        g = ctx.groups  # the selection so far is shared (checked at build): draw for one head of each group
+        first = Selection(sel.idx[:, ::g], sel.logw[:, ::g])
+        idx, valid = draw_candidates(ctx, first, m[:, ::g], ctx.budget_max(self.rate))
+        return sel.add(idx.repeat_interleave(g, 1), valid.repeat_interleave(g, 1), log_weight(pi),
+                       ctx.kv, shared=True)
 
 
 @dataclass
