@@ -521,11 +521,12 @@ def test_perf_command_times_real_decoding_steps(capsys):
     from sa_bench.perf.attention import main
 
     main(["--keys", "300", "--steps", "2", "--methods", "streaming", "quest", "--heads", "4",
-          "--kv-heads", "2", "--head-dim", "16"])
+          "--kv-heads", "2", "--head-dim", "16", "--per-kv-head"])
     out = capsys.readouterr().out
     assert "# 303..305 keys" in out  # 300 + 3 keys, one appended per step
     rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ")}
-    assert {"SDPA grouped (baseline)", "SDPA enable_gqa (reference)", "streaming", "quest"} <= set(rows)
+    assert {"SDPA grouped (baseline)", "SDPA enable_gqa (reference)", "streaming", "quest",
+            "quest/kv"} == set(rows) - {"method"}  # streaming has no per_kv_head masker
     assert "1.00x" in rows["SDPA grouped (baseline)"]
 
 
@@ -537,7 +538,9 @@ def test_maskers_on_cuda_equal_cpu_and_the_perf_command_runs_in_bf16(capsys):
     query, key, value = tensors(h=8, hk=2, q=3, kv=500)
     for make in (lambda: [Sink(size=4), Local(size=8), OracleTopK(heavy_size=0.1)],
                  lambda: [Sink(size=4), Quest(heavy_size=0.1, page_size=8)],
-                 lambda: [Local(size=4), OracleTopP(top_p=0.8)]):
+                 lambda: [Local(size=4), OracleTopP(top_p=0.8)],
+                 lambda: [Sink(size=4), Local(size=8), OracleTopK(heavy_size=0.1, per_kv_head=True)],
+                 lambda: [Sink(size=4), Quest(heavy_size=0.1, page_size=8, per_kv_head=True)]):
         ctx, sel = run(make(), query, key)
         want = sparse_attention(ctx, value, sel, Workspace())
         q, k, v = (t.cuda() for t in (query, key, value))
@@ -549,8 +552,10 @@ def test_maskers_on_cuda_equal_cpu_and_the_perf_command_runs_in_bf16(capsys):
         torch.testing.assert_close(sparse_attention(ctx, v, sel, Workspace()).cpu(), want,
                                    atol=1e-4, rtol=1e-3)
     main(["--device", "cuda", "--dtype", "bfloat16", "--keys", "4096", "--steps", "2", "--methods",
-          "streaming", "oracle_topk", "quest", "random_sampling", "oracle_topp", "vattention"])
-    assert "| vattention |" in capsys.readouterr().out
+          "streaming", "oracle_topk", "quest", "random_sampling", "oracle_topp", "vattention",
+          "--per-kv-head"])
+    out = capsys.readouterr().out
+    assert "| vattention |" in out and "| quest/kv |" in out
 
 
 @pytest.mark.parametrize("loop_rows", [0, 256])

@@ -275,7 +275,8 @@ class Context:
         return x.reshape(b, self.key.shape[1], self.groups * q, f)
 
     def group_max(self, x: Tensor) -> Tensor:
-        """[b, H, q, n] -> [b, Hk, q, n]: the maximum over each kv head's query heads."""
+        """[b, H, q, n] -> [b, Hk, q, n]: the maximum over each kv head's query heads (a new
+        tensor)."""
         return x.unflatten(1, (self.key.shape[1], self.groups)).amax(2)
 
     def ungrouped(self, x: Tensor) -> Tensor:
@@ -355,13 +356,15 @@ class TopKMasker(Masker):
 
     def select(self, ctx: Context, sel: Selection) -> Selection:
         scores = self.score(ctx)
-        scores = ctx.without(scores, sel, inplace=scores is not ctx.full_scores)
         k, kmax = ctx.budget(self.heavy_size), ctx.budget_max(self.heavy_size)
         if not self.per_kv_head:
+            scores = ctx.without(scores, sel, inplace=scores is not ctx.full_scores)
             idx, valid = top_rows(scores, k, kmax)
             return sel.add(idx, valid, 0.0, ctx.kv)
-        idx, valid = top_rows(ctx.group_max(scores), k, kmax)
-        g = ctx.groups
+        g = ctx.groups  # the selection so far is shared (checked at build): one head per group
+        scores = ctx.without(ctx.group_max(scores), Selection(sel.idx[:, ::g], sel.logw[:, ::g]),
+                             inplace=True)
+        idx, valid = top_rows(scores, k, kmax)
         return sel.add(idx.repeat_interleave(g, 1), valid.repeat_interleave(g, 1), 0.0, ctx.kv,
                        shared=True)
 

@@ -62,10 +62,12 @@ def pack_signs(x: Tensor) -> Tensor:
 
 
 def popcount32_(x: Tensor) -> Tensor:
-    """Set bits of each int32, in place (SWAR; torch has no popcount)."""
-    x.sub_((x >> 1).bitwise_and_(0x55555555))
-    x = (x >> 2).bitwise_and_(0x33333333).add_(x.bitwise_and_(0x33333333))
-    x.add_(x >> 4).bitwise_and_(0x0F0F0F0F)
+    """Set bits of each int32, in place (SWAR; torch has no popcount); one temporary."""
+    tmp = torch.bitwise_right_shift(x, 1)
+    x.sub_(tmp.bitwise_and_(0x55555555))
+    torch.bitwise_right_shift(x, 2, out=tmp).bitwise_and_(0x33333333)
+    x.bitwise_and_(0x33333333).add_(tmp)
+    x.add_(torch.bitwise_right_shift(x, 4, out=tmp)).bitwise_and_(0x0F0F0F0F)
     return x.mul_(0x01010101).bitwise_right_shift_(24)
 
 
