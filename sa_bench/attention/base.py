@@ -234,6 +234,7 @@ class Context:
     allowed: Tensor
     generator: torch.Generator | None = None
     full_scores: Tensor | None = None
+    """Exact scores of all keys (`scores()`); a key a row may not see may hold -inf."""
 
     @property
     def groups(self) -> int:
@@ -328,11 +329,21 @@ class Context:
         taken.scatter_(-1, sel.idx, True)
         return self.allowed & ~taken[..., : self.kv]
 
+    @property
+    def all_allowed(self) -> bool:
+        """Every row may see every key (decode without padding); known on CPU only (reading
+        it elsewhere would sync), else False."""
+        if not hasattr(self, "_all_allowed"):
+            self._all_allowed = self.key.device.type == "cpu" and bool(self.allowed.all())
+        return self._all_allowed
+
     def without(self, scores: Tensor, sel: Selection, inplace: bool = False) -> Tensor:
         """`scores` [b, H, q, kv] with -inf where a key is not a candidate (masked out or
         already selected); no [b, H, q, kv] mask is built."""
-        scores = scores.masked_fill_(~self.allowed, NEG_INF) if inplace else \
-            scores.masked_fill(~self.allowed, NEG_INF)
+        if not inplace:
+            scores = scores.clone()
+        if not self.all_allowed:
+            scores.masked_fill_(~self.allowed, NEG_INF)
         if sel.idx.shape[-1]:  # padding entries (index kv) leave the last key as it is
             fill = torch.where(sel.valid, NEG_INF, float("inf")).to(scores.dtype)
             scores.scatter_reduce_(-1, sel.idx.clamp(max=self.kv - 1), fill, reduce="amin")
@@ -358,8 +369,15 @@ class TopKMasker(Masker):
         scores = self.score(ctx)
         k, kmax = ctx.budget(self.heavy_size), ctx.budget_max(self.heavy_size)
         if not self.per_kv_head:
-            scores = ctx.without(scores, sel, inplace=scores is not ctx.full_scores)
-            idx, valid = top_rows(scores, k, kmax)
+            if scores is not ctx.full_scores:
+                idx, valid = top_rows(ctx.without(scores, sel, inplace=True), k, kmax)
+                return sel.add(idx, valid, 0.0, ctx.kv)
+            # the shared exact scores, masked in place (no copy): keys a row may not see stay
+            # -inf, the selected keys' scores are put back
+            taken = sel.idx.clamp(max=ctx.kv - 1)
+            kept = scores.gather(-1, taken)
+            idx, valid = top_rows(ctx.without(scores, sel, inplace=True), k, kmax)
+            scores.scatter_(-1, taken, kept)
             return sel.add(idx, valid, 0.0, ctx.kv)
         g = ctx.groups  # the selection so far is shared (checked at build): one head per group
         scores = ctx.without(ctx.group_max(scores), Selection(sel.idx[:, ::g], sel.logw[:, ::g]),
