@@ -7,7 +7,8 @@ Tensors have a real model's attention shape (32 query heads, 8 kv heads, head di
 batch 1). Decoding is simulated as in a job: every method first sees the context once (its
 per-layer key caches are built), then each step appends one key and value to the cache
 (`torch.cat`, as transformers' DynamicCache does; not timed) and calls the method's attention
-for the new query with the model's float mask. Key counts run from `keys + 3` (for up to 12
+for the new query with the mask a job passes when decoding without padding: none (our mask
+function skips it, as transformers does). Key counts run from `keys + 3` (for up to 12
 steps none is a multiple of 16, Quest's page size), so pages are partly filled. Within a step the baseline (SDPA with the query heads of a kv
 head grouped as rows: `[b, Hk, g, d]` against `[b, Hk, kv, d]`), SDPA with `enable_gqa=True`
 (reference) and every method are timed one after the other, in an order rotated per step, so
@@ -98,8 +99,7 @@ def run_size(kv: int, names: list[str], args, device, dtype) -> dict[str, tuple[
     module = types.SimpleNamespace(layer_idx=0, training=False)
     methods = {name: load_method(name, args, args.files) for name in names}
     for method in methods.values():  # the context: per-layer key caches built once
-        method.attention(module, rand(1, h, 1, d), key, value, torch.zeros(1, 1, 1, key.shape[2],
-                         device=device, dtype=dtype), d**-0.5)
+        method.attention(module, rand(1, h, 1, d), key, value, None, d**-0.5)
 
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     times: dict[str, list[float]] = {name: [] for name in ["sdpa", "sdpa_gqa", *names]}
@@ -107,11 +107,10 @@ def run_size(kv: int, names: list[str], args, device, dtype) -> dict[str, tuple[
         key = torch.cat([key, rand(1, hk, 1, d)], 2)
         value = torch.cat([value, rand(1, hk, 1, d)], 2)
         query = rand(1, h, 1, d)
-        mask = torch.zeros(1, 1, 1, key.shape[2], device=device, dtype=dtype)
         calls = {"sdpa": (sdpa_grouped, (query, key, value)),
                  "sdpa_gqa": (sdpa_gqa, (query, key, value))}
         for name, method in methods.items():
-            calls[name] = (method.attention, (module, query, key, value, mask, d**-0.5))
+            calls[name] = (method.attention, (module, query, key, value, None, d**-0.5))
         order = list(calls)
         shift = step % len(order)
         for name in order[shift:] + order[:shift]:
