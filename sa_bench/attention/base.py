@@ -365,22 +365,29 @@ class TopKMasker(Masker):
     def score(self, ctx: Context) -> Tensor:  # pragma: no cover
         raise NotImplementedError
 
+    def group_score(self, ctx: Context) -> Tensor:
+        """[b, Hk, q, kv]: the highest `score` among each kv head's query heads (a new tensor)."""
+        return ctx.group_max(self.score(ctx))
+
     def select(self, ctx: Context, sel: Selection) -> Selection:
-        scores = self.score(ctx)
         k, kmax = ctx.budget(self.heavy_size), ctx.budget_max(self.heavy_size)
-        if not self.per_kv_head:
-            if scores is not ctx.full_scores:
-                idx, valid = top_rows(ctx.without(scores, sel, inplace=True), k, kmax)
-                return sel.add(idx, valid, 0.0, ctx.kv)
-            # the shared exact scores, masked in place (no copy): keys a row may not see stay
-            # -inf, the selected keys' scores are put back
-            taken = sel.idx.clamp(max=ctx.kv - 1)
-            kept = scores.gather(-1, taken)
+        if self.per_kv_head:
+            return self._select_per_kv_head(ctx, sel, k, kmax)
+        scores = self.score(ctx)
+        if scores is not ctx.full_scores:
             idx, valid = top_rows(ctx.without(scores, sel, inplace=True), k, kmax)
-            scores.scatter_(-1, taken, kept)
             return sel.add(idx, valid, 0.0, ctx.kv)
+        # the shared exact scores, masked in place (no copy): keys a row may not see stay -inf,
+        # the selected keys' scores are put back
+        taken = sel.idx.clamp(max=ctx.kv - 1)
+        kept = scores.gather(-1, taken)
+        idx, valid = top_rows(ctx.without(scores, sel, inplace=True), k, kmax)
+        scores.scatter_(-1, taken, kept)
+        return sel.add(idx, valid, 0.0, ctx.kv)
+
+    def _select_per_kv_head(self, ctx: Context, sel: Selection, k: Tensor, kmax: int) -> Selection:
         g = ctx.groups  # the selection so far is shared (checked at build): one head per group
-        scores = ctx.without(ctx.group_max(scores), Selection(sel.idx[:, ::g], sel.logw[:, ::g]),
+        scores = ctx.without(self.group_score(ctx), Selection(sel.idx[:, ::g], sel.logw[:, ::g]),
                              inplace=True)
         idx, valid = top_rows(scores, k, kmax)
         return sel.add(idx.repeat_interleave(g, 1), valid.repeat_interleave(g, 1), 0.0, ctx.kv,

@@ -74,10 +74,20 @@ def popcount32_(x: Tensor) -> Tensor:
 def signature_scores(qs: Tensor, ks: Tensor, bits: int) -> Tensor:
     """+-1 dot products of packed signatures, bits - 2 popcount(q xor k): qs [b, Hs, r, w],
     ks [b, Hs, kv, w] -> float [b, Hs, r, kv]."""
+    return agreement(differing_bits(qs, ks), bits)
+
+
+def agreement(diff: Tensor, bits: int) -> Tensor:
+    """+-1 dot product of two `bits`-bit signatures that differ in `diff` bits, as floats."""
+    return diff.float().mul_(-2.0).add_(bits)
+
+
+def differing_bits(qs: Tensor, ks: Tensor) -> Tensor:
+    """popcount(q xor k) of packed signatures -> int32 [b, Hs, r, kv] (see signature_scores)."""
     diff = popcount32_(ks[:, :, None, :, 0] ^ qs[..., 0, None])
     for w in range(1, qs.shape[-1]):
         diff.add_(popcount32_(ks[:, :, None, :, w] ^ qs[..., w, None]))
-    return diff.float().mul_(-2.0).add_(bits)
+    return diff
 
 
 def _per_head(x: Tensor, heads: int) -> Tensor:
@@ -104,11 +114,20 @@ class _SignatureTopK(TopKMasker):
     def _signs(self, side: str, ctx: Context, x: Tensor) -> Tensor:  # pragma: no cover
         raise NotImplementedError
 
-    def score(self, ctx: Context) -> Tensor:
+    def _differing_bits(self, ctx: Context) -> Tensor:
+        """popcount(sig(q) xor sig(k)) per query head and key, int32 [b, H, q, kv]."""
         ks = self._sigs.get(ctx.layer, ctx.key, ctx.query.shape[2],
                             lambda k: pack_signs(self._signs("key", ctx, k)))
         qs = pack_signs(self._signs("query", ctx, ctx.grouped(ctx.query)))
-        return ctx.ungrouped(signature_scores(qs, ks, self._bits)).float()
+        return ctx.ungrouped(differing_bits(qs, ks))
+
+    def score(self, ctx: Context) -> Tensor:
+        return agreement(self._differing_bits(ctx), self._bits)
+
+    def group_score(self, ctx: Context) -> Tensor:
+        # the group's fewest differing bits, then floats for a quarter of the keys' scores
+        fewest = self._differing_bits(ctx).unflatten(1, (ctx.key.shape[1], ctx.groups)).amin(2)
+        return agreement(fewest, self._bits)
 
 
 # --- HashAttention weights -------------------------------------------------------------------
