@@ -704,3 +704,18 @@ def test_per_kv_head_sampling_is_one_uniform_sample_per_kv_head():
         for i in range(3):
             cand = counts[hg, i, 4:400 - 3 + i - 7]
             assert cand.min() > 0.2 * cand.mean() and cand.max() < 2.5 * cand.mean()
+
+
+@pytest.mark.parametrize("n", [3, 40])  # a sorted search for few selected keys, else a bitmap
+def test_selection_contains_is_membership(n):
+    g = torch.Generator().manual_seed(n)
+    kv = 300
+    idx = torch.stack([torch.randperm(kv, generator=g)[:n] for _ in range(6)]).view(1, 2, 3, n)
+    valid = torch.rand(1, 2, 3, n, generator=g) > 0.2
+    sel = Selection.empty(1, 2, 3, "cpu").add(idx, valid, 0.0, kv)
+    cand = torch.randint(0, kv, (1, 1, 3, 50), generator=g)
+    got = sel.contains(cand, kv)
+    for hi in range(2):
+        for i in range(3):
+            chosen = set(idx[0, hi, i][valid[0, hi, i]].tolist())
+            assert got[0, hi, i].tolist() == [c in chosen for c in cand[0, 0, i].tolist()]

@@ -152,13 +152,14 @@ class Selection:
     def contains(self, idx: Tensor, kv: int | None = None) -> Tensor:
         """Whether each candidate in `idx` [b, 1|H, q, m] is already selected -> [b, H, q, m].
 
-        With `kv` (every index <= kv): a [b, H, q, kv + 1] bitmap, O(kv + n + m) per row
-        (bool, an eighth of a row of scores); else a sorted search, O((n + m) log n)."""
+        With `kv` (every index <= kv) and a selection of more than kv / 16 keys: a
+        [b, H, q, kv + 1] bitmap, O(kv + n + m) per row (bool, an eighth of a row of scores);
+        else a sorted search, O((n + m) log n)."""
         shape = (*self.idx.shape[:3], idx.shape[-1])
         if self.idx.shape[-1] == 0:
             return torch.zeros(shape, dtype=torch.bool, device=idx.device)
         idx = idx.expand(shape)
-        if kv is not None:
+        if kv is not None and self.idx.shape[-1] * 16 > kv:
             taken = torch.zeros(*shape[:3], kv + 1, dtype=torch.bool, device=idx.device)
             return taken.scatter_(-1, self.idx, True).gather(-1, idx)
         ref = self.idx.sort(-1).values  # padding (the sentinel kv) sorts last, never a candidate

@@ -23,6 +23,7 @@ key signature shared by the query heads of a group). Three file layouts load:
 from __future__ import annotations
 
 import io
+import math
 import pickle
 import re
 import zipfile
@@ -33,7 +34,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sa_bench.attention.base import Context, KeyCache, TopKMasker, method_file, model_shapes
+from sa_bench.attention.base import (
+    Context,
+    KeyCache,
+    TopKMasker,
+    Workspace,
+    method_file,
+    model_shapes,
+)
 from sa_bench.config import ConfigError, Size, check_range
 
 FORMAT = "sa_bench.hashattn.v2"
@@ -61,9 +69,10 @@ def pack_signs(x: Tensor) -> Tensor:
     return (b << shifts).sum(-1).to(torch.int32)  # values >= 2^31 wrap to negative int32
 
 
-def popcount32_(x: Tensor) -> Tensor:
-    """Set bits of each int32, in place (SWAR; torch has no popcount); one temporary."""
-    tmp = torch.bitwise_right_shift(x, 1)
+def popcount32_(x: Tensor, tmp: Tensor | None = None) -> Tensor:
+    """Set bits of each int32, in place (SWAR; torch has no popcount); `tmp`: a buffer of x's
+    shape to use as the one temporary."""
+    tmp = torch.bitwise_right_shift(x, 1, out=tmp)
     x.sub_(tmp.bitwise_and_(0x55555555))
     torch.bitwise_right_shift(x, 2, out=tmp).bitwise_and_(0x33333333)
     x.bitwise_and_(0x33333333).add_(tmp)
@@ -82,11 +91,15 @@ def agreement(diff: Tensor, bits: int) -> Tensor:
     return diff.float().mul_(-2.0).add_(bits)
 
 
-def differing_bits(qs: Tensor, ks: Tensor) -> Tensor:
-    """popcount(q xor k) of packed signatures -> int32 [b, Hs, r, kv] (see signature_scores)."""
-    diff = popcount32_(ks[:, :, None, :, 0] ^ qs[..., 0, None])
+def differing_bits(qs: Tensor, ks: Tensor, buffers: tuple[Workspace, Workspace] | None = None) -> Tensor:
+    """popcount(q xor k) of packed signatures -> int32 [b, Hs, r, kv] (see signature_scores).
+    `buffers`: reused for the result and the temporary (a view of the first is returned)."""
+    shape = (*qs.shape[:3], ks.shape[2])
+    out, tmp = ((ws.take(math.prod(shape), 1, ks).view(shape) for ws in buffers) if buffers
+                else (None, None))
+    diff = popcount32_(torch.bitwise_xor(ks[:, :, None, :, 0], qs[..., 0, None], out=out), tmp)
     for w in range(1, qs.shape[-1]):
-        diff.add_(popcount32_(ks[:, :, None, :, w] ^ qs[..., w, None]))
+        diff.add_(popcount32_(ks[:, :, None, :, w] ^ qs[..., w, None], tmp))
     return diff
 
 
@@ -119,7 +132,9 @@ class _SignatureTopK(TopKMasker):
         ks = self._sigs.get(ctx.layer, ctx.key, ctx.query.shape[2],
                             lambda k: pack_signs(self._signs("key", ctx, k)))
         qs = pack_signs(self._signs("query", ctx, ctx.grouped(ctx.query)))
-        return ctx.ungrouped(differing_bits(qs, ks))
+        if "_buffers" not in vars(self):  # reused each call: fresh multi-MB temporaries fault in
+            self._buffers = (Workspace(), Workspace())
+        return ctx.ungrouped(differing_bits(qs, ks, self._buffers))
 
     def score(self, ctx: Context) -> Tensor:
         return agreement(self._differing_bits(ctx), self._bits)
