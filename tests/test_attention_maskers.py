@@ -442,7 +442,8 @@ def test_vattention_budget_is_the_one_sided_clt_bound_of_the_reference():
     assert masker.base_size(torch.tensor([5000, 120, 1, 0])).tolist() == [100, 2, 1, 0]
 
 
-def test_sparse_attention_reads_a_cropped_cache_view_without_copying():
+@pytest.mark.parametrize("per_head", [False, True])  # sink + local alone are shared by a group
+def test_sparse_attention_reads_a_cropped_cache_view_without_copying(per_head):
     from sa_bench.attention.base import key_rows
 
     query, key, value = tensors(h=8, hk=2, q=1, kv=150)
@@ -451,11 +452,13 @@ def test_sparse_attention_reads_a_cropped_cache_view_without_copying():
     view_k, view_v = big_k[:, :, :150], big_v[:, :, :150]  # what DynamicCache.crop leaves
     rows, _, _ = key_rows(view_k)
     assert rows.data_ptr() == big_k.data_ptr()
-    maskers = [Sink(size=4), Local(size=8)]
+    maskers = [Sink(size=4), Local(size=8)] + ([RandomProjectionTopK(heavy_size=5)] if per_head else [])
     ctx, sel = run(maskers, query, view_k)
     ctx_c, sel_c = run(maskers, query, key)
+    assert sel.shared != per_head
     out = sparse_attention(ctx, view_v, sel, Workspace())
     torch.testing.assert_close(out, sparse_attention(ctx_c, value, sel_c, Workspace()))
+    torch.testing.assert_close(out, selection_out(query, key, value, sel_c), atol=1e-5, rtol=1e-4)
 
 
 def test_oracle_topp_large_flat_sets_match_sorting():
@@ -649,8 +652,8 @@ def test_per_kv_head_is_one_set_per_kv_head_by_the_groups_highest_score(name, q)
 
 
 @pytest.mark.parametrize("loop_rows", [0, 256])
-@pytest.mark.parametrize("q", [1, 2])
-def test_shared_selections_attend_as_brute_force(monkeypatch, loop_rows, q):
+@pytest.mark.parametrize("b,q", [(1, 1), (1, 2), (2, 1)])
+def test_shared_selections_attend_as_brute_force(monkeypatch, loop_rows, b, q):
     """Each kv head's keys gathered once (one row at a time or in a batch) = the masked softmax,
     with the exact scores computed by a masker (oracle top-k) or gathered (Quest)."""
     import sa_bench.attention.base as base
@@ -659,7 +662,7 @@ def test_shared_selections_attend_as_brute_force(monkeypatch, loop_rows, q):
     calls = []
     monkeypatch.setattr(base, "shared_attention",
                         lambda *a, f=base.shared_attention: calls.append(1) or f(*a))
-    query, key, value = tensors(h=8, hk=2, q=q, kv=300)
+    query, key, value = tensors(b=b, h=8, hk=2, q=q, kv=300)
     for last in (OracleTopK(heavy_size=0.1, per_kv_head=True),
                  Quest(heavy_size=0.1, page_size=8, per_kv_head=True)):
         ctx, sel = run([Sink(size=4), Local(size=8), last], query, key)
