@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from sa_bench.attention.base import Context, KeyCache, TopKMasker, method_file, model_shapes
+from sa_bench.attention.base import (
+    Context,
+    KeyCache,
+    TopKMasker,
+    Workspace,
+    method_file,
+    model_shapes,
+)
 from sa_bench.config import ConfigError, Size, check_range, check_size
 
 CALIBRATION_FILE = "double_sparsity.safetensors"
@@ -93,6 +101,7 @@ class DoubleSparsity(TopKMasker):
     calibration: str = "auto"
     model: str | None = None
     _labels: KeyCache = field(default_factory=KeyCache, init=False, repr=False)
+    _scores: Workspace = field(default_factory=Workspace, init=False, repr=False)
     _rank: Tensor | None = field(default=None, init=False, repr=False)
     _path: Path | None = field(default=None, init=False, repr=False)
     _chosen: dict = field(default_factory=dict, init=False, repr=False)
@@ -158,7 +167,9 @@ class DoubleSparsity(TopKMasker):
             ch = self._chosen[ctx.layer] = kv_head_channels(rank, hk, r)
         return ch
 
-    def score(self, ctx: Context) -> Tensor:
+    def _label_scores(self, ctx: Context) -> Tensor:
+        """Label products of the grouped query rows, [b, Hk, g*q, kv] in `LABEL_DTYPE` (a view
+        of a buffer reused by the next call)."""
         ch = self._channels(ctx)  # [Hk, r]
         b, hk = ctx.key.shape[:2]
 
@@ -168,8 +179,17 @@ class DoubleSparsity(TopKMasker):
 
         lab = self._labels.get(ctx.layer, ctx.key, ctx.query.shape[2], labels)
         qc = labels(ctx.grouped(ctx.query))  # [b, Hk, g*q, r]
-        out = qc.new_empty(*qc.shape[:3], lab.shape[2])
+        shape = (*qc.shape[:3], lab.shape[2])
+        out = self._scores.take(math.prod(shape), 1, qc).view(shape)
         for bi in range(b):  # one mm per kv head: a batched matmul over the cache's strided
             for h in range(hk):  # buffer view copies it first (~10x slower on CPU)
                 torch.mm(qc[bi, h], lab[bi, h].t(), out=out[bi, h])
-        return ctx.ungrouped(out.float())
+        return out
+
+    def score(self, ctx: Context) -> Tensor:
+        return ctx.ungrouped(self._label_scores(ctx).float())
+
+    def group_score(self, ctx: Context) -> Tensor:
+        # the group's best label product, then floats for the kv heads' rows only
+        q = ctx.query.shape[2]
+        return self._label_scores(ctx).unflatten(2, (ctx.groups, q)).amax(2).float()
