@@ -423,7 +423,8 @@ def top_rows(scores: Tensor, k: Tensor, kmax: int | None = None) -> tuple[Tensor
 
 def ordered_ints(x: Tensor) -> Tensor:
     """float32 -> int32 in the same order (-inf lowest, -0.0 just below +0.0; no NaN): the
-    sign bit's flip of the other bits. `torch.topk` on CPU is ~1.5x faster on the ints."""
+    sign bit's flip of the other bits. `torch.topk` on CPU is ~1.4x faster on the ints (~10%
+    with this conversion)."""
     bits = x.view(torch.int32)
     return bits ^ (bits >> 31).bitwise_and_(0x7FFFFFFF)
 
