@@ -5,11 +5,12 @@ from sa_bench.perf import scale
 
 
 def test_scale_command_prints_every_method(capsys):
-    scale.main(["--shape", "tiny", "--tokens", "300", "--methods", "dense", "streaming",
-                "--chunk", "128", "--question", "8", "--new", "3"])
+    scale.main(["--shape", "tiny", "--tokens", "300", "--methods", "dense", "streaming", "quest",
+                "--chunk", "128", "--question", "8", "--new", "3", "--per-kv-head"])
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith("| 300 |")]
-    assert [row.split("|")[2].strip() for row in rows] == ["plain", "dense", "streaming"]
+    assert [row.split("|")[2].strip() for row in rows] == [
+        "plain", "dense", "streaming", "quest", "quest/kv"]  # only quest has a per_kv_head masker
     assert "failed" not in out
     assert all(row.count("x |") == 3 for row in rows)  # three ratios per row
 

@@ -19,6 +19,8 @@ ratios to the baseline as a markdown table.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import importlib
 import statistics
 import tempfile
 import time
@@ -66,17 +68,32 @@ KV_SUFFIX = "/kv"
 """A method name with this suffix: its maskers that have `per_kv_head` set it true."""
 
 
-def load_method(name: str, args, files: Path) -> SparseMethod:
-    """conf/sparse/<name>.yaml on a 1-layer model of the timed shape, its files from `files`
+def method_config(name: str, files: Path) -> dict:
+    """The `sparse` section of conf/sparse/<name>.yaml, its model files from `files`
     (`<name>/kv`: with `per_kv_head: true` on every masker that has it)."""
     base = name.removesuffix(KV_SUFFIX)
     data = yaml.safe_load((CONF / f"{base}.yaml").read_text().replace("${model.pretrained}", str(files)))
     if name != base:
-        built = SparseMethod.from_config(data).maskers
-        for key, masker in built.items():
-            if hasattr(masker, "per_kv_head"):
-                data["maskers"][key]["per_kv_head"] = True
-    method = SparseMethod.from_config(data)
+        for masker in data["maskers"].values():
+            if _takes_per_kv_head(masker):
+                masker["per_kv_head"] = True
+    return data
+
+
+def _takes_per_kv_head(masker: dict) -> bool:
+    module, _, cls = masker["_target_"].rpartition(".")
+    return any(f.name == "per_kv_head" for f in dataclasses.fields(getattr(importlib.import_module(module), cls)))
+
+
+def with_per_kv_head(names: list[str]) -> list[str]:
+    """`names`, then `<name>/kv` for each method with a `per_kv_head` masker."""
+    return names + [n + KV_SUFFIX for n in names if any(
+        _takes_per_kv_head(m) for m in yaml.safe_load((CONF / f"{n}.yaml").read_text())["maskers"].values())]
+
+
+def load_method(name: str, args, files: Path) -> SparseMethod:
+    """`method_config(name, files)` on a 1-layer model of the timed shape."""
+    method = SparseMethod.from_config(method_config(name, files))
     method.num_layers = 1
     method.set_phase("decode")
     config = types.SimpleNamespace(num_hidden_layers=1, num_attention_heads=args.heads,
@@ -151,8 +168,7 @@ def main(argv: list[str] | None = None) -> None:
     tmp = tempfile.TemporaryDirectory()
     args.files = model_files(Path(tmp.name), args.heads, args.kv_heads, args.head_dim)
     if args.per_kv_head:
-        names += [n + KV_SUFFIX for n in names if any(
-            "per_kv_head" in vars(m) for m in load_method(n, args, args.files).maskers.values())]
+        names = with_per_kv_head(names)
     for kv in args.keys:
         results[kv] = run_size(kv, names, args, device, dtype)
         base = results[kv]["sdpa"][0]

@@ -160,17 +160,14 @@ def run_one(args: argparse.Namespace, method_name: str, tokens: int) -> dict[str
         peak = memory.peak_above_start()
         return {"prefill_s": prefill, **timed, "peak_bytes": peak}
 
-    import yaml
-
     from sa_bench.attention.base import model_shapes
     from sa_bench.attention.dense import resolve_implementation
     from sa_bench.attention.method import SparseMethod
-    from sa_bench.perf.attention import model_files
+    from sa_bench.perf.attention import method_config, model_files
 
     layers, heads, kv_heads, head_dim = model_shapes(model.config)
     files = model_files(Path(tempfile.mkdtemp()), heads, kv_heads, head_dim, layers)
-    text = (CONF / f"{method_name}.yaml").read_text().replace("${model.pretrained}", str(files))
-    method = SparseMethod.from_config(yaml.safe_load(text))
+    method = SparseMethod.from_config(method_config(method_name, files))
     implementation = resolve_implementation("auto", device, model.dtype)
     with method.installed(model, implementation):
         cache, n_ctx, prefill = _prefill(model, method, tuple(context), device, args.chunk)
@@ -233,6 +230,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tokens", type=int, nargs="+", default=[8192, 16384])
     parser.add_argument("--methods", nargs="+", default=["dense", "streaming", "oracle_topk"],
                         help="conf/sparse names, or 'all'")
+    parser.add_argument("--per-kv-head", action="store_true",
+                        help="also run each method with a per_kv_head masker with it set true "
+                             "(rows `<name>/kv`)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on CUDA")
     parser.add_argument("--threads", type=int, default=1)
@@ -251,6 +251,10 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(run_one(args, args.child[0], int(args.child[1]))))
         return
     methods = sorted(p.stem for p in CONF.glob("*.yaml")) if args.methods == ["all"] else args.methods
+    if args.per_kv_head:
+        from sa_bench.perf.attention import with_per_kv_head
+
+        methods = with_per_kv_head(methods)
     print(f"# {args.shape}, {args.layers} layer(s), {args.dtype} on {args.device}, "
           f"{args.threads} thread(s); question {args.question} tokens, {args.new} new tokens, "
           f"prefill chunk {args.chunk}; plain = transformers sdpa loop, one-pass prefill", flush=True)
