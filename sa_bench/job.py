@@ -11,7 +11,13 @@ from omegaconf import DictConfig, OmegaConf
 from sa_bench.config import ConfigError
 from sa_bench.launch import jobdir
 from sa_bench.launch.callbacks import LockHandle
-from sa_bench.launch.identity import data_changed, data_fingerprint, job_relpath
+from sa_bench.launch.identity import (
+    data_changed,
+    data_fingerprint,
+    data_source,
+    job_relpath,
+    same_data,
+)
 
 
 class IdentityMismatch(ConfigError):
@@ -39,15 +45,15 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
         (path / jobdir.ERROR).write_text(traceback.format_exc())
         raise
     key = relpath.rsplit("/", 1)[1]
-    data = data_fingerprint(spec.benchmark)
+    data, source = data_fingerprint(spec.benchmark), data_source(spec.benchmark)
     lock = jobdir.JobLock(path)
     if not lock.try_acquire():
         return {"status": "busy", "dir": str(path)}
-    if jobdir.is_done(path, key) and not spec.overwrite and not data_changed(path, data):
+    if jobdir.is_done(path, key) and not spec.overwrite and not data_changed(path, data, source):
         lock.release()
         return {"status": "skipped", "dir": str(path)}
     handle = LockHandle(lock)
-    if spec.overwrite or jobdir.is_done(path, key) or _other_data(path, data):
+    if spec.overwrite or jobdir.is_done(path, key) or _other_data(path, data, source):
         jobdir.clear_results(path)  # on purpose, or the results are of other samples than now
     jobdir.write_json_atomic(path / jobdir.DATA, {"data": data})
     (path / jobdir.ERROR).unlink(missing_ok=True)
@@ -91,10 +97,10 @@ def check_identity(handed: str | None, relpath: str, path: Path, output_root: Pa
         )
 
 
-def _other_data(path: Path, data: str | None) -> bool:
+def _other_data(path: Path, data: str | None, source: list | None) -> bool:
     """Whether an interrupted attempt's predictions were made on other local data files."""
     previous = jobdir.read_json(path / jobdir.DATA)
-    return isinstance(previous, dict) and previous.get("data") != data
+    return isinstance(previous, dict) and not same_data(previous.get("data"), data, source)
 
 
 def _free_accelerator_memory() -> None:

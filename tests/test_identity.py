@@ -309,6 +309,39 @@ def test_finished_cell_whose_data_changed_is_rerun(tmp_path, sa_bench_cli):
             "data files changed since)") in again.stdout
     assert jobdir.read_json(cell / jobdir.MARKER)["summary"]["data"] != recorded
     assert sa_bench_cli(*args, root=out, check=True).stdout.startswith("1 jobs: 1 done")
+    # files the cell does not read change or appear: nothing reruns (fast path and Hydra path)
+    (data / "trec.jsonl").write_text((data / "trec.jsonl").read_text()[::-1])
+    (data / "qasper.jsonl").write_text((data / "hotpotqa.jsonl").read_text())
+    assert sa_bench_cli(*args, root=out, check=True).stdout.startswith("1 jobs: 1 done")
+    assert sa_bench_cli(*args, "plan=true", root=out, check=True).stdout.startswith("1 jobs: 1 done")
+
+
+def test_a_cell_covers_only_its_own_files_in_data_dir(tmp_path):
+    """A LongBench cell's fingerprint covers its subset's file; a fingerprint recorded before
+    (every file in data_dir) still matches while that folder is unchanged."""
+    shutil.copytree(ROOT / "tests" / "fixtures" / "longbench", tmp_path / "data")
+    data = tmp_path / "data"
+    cfg = changed(changed(changed(CFG, "benchmark", {
+        "_target_": "sa_bench.benchmarks.longbench.LongBench", "name": "longbench",
+        "subsets": ["hotpotqa", "trec"]}), "benchmark.subset", "hotpotqa"),
+        "benchmark.data_dir", str(data))
+    bench = JobSpec.from_dict(cfg).benchmark
+    source = identity.data_source(bench)
+    assert source == [None, str(data), [str(data / "hotpotqa.jsonl")]]
+    own = data_fingerprint(bench)
+    folder = identity.local_data_fingerprint(None, str(data))  # the scheme before
+    assert own != folder
+    cell = tmp_path / "cell"
+    cell.mkdir()
+    jobdir.write_json_atomic(cell / jobdir.MARKER, {"summary": {"data": folder}})
+    assert not identity.data_changed(cell, own, source)  # finished before: not rerun
+    (data / "trec.jsonl").write_text("changed\n")
+    assert data_fingerprint(bench) == own
+    assert identity.data_changed(cell, own, source)  # the old record cannot tell which file
+    jobdir.write_json_atomic(cell / jobdir.MARKER, {"summary": {"data": own}})
+    assert not identity.data_changed(cell, own, source)
+    (data / "hotpotqa.jsonl").write_text((data / "hotpotqa.jsonl").read_text() + "\n")
+    assert identity.data_changed(cell, data_fingerprint(bench), source)
 
 
 def test_interrupted_cell_whose_data_changed_starts_over(tmp_path, sa_bench_cli):

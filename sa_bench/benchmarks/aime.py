@@ -11,11 +11,12 @@ HuggingFaceH4/aime_2024 (train) and math-ai/aime25 (test); rows have `problem` (
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from sa_bench.benchmarks import metrics
 from sa_bench.benchmarks.base import Benchmark, Sample
-from sa_bench.benchmarks.data import hub_dataset, load_rows
+from sa_bench.benchmarks.data import files_found, hub_dataset, load_rows
 from sa_bench.config import ConfigError
 
 INSTRUCTION = "\nPlease reason step by step, and put your final answer within \\boxed{}."
@@ -38,12 +39,17 @@ class Aime(Benchmark):
         if self.generation_tokens < 1:
             raise ConfigError(f"generation_tokens: expected an int >= 1, got {self.generation_tokens}")
 
+    def _file_names(self) -> list[str]:
+        return [self.name, f"aime_{'2024' if self.name == 'aime24' else '2025'}"]
+
+    def data_dir_files(self) -> list[Path]:
+        return files_found(self.data_dir, self._file_names())
+
     def load(self, tokenizer: Any = None) -> list[Sample]:
         repo, split = HUBS[self.name]
-        year = "2024" if self.name == "aime24" else "2025"
         rows = load_rows(
             benchmark=self.name, subset=self.subset, data_dir=self.data_dir,
-            data_files=self.data_files, names=[self.name, f"aime_{year}"],
+            data_files=self.data_files, names=self._file_names(),
             hub=lambda: hub_dataset(repo, None, split), hub_id=repo,
             how_to_get=f"Download the hub dataset {repo} (jsonl/parquet with problem, answer) "
             f"and set benchmark.data_dir or benchmark.data_files.",

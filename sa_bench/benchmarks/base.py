@@ -17,6 +17,7 @@ import functools
 import random
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from sa_bench.config import ConfigError
@@ -158,6 +159,12 @@ class Benchmark:
             raise ConfigError(f"max_samples: expected an int >= 1 or null, got {self.max_samples}")
         if self.subset is not None:
             self.generation = self.generation.resolved(self.official_generation())
+
+    def data_dir_files(self) -> list[Path] | None:
+        """The files this cell reads from `data_dir` (those that exist now; the data fingerprint
+        covers them). None: the benchmark does not say, and every file directly in `data_dir`
+        counts."""
+        return None
 
     def official_generation(self) -> dict[str, Any]:
         """The official values of the `generation` settings that depend on the subset."""

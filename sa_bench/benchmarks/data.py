@@ -89,6 +89,13 @@ def find_file(data_dir: str | Path, names: Sequence[str]) -> tuple[Path | None, 
     return None, tried
 
 
+def files_found(data_dir: str | None, names: Sequence[str]) -> list[Path]:
+    """[the file `load_rows` reads from `data_dir` for `names`], or [] (none there, or no
+    data_dir): what the data fingerprint of the cell covers."""
+    found = find_file(data_dir, names)[0] if data_dir else None
+    return [found] if found is not None else []
+
+
 def load_rows(
     *,
     benchmark: str,

@@ -19,11 +19,12 @@ from __future__ import annotations
 import re
 from collections.abc import Collection
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 from sa_bench.benchmarks import metrics
 from sa_bench.benchmarks.base import Benchmark, Sample
-from sa_bench.benchmarks.data import hub_file, load_rows, read_rows, split_prompt
+from sa_bench.benchmarks.data import files_found, hub_file, load_rows, read_rows, split_prompt
 
 HUB_ID = "xinrongzhang2022/InfiniteBench"
 TEMPLATES = {
@@ -153,6 +154,9 @@ class InfiniteBench(Benchmark):
     """Apply the model's chat template to the prompts (officially not: the raw prompt)."""
 
     known_subsets: ClassVar[Collection[str]] = TEMPLATES
+
+    def data_dir_files(self) -> list[Path]:
+        return files_found(self.data_dir, [self.subset])
 
     def load(self, tokenizer: Any = None) -> list[Sample]:
         task = self.subset

@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 
 from sa_bench.benchmarks import metrics
 from sa_bench.benchmarks.base import Benchmark, Sample
-from sa_bench.benchmarks.data import hub_zip_member, load_rows, split_prompt
+from sa_bench.benchmarks.data import files_found, hub_zip_member, load_rows, split_prompt
 
 ASSETS = Path(__file__).parent / "assets" / "longbench"
 HUB_ID = "THUDM/LongBench"
@@ -90,9 +90,15 @@ class LongBench(Benchmark):
 
     known_subsets: ClassVar[Collection[str]] = METRIC
 
-    def _rows(self) -> list[dict[str, Any]]:
+    def _file_name(self) -> str:
         assert self.subset is not None, "subset is not set"
-        name = f"{self.subset}{self.file_suffix}"
+        return f"{self.subset}{self.file_suffix}"
+
+    def data_dir_files(self) -> list[Path]:
+        return files_found(self.data_dir, [self._file_name()])
+
+    def _rows(self) -> list[dict[str, Any]]:
+        name = self._file_name()
         return load_rows(
             benchmark=self.name,
             subset=self.subset,

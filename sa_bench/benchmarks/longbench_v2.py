@@ -23,11 +23,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from sa_bench.benchmarks import metrics
 from sa_bench.benchmarks.base import Benchmark, Sample
-from sa_bench.benchmarks.data import hub_dataset, load_rows
+from sa_bench.benchmarks.data import files_found, hub_dataset, load_rows
 
 HUB_ID = "THUDM/LongBench-v2"
 TEMPLATE_HEAD = "Please read the following text and answer the question below.\n\n<text>\n"
@@ -55,10 +56,15 @@ class LongBenchV2(Benchmark):
 
     key_version = 2  # results changed meaning: accuracy rounded as the official result.py
 
+    file_names = ("data", "longbench_v2")  # class attribute, not a config key
+
+    def data_dir_files(self) -> list[Path]:
+        return files_found(self.data_dir, self.file_names)
+
     def load(self, tokenizer: Any = None) -> list[Sample]:
         rows = load_rows(
             benchmark=self.name, subset=self.subset, data_dir=self.data_dir,
-            data_files=self.data_files, names=["data", "longbench_v2"],
+            data_files=self.data_files, names=self.file_names,
             hub=lambda: hub_dataset(HUB_ID, None, "train"), hub_id=HUB_ID, how_to_get=HOW_TO_GET,
         )  # fmt: skip
         samples = []

@@ -22,11 +22,12 @@ from __future__ import annotations
 import ast
 from collections.abc import Collection
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 from sa_bench.benchmarks import metrics
 from sa_bench.benchmarks.base import Benchmark, Generation, Sample
-from sa_bench.benchmarks.data import hub_dataset, load_rows, split_prompt
+from sa_bench.benchmarks.data import files_found, hub_dataset, load_rows, split_prompt
 
 HUB_ID = "bigainlco/LooGLE"
 PROMPTS = {
@@ -68,6 +69,9 @@ class LooGLE(Benchmark):
     generation: Generation = field(default_factory=lambda: Generation(repetition_penalty=2.0))
 
     known_subsets: ClassVar[Collection[str]] = PROMPTS
+
+    def data_dir_files(self) -> list[Path]:
+        return files_found(self.data_dir, [self.subset])
 
     def load(self, tokenizer: Any = None) -> list[Sample]:
         task = self.subset

@@ -384,6 +384,12 @@ class Ruler(Benchmark):
         qas, docs = qa
         return plan_qa(rng, qas[index % len(qas)], docs)
 
+    def data_dir_files(self) -> list[Path]:
+        if self.subset not in QA_FILES or not self.data_dir:
+            return []  # generated from the tokenizer's vocabulary: no file read
+        path = Path(self.data_dir) / f"{QA_FILES[self.subset]}.json"
+        return [path] if path.is_file() else []
+
     def _qa_data(self) -> tuple[list[dict], list[str]]:
         name = QA_FILES[self.subset]
         path: Path | None = None

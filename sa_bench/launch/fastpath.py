@@ -102,17 +102,10 @@ def write_manifest(argv: list[str], cells: list) -> None:
         return
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        jobdir.write_json_atomic(path, {"cells": [[str(c.path), c.key, *_data_source(c.config)]
+        jobdir.write_json_atomic(path, {"cells": [[str(c.path), c.key, *(c.source or [])]
                                                   for c in cells]})
     except OSError:
         pass  # a read-only (or full) output root: resuming just takes the Hydra path
-
-
-def _data_source(config: dict) -> list:
-    """Where a cell's benchmark reads local files from (data_files, data_dir), or []."""
-    bench = config.get("benchmark") or {}
-    source = [bench.get("data_files"), bench.get("data_dir")]
-    return source if any(source) else []
 
 
 def resume_if_all_done(argv: list[str]) -> bool:
@@ -128,7 +121,9 @@ def resume_if_all_done(argv: list[str]) -> bool:
     if sourced:
         from sa_bench.launch.identity import data_changed, local_data_fingerprint
 
-        if any(data_changed(Path(p), local_data_fingerprint(*source)) for p, source in sourced):
+        # a manifest written before cells named their files holds [data_files, data_dir]
+        if any(data_changed(Path(p), local_data_fingerprint(*source), source if len(source) == 3 else None)
+               for p, source in sourced):
             return False  # local benchmark files changed since: the sweeper reruns those cells
     print(f"{len(cells)} jobs: {len(cells)} done (skipped), 0 to run", flush=True)
     return True

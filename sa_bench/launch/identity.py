@@ -170,14 +170,29 @@ def _content_hash(path: str, size: int, mtime_ns: int) -> str:
     return digest.hexdigest()[:16]
 
 
+def data_source(benchmark: Any) -> list | None:
+    """Where a cell reads local benchmark files: [data_files, data_dir, files] with `files` the
+    files it reads from data_dir (`Benchmark.data_dir_files`; None = every file there), or
+    None for hub or generated data. Stored in the sweep manifest for the resume fast path."""
+    if not (benchmark.data_files or benchmark.data_dir):
+        return None
+    files = None if benchmark.data_files else benchmark.data_dir_files()
+    return [benchmark.data_files, benchmark.data_dir,
+            None if files is None else [str(f) for f in files]]
+
+
 def data_fingerprint(benchmark: Any) -> str | None:
-    """Fingerprint of the local files a benchmark reads (`data_files`, else every file directly
-    in `data_dir`); None for hub or generated data. Not part of the key (the data location is
+    """Fingerprint of the local files a cell reads (`data_files`, else its files in
+    `data_dir`); None for hub or generated data. Not part of the key (the data location is
     not): recorded in `done.json` so a finished cell whose data changed is found and rerun."""
-    return local_data_fingerprint(benchmark.data_files, benchmark.data_dir)
+    source = data_source(benchmark)
+    return None if source is None else local_data_fingerprint(*source)
 
 
-def local_data_fingerprint(data_files: str | None, data_dir: str | None) -> str | None:
+def local_data_fingerprint(data_files: str | None, data_dir: str | None,
+                           files: list[str] | None = None) -> str | None:
+    """See `data_source`: `files` None fingerprints every file directly in `data_dir` (also
+    the scheme of cells finished before benchmarks named their files)."""
     if data_files:
         file = Path(data_files).expanduser()
         return fingerprint_files([file], file.parent) if file.is_file() else "missing"
@@ -185,18 +200,33 @@ def local_data_fingerprint(data_files: str | None, data_dir: str | None) -> str 
         folder = Path(data_dir).expanduser()
         if not folder.is_dir():
             return "missing"
-        return fingerprint_files(sorted(p for p in folder.iterdir() if p.is_file()), folder)
+        if files is None:
+            return fingerprint_files(sorted(p for p in folder.iterdir() if p.is_file()), folder)
+        found = [Path(f).expanduser() for f in files if Path(f).expanduser().is_file()]
+        return fingerprint_files(found, folder) if found else None
     return None
 
 
-def data_changed(path: Path, data: str | None) -> bool:
-    """Whether the finished cell at `path` ran on other local data files than `data` says.
-    A marker that recorded no fingerprint (written before they were) counts as unchanged."""
+def same_data(recorded: str | None, data: str | None, source: list | None) -> bool:
+    """Whether a recorded fingerprint is `data`'s. One recorded before benchmarks named the
+    files they read covers every file in `data_dir`: it still matches while that folder is
+    unchanged (so upgrading reruns nothing)."""
+    if recorded == data:
+        return True
+    return bool(source and not source[0] and source[1] and source[2] is not None
+                and recorded == local_data_fingerprint(None, source[1]))
+
+
+def data_changed(path: Path, data: str | None, source: list | None = None) -> bool:
+    """Whether the finished cell at `path` ran on other local data files than `data` says
+    (`same_data`). A marker that recorded no fingerprint (written before they were) counts as
+    unchanged."""
     from sa_bench.launch import jobdir
 
     marker = jobdir.read_json(path / jobdir.MARKER)
     summary = marker.get("summary") if isinstance(marker, dict) else None
-    return isinstance(summary, dict) and summary.get("data", data) != data
+    return isinstance(summary, dict) and "data" in summary and not same_data(
+        summary["data"], data, source)
 
 
 # --- result trees written by the raw-YAML scheme --------------------------------------------

@@ -24,6 +24,7 @@ from sa_bench.launch import jobdir
 from sa_bench.launch.identity import (
     data_changed,
     data_fingerprint,
+    data_source,
     job_relpath,
     migrate_legacy,
     sanitize,
@@ -42,6 +43,8 @@ class Cell:
     path: Path = Path()
     data: str | None = None
     """Fingerprint of the local benchmark files (`identity.data_fingerprint`)."""
+    source: list | None = None
+    """Where those files are (`identity.data_source`)."""
     status: str = "pending"
     error: str = ""
     """Why the cell's config is invalid (status "invalid")."""
@@ -214,7 +217,7 @@ def identify(cells: list[Cell]) -> tuple[list[Cell], list[Cell]]:
         seen.add(rel)
         cell.relpath, cell.key = rel, rel.rsplit("/", 1)[1]
         cell.path = Path(cell.config.get("output_root", "outputs")) / rel
-        cell.data = data_fingerprint(spec.benchmark)
+        cell.data, cell.source = data_fingerprint(spec.benchmark), data_source(spec.benchmark)
         cell.overrides = [*cell.overrides, f"++cell={_as_override_value(rel)}"]
         valid.append(cell)
     return valid, invalid
@@ -239,7 +242,7 @@ def refresh_status(cells: list[Cell]) -> None:
     pending."""
     for cell in cells:
         cell.status = jobdir.status(cell.path, cell.key)
-        if cell.status == "done" and data_changed(cell.path, cell.data):
+        if cell.status == "done" and data_changed(cell.path, cell.data, cell.source):
             cell.status = "changed"
 
 
