@@ -441,3 +441,26 @@ def test_unknown_subset_is_refused(config):
     data["subsets"] = [data["subsets"][0], "no_such_subset"]
     with pytest.raises(ConfigError, match=r"benchmark\.subsets: unknown .*\['no_such_subset'\]"):
         build_target(data, "benchmark")
+
+
+@pytest.mark.parametrize("config,subset,file,drop,message", [
+    ("infinitebench", "longbook_choice_eng", "infinitebench/longbook_choice_eng.jsonl", "options",
+     "missing field 'options'"),
+    ("infinitebench", "code_run", "infinitebench/code_run.jsonl", "input", "missing field 'input'"),
+    ("infinitebench", "passkey", "infinitebench/passkey.jsonl", "answer", "missing field 'answer'"),
+    ("longbench_v2", "all", "longbench_v2/data.json", "choice_C",
+     "(missing field 'choice_C'|field 'choice_C' should be str, got NoneType 'None')"),
+    ("aime24", "all", "aime/aime24.jsonl", "problem",
+     "(missing field 'problem' or 'question'|field 'problem' should be str, got NoneType 'None')"),
+])
+def test_a_row_without_a_field_the_benchmark_reads_is_named(tmp_path, config, subset, file, drop,
+                                                            message):
+    from sa_bench.benchmarks.data import BadRowError, read_rows
+
+    rows = read_rows(FIXTURES / file)
+    rows[0].pop(drop)
+    target = tmp_path / (Path(file).stem + ".jsonl")
+    target.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    bench = make(config, subset=subset, data_dir=str(tmp_path))
+    with pytest.raises(BadRowError, match=rf"^{target}: row 1: {message}$"):
+        bench.load(None)

@@ -39,6 +39,16 @@ def test_rows_missing_fields_or_of_the_wrong_type_are_named():
         check_rows(["text"], fields, "f.jsonl")
 
 
+def test_alternative_field_names_are_read_in_order():
+    fields = {("problem", "question"): str}
+    rows = [{"question": "q"}, {"problem": None, "question": "q"}, {"problem": "p"}]
+    assert check_rows(rows, fields, "f.jsonl") is rows
+    with pytest.raises(BadRowError, match=r"^f.jsonl: row 2: missing field 'problem' or 'question'$"):
+        check_rows([rows[0], {"answer": 1}], fields, "f.jsonl")
+    with pytest.raises(BadRowError, match=r"^f.jsonl: row 1: field 'problem' should be str, got int"):
+        check_rows([{"problem": 3, "question": None}], fields, "f.jsonl")
+
+
 def test_garbage_line_in_predictions_names_file_and_line(tmp_path):
     file = tmp_path / "predictions.jsonl"
     rec = [json.dumps({"id": str(i), "prediction": "p"}) for i in range(3)]

@@ -51,6 +51,7 @@ class Aime(Benchmark):
             benchmark=self.name, subset=self.subset, data_dir=self.data_dir,
             data_files=self.data_files, names=self._file_names(),
             hub=lambda: hub_dataset(repo, None, split), hub_id=repo,
+            fields={("problem", "question"): str, "answer": (str, int, float)},
             how_to_get=f"Download the hub dataset {repo} (jsonl/parquet with problem, answer) "
             f"and set benchmark.data_dir or benchmark.data_files.",
         )  # fmt: skip

@@ -27,7 +27,8 @@ class BadRowError(ValueError):
     """A data row lacks a field the benchmark needs, or the field has the wrong type."""
 
 
-FieldTypes = Mapping[str, "type | tuple[type, ...]"]
+FieldTypes = Mapping["str | tuple[str, ...]", "type | tuple[type, ...]"]
+"""Field name (or alternative names, the first present is read) -> allowed types."""
 
 
 def check_rows(rows: list[Any], fields: FieldTypes, where: str) -> list[dict[str, Any]]:
@@ -37,9 +38,13 @@ def check_rows(rows: list[Any], fields: FieldTypes, where: str) -> list[dict[str
         if not isinstance(row, dict):
             raise BadRowError(f"{where}: row {i}: expected an object with fields {sorted(fields)}, "
                               f"got {type(row).__name__}")
-        for name, kinds in fields.items():
-            if name not in row:
-                raise BadRowError(f"{where}: row {i}: missing field {name!r}")
+        for names, kinds in fields.items():
+            options = names if isinstance(names, tuple) else (names,)  # the first one set is read
+            name = next((n for n in options if row.get(n) is not None),
+                        next((n for n in options if n in row), None))
+            if name is None:
+                wanted = " or ".join(repr(n) for n in names) if isinstance(names, tuple) else repr(names)
+                raise BadRowError(f"{where}: row {i}: missing field {wanted}")
             if not isinstance(row[name], kinds):
                 expected = " or ".join(k.__name__ for k in (kinds if isinstance(kinds, tuple) else (kinds,)))
                 raise BadRowError(f"{where}: row {i}: field {name!r} should be {expected}, got "

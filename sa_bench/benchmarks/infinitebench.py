@@ -74,6 +74,16 @@ def _number(value: Any) -> int | float:
     return float(text) if "." in text else int(text)
 
 
+def row_fields(task: str) -> dict[str, Any]:
+    """The row fields a task's prompt and label read, with their types (official files)."""
+    fields: dict[str, Any] = {"context": str, "answer": (list, str, int, float)}
+    if task in ("longbook_choice_eng", "code_debug"):
+        fields["options"] = list
+    if task in ("longbook_choice_eng", "longbook_qa_eng", "longbook_qa_chn", "code_run", "math_find"):
+        fields["input"] = str
+    return fields
+
+
 def prompt_fields(task: str, row: dict[str, Any]) -> dict[str, Any]:
     """The template fields of one row, as the official `create_prompt` builds them."""
     fields: dict[str, Any] = {"context": row["context"], "input": row.get("input", "")}
@@ -163,7 +173,7 @@ class InfiniteBench(Benchmark):
         rows = load_rows(
             benchmark=self.name, subset=task, data_dir=self.data_dir, data_files=self.data_files,
             names=[task], hub=lambda: read_rows(hub_file(HUB_ID, f"{task}.jsonl")),
-            hub_id=f"{HUB_ID}:{task}.jsonl", how_to_get=HOW_TO_GET,
+            hub_id=f"{HUB_ID}:{task}.jsonl", how_to_get=HOW_TO_GET, fields=row_fields(task),
         )  # fmt: skip
         samples = []
         for i, row in enumerate(rows):

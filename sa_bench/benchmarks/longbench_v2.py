@@ -66,6 +66,8 @@ class LongBenchV2(Benchmark):
             benchmark=self.name, subset=self.subset, data_dir=self.data_dir,
             data_files=self.data_files, names=self.file_names,
             hub=lambda: hub_dataset(HUB_ID, None, "train"), hub_id=HUB_ID, how_to_get=HOW_TO_GET,
+            fields={k: str for k in ("context", "question", "answer", "choice_A", "choice_B",
+                                     "choice_C", "choice_D")},
         )  # fmt: skip
         samples = []
         for i, row in enumerate(rows):
