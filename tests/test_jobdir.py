@@ -58,6 +58,35 @@ def test_a_killed_holder_frees_the_cell(tmp_path):
     assert jobdir.status(path, "k1") == "pending"
 
 
+def _linger(ready):
+    ready.set()
+    time.sleep(60)
+
+
+def test_a_forked_child_of_the_job_does_not_hold_its_lock(tmp_path):
+    """A worker forked by the job (tokenizer, data loader) gets no copy of the lock: releasing
+    it, or the job dying, frees the cell while the worker still lives."""
+    path = tmp_path / "job"
+    lock = jobdir.JobLock(path)
+    assert lock.try_acquire()
+    ctx = mp.get_context("fork")
+    ready = ctx.Event()
+    child = ctx.Process(target=_linger, args=(ready,))
+    child.start()
+    try:
+        assert ready.wait(30)
+        lock_file = str((path / jobdir.LOCK).resolve())
+        child_fds = {os.path.realpath(f"/proc/{child.pid}/fd/{fd}")
+                     for fd in os.listdir(f"/proc/{child.pid}/fd")}
+        assert lock_file not in child_fds
+        assert jobdir.status(path, "k1") == "running"
+        lock.release()
+        assert jobdir.status(path, "k1") == "pending"
+    finally:
+        child.kill()
+        child.join()
+
+
 def test_a_status_probe_never_makes_a_starting_job_think_the_cell_is_busy(tmp_path):
     path = tmp_path / "job"
     path.mkdir()

@@ -162,6 +162,24 @@ def is_locked(path: Path) -> bool:
     return False
 
 
+_HELD: set[int] = set()
+"""Descriptors of the job locks this process holds (closed in forked children)."""
+
+
+def _close_held_locks() -> None:
+    """In a forked child (a tokenizer or data worker): drop its copies of the lock descriptors,
+    so the lock stays the job process's alone (held while it lives, released when it dies)."""
+    for fd in _HELD:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_close_held_locks)
+
+
 class JobLock:
     """Exclusive per-job lock (fcntl `flock`): released by the OS when its holder dies."""
 
@@ -188,9 +206,12 @@ class JobLock:
                 time.sleep(0.02)
                 continue
             self._fd = fd
+            _HELD.add(fd)
             return True
 
     def release(self) -> None:
         if self._fd is not None:
-            os.close(self._fd)  # closing the descriptor releases the flock
+            _HELD.discard(self._fd)
+            fcntl.flock(self._fd, fcntl.LOCK_UN)  # also when a forked child still has a copy
+            os.close(self._fd)
             self._fd = None
