@@ -1,7 +1,7 @@
 """Time real decoding steps of every method's attention, as a ratio to dense SDPA.
 
     python -m sa_bench.perf.attention [--keys 4096 16384 32768 65536] [--steps 4]
-        [--methods streaming quest ...] [--device cuda --dtype bfloat16]
+        [--methods streaming quest ...] [--per-kv-head] [--device cuda --dtype bfloat16]
 
 Tensors have a real model's attention shape (32 query heads, 8 kv heads, head dim 128,
 batch 1). Decoding is simulated as in a job: every method first sees the context once (its

@@ -1,7 +1,7 @@
 """Time and memory of a job's path at real model shapes, against a plain transformers loop.
 
     python -m sa_bench.perf.scale --shape llama3.1-8b --layers 1 --tokens 8192 16384 \
-        --methods dense streaming oracle_topk
+        --methods dense streaming oracle_topk [--per-kv-head] [--device cuda]
 
 Builds a random-weight model with the named architecture's shapes (nothing is downloaded),
 then for each context length runs, each in a fresh process (so peak memory is its own):
