@@ -103,8 +103,9 @@ def load_method(name: str, args, files: Path) -> SparseMethod:
     return method
 
 
-def run_size(kv: int, names: list[str], args, device, dtype) -> dict[str, tuple[float, float]]:
-    """{name: (median ms, median ratio to the baseline)} over `args.steps` decode steps."""
+def run_size(kv: int, names: list[str], args, device, dtype) -> dict[str, tuple[float, float, float]]:
+    """{name: (median ms, median ratio to the baseline, fraction of the keys each query head
+    attended)} over `args.steps` decode steps."""
     h, hk, d = args.heads, args.kv_heads, args.head_dim
     g = torch.Generator().manual_seed(kv)
     n0 = kv + 3
@@ -139,8 +140,9 @@ def run_size(kv: int, names: list[str], args, device, dtype) -> dict[str, tuple[
             if step:
                 times[name].append(time.perf_counter() - start)
     base = times["sdpa"]
-    return {name: (statistics.median(t) * 1e3, statistics.median(x / y for x, y in zip(t, base, strict=True)))
-            for name, t in times.items()}
+    attended = {name: method.stats()["density"]["decode"][0] for name, method in methods.items()}
+    return {name: (statistics.median(t) * 1e3, statistics.median(x / y for x, y in zip(t, base, strict=True)),
+                   attended.get(name, 1.0)) for name, t in times.items()}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -174,12 +176,14 @@ def main(argv: list[str] | None = None) -> None:
         base = results[kv]["sdpa"][0]
         print(f"# {kv + 3}..{kv + 3 + args.steps} keys: SDPA grouped {base:.2f} ms", flush=True)
     print(f"\n{args.device} {args.dtype}, {args.threads} thread(s), {args.steps} steps per size; "
-          f"ratio = median over steps of method / grouped SDPA in the same step\n")
-    print("| method | " + " | ".join(f"{kv // 1024}k keys" for kv in args.keys) + " |")
-    print("|---" * (len(args.keys) + 1) + "|")
+          f"ratio = median over steps of method / grouped SDPA in the same step; attended = "
+          f"mean fraction of its keys a query head attends ({args.keys[-1] // 1024}k)\n")
+    print("| method | " + " | ".join(f"{kv // 1024}k keys" for kv in args.keys) + " | attended |")
+    print("|---" * (len(args.keys) + 2) + "|")
     labels = {"sdpa": "SDPA grouped (baseline)", "sdpa_gqa": "SDPA enable_gqa (reference)"}
     for name in ["sdpa", "sdpa_gqa", *names]:
         cells = [f"{results[kv][name][1]:.2f}x ({results[kv][name][0]:.2f} ms)" for kv in args.keys]
+        cells.append(f"{100 * results[args.keys[-1]][name][2]:.1f}%")
         print(f"| {labels.get(name, name)} | " + " | ".join(cells) + " |")
 
 
