@@ -450,6 +450,8 @@ def test_unknown_subset_is_refused(config):
     ("infinitebench", "passkey", "infinitebench/passkey.jsonl", "answer", "missing field 'answer'"),
     ("longbench_v2", "all", "longbench_v2/data.json", "choice_C",
      "(missing field 'choice_C'|field 'choice_C' should be str, got NoneType 'None')"),
+    ("loogle", "longdep_qa", "loogle/longdep_qa.jsonl", "input",
+     "(missing field 'input' or 'context'|field 'input' should be str, got NoneType 'None')"),
     ("aime24", "all", "aime/aime24.jsonl", "problem",
      "(missing field 'problem' or 'question'|field 'problem' should be str, got NoneType 'None')"),
 ])

@@ -79,6 +79,7 @@ class LooGLE(Benchmark):
             benchmark=self.name, subset=task, data_dir=self.data_dir, data_files=self.data_files,
             names=[task], hub=lambda: hub_dataset(HUB_ID, task, "test"), hub_id=f"{HUB_ID}/{task}",
             how_to_get=HOW_TO_GET,
+            fields={("input", "context"): str, ("qa_pairs", "question", "output"): (str, list)},
         )  # fmt: skip
         samples = []
         for i, row in enumerate(rows):
