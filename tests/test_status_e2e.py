@@ -61,6 +61,18 @@ def mount(*args: str) -> None:
         pytest.skip(f"needs mount privileges (root): {proc.stderr.strip()}")
 
 
+def fill(folder: Path) -> None:
+    """Write into `folder` until its file system is full."""
+    fd = os.open(folder / "filler", os.O_WRONLY | os.O_CREAT)
+    try:
+        while True:
+            os.write(fd, b"\0" * 4096)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 # 1 ---------------------------------------------------------------------------------------------
 
 
@@ -259,14 +271,7 @@ def test_disk_full_is_reported_as_such_and_not_relaunched(tmp_path, conf):
     out.mkdir()
     mount("-t", "tmpfs", "-o", "size=256k", "tmpfs", str(out))
     try:
-        fd = os.open(out / "filler", os.O_WRONLY | os.O_CREAT)
-        try:  # fill the file system
-            while True:
-                os.write(fd, b"\0" * 4096)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
+        fill(out)
         proc = run_sa_bench(*probe_args(conf), root=out, env=env())
     finally:
         subprocess.run(["umount", str(out)], check=True)
@@ -291,14 +296,7 @@ def test_disk_filling_up_during_a_job_fails_that_job_and_frees_its_cell(tmp_path
         while not list(out.rglob(jobdir.PROGRESS)):
             assert time.time() < deadline and proc.poll() is None
             time.sleep(0.1)
-        fd = os.open(out / "filler", os.O_WRONLY | os.O_CREAT)
-        try:  # the disk fills up while the job runs
-            while True:
-                os.write(fd, b"\0" * 4096)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
+        fill(out)  # the disk fills up while the job runs
         stdout, stderr = proc.communicate(timeout=300)
     finally:
         subprocess.run(["umount", str(out)], check=True)

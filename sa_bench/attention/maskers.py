@@ -40,6 +40,7 @@ class Sink(Masker):
     """Attention sinks (StreamingLLM, https://arxiv.org/abs/2309.17453): the first `size`
     keys a query may see, {j0, ..., j0 + s - 1} with j0 the first unmasked key."""
 
+    group_shared = True  # the same keys for every query head (not a config key)
     size: Size = 4
 
     def select(self, ctx: Context, sel: Selection) -> Selection:
@@ -50,16 +51,13 @@ class Sink(Masker):
         valid = (ar < s.unsqueeze(-1)) & ctx.allowed.gather(-1, idx)
         return sel.add(idx, valid & ~sel.contains(idx, ctx.kv), 0.0, ctx.kv, shared=True)
 
-    @property
-    def group_shared(self) -> bool:
-        return True
-
 
 @dataclass
 class Local(Masker):
     """Local window (StreamingLLM, https://arxiv.org/abs/2309.17453): the last `size` keys
     up to and including the query's own position t, {t - w + 1, ..., t} (causal)."""
 
+    group_shared = True  # the same keys for every query head (not a config key)
     size: Size = 64
 
     def select(self, ctx: Context, sel: Selection) -> Selection:
@@ -70,10 +68,6 @@ class Local(Masker):
         idx = idx.clamp(min=0)
         valid = ok & ctx.allowed.gather(-1, idx)
         return sel.add(idx, valid & ~sel.contains(idx, ctx.kv), 0.0, ctx.kv, shared=True)
-
-    @property
-    def group_shared(self) -> bool:
-        return True
 
 
 # --- top-k / top-p by a score ----------------------------------------------------------------
@@ -227,8 +221,7 @@ class RandomSampling(Masker):
             idx, valid = draw_candidates(ctx, sel, m, ctx.budget_max(self.rate))
             return sel.add(idx, valid, log_weight(pi), ctx.kv)
         g = ctx.groups  # the selection so far is shared (checked at build): draw for one head of each group
-        first = Selection(sel.idx[:, ::g], sel.logw[:, ::g])
-        idx, valid = draw_candidates(ctx, first, m[:, ::g], ctx.budget_max(self.rate))
+        idx, valid = draw_candidates(ctx, sel.of_kv_heads(g), m[:, ::g], ctx.budget_max(self.rate))
         return sel.add(idx.repeat_interleave(g, 1), valid.repeat_interleave(g, 1), log_weight(pi),
                        ctx.kv, shared=True)
 

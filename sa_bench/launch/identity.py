@@ -202,7 +202,7 @@ def local_data_fingerprint(data_files: str | None, data_dir: str | None,
             return "missing"
         if files is None:
             return fingerprint_files(sorted(p for p in folder.iterdir() if p.is_file()), folder)
-        found = [Path(f).expanduser() for f in files if Path(f).expanduser().is_file()]
+        found = [f for f in (Path(name).expanduser() for name in files) if f.is_file()]
         return fingerprint_files(found, folder) if found else None
     return None
 
