@@ -254,3 +254,25 @@ def test_several_devices_shard_over_exactly_the_leased_ones(monkeypatch):
     with pytest.raises(OSError, match="stop here"):
         load_model(model_cfg(), [2, 5])
     assert set(seen["max_memory"]) == {2, 5} and seen["trust_remote_code"] is False
+
+
+def test_one_device_loads_the_weights_straight_onto_it(monkeypatch):
+    import sa_bench.models.loading as loading
+
+    assert loading._placement([3]) == {"device_map": {"": 3}}
+    seen = {}
+
+    class Fake:
+        @classmethod
+        def from_pretrained(cls, path, **kw):
+            seen.update(kw)
+            raise OSError("stop here")
+
+    monkeypatch.setattr("transformers.AutoModelForCausalLM", Fake)
+    with pytest.raises(OSError, match="stop here"):
+        load_model(model_cfg(), [3])
+    assert seen["device_map"] == {"": 3} and "max_memory" not in seen
+    seen.clear()
+    with pytest.raises(OSError, match="stop here"):
+        load_model(model_cfg(), [])
+    assert "device_map" not in seen

@@ -204,9 +204,14 @@ def _tokenizer_class(path: str) -> str | None:
 
 
 def _placement(devices: list[int]) -> dict[str, Any]:
-    """from_pretrained kwargs that shard over exactly the leased devices (several GPUs)."""
+    """from_pretrained kwargs that place the weights on exactly the leased devices: one GPU
+    gets every weight loaded straight onto it (no full copy in host memory first: eight jobs
+    of an 8B model on one node would hold 128 GB of host RAM while loading); several share
+    the model (`balanced`)."""
     import torch
 
+    if len(devices) == 1:
+        return {"device_map": {"": devices[0]}}
     max_memory: dict[Any, Any] = {}
     for d in devices:
         free, _total = torch.cuda.mem_get_info(d)
@@ -229,7 +234,7 @@ def load_model(cfg: ModelConfig, devices: list[int] | tuple[int, ...] = ()) -> t
     # the kernel used at run time is installed by SparseMethod.installed; load with the
     # matching transformers implementation so the model's own path agrees with it
     kwargs["attn_implementation"] = "eager" if cfg.attn_implementation == "eager" else "sdpa"
-    if len(devices) > 1:
+    if devices:
         kwargs.update(_placement(devices))
 
     source = cfg.source()
@@ -252,8 +257,6 @@ def load_model(cfg: ModelConfig, devices: list[int] | tuple[int, ...] = ()) -> t
         tokenizer = load_tokenizer(cfg, fallback)
         path, source = fallback, f"offline_fallback:{cfg.offline_fallback}"
 
-    if len(devices) == 1:
-        model = model.to(f"cuda:{devices[0]}")
     model.eval()
     if model.generation_config is not None and model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
