@@ -233,6 +233,22 @@ def test_smollm2_offline_passkey(tmp_path):
     assert envs
 
 
+def placement_seen(monkeypatch, devices) -> dict:
+    """The kwargs `load_model(model_cfg(), devices)` passes to from_pretrained (which stops it)."""
+    seen = {}
+
+    class Fake:
+        @classmethod
+        def from_pretrained(cls, path, **kw):
+            seen.update(kw)
+            raise OSError("stop here")
+
+    monkeypatch.setattr("transformers.AutoModelForCausalLM", Fake)
+    with pytest.raises(OSError, match="stop here"):
+        load_model(model_cfg(), devices)
+    return seen
+
+
 def test_several_devices_shard_over_exactly_the_leased_ones(monkeypatch):
     import torch
 
@@ -242,37 +258,11 @@ def test_several_devices_shard_over_exactly_the_leased_ones(monkeypatch):
     kwargs = loading._placement([2, 5])
     assert kwargs["device_map"] == "balanced"
     assert set(kwargs["max_memory"]) == {2, 5}  # no other GPU, no CPU offload
-    seen = {}
-
-    class Fake:
-        @classmethod
-        def from_pretrained(cls, path, **kw):
-            seen.update(kw)
-            raise OSError("stop here")
-
-    monkeypatch.setattr("transformers.AutoModelForCausalLM", Fake)
-    with pytest.raises(OSError, match="stop here"):
-        load_model(model_cfg(), [2, 5])
+    seen = placement_seen(monkeypatch, [2, 5])
     assert set(seen["max_memory"]) == {2, 5} and seen["trust_remote_code"] is False
 
 
 def test_one_device_loads_the_weights_straight_onto_it(monkeypatch):
-    import sa_bench.models.loading as loading
-
-    assert loading._placement([3]) == {"device_map": {"": 3}}
-    seen = {}
-
-    class Fake:
-        @classmethod
-        def from_pretrained(cls, path, **kw):
-            seen.update(kw)
-            raise OSError("stop here")
-
-    monkeypatch.setattr("transformers.AutoModelForCausalLM", Fake)
-    with pytest.raises(OSError, match="stop here"):
-        load_model(model_cfg(), [3])
+    seen = placement_seen(monkeypatch, [3])
     assert seen["device_map"] == {"": 3} and "max_memory" not in seen
-    seen.clear()
-    with pytest.raises(OSError, match="stop here"):
-        load_model(model_cfg(), [])
-    assert "device_map" not in seen
+    assert "device_map" not in placement_seen(monkeypatch, [])  # CPU: no placement
