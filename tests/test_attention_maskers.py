@@ -17,6 +17,8 @@ from sa_bench.attention.base import (  # noqa: E402
     Selection,
     Workspace,
     allowed_from_mask,
+    attend_blocks,
+    decode_spans,
     eager_attention,
     sparse_attention,
 )
@@ -722,3 +724,70 @@ def test_selection_contains_is_membership(n):
         for i in range(3):
             chosen = set(idx[0, hi, i][valid[0, hi, i]].tolist())
             assert got[0, hi, i].tolist() == [c in chosen for c in cand[0, 0, i].tolist()]
+
+
+@pytest.mark.parametrize("sizes,kv", [
+    ((4, 64), 300), ((4, 64), 60), ((0.05, 0.1), 333), ((16, 0.25), 301), ((0, 8), 40),
+    ((300, 8), 100), ((3, 0.5), 7),
+])
+def test_sink_and_local_decode_on_cache_slices_equals_the_index_path(sizes, kv):
+    """One query row without a mask (decode): sink + local attend to slices of the cache on
+    the dense kernel; output and density equal the general index-list path, with every
+    selection (overlapping ranges, fractions, sizes past the key count)."""
+    query, key, value = tensors(b=2, h=8, hk=2, kv=kv, d=32, seed=kv)
+    sink, local = sizes
+
+    def method():
+        m = SparseMethod.from_config({"name": "s", "phase": "question", "maskers": {
+            "sink": {"_target_": "sa_bench.attention.maskers.Sink", "size": sink},
+            "local": {"_target_": "sa_bench.attention.maskers.Local", "size": local}}})
+        m.set_phase("decode")
+        return m
+
+    spans, ranged = decode_spans(method().maskers.values(), 1, kv, None)
+    assert spans and ranged == 2
+    fast = method()
+    out = fast.attention(MODULE, query, key, value, None, 32 ** -0.5)[0].transpose(1, 2)
+    ctx, sel = run(list(method().maskers.values()), query, key)  # the maskers' own selection
+    ref = sparse_attention(ctx, value, sel, Workspace())
+    attended = {len(keys) for keys in row_sets(sel).values()}
+    assert attended == {sum(b - a for a, b in spans)}
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert fast.stats()["density"]["decode"][0] == pytest.approx(attended.pop() / kv, abs=1e-6)
+
+
+def test_decode_spans_only_for_range_maskers_one_row_and_no_mask():
+    ranges = [Sink(size=4), Local(size=8)]
+    assert decode_spans(ranges, 1, 100, None) == ([(0, 4), (92, 100)], 2)
+    assert decode_spans(ranges, 1, 10, None) == ([(0, 10)], 2)  # overlapping: merged
+    assert decode_spans(ranges, 2, 100, None) == ([], 0)  # several rows: each its own window
+    assert decode_spans(ranges, 1, 100, torch.zeros(1, 1, 1, 100)) == ([], 0)  # padding
+    top = OracleTopK(heavy_size=0.1)
+    assert decode_spans([*ranges, top], 1, 100, None) == ([(0, 4), (92, 100)], 2)  # a prefix
+    assert decode_spans([top, *ranges], 1, 100, None) == ([], 0)
+    assert decode_spans([Sink(size=0), Local(size=0)], 1, 100, None) == ([], 2)  # nothing
+
+
+@pytest.mark.parametrize("maskers", [
+    lambda: [Sink(size=4), Local(size=16), OracleTopK(heavy_size=0.1)],
+    lambda: [Sink(size=4), Local(size=16), OracleTopK(heavy_size=0.1, per_kv_head=True)],
+    lambda: [Sink(size=4), Local(size=0.05), Quest(heavy_size=0.1, page_size=8)],
+    lambda: [Sink(size=300), Local(size=16), OracleTopK(heavy_size=0.1)],  # ranges cover all
+])
+def test_range_prefix_as_spans_selects_what_the_maskers_select(maskers):
+    """Decode: the leading sink / local become one selection of ranges; the keys every row
+    attends to and the output equal those of every masker run through the index lists."""
+    query, key, value = tensors(b=2, h=8, hk=2, kv=257, d=32, seed=3)
+    ctx, ref_sel = run(maskers(), query, key)
+    ref = sparse_attention(ctx, value, ref_sel, Workspace())
+    out, density = attend_blocks(maskers(), query, key, value, None, 32 ** -0.5, 0, None,
+                                 Workspace(), 2**30)
+    spans, ranged = decode_spans(maskers(), 1, 257, None)
+    assert ranged == 2
+    ctx = context(query, key)
+    sel = Selection.of_spans(spans, 2, 8, 1, "cpu")
+    for m in maskers()[2:]:
+        sel = m.select(ctx, sel)
+    assert row_sets(sel) == row_sets(ref_sel)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert float(density) == pytest.approx(sum(map(len, row_sets(ref_sel).values())) / 257, rel=1e-6)

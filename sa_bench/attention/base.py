@@ -56,6 +56,11 @@ class Masker:
     def notes(self) -> list[str]:
         return []
 
+    def decode_range(self, kv: int) -> tuple[int, int] | None:
+        """The keys [start, stop) this masker selects for one query row that may see all `kv`
+        keys, when that is one range known without looking at them (sink, local); else None."""
+        return None
+
     @property
     def group_shared(self) -> bool:
         """Whether the keys this masker adds are the same for the query heads of a kv head
@@ -132,6 +137,16 @@ class Selection:
     def empty(cls, b: int, h: int, q: int, device) -> Selection:
         return cls(torch.empty(b, h, q, 0, dtype=torch.long, device=device),
                    torch.empty(b, h, q, 0, dtype=torch.float32, device=device))
+
+    @classmethod
+    def of_spans(cls, spans: list[tuple[int, int]], b: int, h: int, q: int, device) -> Selection:
+        """Every key of the ranges `spans` (disjoint) for every row: the selection of the range
+        maskers `decode_spans` covers."""
+        if not spans:
+            return cls.empty(b, h, q, device)
+        idx = torch.cat([torch.arange(start, stop, device=device) for start, stop in spans])
+        shape = (b, h, q, idx.shape[0])
+        return cls(idx.expand(shape), torch.zeros((), device=device).expand(shape))
 
     @property
     def valid(self) -> Tensor:
@@ -266,9 +281,7 @@ class Context:
 
     def budget_max(self, size: Size) -> int:
         """An upper bound of `budget(size)` known without reading the mask (no device sync)."""
-        if isinstance(size, float):
-            return round(self.kv * size)
-        return min(int(size), self.kv)
+        return size_of(size, self.kv)
 
     @property
     def positions(self) -> Tensor:
@@ -641,6 +654,37 @@ def shared_attention(ctx: Context, value: Tensor, sel: Selection) -> Tensor:
     return out.view(b, hk, q, g, d).transpose(2, 3).reshape(b, h, q, d).to(ctx.query.dtype)
 
 
+def size_of(size: Size, n: int) -> int:
+    """`Context.budget` of one row that may see `n` keys (no tensors)."""
+    return round(n * size) if isinstance(size, float) else min(int(size), n)
+
+
+def decode_spans(maskers, q: int, kv: int, attention_mask: Tensor | None) -> tuple[list[tuple[int, int]], int]:
+    """(spans, n): the keys the first n maskers select, as sorted disjoint ranges, when each
+    of them selects one range (`decode_range`: sink, local) and the call is one query row that
+    may see every key (decode, no mask); n = 0 otherwise. Ranges cost a few kernels where the
+    index-list path runs ~60 small ones per masker, which is what a GPU pays per layer at batch
+    1: with only ranges, attention reads slices of the cache on the dense kernel."""
+    spans: list[tuple[int, int]] = []
+    n = 0
+    if q != 1 or attention_mask is not None:
+        return spans, n
+    for masker in maskers:
+        span = masker.decode_range(kv)
+        if span is None:
+            break
+        n += 1
+        if span[1] > span[0]:
+            spans.append(span)
+    merged: list[tuple[int, int]] = []
+    for start, stop in sorted(spans):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], stop))
+        else:
+            merged.append((start, stop))
+    return merged, n
+
+
 def row_blocks(b: int, h: int, q: int, kv: int, budget_bytes: int) -> list[tuple[int, int]]:
     """Query-row blocks [r0, r1) for one sparse call: a block's largest per-call temporary
     is a kv-wide row of 8-byte entries per head and row (index lists at full budget, the
@@ -674,8 +718,9 @@ def attend_blocks(maskers, query: Tensor, key: Tensor, value: Tensor, attention_
         k, v = (key, value) if end == kv else (key[:, :, :end], value[:, :, :end])
         allowed = allowed_from_mask(mask, b, r1 - r0, end, query.device)
         ctx = Context(query[:, :, r0:r1], k, scaling, layer, allowed, generator)
-        sel = Selection.empty(b, h, r1 - r0, query.device)
-        for masker in maskers:
+        spans, ranged = decode_spans(maskers, r1 - r0, end, mask)
+        sel = Selection.of_spans(spans, b, h, r1 - r0, query.device)
+        for masker in list(maskers)[ranged:]:
             sel = masker.select(ctx, sel)
         outs.append(sparse_attention(ctx, v, sel, workspace))
         density = density + (sel.valid.sum(-1).float() / ctx.n_keys.clamp(min=1).float()).sum()
@@ -708,5 +753,6 @@ def normal_quantile(p: float) -> float:
 __all__ = [
     "Context", "KeyCache", "Masker", "Selection", "Workspace", "allowed_from_mask", "key_rows",
     "TopKMasker", "check_fraction", "eager_attention", "model_shapes", "first_allowed", "log_weight", "normal_quantile",
-    "attend_blocks", "compact", "draw_candidates", "row_blocks", "sparse_attention", "top_rows",
+    "attend_blocks", "compact", "decode_spans", "draw_candidates", "row_blocks", "size_of",
+    "sparse_attention", "top_rows",
 ]

@@ -26,6 +26,7 @@ from sa_bench.attention.base import (
     first_allowed,
     log_weight,
     normal_quantile,
+    size_of,
 )
 from sa_bench.attention.double_sparsity import DoubleSparsity
 from sa_bench.attention.hashattn import HashAttention, RandomProjectionTopK
@@ -51,6 +52,9 @@ class Sink(Masker):
         valid = (ar < s.unsqueeze(-1)) & ctx.allowed.gather(-1, idx)
         return sel.add(idx, valid & ~sel.contains(idx, ctx.kv), 0.0, ctx.kv, shared=True)
 
+    def decode_range(self, kv: int) -> tuple[int, int]:
+        return 0, size_of(self.size, kv)
+
 
 @dataclass
 class Local(Masker):
@@ -68,6 +72,9 @@ class Local(Masker):
         idx = idx.clamp(min=0)
         valid = ok & ctx.allowed.gather(-1, idx)
         return sel.add(idx, valid & ~sel.contains(idx, ctx.kv), 0.0, ctx.kv, shared=True)
+
+    def decode_range(self, kv: int) -> tuple[int, int]:
+        return kv - size_of(self.size, kv), kv
 
 
 # --- top-k / top-p by a score ----------------------------------------------------------------

@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 import torch
 
-from sa_bench.attention.base import Masker, Workspace, attend_blocks
+from sa_bench.attention.base import Masker, Workspace, attend_blocks, decode_spans
 from sa_bench.attention.dense import dense_attention, dense_mask
 from sa_bench.config import ConfigError, build, build_target
 
@@ -173,11 +173,17 @@ class SparseMethod:
                 self._density.add(self.phase, layer, float(b * h * q), b * h * q)
                 self._error.add(self.phase, layer, 0.0, b * q)
             return out, None
-        if self.generator is None or self.generator.device != query.device:
-            self.generator = torch.Generator(device=query.device).manual_seed(self.config.seed)
-        out, density = attend_blocks(self.maskers.values(), query, key, value, attention_mask,
-                                     scaling, layer, self.generator, self.workspace,
-                                     self.config.block_bytes)  # [b, H, q, d]
+        spans, ranged = decode_spans(self.maskers.values(), q, kv, attention_mask)
+        if spans and ranged == len(self.maskers):  # sink / local only: slices of the cache
+            out = dense_attention(module, query, *_slices(key, value, spans), None, scaling,
+                                  self.implementation, dropout).transpose(1, 2)
+            density = b * h * sum(stop - start for start, stop in spans) / kv
+        else:
+            if self.generator is None or self.generator.device != query.device:
+                self.generator = torch.Generator(device=query.device).manual_seed(self.config.seed)
+            out, density = attend_blocks(self.maskers.values(), query, key, value, attention_mask,
+                                         scaling, layer, self.generator, self.workspace,
+                                         self.config.block_bytes)  # [b, H, q, d]
         self._density.add(self.phase, layer, density, b * h * q)
         if self.config.measure_error:
             dense = dense_attention(module, query, key, value, attention_mask, scaling,
@@ -186,3 +192,12 @@ class SparseMethod:
             err = diff.flatten(2).norm(dim=-1) / dense.flatten(2).norm(dim=-1).clamp_min(1e-30)
             self._error.add(self.phase, layer, err.sum(), b * q)
         return out.transpose(1, 2).contiguous(), None
+
+
+def _slices(key: torch.Tensor, value: torch.Tensor, spans: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The keys and values of `spans` (sorted disjoint ranges): a view for one range."""
+    if len(spans) == 1:
+        (start, stop), = spans
+        return key[:, :, start:stop], value[:, :, start:stop]
+    return (torch.cat([key[:, :, a:b] for a, b in spans], 2),
+            torch.cat([value[:, :, a:b] for a, b in spans], 2))
