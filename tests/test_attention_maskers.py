@@ -533,6 +533,9 @@ def test_perf_command_times_real_decoding_steps(capsys):
     assert {"SDPA grouped (baseline)", "SDPA enable_gqa (reference)", "streaming", "quest",
             "quest/kv"} == set(rows) - {"method"}  # streaming has no per_kv_head masker
     assert "1.00x" in rows["SDPA grouped (baseline)"]
+    ops = {name: int(row.split("|")[-2]) for name, row in rows.items() if name != "method"}
+    # sink + local read slices of the cache: a few calls, as dense; quest's index lists many
+    assert ops["SDPA grouped (baseline)"] < ops["streaming"] and 4 * ops["streaming"] < ops["quest"]
 
 
 @pytest.mark.gpu

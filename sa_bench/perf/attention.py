@@ -13,7 +13,10 @@ steps none is a multiple of 16, Quest's page size), so pages are partly filled. 
 head grouped as rows: `[b, Hk, g, d]` against `[b, Hk, kv, d]`), SDPA with `enable_gqa=True`
 (reference) and every method are timed one after the other, in an order rotated per step, so
 load changes hit all of them. Prints median milliseconds and the median of the per-step
-ratios to the baseline as a markdown table.
+ratios to the baseline as a markdown table, with the fraction of its keys a query head
+attends and the operator calls of one decode call (`ops/call`, views included, on the batched
+paths a GPU takes): at batch 1 a GPU pays a kernel launch of a few microseconds for most of
+them, whatever the bytes read.
 """
 
 from __future__ import annotations
@@ -103,9 +106,21 @@ def load_method(name: str, args, files: Path) -> SparseMethod:
     return method
 
 
-def run_size(kv: int, names: list[str], args, device, dtype) -> dict[str, tuple[float, float, float]]:
+def ops_per_call(fn, *fn_args) -> int:
+    """Operator calls (views included, nested ones not) of `fn(*fn_args)` on the batched paths."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from sa_bench.attention.base import batched_paths
+
+    with batched_paths(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn(*fn_args)
+    return sum(1 for e in prof.events() if e.name.startswith("aten::") and (
+        e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")))
+
+
+def run_size(kv: int, names: list[str], args, device, dtype) -> dict[str, tuple[float, float, float, int]]:
     """{name: (median ms, median ratio to the baseline, fraction of the keys each query head
-    attended)} over `args.steps` decode steps."""
+    attended, operator calls of the last step)} over `args.steps` decode steps."""
     h, hk, d = args.heads, args.kv_heads, args.head_dim
     g = torch.Generator().manual_seed(kv)
     n0 = kv + 3
@@ -141,8 +156,9 @@ def run_size(kv: int, names: list[str], args, device, dtype) -> dict[str, tuple[
                 times[name].append(time.perf_counter() - start)
     base = times["sdpa"]
     attended = {name: method.stats()["density"]["decode"][0] for name, method in methods.items()}
+    ops = {name: ops_per_call(fn, *fn_args) for name, (fn, fn_args) in calls.items()}  # untimed
     return {name: (statistics.median(t) * 1e3, statistics.median(x / y for x, y in zip(t, base, strict=True)),
-                   attended.get(name, 1.0)) for name, t in times.items()}
+                   attended.get(name, 1.0), ops[name]) for name, t in times.items()}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -177,13 +193,15 @@ def main(argv: list[str] | None = None) -> None:
         print(f"# {kv + 3}..{kv + 3 + args.steps} keys: SDPA grouped {base:.2f} ms", flush=True)
     print(f"\n{args.device} {args.dtype}, {args.threads} thread(s), {args.steps} steps per size; "
           f"ratio = median over steps of method / grouped SDPA in the same step; attended = "
-          f"mean fraction of its keys a query head attends ({args.keys[-1] // 1024}k)\n")
-    print("| method | " + " | ".join(f"{kv // 1024}k keys" for kv in args.keys) + " | attended |")
-    print("|---" * (len(args.keys) + 2) + "|")
+          f"mean fraction of its keys a query head attends ({args.keys[-1] // 1024}k); ops/call = "
+          f"operator calls of one decode call on the batched (GPU) paths\n")
+    print("| method | " + " | ".join(f"{kv // 1024}k keys" for kv in args.keys) + " | attended | ops/call |")
+    print("|---" * (len(args.keys) + 3) + "|")
     labels = {"sdpa": "SDPA grouped (baseline)", "sdpa_gqa": "SDPA enable_gqa (reference)"}
     for name in ["sdpa", "sdpa_gqa", *names]:
         cells = [f"{results[kv][name][1]:.2f}x ({results[kv][name][0]:.2f} ms)" for kv in args.keys]
         cells.append(f"{100 * results[args.keys[-1]][name][2]:.1f}%")
+        cells.append(str(results[args.keys[-1]][name][3]))
         print(f"| {labels.get(name, name)} | " + " | ".join(cells) + " |")
 
 
