@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import types
@@ -18,6 +19,7 @@ from sa_bench.attention.base import (  # noqa: E402
     Workspace,
     allowed_from_mask,
     attend_blocks,
+    compact,
     decode_spans,
     eager_attention,
     sparse_attention,
@@ -66,6 +68,7 @@ def run(maskers, query, key, seed=0):
 
 def row_sets(sel):
     """{(b, h, i): set of valid key indices}; also checks there are no duplicates."""
+    sel = sel.indexed()  # a dense part (oracle top-p) as index lists
     out = {}
     b, h, q, _ = sel.idx.shape
     for bi in range(b):
@@ -474,7 +477,7 @@ def test_oracle_topp_large_flat_sets_match_sorting():
         order = p.argsort(descending=True)
         before = p[order].cumsum(0) - p[order]
         want = set(order[before < 0.9].tolist()) | set(range(4))
-        got = set(sel.idx[0, hi, 0][sel.valid[0, hi, 0]].tolist())
+        got = row_sets(sel)[0, hi, 0]
         assert len(got ^ want) <= 1  # float32 vs float64 mass at the cut
         assert len(got) > 1500
 
@@ -794,3 +797,32 @@ def test_range_prefix_as_spans_selects_what_the_maskers_select(maskers):
     assert row_sets(sel) == row_sets(ref_sel)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     assert float(density) == pytest.approx(sum(map(len, row_sets(ref_sel).values())) / 257, rel=1e-6)
+
+
+@pytest.mark.parametrize("density", [0.0, 0.03, 0.1, 0.6, 1.0])
+def test_compact_lists_each_rows_true_positions_in_order(density):
+    """Both ways (nonzero for sparse masks, a running count for dense ones)."""
+    g = torch.Generator().manual_seed(int(density * 100))
+    mask = torch.rand(2, 3, 4, 200, generator=g) < density
+    mask[0, 0, 0] = False  # an empty row
+    idx, valid = compact(mask, 200)
+    assert idx.shape == valid.shape == (2, 3, 4, int(mask.sum(-1).max()))
+    for pos in itertools.product(range(2), range(3), range(4)):
+        want = mask[pos].nonzero().flatten().tolist()
+        assert idx[pos][valid[pos]].tolist() == want
+        assert (idx[pos][~valid[pos]] == 200).all()
+
+
+def test_oracle_topp_dense_part_as_bias_equals_index_lists():
+    """A flat row keeps most keys as a dense mask: attention with it as a bias equals
+    attention over the same keys as index lists; the density counts both parts."""
+    query, key, value = tensors(b=1, h=8, hk=2, q=1, kv=2000, d=16, seed=4)
+    query = query * 0.3
+    ctx, sel = run([Sink(size=4), Local(size=8), OracleTopP(top_p=0.9)], query, key)
+    assert sel.dense is not None and int(sel.dense.sum()) > 8 * 1000
+    assert not (sel.dense.gather(-1, sel.idx.clamp(max=1999)) & sel.valid).any()  # disjoint
+    indexed = sel.indexed()
+    assert torch.equal(sel.count(), indexed.valid.sum(-1))
+    out = sparse_attention(ctx, value, sel, Workspace())
+    torch.testing.assert_close(out, sparse_attention(ctx, value, indexed, Workspace()))
+    torch.testing.assert_close(out, selection_out(query, key, value, indexed), atol=1e-5, rtol=1e-4)

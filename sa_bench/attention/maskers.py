@@ -22,6 +22,7 @@ from sa_bench.attention.base import (
     TopKMasker,
     check_fraction,
     compact,
+    count_true,
     draw_candidates,
     first_allowed,
     log_weight,
@@ -97,34 +98,35 @@ class OracleTopP(Masker):
     softmax taken over the candidates: sort p_j = softmax(q.k)_j descending and keep
     key i while the mass before it is < p.
 
-    Without a full sort: candidates are bucketed by log p_j (width 1/8); every key of the
-    buckets before the one where the mass reaches p is kept, and only that bucket is sorted.
+    Without a sort of all keys: candidates are binned by the float bits of p_j (exponent and
+    five mantissa bits: 32 bins per octave); every key of the bins above the one where the
+    mass reaches p is kept (a dense mask: on flat attention most keys), and only that bin is
+    sorted.
     """
 
     top_p: float = 0.9
-    bucket_width = 0.125  # log-probability width of a bucket (not config keys)
-    buckets = 200  # the last one holds every p_j < exp(-199 / 8)
 
     def __post_init__(self) -> None:
         check_fraction(self.top_p, "top_p")
 
     def select(self, ctx: Context, sel: Selection) -> Selection:
-        kv, nb = ctx.kv, self.buckets
-        logp = torch.log_softmax(ctx.without(ctx.scores(), sel), -1)
-        probs = logp.exp().nan_to_num_(0.0)
-        bucket = (-logp / self.bucket_width).nan_to_num_(nb - 1, nb - 1).clamp_(max=nb - 1).long()
-        mass = torch.zeros(*logp.shape[:3], nb, device=logp.device).scatter_add_(-1, bucket, probs)
-        cum = mass.cumsum(-1)
-        edge = (cum < self.top_p).sum(-1, keepdim=True).clamp_(max=nb - 1)  # the bucket reaching p
-        before_edge = (cum - mass).gather(-1, edge)
-        inner, inner_ok = compact(bucket < edge, kv)
-        idx, ok = compact(bucket == edge, kv - 1)
-        vals = probs.gather(-1, idx).masked_fill_(~ok, -1.0)
+        kv, nb = ctx.kv, 4096  # bins: p's bits >> 18 < 4096 for 0 <= p <= 1
+        probs = torch.softmax(ctx.without(ctx.scores(), sel), -1).nan_to_num_(0.0)
+        rows = probs.shape[:3]
+        first_bin = torch.arange(rows.numel(), device=probs.device, dtype=torch.int32).view(*rows, 1) * nb
+        bins = torch.bitwise_right_shift(probs.view(torch.int32), 18).add_(first_bin)
+        mass = torch.bincount(bins.view(-1), probs.view(-1), rows.numel() * nb).view(*rows, nb)
+        above = mass.flip(-1).cumsum(-1).flip(-1)  # mass of the bins from this one up
+        edge = ((above >= self.top_p).sum(-1, keepdim=True) - 1).clamp_(min=0)  # the bin reaching p
+        before_edge = (above - mass).gather(-1, edge)
+        edge = edge.int() + first_bin
+        idx, ok = compact(bins == edge, kv)
+        vals = probs.gather(-1, idx.clamp(max=kv - 1)).masked_fill_(~ok, -1.0)
         vals, order = vals.sort(-1, descending=True)
-        idx = idx.gather(-1, order)
         before = before_edge + vals.cumsum(-1) - vals
         ok = (before < self.top_p) & (vals > 0)
-        return sel.add(torch.cat([inner, idx], -1), torch.cat([inner_ok, ok], -1), 0.0, kv)
+        out = sel.add(idx.gather(-1, order), ok, 0.0, kv)
+        return Selection(out.idx, out.logw, False, bins > edge)  # bin 0 (p = 0) never: edge >= 0
 
 
 class PageStats(KeyCache):
@@ -202,7 +204,7 @@ class Quest(Masker):
 
 def _remaining(ctx: Context, sel: Selection) -> Tensor:
     """Candidates per row [b, H, q]: the row's keys less the (distinct, allowed) selected."""
-    return ctx.n_keys - sel.valid.sum(-1)
+    return ctx.n_keys - count_true(sel.valid)
 
 
 @dataclass
