@@ -826,3 +826,17 @@ def test_oracle_topp_dense_part_as_bias_equals_index_lists():
     out = sparse_attention(ctx, value, sel, Workspace())
     torch.testing.assert_close(out, sparse_attention(ctx, value, indexed, Workspace()))
     torch.testing.assert_close(out, selection_out(query, key, value, indexed), atol=1e-5, rtol=1e-4)
+
+
+def test_oracle_topp_dense_row_without_keys_attends_to_nothing():
+    """A row that may see no key selects none: its output is 0 on the bias path too, as on the
+    index path (a dense mask of -max everywhere would otherwise average all values)."""
+    query, key, value = tensors(b=1, h=8, hk=2, q=2, kv=2000, d=16, seed=6)
+    mask = torch.zeros(1, 1, 2, 2000)
+    mask[0, 0, 0] = torch.finfo(torch.float32).min  # row 0 sees nothing
+    ctx = context(query * 0.3, key, mask)
+    sel = OracleTopP(top_p=0.9).select(ctx, Selection.empty(1, 8, 2, "cpu"))
+    assert sel.dense is not None and int(sel.count()[0, :, 0].sum()) == 0
+    out = sparse_attention(ctx, value, sel, Workspace())
+    assert (out[:, :, 0] == 0).all() and (out[:, :, 1] != 0).any()
+    torch.testing.assert_close(out, sparse_attention(ctx, value, sel.indexed(), Workspace()))

@@ -676,8 +676,10 @@ def _bias_attention(ctx: Context, value: Tensor, sel: Selection, workspace: Work
         bias[..., :kv].copy_(sel.dense).sub_(1.0).mul_(torch.finfo(bias.dtype).max)
         bias[..., kv] = NEG_INF
     bias.scatter_(-1, sel.idx, sel.logw)
-    p = torch.softmax(bias[..., :kv].add_(scores), dim=-1).nan_to_num_(0.0).to(value.dtype)
-    out = torch.matmul(ctx.grouped(p), value)
+    p = torch.softmax(bias[..., :kv].add_(scores), dim=-1).nan_to_num_(0.0)
+    if sel.dense is not None and bool((sel.count() == 0).any()):  # -max everywhere: uniform
+        p.masked_fill_((sel.count() == 0).unsqueeze(-1), 0.0)  # no key: no output, as -inf
+    out = torch.matmul(ctx.grouped(p.to(value.dtype)), value)
     return ctx.ungrouped(out).to(ctx.query.dtype)
 
 
