@@ -551,7 +551,10 @@ def write_markdown(jobs: list[Job], table: Table, root: Path, plots: list[Path],
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m sa_bench.report", description=__doc__.split("\n\n")[0])
-    parser.add_argument("output_root", nargs="?", default="outputs", type=Path)
+    parser.add_argument("output_root", nargs="?", default="outputs",
+                        type=lambda text: Path(text.removeprefix("output_root=")),
+                        help="the sweep's output_root (default: outputs); `output_root=DIR` as "
+                             "on the sweep's command line works too")
     parser.add_argument("--model", action="append", metavar="GLOB", help="model name glob (repeatable)")
     parser.add_argument("--method", action="append", metavar="GLOB",
                         help="sparse method name glob (repeatable)")

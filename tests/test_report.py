@@ -256,6 +256,11 @@ def test_default_out_is_the_output_root_and_import_is_light(tree: Path) -> None:
     assert (tree / "plot_passkey.png").stat().st_size > 0
 
 
+def test_output_root_given_as_on_the_sweeps_command_line(tree: Path, capsys) -> None:
+    assert report.main([f"output_root={tree}", "--no-plots"]) == 0
+    assert "22 jobs: 20 done" in capsys.readouterr().out  # the tree fixture's cells
+
+
 def test_module_entry_point_and_missing_root(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "-m", "sa_bench.report", str(tmp_path / "nope")],
                           capture_output=True, text=True, timeout=60)
