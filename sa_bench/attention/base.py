@@ -35,7 +35,8 @@ class Masker:
     Subclasses implement `select(ctx, sel) -> Selection`, returning `sel` with keys added.
     `reset()` drops per-context state, `truncate(layer, n)` per-layer key caches beyond key
     `n`, `prepare(model_config, key)` loads/validates files against the model, `notes()`
-    describes fallbacks for the results.
+    describes fallbacks for the results, `decode_range(kv)` the one range of keys it selects
+    in decode when that is known without tensors (sink, local: read as slices of the cache).
     """
 
     def select(self, ctx: Context, sel: Selection) -> Selection:  # pragma: no cover
