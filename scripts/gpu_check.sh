@@ -6,9 +6,11 @@
 #   2. decode steps of every method against SDPA in bf16 at 32k and 128k keys (issue 11);
 #   3. a job's own path on a random-weight model of Llama-3.1-8B's shapes, 32 layers, against a
 #      plain transformers loop (prefill, answer, decode ms/token, peak memory).
-# Each step has its own time limit, so the whole run ends within about 9 minutes; logs go to
+# Each step has its own time limit, so the whole run ends within 9.5 minutes (run it with a
+# 600 s limit); logs go to
 # $1 (default: $OUT, else /tmp/sa_bench-gpu). The Hydra sweep on GPUs (tests/test_gpu_sweep.py)
-# needs hydra-core, omegaconf and datasets carried as wheels and is not run here.
+# needs hydra-core, omegaconf, hydra-joblib-launcher and datasets (carried as wheels, see the
+# device notes): it runs last, only when they import.
 #
 #   scripts/gpu_check.sh [LOG_DIR]
 #
@@ -39,10 +41,15 @@ step() {  # name, seconds, command...: run it with a limit, its output to the co
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null
   "$py" -c 'import sys, torch, transformers; print(sys.version.split()[0], "torch", torch.__version__,
 "cuda", torch.cuda.is_available(), "transformers", transformers.__version__)'; } 2>&1 | tee "$out/env.log"
-step gpu_tests 150 "$py" -m pytest -q -rs -p no:cacheprovider -m gpu \
+step gpu_tests 110 "$py" -m pytest -q -rs -p no:cacheprovider -m gpu \
   tests/test_attention_gpu.py tests/test_attention_maskers.py
-step perf_attention 150 "$py" -m sa_bench.perf.attention --keys "${keys[@]}" --steps 5 --per-kv-head \
+step perf_attention 120 "$py" -m sa_bench.perf.attention --keys "${keys[@]}" --steps 5 --per-kv-head \
   "${device[@]}"
-step perf_scale 240 "$py" -m sa_bench.perf.scale "${shape[@]}" --tokens "${tokens[@]}" \
+step perf_scale 200 "$py" -m sa_bench.perf.scale "${shape[@]}" --tokens "${tokens[@]}" \
   --methods dense streaming oracle_topk quest "${device[@]}"
+if "$py" -c "import hydra, omegaconf, datasets, hydra_plugins.hydra_joblib_launcher" 2>/dev/null; then
+  step gpu_sweep 120 "$py" -m pytest -q -rs -p no:cacheprovider -m gpu tests/test_gpu_sweep.py
+else
+  echo "== gpu_sweep: skipped (hydra, omegaconf, datasets or the joblib launcher missing)"
+fi
 exit $status
