@@ -678,8 +678,10 @@ def _bias_attention(ctx: Context, value: Tensor, sel: Selection, workspace: Work
         bias[..., kv] = NEG_INF
     bias.scatter_(-1, sel.idx, sel.logw)
     p = torch.softmax(bias[..., :kv].add_(scores), dim=-1).nan_to_num_(0.0)
-    if sel.dense is not None and bool((sel.count() == 0).any()):  # -max everywhere: uniform
-        p.masked_fill_((sel.count() == 0).unsqueeze(-1), 0.0)  # no key: no output, as -inf
+    if sel.dense is not None:  # a row of -max everywhere comes out uniform: no key, no output
+        empty = sel.count() == 0
+        if bool(empty.any()):
+            p.masked_fill_(empty.unsqueeze(-1), 0.0)
     out = torch.matmul(ctx.grouped(p.to(value.dtype)), value)
     return ctx.ungrouped(out).to(ctx.query.dtype)
 
