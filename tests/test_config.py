@@ -55,3 +55,72 @@ def test_build_target_imports_and_checks_base():
         build_target({"_target_": "no_such_module.X"}, "k")
     with pytest.raises(ConfigError, match="is not a Inner subclass"):
         build_target({"_target_": "tests.test_config.Outer", "name": "x"}, "k", Inner)
+
+
+@dataclass
+class Named:
+    name: str = "x"
+    tags: list[str] = field(default_factory=list)
+    path: str | None = None
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"tags": [512]}, "s.tags[0]: expected a str, got an int 512: YAML and Hydra read an unquoted "
+                      "512 as an int; quote it: s.tags=['512'] (in a shell: \"s.tags=['512']\""),
+    ({"tags": ["1k", 512]}, "s.tags[1]: expected a str, got an int 512: YAML and Hydra read an "
+                            "unquoted 512 as an int; quote it: s.tags=['1k','512']"),
+    ({"name": True}, "s.name: expected a str, got a bool True: YAML and Hydra read an unquoted "
+                     "true as a bool; quote it: s.name='true'"),
+    ({"path": 1.5}, "s.path: expected a str, got a float 1.5: YAML and Hydra read an unquoted 1.5 "
+                    "as a float; quote it: s.path='1.5'"),
+])
+def test_a_number_or_bool_for_a_str_says_how_to_quote_it(data, message):
+    with pytest.raises(ConfigError) as err:
+        build(Named, data, "s")
+    assert str(err.value).startswith(message)
+
+
+SIDE_EFFECT_MODULE = '''
+import pathlib
+pathlib.Path(__file__).with_suffix(".ran").write_text("imported")
+print("side effect of importing")
+s = """a string, as in `this`"""
+def helper():
+    return 1
+class Real:
+    pass
+'''
+
+
+def test_a_target_that_is_not_a_class_is_refused_before_its_module_runs(tmp_path, monkeypatch, capsys):
+    """`_target_=this.s` (a string in a module that prints on import) is refused from the
+    module's source, without running it; a class in it is imported as before."""
+    from sa_bench import config
+
+    (tmp_path / "sideeffect_mod.py").write_text(SIDE_EFFECT_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    ran = tmp_path / "sideeffect_mod.ran"
+    lookups = []
+    real_find_spec = config.importlib.util.find_spec
+    monkeypatch.setattr(config.importlib.util, "find_spec",
+                        lambda name, *a: lookups.append(name) or real_find_spec(name, *a))
+    for target, message in [
+        ("sideeffect_mod.s", "k._target_: sideeffect_mod.s is not a class (module sideeffect_mod "
+                             "binds s to a literal value); expected the dotted path of a Inner subclass"),
+        ("sideeffect_mod.helper", "k._target_: sideeffect_mod.helper is not a class (module "
+                                  "sideeffect_mod binds helper to a function)"),
+        ("sideeffect_mod.Missing", "k._target_: module 'sideeffect_mod' has no attribute 'Missing'"),
+    ]:
+        for _ in range(3):  # a sweep builds the same target for every cell: read once
+            with pytest.raises(ConfigError) as err:
+                build_target({"_target_": target}, "k", Inner)
+            assert str(err.value).startswith(message)
+    assert lookups == ["sideeffect_mod"] * 3
+    assert not ran.exists() and "side effect" not in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="sideeffect_mod.Real is not a Inner subclass"):
+        build_target({"_target_": "sideeffect_mod.Real"}, "k", Inner)
+    assert ran.exists()  # a class: imported, then checked as before
+    with pytest.raises(ConfigError, match="k._target_: math.pi is not a Inner subclass"):
+        build_target({"_target_": "math.pi"}, "k", Inner)  # no source (built in): imported
+    with pytest.raises(ConfigError, match=r"cannot import module 'tests.no_such'"):
+        build_target({"_target_": "tests.no_such.X"}, "k", Inner)
