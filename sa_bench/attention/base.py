@@ -19,12 +19,13 @@ import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
-import torch.nn.functional as F
-from torch import Tensor
+from typing import TYPE_CHECKING
 
 from sa_bench.config import ConfigError, Size
+from sa_bench.lazy import F, torch
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 NEG_INF = float("-inf")
 
@@ -387,8 +388,10 @@ class Context:
             scores.scatter_reduce_(-1, sel.idx.clamp(max=self.kv - 1), fill, reduce="amin")
         return scores
 
-    def rand(self, shape, dtype: torch.dtype = torch.float32) -> Tensor:
-        return torch.rand(shape, generator=self.generator, device=self.key.device, dtype=dtype)
+    def rand(self, shape, dtype: torch.dtype | None = None) -> Tensor:
+        """Uniform [0, 1) numbers from the call's generator, float32 unless `dtype`."""
+        return torch.rand(shape, generator=self.generator, device=self.key.device,
+                          dtype=dtype or torch.float32)
 
 
 class TopKMasker(Masker):

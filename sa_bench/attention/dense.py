@@ -19,11 +19,12 @@ bounded whatever the context length.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-import torch.nn.functional as F
-from torch import Tensor
+from sa_bench.lazy import F, torch
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 IMPLEMENTATIONS = ("auto", "sdpa", "flash_attention_2", "eager")
 MASK_BLOCK_BYTES = 64 * 2**20
@@ -67,7 +68,7 @@ def dense_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0
         allow_is_causal_skip
         and (local_size is None or kv_length < local_size)
         and kv_offset == 0
-        and not isinstance(q_offset, Tensor)
+        and not isinstance(q_offset, torch.Tensor)
         and q_offset + q_length == kv_length
         and (padding is None or bool(padding.all()))
     )

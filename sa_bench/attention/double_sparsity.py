@@ -5,9 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING
 
 from sa_bench.attention.base import (
     Context,
@@ -18,13 +16,14 @@ from sa_bench.attention.base import (
     model_shapes,
 )
 from sa_bench.config import ConfigError, Size, check_range, check_size
+from sa_bench.lazy import torch
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 CALIBRATION_FILE = "double_sparsity.safetensors"
 """Name of the calibration file looked up next to a model (`calibration: auto`)."""
 CALIBRATE_COMMAND = "python -m sa_bench.attention.calibrate_ds"
-LABEL_DTYPE = torch.bfloat16
-"""The label cache's dtype, as the authors' kernels keep it in the model's half precision: a
-quarter of float32 K's bytes per label channel, and on CPU a bf16 matmul ~6x faster than float32."""
 
 
 def pseudo_quantize(x: Tensor, bits: int) -> Tensor:
@@ -77,7 +76,7 @@ class DoubleSparsity(TopKMasker):
     """Double Sparsity (Yang et al., 2024, https://arxiv.org/abs/2408.07092; reference code
     https://github.com/andy-yang-1/DoubleSparse): approximate scores from r label channels,
     s_j = sum_{c in C} Q(q)_c Q(k_j)_c with Q the authors' per-token `label_bits`
-    quantisation (`pseudo_quantize`), labels and the product in bfloat16 (`LABEL_DTYPE`), then
+    quantisation (`pseudo_quantize`), labels and the product in bfloat16 (`label_dtype`), then
     top-k by s.
 
     Defaults as the authors' evaluation scripts (evaluation/generate.py, chat.py):
@@ -102,12 +101,13 @@ class DoubleSparsity(TopKMasker):
     model: str | None = None
     _labels: KeyCache = field(default_factory=KeyCache, init=False, repr=False)
     _scores: Workspace = field(default_factory=Workspace, init=False, repr=False)
-    _rank: Tensor | None = field(default=None, init=False, repr=False)
     _path: Path | None = field(default=None, init=False, repr=False)
     _chosen: dict = field(default_factory=dict, init=False, repr=False)
     _online_rows: int = field(default=0, init=False, repr=False)
 
     def __post_init__(self) -> None:
+        # not a field: the class's type hints are evaluated at validation, without torch
+        self._rank: Tensor | None = None
         check_size(self.channels, "channels")
         if self.channels == 0:
             raise ConfigError("channels: expected at least 1 label channel (an int) or a fraction of head_dim")
@@ -121,6 +121,13 @@ class DoubleSparsity(TopKMasker):
             f"{CALIBRATION_FILE} in its directory). Make one with `{CALIBRATE_COMMAND} --model "
             f"{self.model} --out ds.safetensors` and pass sparse.maskers.<name>.calibration="
             f"ds.safetensors, or calibration=online")
+
+    @property
+    def label_dtype(self) -> torch.dtype:
+        """The label cache's dtype, as the authors' kernels keep it in the model's half
+        precision: a quarter of float32 K's bytes per label channel, and on CPU a bf16 matmul
+        ~6x faster than float32."""
+        return torch.bfloat16
 
     def _r(self, head_dim: int) -> int:
         r = round(self.channels * head_dim) if isinstance(self.channels, float) else self.channels
@@ -168,14 +175,14 @@ class DoubleSparsity(TopKMasker):
         return ch
 
     def _label_scores(self, ctx: Context) -> Tensor:
-        """Label products of the grouped query rows, [b, Hk, g*q, kv] in `LABEL_DTYPE` (a view
+        """Label products of the grouped query rows, [b, Hk, g*q, kv] in `label_dtype` (a view
         of a buffer reused by the next call)."""
         ch = self._channels(ctx)  # [Hk, r]
         b, hk = ctx.key.shape[:2]
 
         def labels(x: Tensor) -> Tensor:  # [b, Hk, n, d] -> quantised labels [b, Hk, n, r]
             lab = x.gather(-1, ch[None, :, None, :].expand(b, hk, x.shape[2], -1)).float()
-            return pseudo_quantize(lab, self.label_bits).to(LABEL_DTYPE)
+            return pseudo_quantize(lab, self.label_bits).to(self.label_dtype)
 
         lab = self._labels.get(ctx.layer, ctx.key, ctx.query.shape[2], labels)
         qc = labels(ctx.grouped(ctx.query))  # [b, Hk, g*q, r]

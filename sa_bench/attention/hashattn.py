@@ -29,10 +29,7 @@ import re
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
-import torch.nn.functional as F
-from torch import Tensor
+from typing import TYPE_CHECKING
 
 from sa_bench.attention.base import (
     Context,
@@ -43,15 +40,26 @@ from sa_bench.attention.base import (
     model_shapes,
 )
 from sa_bench.config import ConfigError, Size, check_range
+from sa_bench.lazy import F, torch
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from torch import Tensor
+
+    Mlp = list[tuple[Tensor, Tensor]]  # [(W [Hh, in, out], b [Hh, out]), ...]
 
 FORMAT = "sa_bench.hashattn.v2"
 SIDES = ("query", "key")
-ACTIVATIONS = {"silu": F.silu, "relu": F.relu, "gelu": F.gelu, "tanh": torch.tanh}
+ACTIVATIONS = ("silu", "relu", "gelu", "tanh")
 WEIGHTS_FILE = "hashattn.safetensors"
 """Name of the weights file looked up next to a model (`weights: auto`)."""
 TRAIN_COMMAND = "python -m sa_bench.attention.train_hashattn"
 
-Mlp = list[tuple[Tensor, Tensor]]  # [(W [Hh, in, out], b [Hh, out]), ...]
+
+def activation(name: str) -> Callable[[Tensor], Tensor]:
+    """The function of an activation named in `ACTIVATIONS` (a weights file's metadata)."""
+    return {"silu": F.silu, "relu": F.relu, "gelu": F.gelu, "tanh": torch.tanh}[name]
 
 
 # --- signatures ----------------------------------------------------------------------------
@@ -301,7 +309,7 @@ class HashWeights:
 
     def project(self, side: str, layer: int, x: Tensor) -> Tensor:
         """f(x) for x [b, Hh, n, d] (rows already arranged per hash head) -> [b, Hh, n, bits]."""
-        act = ACTIVATIONS[self.activation]
+        act = activation(self.activation)
         mlp = self.layers[layer][side]
         for i, (w, b) in enumerate(mlp):
             x = torch.matmul(x, w.to(x.dtype)) + b.to(x.dtype)[None, :, None, :]

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING
 
 from sa_bench.attention.base import Context, KeyCache, Masker, Selection, log_weight
 from sa_bench.config import ConfigError, check_range
+from sa_bench.lazy import torch
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 TAIL = 64
 """Keys appended since the last table build that are compared one by one."""
@@ -68,9 +70,10 @@ class MagicPig(Masker):
     _norms: KeyCache = field(default_factory=KeyCache, init=False, repr=False)
     _planes: dict = field(default_factory=dict, init=False, repr=False)
     _tables: dict = field(default_factory=dict, init=False, repr=False)
-    _gen: torch.Generator | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
+        # not a field: the class's type hints are evaluated at validation, without torch
+        self._gen: torch.Generator | None = None
         check_range(self.lsh_bits, "lsh_bits", 1, 15)
         check_range(self.lsh_tables, "lsh_tables", 1)
         check_range(self.min_collisions, "min_collisions", 1)

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING
 
 from sa_bench.attention.base import (
     NEG_INF,
@@ -33,6 +31,10 @@ from sa_bench.attention.double_sparsity import DoubleSparsity
 from sa_bench.attention.hashattn import HashAttention, RandomProjectionTopK
 from sa_bench.attention.magicpig import MagicPig
 from sa_bench.config import ConfigError, Size, check_range
+from sa_bench.lazy import torch
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 # --- deterministic ranges ------------------------------------------------------------------
 

@@ -8,11 +8,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import torch
-
 from sa_bench.attention.base import Masker, Workspace, attend_blocks, decode_spans
 from sa_bench.attention.dense import dense_attention, dense_mask
 from sa_bench.config import ConfigError, build, build_target
+from sa_bench.lazy import torch
 
 PHASES = ("prefill", "question", "decode")
 _ids = itertools.count()

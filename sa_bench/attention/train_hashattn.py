@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sa_bench.attention.capture import add_common_args, capture, load_model, shapes, token_windows
-from sa_bench.attention.hashattn import ACTIVATIONS, SIDES, HashWeights
+from sa_bench.attention.hashattn import SIDES, HashWeights, activation
 
 
 def _targets(q: Tensor, k: Tensor, pos: Tensor, top: float, sink: int, local: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -72,7 +72,7 @@ def fit_layer(w: HashWeights, layer: int, data: list[tuple[Tensor, Tensor]], gro
         m = min(args.last_rows, n) if args.last_rows else n
         q = q[:, n - m:].reshape(hk, groups * m, -1)
         per_window.append((q, k, torch.arange(n - m, n).repeat(groups)))
-    act = ACTIVATIONS[w.activation]
+    act = activation(w.activation)
     cut = (args.top, args.sink, args.local)
 
     def mlp(side: str, x: Tensor) -> Tensor:
