@@ -9,8 +9,10 @@ Rows of the same method are told apart by the parameters whose values differ bet
 e.g. `oracle_topk (topk.heavy_size=0.05)`. Files written (into the output root, or `--out`):
 `report.md`, `results.csv` (one row per job, every config value flattened) and
 `plot_<benchmark>.png` (score against measured density, one panel per model, one line per
-method). Failed jobs are listed with their first error line, and started jobs without a
-completion marker as unfinished.
+method). Failed jobs are listed with their first error line, started jobs without a
+completion marker as unfinished, and finished jobs whose result files cannot be read (not JSON,
+not a JSON object) as unreadable, with the file named. A directory name that is not UTF-8 is
+shown with replacement characters (U+FFFD).
 
 Importing this module is light; matplotlib is imported only to draw.
 """
@@ -55,9 +57,14 @@ class Job:
     stats: dict = field(default_factory=dict)
     error: str = ""
     progress: dict = field(default_factory=dict)
+    unreadable: list[str] = field(default_factory=list)  # "file: why" of each malformed file
+
+    def _section(self, name: str) -> dict:
+        value = self.config.get(name)
+        return value if isinstance(value, dict) else {}
 
     def _part(self, section: str, index: int) -> str:
-        value = (self.config.get(section) or {}).get("name")
+        value = self._section(section).get("name")
         return str(value) if value is not None else self.relpath.split("/")[index]
 
     @property
@@ -74,24 +81,30 @@ class Job:
 
     @property
     def subset(self) -> str:
-        value = (self.config.get("benchmark") or {}).get("subset")
+        value = self._section("benchmark").get("subset")
         return str(value) if value is not None else self.relpath.split("/")[3]
 
     @property
     def score(self) -> float | None:
         value = self.metrics.get("score")
-        return float(value) if isinstance(value, (int, float)) else None
+        return float(value) if _is_number(value) else None
 
     @property
     def density(self) -> float | None:
         return measured_density(self.stats, self.method)
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def measured_density(stats: dict, method: str) -> float | None:
     """Mean over layers of the non-null question-phase density (else decode; dense: 1.0)."""
-    table = ((stats.get("attention") or {}).get("density")) or {}
+    attention = stats.get("attention")
+    table = attention.get("density") if isinstance(attention, dict) else None
     for phase in ("question", "decode"):
-        values = [v for v in table.get(phase) or [] if isinstance(v, (int, float))]
+        layers = table.get(phase) if isinstance(table, dict) else None
+        values = [v for v in layers if _is_number(v)] if isinstance(layers, list) else []
         if values:
             return sum(values) / len(values)
     return 1.0 if method == DENSE else None
@@ -105,27 +118,84 @@ def find_job_dirs(root: Path) -> list[Path]:
     )
 
 
-def read_config(path: Path) -> dict:
+def printable(text: str) -> str:
+    """`text` (a path or name from the file system) with the bytes that are not UTF-8, which
+    Python keeps as lone surrogates, replaced by U+FFFD: it can then be printed and written."""
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        raw = text.encode("utf-8", "replace")
+    return raw.decode("utf-8", "replace")
+
+
+JSON_TYPES = {list: "array", str: "string", bool: "boolean", type(None): "null", int: "number",
+              float: "number"}
+
+
+def read_object(path: Path, problems: list[str] | None = None) -> dict:
+    """A JSON file that must hold an object; {} if it is missing. When it exists but cannot be
+    read, is not JSON or holds something else, `file: why` is appended to `problems`."""
+    try:
+        data = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return {}
+    except OSError as exc:
+        why = exc.strerror or type(exc).__name__
+    except (ValueError, RecursionError):  # ValueError: not JSON, or not UTF-8/16/32
+        why = "not valid JSON"
+    else:
+        if isinstance(data, dict):
+            return data
+        why = f"a JSON {JSON_TYPES.get(type(data), 'value')} where an object is expected"
+    if problems is not None:
+        problems.append(f"{path.name}: {why}")
+    return {}
+
+
+def read_config(path: Path, problems: list[str] | None = None) -> dict:
     import yaml
 
     try:
-        data = yaml.safe_load((path / jobdir.CONFIG).read_text())
-    except (OSError, ValueError, yaml.YAMLError):  # ValueError: not UTF-8
+        data = yaml.safe_load((path / jobdir.CONFIG).read_bytes())
+    except FileNotFoundError:
         return {}
-    return data if isinstance(data, dict) else {}
+    except (OSError, ValueError, yaml.YAMLError):  # ValueError: not UTF-8
+        why = "not readable YAML"
+    else:
+        if isinstance(data, dict):
+            return data
+        why = "not a mapping"
+    if problems is not None:
+        problems.append(f"{jobdir.CONFIG}: {why}")
+    return {}
+
+
+def first_error_line(path: Path) -> str:
+    """`jobdir.first_error_line`, also for an error.txt that is not UTF-8."""
+    try:
+        return jobdir.first_error_line(path)
+    except ValueError:
+        text = (path / jobdir.ERROR).read_bytes().decode("utf-8", "replace")
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        return lines[-1] if lines else ""
 
 
 def read_job(root: Path, path: Path) -> Job:
     status = jobdir.status(path, path.name)
-    job = Job(path=path, relpath=path.relative_to(root).as_posix(), status=status,
-              config=read_config(path))
+    problems: list[str] = []
+    job = Job(path=path, relpath=printable(path.relative_to(root).as_posix()), status=status,
+              config=read_config(path, problems))
     if status == "done":
-        job.metrics = jobdir.read_json(path / jobdir.METRICS) or {}
-        job.stats = jobdir.read_json(path / jobdir.STATS) or {}
+        job.metrics = read_object(path / jobdir.METRICS, problems)
+        job.stats = read_object(path / jobdir.STATS, problems)
     elif status == "failed":
-        job.error = jobdir.first_error_line(path)
+        try:
+            job.error = first_error_line(path)
+        except OSError:
+            job.error = ""
     else:
-        job.progress = jobdir.read_json(path / jobdir.PROGRESS) or {}
+        job.progress = read_object(path / jobdir.PROGRESS)
+    job.unreadable = problems
     return job
 
 
@@ -263,7 +333,8 @@ def _row_identity(config: dict) -> dict[str, Any]:
 
 
 def _column_of(job: Job) -> Column:
-    bench = dict(result_values(job.config).get("benchmark") or {})
+    bench = result_values(job.config).get("benchmark")
+    bench = bench if isinstance(bench, dict) else {}
     params = flatten({k: v for k, v in bench.items() if k not in BENCHMARK_NON_PARAMS})
     return Column(job.benchmark, job.subset, tuple(sorted(params.items(), key=lambda kv: kv[0])))
 
@@ -359,6 +430,7 @@ def _dense_reference(row: Row, rows: list[Row]) -> Row | None:
 # --- text --------------------------------------------------------------------------------------
 
 PLACEHOLDER = {"running": "running", "failed": "FAILED", "pending": "unfinished"}
+METRICS_UNREADABLE = f"{jobdir.METRICS}: "
 
 
 def format_cell(score: float | None, density: float | None, diff: float | None) -> str:
@@ -384,6 +456,8 @@ def table_cells(table: Table) -> tuple[list[str], list[list[str]]]:
                 line.append("")
             elif job.status != "done":
                 line.append(PLACEHOLDER[job.status])
+            elif any(p.startswith(METRICS_UNREADABLE) for p in job.unreadable):
+                line.append("unreadable")
             elif job.score is None:
                 line.append("no score")
             else:
@@ -419,13 +493,15 @@ def format_markdown_table(header: list[str], body: list[list[str]]) -> str:
 def status_entries(jobs: list[Job]) -> list[tuple[str, str, str]]:
     """(kind, job path, detail): failed jobs with their first error line, then running jobs,
     then jobs started but not finished (no valid completion marker), then finished jobs the
-    table cannot place because their config.yaml is missing or unreadable."""
+    table cannot place because their config.yaml is missing or unreadable, then finished jobs
+    with a result file that cannot be read (each such file named with why)."""
     entries = [("failed", j.relpath, j.error or "(empty error.txt)")
                for j in jobs if j.status == "failed"]
     for job in jobs:
         if job.status in ("running", "pending"):
             done, total = job.progress.get("done"), job.progress.get("total")
-            detail = f"{done}/{total} samples" if done is not None and total else ""
+            detail = f"{done}/{total} samples" if _is_number(done) and _is_number(total) \
+                and total else ""
             damaged = jobdir.damaged_results(job.path, job.path.name)
             if damaged:
                 detail = ("finished, but since then result files went missing or changed: "
@@ -435,9 +511,12 @@ def status_entries(jobs: list[Job]) -> list[tuple[str, str, str]]:
     for job in jobs:
         if job.status == "done" and not job.config:
             score = "no score" if job.score is None else f"score {job.score:g}"
+            why = "; ".join(job.unreadable)
             entries.append(("no config", job.relpath,
-                            f"finished ({score}) but {jobdir.CONFIG} is missing or unreadable, "
-                            "so it is not in the table"))
+                            f"finished ({score}) but {jobdir.CONFIG} is missing or unreadable"
+                            + (f" ({why})" if why else "") + ", so it is not in the table"))
+        elif job.status == "done" and job.unreadable:
+            entries.append(("unreadable", job.relpath, "; ".join(job.unreadable)))
     return entries
 
 
@@ -462,7 +541,8 @@ def write_csv(jobs: list[Job], table: Table, path: Path) -> None:
     where = {id(job): (row, column) for row in table.rows for column, job in row.cells.items()}
     records = []
     for job in jobs:
-        record: dict[str, Any] = {"path": job.relpath, "status": job.status, "error": job.error}
+        record: dict[str, Any] = {"path": job.relpath, "status": job.status,
+                                  "error": job.error or "; ".join(job.unreadable)}
         if job.status == "done":
             record["density"] = job.density
             if id(job) in where:
@@ -477,11 +557,14 @@ def write_csv(jobs: list[Job], table: Table, path: Path) -> None:
     keys: set[str] = set().union(*records) if records else set()
     rest = sorted(keys - set(LEADING_CSV),
                   key=lambda k: (k.startswith("metrics."), k.startswith("stats."), k))
-    with open(path, "w", newline="") as f:
+    # written whole and then renamed: a reader never sees a half-written table
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", newline="", encoding="utf-8", errors="replace") as f:
         writer = csv.DictWriter(f, fieldnames=LEADING_CSV + rest, restval="")
         writer.writeheader()
         for record in records:
             writer.writerow({k: "" if v is None else v for k, v in record.items()})
+    os.replace(tmp, path)
 
 
 def plot_points(table: Table, benchmark: str) -> dict[str, dict[str, list[tuple[float, float]]]]:
@@ -535,7 +618,7 @@ def write_plots(table: Table, out_dir: Path) -> list[Path]:
 def write_markdown(jobs: list[Job], table: Table, root: Path, plots: list[Path],
                    path: Path) -> None:
     header, body = table_cells(table)
-    parts = [f"# sa_bench report: `{root}`", "", counts(jobs), "", "## Results", "",
+    parts = [f"# sa_bench report: `{printable(str(root))}`", "", counts(jobs), "", "## Results", "",
              f"_{LEGEND}._", "", format_markdown_table(header, body) if body else "(no jobs)"]
     parts += ["", "## Failed and unfinished jobs", ""]
     parts += [f"- **{kind}** `{rel}`" + (f": {detail}" if detail else "")
@@ -543,7 +626,7 @@ def write_markdown(jobs: list[Job], table: Table, root: Path, plots: list[Path],
     if plots:
         parts += ["", "## Plots", ""]
         parts += [f"![{p.stem}]({p.relative_to(path.parent).as_posix()})" for p in plots]
-    path.write_text("\n".join(parts) + "\n")
+    path.write_text("\n".join(parts) + "\n", encoding="utf-8", errors="replace")
 
 
 # --- command line ------------------------------------------------------------------------------
@@ -581,6 +664,8 @@ def main(argv: list[str] | None = None) -> int:
     write_markdown(jobs, table, root, plots, out / "report.md")
     # printed last: the files are complete even when the reader stops early (`| head`)
     header, body = table_cells(table)
+    if hasattr(sys.stdout, "reconfigure"):  # a console that cannot show U+FFFD gets "?"
+        sys.stdout.reconfigure(errors="replace")
     try:
         print(counts(jobs))
         if body:
@@ -590,8 +675,8 @@ def main(argv: list[str] | None = None) -> int:
         if status:
             print("\nfailed and unfinished jobs:")
             print("\n".join("  " + line for line in status))
-        print(f"\nwrote {out / 'report.md'}, {out / 'results.csv'}"
-              + "".join(f", {p}" for p in plots))
+        print(printable(f"\nwrote {out / 'report.md'}, {out / 'results.csv'}"
+                        + "".join(f", {p}" for p in plots)))
         sys.stdout.flush()
     except BrokenPipeError:
         # the reader is gone: say nothing more (and let no flush at exit fail again)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
 import struct
 import subprocess
 import sys
@@ -312,3 +313,87 @@ def test_newest_finished_job_of_a_cell_is_shown(tmp_path: Path) -> None:
     assert len(table.rows) == 1 and len(table.columns) == 1
     assert table.cell(table.rows[0], table.columns[0])[0] == 20.0
     assert table.rows[0].cells[table.columns[0]].status == "done"
+
+
+# --- issue 23: odd names and malformed files never crash the report ---------------------------
+
+
+def _rewrite(path: Path, name: str, data: bytes) -> None:
+    """Replace a result file of a finished job and re-vouch for it (the marker records sizes)."""
+    (path / name).write_bytes(data)
+    jobdir.write_marker(path, path.name)
+
+
+def test_non_utf8_directory_names_are_shown_with_replacement_characters(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = tmp_path / "out"
+    write_job(root, config("m", "dense", "1k"), score=50.0)
+    odd = write_job(root, config("m", "streaming", "1k", {"local": {"size": 64}}), score=40.0,
+                    density=[0.5])
+    renamed = os.fsencode(odd.parent) + b"/key\xff\xfe"
+    os.rename(os.fsencode(odd), renamed)
+    failed = os.fsencode(root) + b"/m\xe9/quest/passkey/1k/abc"  # no config: names from the path
+    os.makedirs(failed)
+    Path(os.fsdecode(failed), jobdir.ERROR).write_bytes(b"Traceback\nValueError: caf\xe9\n")
+    os.makedirs(os.fsencode(root) + b"/stray\xff/x")  # not a job directory
+    out = tmp_path / "rep"
+    assert report.main([str(root), "--out", str(out), "--no-plots"]) == 0
+    printed = capsys.readouterr().out
+    assert "m\ufffd/quest/passkey/1k/abc: ValueError: caf\ufffd" in printed
+    with open(out / "results.csv", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(r["path"] for r in rows) == sorted([
+        job_relpath(config("m", "dense", "1k")),
+        odd.parent.relative_to(root).as_posix() + "/key\ufffd\ufffd",
+        "m\ufffd/quest/passkey/1k/abc"])
+    assert "m\ufffd/quest/passkey/1k/abc" in (out / "report.md").read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize(("name", "data", "reason"), [
+    ("stats.json", b"[]", "stats.json: a JSON array where an object is expected"),
+    ("stats.json", b"3", "stats.json: a JSON number where an object is expected"),
+    ("metrics.json", b"[1, 2]", "metrics.json: a JSON array where an object is expected"),
+    ("metrics.json", b'"high"', "metrics.json: a JSON string where an object is expected"),
+    ("metrics.json", b"{\"score\": 1", "metrics.json: not valid JSON"),
+    ("stats.json", b"{\"attention\": [1], \"total_s\": 2}", None),  # odd inside, still an object
+])
+def test_malformed_result_file_makes_the_job_unreadable_not_a_crash(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str, data: bytes,
+        reason: str | None) -> None:
+    root = tmp_path / "out"
+    write_job(root, config("m", "dense", "1k"), score=50.0)
+    victim = write_job(root, config("m", "streaming", "1k", {"local": {"size": 64}}), score=40.0,
+                       density=[0.5])
+    write_job(root, config("m", "streaming", "2k", {"local": {"size": 64}}), score=30.0,
+              density=[0.25])
+    _rewrite(victim, name, data)
+    out = tmp_path / "rep"
+    assert report.main([str(root), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    rel = victim.relative_to(root).as_posix()
+    with open(out / "results.csv", encoding="utf-8") as f:
+        rows = {r["path"]: r for r in csv.DictReader(f)}
+    assert len(rows) == 3
+    assert float(rows[job_relpath(config("m", "streaming", "2k", {"local": {"size": 64}}))]
+                 ["metrics.score"]) == 30.0
+    jobs = report.read_jobs(root)
+    header, body = report.table_cells(report.build_table(jobs))
+    cell = next(r for r in body if r[1] == "streaming")[header.index("passkey/1k")]
+    if reason is None:
+        assert "unreadable" not in printed and cell == "40.0 (-10.0)"
+        return
+    assert f"unreadable  {rel}: {reason}" in printed
+    assert f"**unreadable** `{rel}`: {reason}" in (out / "report.md").read_text()
+    assert rows[rel]["error"] == reason
+    assert cell == ("unreadable" if name == "metrics.json" else "40.0 (-10.0)")  # no density
+
+
+def test_config_sections_that_are_not_mappings(tmp_path: Path) -> None:
+    path = tmp_path / "out" / "m" / "dense" / "passkey" / "1k" / "abc"
+    path.mkdir(parents=True)
+    (path / jobdir.CONFIG).write_text("model: 3\nsparse: [1]\nbenchmark: text\n")
+    (path / jobdir.ERROR).write_text("boom\n")
+    jobs = report.read_jobs(tmp_path / "out")
+    assert [(j.model, j.method, j.benchmark, j.subset) for j in jobs] == [("m", "dense", "passkey", "1k")]
+    report.build_table(jobs)
+    assert report.main([str(tmp_path / "out"), "--no-plots"]) == 0
