@@ -9,9 +9,11 @@ nothing is found a `DataNotFoundError` says which files were looked for and how 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import zipfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +59,9 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
 
     A json(l) file whose rows Arrow cannot type consistently (e.g. an `answer` that is an
     int in one row and a string in another) is read with the json module instead, which
-    keeps the original Python types.
+    keeps the original Python types. A json(l) file that is not valid JSON (a torn last line)
+    raises BadRowError naming the file and the line (the `datasets` log of the failure is
+    kept quiet: the json module then finds the line).
     """
     path = Path(path)
     if not path.is_file():
@@ -67,19 +71,74 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
         import datasets
 
         datasets.disable_progress_bars()
-        return datasets.load_dataset(fmt, data_files=str(path), split="train").to_list()
+        with _quiet(_DATASETS_JSON_LOGGER if fmt == "json" else None):
+            return datasets.load_dataset(fmt, data_files=str(path), split="train").to_list()
     except Exception:
         if fmt != "json":
             raise
     return _read_json(path)
 
 
+_DATASETS_JSON_LOGGER = "datasets.packaged_modules.json.json"
+"""Logs "Failed to load JSON from file ..." (at ERROR, once per handler) before it raises."""
+
+
+@contextlib.contextmanager
+def _quiet(logger_name: str | None) -> Iterator[None]:
+    """Silence one logger for the duration (None: nothing)."""
+    if logger_name is None:
+        yield
+        return
+    logger = logging.getLogger(logger_name)
+    level = logger.level
+    logger.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def read_json(path: str | Path) -> Any:
+    """One whole JSON document; BadRowError naming the file and line where it is not JSON."""
+    return _parse_document(_read_text(Path(path)), Path(path))
+
+
+def _parse_document(text: str, path: Path) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise BadRowError(f"{path}: line {exc.lineno}: not valid JSON ({exc.msg}: column "
+                          f"{exc.colno}); a truncated download? fetch the file again") from None
+
+
+def _read_text(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise BadRowError(f"{path}: line {line}: not UTF-8 text ({exc.reason} at byte "
+                          f"{exc.start})") from None
+
+
 def _read_json(path: Path) -> list[dict[str, Any]]:
-    text = path.read_text(encoding="utf-8")
-    stripped = text.lstrip()
-    if stripped.startswith("["):
-        return list(json.loads(stripped))
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+    """A JSON array, or JSON lines: one value per line (split at "\\n" only, as JSON lines
+    are; a U+2028 inside a string is not a line break)."""
+    text = _read_text(path)
+    if text.lstrip().startswith("["):
+        return list(_parse_document(text, path))
+    rows = []
+    for number, line in enumerate(text.split("\n"), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise BadRowError(
+                    f"{path}: line {number}: not valid JSON ({exc.msg}: column {exc.colno}); "
+                    f"each line of a JSON-lines file is one complete JSON object (a torn write?): "
+                    f"fix or delete that line"
+                ) from None
+    return rows
 
 
 def find_file(data_dir: str | Path, names: Sequence[str]) -> tuple[Path | None, list[Path]]:

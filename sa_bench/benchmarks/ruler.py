@@ -24,7 +24,6 @@ is passed as `sample.answer_prefix` for the runner to append after the chat temp
 
 from __future__ import annotations
 
-import json
 import string
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
@@ -33,7 +32,7 @@ from typing import Any, ClassVar
 
 from sa_bench.benchmarks import metrics, synthetic
 from sa_bench.benchmarks.base import Benchmark, Sample
-from sa_bench.benchmarks.data import DataNotFoundError, hub_dataset, split_prompt
+from sa_bench.benchmarks.data import DataNotFoundError, hub_dataset, read_json, split_prompt
 from sa_bench.config import ConfigError
 
 NIAH_TEMPLATE = (
@@ -400,7 +399,7 @@ class Ruler(Benchmark):
         if path is not None:
             if not path.is_file():
                 raise DataNotFoundError(f"ruler/{self.subset}: {path} does not exist. {QA_HOW_TO_GET}")
-            return read_qa(self.subset, json.loads(path.read_text(encoding="utf-8")))
+            return read_qa(self.subset, read_json(path))
         try:
             rows = (
                 hub_dataset("rajpurkar/squad_v2", None, "validation")
