@@ -64,7 +64,7 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
         from sa_bench.runner import evaluate
 
         (path / jobdir.CONFIG).write_text(OmegaConf.to_yaml(container))
-        with lease(spec.pool) as held:
+        with lease(spec.pool, job_dir=path) as held:
             summary = evaluate(spec, path, held)
     except KeyboardInterrupt:
         handle.release()

@@ -39,6 +39,17 @@ def run_sa_bench(*args: str, root: Path, timeout: float = 300, check: bool = Fal
     return proc
 
 
+@pytest.fixture(scope="session", autouse=True)
+def own_lock_dir(tmp_path_factory):
+    """The pool's default lock directory for this test session alone (SA_BENCH_LOCK_DIR, seen by
+    every sweep a test starts too): no test waits for a device leased by another process's sweep
+    on this machine, and no test holds one that a real sweep waits for."""
+    path = tmp_path_factory.mktemp("pool-locks")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SA_BENCH_LOCK_DIR", str(path))
+        yield path
+
+
 @pytest.fixture
 def sa_bench_cli():
     return run_sa_bench

@@ -1,6 +1,8 @@
 """Live sweep progress, read from the job directories by a thread in the sweep's process.
 
-Jobs write `progress.json` (samples done / total) as they go. In a terminal the status line is
+Jobs write `progress.json` (samples done / total) as they go. A job whose lease waits for a device
+slot held by another process is counted as waiting, not running, and named with the holder (from
+its `waiting.json`, see `pool.read_waiting`). In a terminal the status line is
 redrawn in place; when output is a file or pipe, a plain line is printed whenever the counts
 change (at most every `interval` seconds), so logs carry no carriage-return clutter.
 """
@@ -13,6 +15,7 @@ import time
 from typing import TextIO
 
 from sa_bench.launch import jobdir
+from sa_bench.launch.pool import describe_holders, read_waiting
 
 
 class Progress:
@@ -36,15 +39,21 @@ class Progress:
             self.stream.flush()
 
     def line(self) -> str:
+        """`waiting` counts the cells not started yet and the jobs whose lease waits."""
         counts = {"done": 0, "running": 0, "failed": 0, "pending": 0}
         samples = []
         for cell in self.cells:
             state = jobdir.status(cell.path, cell.key)
+            name = cell.relpath.rsplit("/", 1)[0]
+            if state == "running" and (wait := read_waiting(cell.path)) is not None:
+                state = "pending"
+                wants = wait.get("wants") if isinstance(wait.get("wants"), str) else "a device slot"
+                samples.append(f"{name} waiting for {wants} held by {describe_holders(wait['holders'])}")
             counts[state] += 1
             if state == "running":
                 info = jobdir.read_json(cell.path / jobdir.PROGRESS) or {}
                 if "total" in info:
-                    samples.append(f"{cell.relpath.rsplit('/', 1)[0]} {info['done']}/{info['total']}")
+                    samples.append(f"{name} {info['done']}/{info['total']}")
         text = (
             f"[sa_bench] {counts['done']} done, {counts['running']} running, "
             f"{counts['failed']} failed, {counts['pending']} waiting"
