@@ -275,6 +275,22 @@ def test_niah_config_checks():
         make("niah", subset="1k", depths=[150])
 
 
+@pytest.mark.parametrize("key", ["data_files", "data_dir"])
+@pytest.mark.parametrize("config, subsets, message", [
+    ("passkey", ["1k"], "passkey generates its samples and reads no data files"),
+    ("niah", ["1k"], "niah generates its samples and reads no data files"),
+    ("ruler", ["vt", "cwe"], "ruler reads data files only for qa_1 and qa_2, and subsets lists "
+                             "neither"),
+])
+def test_generated_benchmarks_refuse_data_files_they_would_ignore(config, subsets, message, key):
+    with pytest.raises(ConfigError, match=rf"^benchmark\.{key}: {message}.*remove "
+                                          rf"benchmark\.{key}=/some/data$"):
+        make(config, subsets=subsets, subset=subsets[0], **{key: "/some/data"})
+    make(config, subsets=subsets, subset=subsets[0], **{key: None})
+    if config == "ruler":  # a sweep over tasks where qa_1 reads the file: allowed for each task
+        make(config, subsets=["vt", "qa_1"], subset="vt", **{key: "/some/data"})
+
+
 # ----------------------------------------------------------------------------- LongBench v2
 
 

@@ -144,9 +144,20 @@ class Benchmark:
     known_subsets: ClassVar[Collection[str] | None] = None
     """The official subset names; `subsets` may only list these (None: any name)."""
 
+    reads_files: ClassVar[bool] = True
+    """False for a benchmark that generates every sample (passkey, niah): `data_dir` and
+    `data_files` are then refused, not silently ignored."""
+
     def __post_init__(self) -> None:
         if not self.subsets:
             raise ConfigError("subsets: expected a non-empty list of subset names")
+        if not self.reads_files:
+            for name in ("data_files", "data_dir"):
+                if getattr(self, name):
+                    raise ConfigError(
+                        f"{name}: {self.name} generates its samples and reads no data files; "
+                        f"remove benchmark.{name}={getattr(self, name)}"
+                    )
         if self.known_subsets is not None:
             unknown = [s for s in self.subsets if s not in self.known_subsets]
             if unknown:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from sa_bench.benchmarks import metrics, synthetic
 from sa_bench.benchmarks.base import Benchmark, Sample
@@ -56,6 +56,8 @@ class Niah(Benchmark):
     samples_per_depth: int = 3
     haystack: Literal["essay", "noise"] = "essay"
     """Filler: this project's essay text, or RULER's repeated noise sentence."""
+
+    reads_files: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         super().__post_init__()

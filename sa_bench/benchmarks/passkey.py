@@ -19,7 +19,7 @@ import random
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from sa_bench.benchmarks.base import Benchmark, Sample
 from sa_bench.config import ConfigError
@@ -107,6 +107,8 @@ class Passkey(Benchmark):
     n_samples: int = 20
     """Samples per subset (needle depths spread evenly from 0 to 1)."""
     generation_tokens: int = 12
+
+    reads_files: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         super().__post_init__()

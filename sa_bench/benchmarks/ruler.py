@@ -363,6 +363,13 @@ class Ruler(Benchmark):
             raise ConfigError(f"length: expected an int >= 256, got {self.length}")
         if self.num_samples < 1:
             raise ConfigError(f"num_samples: expected an int >= 1, got {self.num_samples}")
+        for name in ("data_files", "data_dir"):
+            if getattr(self, name) and not set(self.subsets) & set(QA_FILES):
+                raise ConfigError(
+                    f"{name}: ruler reads data files only for {' and '.join(QA_FILES)}, and "
+                    f"subsets lists neither (the others are generated); remove "
+                    f"benchmark.{name}={getattr(self, name)}"
+                )
 
     def max_new_tokens(self) -> int:
         return TOKENS_TO_GENERATE[family(self.subset)]
