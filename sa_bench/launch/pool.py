@@ -55,9 +55,10 @@ class PoolConfig:
     `OMP_NUM_THREADS` when set, else one thread per core - then one job already keeps every core
     busy and a second would only oversubscribe them (OpenMP threads spinning against each other
     slow both), so `auto` is 1; with OMP_NUM_THREADS=k, cores // k jobs fit side by side. Usable
-    cores are those this process may run on (a SLURM or taskset limit counts). The sweep's
+    cores are those this process may use (a SLURM or taskset mask, a container's quota). The sweep's
     parent (which sizes the launcher) and every job compute the same count from the same
-    environment. Each CPU job loads its own copy of the model: set an int for large models.
+    environment (joblib sets OMP_NUM_THREADS in its workers only where the parent left it unset,
+    and then `auto` gives one job, run in the parent itself). Each CPU job loads its own copy of the model: set an int for large models.
     Not part of a job's identity: changing it changes no result directory.
     """
     devices_per_job: int = 1
@@ -144,11 +145,16 @@ class PoolConfig:
 
 
 def usable_cpus() -> int:
-    """CPUs this process may run on (an affinity mask from SLURM or taskset counts)."""
+    """CPUs this process may use: joblib's count (the launcher's), which honours an affinity
+    mask (SLURM, taskset) and a container's CPU quota; else the affinity mask."""
     try:
-        return len(os.sched_getaffinity(0)) or 1
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
+        from joblib.externals.loky import cpu_count
+    except ImportError:
+        try:
+            return len(os.sched_getaffinity(0)) or 1
+        except (AttributeError, OSError):
+            return os.cpu_count() or 1
+    return max(1, cpu_count())
 
 
 def threads_per_job() -> int | None:
