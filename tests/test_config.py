@@ -124,3 +124,22 @@ def test_a_target_that_is_not_a_class_is_refused_before_its_module_runs(tmp_path
         build_target({"_target_": "math.pi"}, "k", Inner)  # no source (built in): imported
     with pytest.raises(ConfigError, match=r"cannot import module 'tests.no_such'"):
         build_target({"_target_": "tests.no_such.X"}, "k", Inner)
+
+
+def test_every_model_option_is_in_every_model_yaml():
+    """Each ModelConfig field is a key of each conf/model/*.yaml, so `model.<option>=...` works
+    without Hydra's `+` (as the README writes it)."""
+    import dataclasses
+    from pathlib import Path
+
+    import yaml
+
+    from sa_bench.models.loading import ModelConfig
+
+    fields = [f.name for f in dataclasses.fields(ModelConfig)]
+    files = sorted((Path(__file__).resolve().parents[1] / "conf" / "model").glob("*.yaml"))
+    assert len(files) >= 2
+    for file in files:
+        data = yaml.safe_load(file.read_text())
+        missing = [name for name in fields if name not in data]
+        assert not missing, f"{file.name} lacks {missing}"
