@@ -5,6 +5,12 @@
 
 Rows are model × sparse configuration, columns are benchmark subsets plus their average. A
 cell reads `score @density (±difference from the dense cell of the same model and subset)`.
+A cell run again under a new key (the model's weights changed, a class bumped its
+`key_version`) shows its newest finished result (by `done.json`'s `finished`), marked `[^n]`;
+note n lists the superseded directories. The difference is taken only against a dense result
+of the same model weights: where the job files do not record which weights they ran with
+(`env.json`: `weights`, else the `model_source` of a hub model) and the dense cell or this cell
+has results under several keys, it is left blank rather than guessed.
 Rows of the same method are told apart by the parameters whose values differ between them,
 e.g. `oracle_topk (topk.heavy_size=0.05)`. Files written (into the output root, or `--out`):
 `report.md`, `results.csv` (one row per job, every config value flattened) and
@@ -25,6 +31,7 @@ import fnmatch
 import json
 import os
 import sys
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +65,8 @@ class Job:
     error: str = ""
     progress: dict = field(default_factory=dict)
     unreadable: list[str] = field(default_factory=list)  # "file: why" of each malformed file
+    env: dict = field(default_factory=dict)
+    finished: float | None = None  # done.json's `finished` (seconds since the epoch)
 
     def _section(self, name: str) -> dict:
         value = self.config.get(name)
@@ -92,6 +101,23 @@ class Job:
     @property
     def density(self) -> float | None:
         return measured_density(self.stats, self.method)
+
+    @property
+    def weights(self) -> str | None:
+        """The identity of the model weights the job ran with, as far as its files record it:
+        env.json's `weights` where a job records it (as the job key has it); else, from
+        env.json's `model_source`, `hub:<id>@<revision>` for a model loaded from the hub and
+        just the kind of source for one loaded from files (`embedded`, `local`,
+        `offline_fallback:<name>`: their fingerprint is not recorded, and the path differs
+        between machines); None when nothing is recorded."""
+        if isinstance(self.env.get("weights"), str):
+            return self.env["weights"]
+        source = self.env.get("model_source")
+        kind = source.get("source") if isinstance(source, dict) else None
+        if kind != "hub":
+            return kind if isinstance(kind, str) else None
+        model = self._section("model")
+        return f"hub:{model.get('pretrained')}@{model.get('revision') or 'main'}"
 
 
 def _is_number(value: Any) -> bool:
@@ -188,6 +214,9 @@ def read_job(root: Path, path: Path) -> Job:
     if status == "done":
         job.metrics = read_object(path / jobdir.METRICS, problems)
         job.stats = read_object(path / jobdir.STATS, problems)
+        job.env = read_object(path / jobdir.ENV, problems)
+        finished = read_object(path / jobdir.MARKER).get("finished")
+        job.finished = float(finished) if _is_number(finished) else None
     elif status == "failed":
         try:
             job.error = first_error_line(path)
@@ -269,7 +298,13 @@ class Row:
     identity: dict[str, Any]  # every result-affecting value except the benchmark's
     label: str = ""
     shown: list[str] = field(default_factory=list)  # identity keys spelled out in the label
-    cells: dict[Column, Job] = field(default_factory=dict)
+    cells: dict[Column, Job] = field(default_factory=dict)  # the job shown in each cell
+    older: dict[Column, list[Job]] = field(default_factory=dict)  # the cell's other jobs, best first
+
+    def finished(self, column: Column) -> list[Job]:
+        """The cell's finished jobs, newest first (the first is the one shown)."""
+        return [j for j in [self.cells.get(column), *self.older.get(column, [])]
+                if j is not None and j.status == "done"]
 
     @property
     def context(self) -> tuple:
@@ -285,17 +320,44 @@ class Table:
     column_labels: dict[Column, str]
     dense: dict[int, Row | None]  # id(row) -> its dense reference row
 
-    def dense_score(self, row: Row, column: Column) -> float | None:
-        ref = self.dense.get(id(row))
-        job = ref.cells.get(column) if ref else None
-        return job.score if job is not None and job.status == "done" else None
+    @property
+    def superseded(self) -> list[tuple[Row, Column]]:
+        """The cells with older finished results than the one shown, in table order (the
+        footnote of the i-th is [^i])."""
+        return [(r, c) for r in self.rows for c in self.columns if len(r.finished(c)) > 1]
 
-    def cell(self, row: Row, column: Column) -> tuple[float | None, float | None, float | None]:
-        """(score, density, score - dense score) of a finished cell; Nones where unknown."""
-        job = row.cells.get(column)
+    def reference(self, row: Row, column: Column, job: Job | None = None) -> Job | None:
+        """The dense job that `job` (a finished job of the cell; default: the one shown) is
+        compared with: the newest finished one of the reference row's cell with the same
+        recorded weights; where a side records none, the only one, and only while neither cell
+        has results under several keys (else which weights are whose cannot be told)."""
+        job = job if job is not None else row.cells.get(column)
+        ref = self.dense.get(id(row))
+        if job is None or job.status != "done" or ref is None:
+            return None
+        candidates = ref.finished(column)
+        if any(d is job for d in candidates):
+            return job
+        for dense in candidates:
+            if job.weights is not None and dense.weights == job.weights:
+                return dense
+        if len(candidates) == 1 and len(row.finished(column)) == 1 and (
+                job.weights is None or candidates[0].weights is None):
+            return candidates[0]
+        return None
+
+    def dense_score(self, row: Row, column: Column, job: Job | None = None) -> float | None:
+        ref = self.reference(row, column, job)
+        return ref.score if ref is not None else None
+
+    def cell(self, row: Row, column: Column, job: Job | None = None
+             ) -> tuple[float | None, float | None, float | None]:
+        """(score, density, score - dense score) of a finished job of the cell (default: the
+        one shown); Nones where unknown."""
+        job = job if job is not None else row.cells.get(column)
         if job is None or job.status != "done":
             return None, None, None
-        score, ref = job.score, self.dense_score(row, column)
+        score, ref = job.score, self.dense_score(row, column, job)
         diff = score - ref if score is not None and ref is not None else None
         return score, job.density, diff
 
@@ -351,9 +413,11 @@ def build_table(jobs: list[Job]) -> Table:
         row = rows.setdefault(key, Row(job.model, job.method, identity))
         column = _column_of(job)
         columns.add(column)
-        previous = row.cells.get(column)
-        if previous is None or _rank(job) > _rank(previous):
-            row.cells[column] = job
+        row.older.setdefault(column, []).append(job)
+    for row in rows.values():
+        for column, cell in row.older.items():
+            cell.sort(key=lambda j: (_rank(j), j.relpath), reverse=True)
+            row.cells[column] = cell.pop(0)
     ordered = list(rows.values())
     _label_rows(ordered)
     ordered.sort(key=lambda r: (r.model, r.method != DENSE, r.method,
@@ -366,8 +430,7 @@ def build_table(jobs: list[Job]) -> Table:
 def _rank(job: Job) -> tuple:
     """Which of two jobs for the same cell to show: done first, then the newest marker."""
     order = {"done": 3, "running": 2, "failed": 1, "pending": 0}[job.status]
-    marker = jobdir.read_json(job.path / jobdir.MARKER) or {}
-    return order, marker.get("finished", 0)
+    return order, job.finished or 0.0
 
 
 def _label_rows(rows: list[Row]) -> None:
@@ -418,13 +481,19 @@ def _column_labels(columns: list[Column]) -> dict[Column, str]:
     return labels
 
 
+WEIGHTS_KEYS = ("model.pretrained", "model.revision")
+"""The config values that say which weights a model loads."""
+
+
 def _dense_reference(row: Row, rows: list[Row]) -> Row | None:
-    """The dense row with the same model and other values; else the only dense row of the model."""
+    """The dense row with the same model and other values; else the only dense row of the model
+    that loads the same weights (`WEIGHTS_KEYS`)."""
     dense = [r for r in rows if r.method == DENSE and r.model == row.model]
     exact = [r for r in dense if r.context == row.context]
     if exact:
         return exact[0]
-    return dense[0] if len(dense) == 1 else None
+    same = [r for r in dense if all(r.identity.get(k) == row.identity.get(k) for k in WEIGHTS_KEYS)]
+    return same[0] if len(same) == 1 else None
 
 
 # --- text --------------------------------------------------------------------------------------
@@ -447,6 +516,7 @@ def format_cell(score: float | None, density: float | None, diff: float | None) 
 def table_cells(table: Table) -> tuple[list[str], list[list[str]]]:
     """Header and body of the results table as strings (shared by the console and markdown)."""
     header = ["model", "sparse"] + [table.column_labels[c] for c in table.columns] + ["average"]
+    marks = {(id(r), c): f" [^{i}]" for i, (r, c) in enumerate(table.superseded, 1)}
     body = []
     for row in table.rows:
         line = [row.model, row.label]
@@ -462,6 +532,7 @@ def table_cells(table: Table) -> tuple[list[str], list[list[str]]]:
                 line.append("no score")
             else:
                 line.append(format_cell(*table.cell(row, column)))
+            line[-1] += marks.get((id(row), column), "")
         score, density, diff, n = table.average(row)
         text = format_cell(score, density, diff)
         if text and n < len(table.columns):
@@ -471,8 +542,36 @@ def table_cells(table: Table) -> tuple[list[str], list[list[str]]]:
     return header, body
 
 
-LEGEND = ("cell = score @ measured density (score - dense score, same model and subset); "
-          "average over the row's finished cells, [n/N] when some are missing")
+LEGEND = ("cell = score @ measured density (score - dense score, same model, weights and subset; "
+          "blank where that dense result cannot be told); [^i]: older results of the cell "
+          "exist (note i); average over the row's finished cells, [n/N] when some are missing")
+
+
+def _when(job: Job) -> str:
+    if job.finished is None:
+        return "finished at an unrecorded time"
+    return "finished " + time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(job.finished))
+
+
+def _about(job: Job) -> str:
+    score = "no score" if job.score is None else f"score {job.score:g}"
+    return f"{job.relpath} ({_when(job)}, {score})"
+
+
+def superseded_notes(table: Table) -> list[str]:
+    """`[^i]: ...` for each cell with older results: the one shown and the superseded ones."""
+    notes = []
+    for i, (row, column) in enumerate(table.superseded, 1):
+        shown, *older = row.finished(column)
+        text = (f"[^{i}]: {row.model} / {row.label} / {table.column_labels[column]}: shows "
+                f"{_about(shown)}; superseded: " + ", ".join(_about(j) for j in older))
+        ref = table.dense.get(id(row))
+        if shown.score is not None and ref is not None and ref.finished(column) \
+                and table.reference(row, column) is None:
+            text += ("; no difference from dense: the job files do not tell which dense result "
+                     "had the same model weights")
+        notes.append(text)
+    return notes
 
 
 def format_text_table(header: list[str], body: list[list[str]]) -> str:
@@ -533,22 +632,31 @@ def counts(jobs: list[Job]) -> str:
 
 # --- files -------------------------------------------------------------------------------------
 
-LEADING_CSV = ["path", "status", "error", "density", "dense_score", "score_vs_dense"]
+LEADING_CSV = ["path", "status", "superseded", "superseded_by", "error", "finished", "density",
+               "dense_score", "score_vs_dense", "dense_path", "model_weights"]
 
 
 def write_csv(jobs: list[Job], table: Table, path: Path) -> None:
-    """One row per job: status, derived numbers, every config value, metrics.*, stats.*."""
-    where = {id(job): (row, column) for row in table.rows for column, job in row.cells.items()}
+    """One row per job: status, derived numbers, every config value, metrics.*, stats.*.
+    `superseded`: a newer finished job of the same cell is shown in the table instead."""
+    where = {id(job): (row, column) for row in table.rows
+             for column in row.cells for job in [row.cells[column], *row.older.get(column, [])]}
     records = []
     for job in jobs:
         record: dict[str, Any] = {"path": job.relpath, "status": job.status,
                                   "error": job.error or "; ".join(job.unreadable)}
         if job.status == "done":
-            record["density"] = job.density
+            record.update(density=job.density, finished=job.finished, model_weights=job.weights,
+                          superseded=False)
             if id(job) in where:
                 row, column = where[id(job)]
-                record["dense_score"] = table.dense_score(row, column)
-                record["score_vs_dense"] = table.cell(row, column)[2]
+                shown = row.cells[column]
+                if shown is not job:
+                    record.update(superseded=True, superseded_by=shown.relpath)
+                ref = table.reference(row, column, job)
+                record["dense_path"] = ref.relpath if ref is not None else None
+                record["dense_score"] = ref.score if ref is not None else None
+                record["score_vs_dense"] = table.cell(row, column, job)[2]
         record.update(flatten(job.config))
         for prefix, data in (("metrics.", job.metrics), ("stats.", job.stats)):
             if data:
@@ -620,6 +728,9 @@ def write_markdown(jobs: list[Job], table: Table, root: Path, plots: list[Path],
     header, body = table_cells(table)
     parts = [f"# sa_bench report: `{printable(str(root))}`", "", counts(jobs), "", "## Results", "",
              f"_{LEGEND}._", "", format_markdown_table(header, body) if body else "(no jobs)"]
+    notes = superseded_notes(table)
+    if notes:
+        parts += ["", "Cells with older results (superseded, not shown):", "", *notes]
     parts += ["", "## Failed and unfinished jobs", ""]
     parts += [f"- **{kind}** `{rel}`" + (f": {detail}" if detail else "")
               for kind, rel, detail in status_entries(jobs)] or ["none"]
@@ -671,6 +782,10 @@ def main(argv: list[str] | None = None) -> int:
         if body:
             print(LEGEND)
             print(format_text_table(header, body))
+        notes = superseded_notes(table)
+        if notes:
+            print("\ncells with older results (superseded, not shown):")
+            print("\n".join("  " + note for note in notes))
         status = status_lines(jobs)
         if status:
             print("\nfailed and unfinished jobs:")

@@ -397,3 +397,125 @@ def test_config_sections_that_are_not_mappings(tmp_path: Path) -> None:
     assert [(j.model, j.method, j.benchmark, j.subset) for j in jobs] == [("m", "dense", "passkey", "1k")]
     report.build_table(jobs)
     assert report.main([str(tmp_path / "out"), "--no-plots"]) == 0
+
+
+# --- issue 23: a cell run again under a new key (new weights, a bumped key_version) -----------
+
+
+def finished_at(path: Path, when: float, env: dict | None = None) -> Path:
+    """Make a finished job's marker say it finished at `when`; `env` becomes its env.json."""
+    if env is not None:
+        jobdir.write_json_atomic(path / jobdir.ENV, env)
+    jobdir.write_marker(path, path.name)
+    marker = json.loads((path / jobdir.MARKER).read_text())
+    jobdir.write_json_atomic(path / jobdir.MARKER, {**marker, "finished": when})
+    return path
+
+
+def test_a_cell_under_two_keys_shows_the_newest_and_lists_the_older(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = tmp_path / "out"
+    cfg = config("m", "streaming", "1k", {"local": {"size": 64}})
+    newer = finished_at(write_job(root, cfg, score=20.0, density=[0.5], key="0000000000bb"), 2e9)
+    older = finished_at(write_job(root, cfg, score=10.0, density=[0.5], key="0000000000cc"), 1e9)
+    write_job(root, config("m", "streaming", "2k", {"local": {"size": 64}}), score=5.0)
+    table = report.build_table(report.read_jobs(root))
+    assert len(table.rows) == 1 and len(table.columns) == 2
+    row, column = table.rows[0], table.columns[0]
+    assert row.cells[column].path == newer and row.older[column] == [
+        j for j in report.read_jobs(root) if j.path == older]
+    header, body = report.table_cells(table)
+    assert body[0][header.index("passkey/1k")] == "20.0 @0.500 [^1]"
+    assert body[0][header.index("passkey/2k")] == "5.0"  # no mark: one result only
+    out = tmp_path / "rep"
+    assert report.main([str(root), "--out", str(out), "--no-plots"]) == 0
+    printed, md = capsys.readouterr().out, (out / "report.md").read_text()
+    rel_new, rel_old = (p.relative_to(root).as_posix() for p in (newer, older))
+    for text in (printed, md):
+        note = next(ln for ln in text.splitlines() if ln.lstrip().startswith("[^1]"))
+        assert rel_new in note and rel_old in note and "score 10" in note
+    with open(out / "results.csv") as f:
+        rows = {r["path"]: r for r in csv.DictReader(f)}
+    assert len(rows) == 3
+    assert (rows[rel_old]["superseded"], rows[rel_old]["superseded_by"]) == ("True", rel_new)
+    assert (rows[rel_new]["superseded"], rows[rel_new]["superseded_by"]) == ("False", "")
+    assert float(rows[rel_old]["metrics.score"]) == 10.0
+
+
+def test_difference_only_against_dense_of_the_same_weights(tmp_path: Path) -> None:
+    root = tmp_path / "out"
+    dense = config("m", "dense", "1k")
+    old_dense = finished_at(write_job(root, dense, score=80.0, key="00000000000a"), 1e9,
+                            {"weights": "local:aaa"})
+    finished_at(write_job(root, dense, score=90.0, key="00000000000b"), 2e9,
+                {"weights": "local:bbb"})
+    same = finished_at(write_job(root, config("m", "streaming", "1k", {"local": {"size": 64}}),
+                                 score=50.0, density=[0.5]), 1.5e9, {"weights": "local:aaa"})
+    other = finished_at(write_job(root, config("m", "streaming", "1k", {"local": {"size": 128}}),
+                                  score=60.0, density=[0.7]), 3e9, {"weights": "local:ccc"})
+    table = report.build_table(report.read_jobs(root))
+    column = table.columns[0]
+    by_label = {r.label: r for r in table.rows}
+    assert table.cell(by_label["streaming (local.size=64)"], column) == (50.0, 0.5, -30.0)
+    assert table.reference(by_label["streaming (local.size=64)"], column).path == old_dense
+    assert table.cell(by_label["streaming (local.size=128)"], column) == (60.0, 0.7, None)
+    assert table.cell(by_label["dense"], column) == (90.0, 1.0, 0.0)
+    out = tmp_path / "rep"
+    assert report.main([str(root), "--out", str(out), "--no-plots"]) == 0
+    with open(out / "results.csv") as f:
+        rows = {r["path"]: r for r in csv.DictReader(f)}
+    rel = same.relative_to(root).as_posix()
+    assert float(rows[rel]["score_vs_dense"]) == -30.0
+    assert rows[rel]["dense_path"] == old_dense.relative_to(root).as_posix()
+    assert rows[rel]["model_weights"] == "local:aaa"
+    assert rows[other.relative_to(root).as_posix()]["score_vs_dense"] == ""
+    old = rows[old_dense.relative_to(root).as_posix()]  # superseded, still compared with itself
+    assert (old["superseded"], float(old["score_vs_dense"])) == ("True", 0.0)
+
+
+def test_no_difference_when_the_weights_cannot_be_told_apart(tmp_path: Path) -> None:
+    """No weights identity in the job files: with the dense cell (or this cell) run under two
+    keys there is no knowing which dense result had this cell's weights."""
+    root = tmp_path / "out"
+    dense = config("m", "dense", "1k")
+    finished_at(write_job(root, dense, score=80.0, key="00000000000a"), 1e9)
+    finished_at(write_job(root, dense, score=90.0, key="00000000000b"), 2e9)
+    write_job(root, config("m", "dense", "2k"), score=70.0)
+    for subset in SUBSETS:
+        write_job(root, config("m", "streaming", subset, {"local": {"size": 64}}), score=50.0,
+                  density=[0.5])
+    table = report.build_table(report.read_jobs(root))
+    row = next(r for r in table.rows if r.method == "streaming")
+    assert [table.cell(row, c) for c in table.columns] == [(50.0, 0.5, None), (50.0, 0.5, -20.0)]
+    assert report.superseded_notes(table)[0].startswith("[^1]: m / dense / passkey/1k: shows ")
+    # this cell run again too: still no knowing, and its note says why its difference is blank
+    finished_at(write_job(root, config("m", "streaming", "1k", {"local": {"size": 64}}),
+                          score=55.0, density=[0.5], key="00000000000c"), 3e9)
+    table = report.build_table(report.read_jobs(root))
+    row = next(r for r in table.rows if r.method == "streaming")
+    assert table.cell(row, table.columns[0]) == (55.0, 0.5, None)
+    note = report.superseded_notes(table)[1]
+    assert note.startswith("[^2]: m / streaming / passkey/1k: shows m/streaming/passkey/1k/00000000000c")
+    assert note.endswith("no difference from dense: the job files do not tell which dense result "
+                         "had the same model weights")
+
+
+def test_no_difference_across_weights_sources(tmp_path: Path) -> None:
+    root = tmp_path / "out"
+    hub = {"model_source": {"source": "hub", "path": "hub/m"}}
+    fallback = {"model_source": {"source": "offline_fallback:tiny", "path": "/cache/tiny"}}
+    finished_at(write_job(root, config("m", "dense", "1k"), score=80.0), 1e9, fallback)
+    finished_at(write_job(root, config("m", "dense", "2k"), score=80.0), 1e9, hub)
+    for subset in SUBSETS:
+        finished_at(write_job(root, config("m", "streaming", subset, {"local": {"size": 64}}),
+                              score=50.0, density=[0.5]), 2e9, hub)
+    other = config("m", "streaming", "1k", {"local": {"size": 64}})
+    other["model"]["pretrained"] = "hub/other"  # the only dense row of `m` is not of these weights
+    other["model"]["max_context"] = 1024
+    write_job(root, other, score=40.0, density=[0.5])
+    table = report.build_table(report.read_jobs(root))
+    rows = {r.label: r for r in table.rows}
+    row = rows["streaming (model.max_context=4096, model.pretrained=hub/m)"]
+    assert [table.cell(row, c)[2] for c in table.columns] == [None, -30.0]
+    assert table.cell(rows["streaming (model.max_context=1024, model.pretrained=hub/other)"],
+                      table.columns[0])[2] is None
