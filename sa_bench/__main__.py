@@ -2,13 +2,9 @@
 
 import sys
 
-from sa_bench.launch.fastpath import resume_if_all_done
-
 
 def main() -> None:
     try:
-        if resume_if_all_done(sys.argv[1:]):  # an all-finished sweep: no need to start Hydra
-            return
         from sa_bench.job import run_job
         from sa_bench.launch.hydra_app import hydra_main
 

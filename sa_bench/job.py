@@ -11,13 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from sa_bench.config import ConfigError
 from sa_bench.launch import jobdir
 from sa_bench.launch.callbacks import LockHandle
-from sa_bench.launch.identity import (
-    data_changed,
-    data_fingerprint,
-    data_source,
-    job_relpath,
-    same_data,
-)
+from sa_bench.launch.identity import job_relpath, local_inputs
 
 
 class IdentityMismatch(ConfigError):
@@ -36,26 +30,25 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
 
     container: dict = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
     path = Path(HydraConfig.get().runtime.output_dir)
+    root = Path(str(container.get("output_root", "outputs"))).expanduser()
     try:
         spec = JobSpec.from_dict(container)
-        relpath = job_relpath(spec)
-        check_identity(spec.cell, relpath, path, Path(container.get("output_root", "outputs")))
+        relpath = job_relpath(spec, local_inputs(spec.pool, root))
+        check_identity(spec.cell, relpath, path, root)
     except ConfigError:
         path.mkdir(parents=True, exist_ok=True)
         (path / jobdir.ERROR).write_text(traceback.format_exc())
         raise
     key = relpath.rsplit("/", 1)[1]
-    data, source = data_fingerprint(spec.benchmark), data_source(spec.benchmark)
     lock = jobdir.JobLock(path)
     if not lock.try_acquire():
         return {"status": "busy", "dir": str(path)}
-    if jobdir.is_done(path, key) and not spec.overwrite and not data_changed(path, data, source):
+    if jobdir.is_done(path, key) and not spec.overwrite:
         lock.release()
         return {"status": "skipped", "dir": str(path)}
     handle = LockHandle(lock)
-    if spec.overwrite or jobdir.is_done(path, key) or _other_data(path, data, source):
-        jobdir.clear_results(path)  # on purpose, or the results are of other samples than now
-    jobdir.write_json_atomic(path / jobdir.DATA, {"data": data})
+    if spec.overwrite:
+        jobdir.clear_results(path)
     (path / jobdir.ERROR).unlink(missing_ok=True)
     (path / jobdir.MARKER).unlink(missing_ok=True)
     jobdir.mark_running(path)
@@ -78,7 +71,6 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
     finally:
         (path / jobdir.RUNNING).unlink(missing_ok=True)
         _free_accelerator_memory()
-    summary = {**(summary or {}), "data": data}
     return {"status": "done", "dir": str(path), "key": key, "summary": summary, "lock": handle}
 
 
@@ -95,12 +87,6 @@ def check_identity(handed: str | None, relpath: str, path: Path, output_root: Pa
             "output_root and the config only (do not set hydra.run.dir / hydra.sweep.dir / "
             "hydra.sweep.subdir; set output_root)"
         )
-
-
-def _other_data(path: Path, data: str | None, source: list | None) -> bool:
-    """Whether an interrupted attempt's predictions were made on other local data files."""
-    previous = jobdir.read_json(path / jobdir.DATA)
-    return isinstance(previous, dict) and not same_data(previous.get("data"), data, source)
 
 
 def _free_accelerator_memory() -> None:

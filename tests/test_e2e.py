@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -189,20 +190,43 @@ def test_simulated_pool_gives_each_job_its_own_device(tmp_path, probe):
         assert busy == {0, 1}
 
 
-def test_fast_resume_skips_hydra_only_while_nothing_changed(tmp_path, probe):
+def test_resume_reruns_a_cell_whenever_an_input_outside_conf_changed(tmp_path, probe):
+    """Issue 23, item 1: each of these once left a finished cell "done" on an identical
+    command (a manifest shortcut that re-derived the plan from argv and file mtimes). Every
+    resume now goes through Hydra's composition and the validated config's key."""
     out = tmp_path / "out"
-    run_sa_bench(*probe, root=out, env=env(), check=True)
-    manifests = list((out / ".sa_bench" / "sweeps").glob("*.json"))
-    assert len(manifests) == 1
-    fast = run_sa_bench(*probe, root=out, env=env(), check=True)
-    assert fast.stdout == "2 jobs: 2 done (skipped), 0 to run\n" and "HYDRA" not in fast.stderr
-    # a finished cell loses its marker: the fast path must not vouch for it
-    victim = job_dirs(out)[0]
-    (victim / "done.json").unlink()
-    rerun = run_sa_bench(*probe, root=out, env=env(), check=True)
-    assert "2 jobs: 1 done (skipped), 1 to run" in rerun.stdout
-    # a config file changes (one more subset): the plan is recomputed through Hydra
-    conf = tmp_path / "userconf" / "benchmark" / "probe.yaml"
-    conf.write_text(conf.read_text().replace("subsets: [1k, 2k]", "subsets: [1k, 2k, 3k]"))
-    grown = run_sa_bench(*probe, root=out, env=env(), check=True)
-    assert "3 jobs: 2 done (skipped), 1 to run" in grown.stdout
+    model = tmp_path / "m"
+    shutil.copytree(ROOT / "sa_bench" / "models" / "embedded" / "tiny_retrieval", model)
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "mymask.py").write_text(
+        "from dataclasses import dataclass\n"
+        "from sa_bench.attention.maskers import Local\n\n"
+        "@dataclass\nclass MyLocal(Local):\n    size: int = 64\n")
+    conf = tmp_path / "userconf"
+    (conf / "sparse").mkdir(parents=True)
+    (conf / "sparse" / "mine.yaml").write_text(
+        "name: mine\nmaskers:\n  sink: {_target_: sa_bench.attention.maskers.Sink,"
+        " size: '${oc.decode:${oc.env:MY_SINK}}'}\n  local: {_target_: mymask.MyLocal}\n")
+    args = [*probe, "sparse=mine", f"model.pretrained={model}", "benchmark.subsets=[1k]"]
+    run_env = env(PYTHONPATH=f"{ROOT}:{user}", MY_SINK="4")
+
+    def first_line(**extra) -> str:
+        proc = run_sa_bench(*args, root=out, env={**run_env, **extra}, check=True)
+        return proc.stdout.splitlines()[0]
+
+    assert first_line() == "1 jobs: 0 done (skipped), 1 to run"
+    assert first_line() == "1 jobs: 1 done (skipped), 0 to run"
+    # a nested resolver reads another value of the environment variable
+    assert first_line(MY_SINK="8") == "1 jobs: 0 done (skipped), 1 to run"
+    assert first_line() == "1 jobs: 1 done (skipped), 0 to run"
+    # the user's masker class changes its default
+    (user / "mymask.py").write_text((user / "mymask.py").read_text().replace("64", "32"))
+    assert first_line() == "1 jobs: 0 done (skipped), 1 to run"
+    # the local model directory is overwritten in place (other weights, same file names)
+    weights = model / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 1
+    weights.write_bytes(bytes(data))
+    assert first_line() == "1 jobs: 0 done (skipped), 1 to run"
+    assert len(job_dirs(out)) == 4  # every earlier result is kept in its own directory

@@ -212,9 +212,15 @@ def spec_of(benchmark: str, subset: str, **overrides):
     return JobSpec.from_dict(cfg)
 
 
-def test_repetition_penalty_is_part_of_the_job_key():
-    from sa_bench.launch.identity import job_key
+def job_key(spec) -> str:
+    from sa_bench.fingerprint import FingerprintCache
+    from sa_bench.launch.identity import Inputs
+    from sa_bench.launch.identity import job_key as key_of
 
+    return key_of(spec, Inputs("cpu", False, FingerprintCache()))
+
+
+def test_repetition_penalty_is_part_of_the_job_key():
     def key(penalty: float) -> str:
         return job_key(spec_of("loogle", "shortdep_qa", generation={"repetition_penalty": penalty}))
 
@@ -226,7 +232,7 @@ def test_new_settings_change_the_key_only_where_they_change_the_result():
     """key_defaults.json records the behaviour from before these settings (no newline stop,
     no minimum, InfiniteBench with the chat template): cells decoded as before keep their
     keys, samsum and InfiniteBench cells (decoded differently now) get new ones."""
-    from sa_bench.launch.identity import NON_RESULT_FIELDS, canonical, job_key
+    from sa_bench.launch.identity import NON_RESULT_FIELDS, canonical
 
     def bench_key(spec) -> dict:
         return canonical(spec.benchmark, drop=NON_RESULT_FIELDS["benchmark"])

@@ -8,15 +8,9 @@ from pathlib import Path
 import pytest
 
 from sa_bench.attention import maskers
-from sa_bench.launch import identity, jobdir
-from sa_bench.launch.identity import (
-    data_fingerprint,
-    job_key,
-    job_relpath,
-    legacy_key,
-    migrate_legacy,
-    sanitize,
-)
+from sa_bench.fingerprint import FingerprintCache, data_fingerprint
+from sa_bench.launch import identity, jobdir, key_defaults
+from sa_bench.launch.identity import Inputs, job_key, job_relpath, sanitize
 from sa_bench.models import loading
 from sa_bench.models.identity import weights_identity
 from sa_bench.spec import JobSpec
@@ -47,14 +41,26 @@ def changed(cfg: dict, key_path: str, value) -> dict:
     return cfg
 
 
-def key(cfg: dict) -> str:
-    return job_key(JobSpec.from_dict(cfg))
+def inputs(device: str = "cpu", offline: bool = False) -> Inputs:
+    return Inputs(device, offline, FingerprintCache())
 
 
-# Stand-ins for a masker class after a refactoring (defined here: another module path).
+def key(cfg: dict, **kw) -> str:
+    return job_key(JobSpec.from_dict(cfg), inputs(**kw))
+
+
+def weights(cfg: dict, offline: bool = False) -> str:
+    return weights_identity(JobSpec.from_dict(cfg).model, offline, FingerprintCache())
+
+
+# Stand-ins for a masker class after a refactoring inside the package (their module is set to
+# one of the package's: only classes of sa_bench keep their keys by name).
 @dataclasses.dataclass
 class Local(maskers.Local):
-    """The same class moved to another module."""
+    """The same class moved to another module of the package."""
+
+
+Local.__module__ = "sa_bench.attention.moved"
 
 
 @dataclasses.dataclass
@@ -65,6 +71,9 @@ class LocalNewOption(maskers.Local):
     stride: int = 1
 
 
+LocalNewOption.__module__ = "sa_bench.attention.moved"
+
+
 @dataclasses.dataclass
 class LocalNewDefault(maskers.Local):
     """Local whose code default changed (64 -> 128)."""
@@ -73,9 +82,23 @@ class LocalNewDefault(maskers.Local):
     size: int = 128
 
 
+LocalNewDefault.__module__ = "sa_bench.attention.moved"
+
+
+@dataclasses.dataclass
+class OracleTopK(maskers.OracleTopK):
+    """A user's patched copy of the stock class, in the user's own module."""
+
+
 def with_local(cls: type, **fields) -> dict:
     cfg = copy.deepcopy(CFG)
     cfg["sparse"]["maskers"]["local"] = {"_target_": f"{__name__}.{cls.__name__}", **fields}
+    return cfg
+
+
+def with_topk(target: str) -> dict:
+    cfg = copy.deepcopy(CFG)
+    cfg["sparse"]["maskers"]["topk"] = {"_target_": target, "heavy_size": 0.1}
     return cfg
 
 
@@ -85,19 +108,91 @@ def test_key_stable_under_a_class_move():
 
 def test_key_stable_under_a_new_option_with_a_recorded_default(monkeypatch):
     recorded = copy.deepcopy(identity.recorded_defaults())
-    recorded["Local"]["stride"] = 1  # what `python -m sa_bench.launch.identity --record` adds
+    recorded["Local"]["stride"] = 1  # what `python -m sa_bench.launch.key_defaults --record` adds
     monkeypatch.setattr(identity, "recorded_defaults", lambda: recorded)
+    monkeypatch.setattr(key_defaults.identity, "recorded_defaults", lambda: recorded)
     assert key(with_local(LocalNewOption, size=64)) == key(CFG)
     assert key(with_local(LocalNewOption, size=64, stride=2)) != key(CFG)
 
 
-def test_unrecorded_new_option_is_reported_until_recorded(monkeypatch):
-    monkeypatch.setattr(identity, "config_classes", lambda: [LocalNewOption, maskers.Sink])
-    assert identity.missing_records() == {"Local": {"stride": 1}}
+def test_unrecorded_new_option_is_reported_until_recorded():
+    assert key_defaults.missing_records([LocalNewOption, maskers.Sink]) == {"Local": {"stride": 1}}
 
 
 def test_every_config_field_default_is_recorded():
-    assert identity.missing_records() == {}, "run: python -m sa_bench.launch.identity --record"
+    assert key_defaults.missing_records() == {}, "run: python -m sa_bench.launch.key_defaults --record"
+
+
+def test_a_class_outside_the_package_is_keyed_by_module_and_name():
+    """A patched copy of a stock masker in the user's own module is another method."""
+    stock = key(with_topk("sa_bench.attention.maskers.OracleTopK"))
+    assert key(with_topk(f"{__name__}.OracleTopK")) != stock
+    values = identity.identity_values(JobSpec.from_dict(with_topk(f"{__name__}.OracleTopK")), inputs())
+    topk = dict(values["sparse"]["maskers"])["topk"]
+    assert topk["@"] == f"{__name__}.OracleTopK"
+    # no recorded defaults for a user's class: every field is spelled out
+    assert set(topk) - {"@"} == {f.name for f in dataclasses.fields(OracleTopK) if f.init}
+
+
+def test_masker_order_is_in_the_key():
+    cfg = copy.deepcopy(CFG)
+    sink = cfg["sparse"]["maskers"].pop("sink")
+    cfg["sparse"]["maskers"]["sink"] = sink  # local first, then sink
+    assert list(cfg["sparse"]["maskers"]) == ["local", "sink"]
+    assert key(cfg) != key(CFG)
+
+
+def test_resolved_dtype_and_kernel_are_in_the_key(tmp_path):
+    model = local_copy(tmp_path)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "dtype": "bfloat16"}))
+    auto = changed(changed(changed(CFG, "model.dtype", "auto"), "model.attn_implementation", "auto"),
+                   "model.pretrained", str(model))
+    assert key(auto) == key(changed(auto, "model.dtype", "float32"))  # CPU: auto is float32
+    assert key(auto) == key(changed(auto, "model.attn_implementation", "sdpa"))
+    assert key(auto, device="cuda") != key(auto)  # the checkpoint's dtype on a GPU
+    assert key(auto, device="cuda") == key(changed(auto, "model.dtype", "bfloat16"), device="cuda")
+    assert key(changed(auto, "model.attn_implementation", "eager")) != key(auto)
+    values = identity.identity_values(JobSpec.from_dict(auto), inputs())
+    assert (values["model"]["dtype"], values["model"]["attn_implementation"]) == ("float32", "sdpa")
+
+
+@pytest.mark.parametrize("key_path, first, second", [
+    ("max_new_tokens", None, 12),  # passkey's official generation length
+    ("model.pretrained", "embedded:tiny-retrieval", "embedded:tiny_retrieval"),
+    ("benchmark.max_samples", None, 4),  # n_samples is 4
+    ("benchmark.max_samples", 4, 10),
+    ("sparse.dense_layers", [0], [0, 0]),
+    ("sparse.dense_layers", [0, 1], [1, 0]),
+    ("sparse.seed", 0, 5),  # no masker of streaming draws random numbers
+    ("sparse.maskers.sink.size", 0, "drop"),  # a sink of 0 tokens is no sink
+])
+def test_equivalent_spellings_give_one_key(key_path, first, second):
+    one = changed(CFG, key_path, first)
+    if second == "drop":
+        other = copy.deepcopy(CFG)
+        del other["sparse"]["maskers"]["sink"]
+    else:
+        other = changed(CFG, key_path, second)
+    assert key(one) == key(other)
+
+
+def test_the_embedded_model_and_its_path_give_one_key():
+    path = str(loading.embedded_dir("tiny-retrieval"))
+    assert key(changed(CFG, "model.pretrained", path)) == key(CFG)
+
+
+def test_revision_main_is_the_default_revision():
+    hub = changed(CFG, "model", {"name": "x", "pretrained": "org/some-model"})
+    assert key(changed(hub, "model.revision", "main")) == key(hub)
+    assert key(changed(hub, "model.revision", "abc123")) != key(hub)
+
+
+def test_the_seed_of_a_sampling_method_is_in_its_key():
+    cfg = copy.deepcopy(CFG)
+    cfg["sparse"]["maskers"]["sample"] = {"_target_": "sa_bench.attention.maskers.RandomSampling",
+                                          "rate": 0.1}
+    assert key(changed(cfg, "sparse.seed", 5)) != key(cfg)
 
 
 def test_key_changed_by_a_code_default():
@@ -109,7 +204,7 @@ def test_key_changed_by_a_code_default():
 @pytest.mark.parametrize("key_path, value", [
     ("seed", 1), ("max_new_tokens", 8), ("model.max_context", 4096), ("model.dtype", "bfloat16"),
     ("model.name", "tiny2"), ("model.chat_template", True),
-    ("sparse.phase", "decode"), ("sparse.dense_layers", [0]), ("sparse.seed", 1),
+    ("sparse.phase", "decode"), ("sparse.dense_layers", [0]),
     ("sparse.maskers.local.size", 32), ("sparse.maskers.local.size", 0.5),
     ("benchmark.subset", "2k"), ("benchmark.n_samples", 5), ("benchmark.max_samples", 2),
     ("benchmark.seed", 3),
@@ -126,7 +221,7 @@ def test_a_removed_masker_changes_the_key():
 
 @pytest.mark.parametrize("key_path, value", [
     ("output_root", "/elsewhere"), ("overwrite", True), ("plan", True),
-    ("pool.devices", "auto"), ("pool.jobs_per_device", 2), ("benchmark.data_dir", "/data/x"),
+    ("pool.devices", "auto"), ("pool.jobs_per_device", 2),
     ("benchmark.subsets", ["1k"]), ("cell", "a/b/c/d/e"),
 ])
 def test_run_settings_do_not_change_the_key(key_path, value):
@@ -141,7 +236,7 @@ def test_int_and_float_budgets_differ_and_values_given_equal_defaults_do_not():
 
 def test_relpath_layout_and_sanitised_names():
     cfg = changed(CFG, "model.name", "Llama-3.1 8B:Instruct")
-    rel = job_relpath(JobSpec.from_dict(cfg))
+    rel = job_relpath(JobSpec.from_dict(cfg), inputs())
     parts = rel.split("/")
     assert parts[:4] == ["Llama-3.1_8B_Instruct", "streaming", "passkey", "1k"]
     assert parts[4] == key(cfg) and len(parts) == 5
@@ -187,9 +282,7 @@ def test_files_beside_the_model_that_are_not_the_model_keep_the_key(tmp_path):
 
 def test_embedded_and_a_copy_elsewhere_share_the_weights_part(tmp_path):
     model = local_copy(tmp_path)
-    embedded = weights_identity(JobSpec.from_dict(CFG).model)
-    local = weights_identity(JobSpec.from_dict(changed(CFG, "model.pretrained", str(model))).model)
-    assert embedded.split(":")[-1] == local.split(":")[-1]
+    assert weights(CFG) == weights(changed(CFG, "model.pretrained", str(model)))
 
 
 def test_hub_weights_and_the_offline_fallback_differ(tmp_path, monkeypatch):
@@ -198,85 +291,63 @@ def test_hub_weights_and_the_offline_fallback_differ(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub-cache"))  # nothing cached
     cfg = changed(CFG, "model", {"name": "smollm2-135m", "pretrained": "HuggingFaceTB/SmolLM2-135M-Instruct",
                                  "offline_fallback": "smollm2-135m-instruct-gguf"})
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
     hub = key(cfg)
-    assert weights_identity(JobSpec.from_dict(cfg).model) == "hub:HuggingFaceTB/SmolLM2-135M-Instruct@main"
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert weights_identity(JobSpec.from_dict(cfg).model).startswith("fallback:")
-    assert key(cfg) != hub
+    assert weights(cfg) == "hub:HuggingFaceTB/SmolLM2-135M-Instruct@main"
+    assert weights(cfg, offline=True).startswith("fallback:")
+    assert key(cfg, offline=True) != hub
     # with the hub copy in the cache, offline loads it: hub identity again
     refs = tmp_path / "hub-cache" / "models--HuggingFaceTB--SmolLM2-135M-Instruct" / "refs"
     refs.mkdir(parents=True)
     (refs / "main").write_text("0" * 40)
-    assert key(cfg) == hub
+    assert key(cfg, offline=True) == hub
     assert key(changed(cfg, "model.revision", "v2")) != hub
+
+
+def test_a_changed_byte_anywhere_in_a_large_weights_file_changes_the_key(tmp_path):
+    """Whole files are hashed: two checkpoints differing only in a middle layer differ."""
+    model = local_copy(tmp_path)
+    big = model / "model.safetensors"
+    big.write_bytes(big.read_bytes() + bytes(9 << 20))  # past the old 4 MiB partial-hash limit
+    cfg = changed(CFG, "model.pretrained", str(model))
+    before = key(cfg)
+    data = bytearray(big.read_bytes())
+    data[len(data) // 2] ^= 1
+    big.write_bytes(bytes(data))
+    assert key(cfg) != before
+
+
+def test_file_hashes_are_cached_by_path_size_mtime_and_inode(tmp_path):
+    file = tmp_path / "w.bin"
+    file.write_bytes(b"a" * 100)
+    cache = FingerprintCache.in_root(tmp_path / "out")
+    first = cache.content_hash(file)
+    cache.save()
+    again = FingerprintCache.in_root(tmp_path / "out")
+    assert again.hashes == cache.hashes and again.content_hash(file) == first
+    assert not again.changed  # answered from the saved cache, the file was not read
+    file.write_bytes(b"b" * 100)  # same size, new content and mtime
+    assert again.content_hash(file) != first
 
 
 # --- benchmark data ---------------------------------------------------------------------------
 
 def test_data_fingerprint_follows_file_content_not_mtime(tmp_path):
-    bench = JobSpec.from_dict(changed(CFG, "benchmark.data_dir", str(tmp_path))).benchmark
-    (tmp_path / "a.jsonl").write_text('{"x": 1}\n')
-    first = data_fingerprint(bench)
-    os.utime(tmp_path / "a.jsonl", (1, 1))
-    assert data_fingerprint(bench) == first
-    (tmp_path / "a.jsonl").write_text('{"x": 2}\n')
-    assert data_fingerprint(bench) != first
-    assert data_fingerprint(JobSpec.from_dict(CFG).benchmark) is None  # generated data
+    shutil.copytree(ROOT / "tests" / "fixtures" / "longbench", tmp_path / "data")
+    file = tmp_path / "data" / "hotpotqa.jsonl"
+    bench = JobSpec.from_dict(longbench_cfg(tmp_path / "data")).benchmark
+    first = data_fingerprint(bench, FingerprintCache())
+    os.utime(file, (1, 1))
+    assert data_fingerprint(bench, FingerprintCache()) == first
+    file.write_text(file.read_text() + "\n")
+    assert data_fingerprint(bench, FingerprintCache()) != first
+    assert data_fingerprint(JobSpec.from_dict(CFG).benchmark, FingerprintCache()) is None  # generated
 
 
-# --- result trees of the first key scheme -----------------------------------------------------
-
-def test_legacy_tree_is_rekeyed_and_found_done(tmp_path):
-    tree = tmp_path / "out"
-    shutil.copytree(LEGACY, tree)
-    legacy_dirs = sorted(p.parent for p in tree.rglob(jobdir.MARKER))
-    assert len(legacy_dirs) == 4
-    for old in legacy_dirs:
-        cfg = identity._read_yaml(old / jobdir.CONFIG)
-        assert jobdir.read_json(old / jobdir.MARKER)["key"] == legacy_key(cfg) == old.name
-        new_key = key(cfg)
-        new = old.parent / new_key
-        assert new_key != old.name
-        assert migrate_legacy(new, new_key)
-        assert not old.exists() and jobdir.is_done(new, new_key)
-        assert jobdir.read_json(new / jobdir.MARKER)["migrated_from"] == old.name
-        assert not migrate_legacy(new, new_key)  # nothing left to move
-
-
-def test_legacy_cell_keyed_with_its_subsets_list_is_rekeyed_too(tmp_path):
-    """Trees written before benchmark.subsets left the first scheme's key."""
-    tree = tmp_path / "out"
-    shutil.copytree(LEGACY, tree)
-    old = next(p.parent for p in tree.rglob(jobdir.MARKER))
-    cfg = identity._read_yaml(old / jobdir.CONFIG)
-    older = old.parent / legacy_key(cfg, with_subsets=True)
-    assert older.name != old.name
-    old.rename(older)
-    marker = jobdir.read_json(older / jobdir.MARKER)
-    jobdir.write_json_atomic(older / jobdir.MARKER, {**marker, "key": older.name})
-    assert migrate_legacy(older.parent / key(cfg), key(cfg))
-    assert jobdir.is_done(older.parent / key(cfg), key(cfg))
-
-
-def test_legacy_cell_of_another_config_is_not_taken(tmp_path):
-    tree = tmp_path / "out"
-    shutil.copytree(LEGACY, tree)
-    old = next(p.parent for p in tree.rglob(jobdir.MARKER))
-    cfg = changed(identity._read_yaml(old / jobdir.CONFIG), "seed", 7)
-    new_key = key(cfg)
-    assert not migrate_legacy(old.parent / new_key, new_key)
-    assert old.exists()
-
-
-def test_legacy_tree_found_done_by_the_command_that_wrote_it(tmp_path, sa_bench_cli):
-    tree = tmp_path / "out"
-    shutil.copytree(LEGACY, tree)
-    proc = sa_bench_cli("sparse=dense,streaming", "benchmark.n_samples=2", "plan=true",
-                        root=tree, check=True)
-    assert "4 jobs: 4 done (skipped), 0 to run" in proc.stdout, proc.stdout + proc.stderr
-    assert "4 finished cells re-keyed" in proc.stdout
+def longbench_cfg(data: Path) -> dict:
+    return changed(changed(changed(CFG, "benchmark", {
+        "_target_": "sa_bench.benchmarks.longbench.LongBench", "name": "longbench",
+        "subsets": ["hotpotqa", "trec"]}), "benchmark.subset", "hotpotqa"),
+        "benchmark.data_dir", str(data))
 
 
 # --- the job checks the identity it is handed; changed data is rerun --------------------------
@@ -291,77 +362,42 @@ def test_job_refuses_a_cell_computed_differently(tmp_path, sa_bench_cli):
     assert not (out / wrong / jobdir.PREDICTIONS).exists()  # refused before any work
 
 
-def test_finished_cell_whose_data_changed_is_rerun(tmp_path, sa_bench_cli):
-    data = tmp_path / "data"
-    shutil.copytree(ROOT / "tests" / "fixtures" / "longbench", data)
+def test_two_data_sets_are_two_cells_and_both_are_kept(tmp_path, sa_bench_cli):
+    """Alternating two data folders with the same file names keeps both results."""
+    first, second = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(ROOT / "tests" / "fixtures" / "longbench", first)
+    shutil.copytree(first, second)
+    rows = (second / "hotpotqa.jsonl").read_text().splitlines()
+    (second / "hotpotqa.jsonl").write_text("\n".join(reversed(rows)) + "\n")  # other order
     args = ["benchmark=longbench", "benchmark.subsets=[hotpotqa]", "benchmark.max_samples=1",
-            "max_new_tokens=2", f"benchmark.data_dir={data}"]
+            "max_new_tokens=2"]
     out = tmp_path / "out"
-    first = sa_bench_cli(*args, root=out, check=True)
-    assert "1 jobs: 0 done (skipped), 1 to run" in first.stdout
-    (cell,) = [p.parent for p in out.rglob(jobdir.MARKER)]
-    recorded = jobdir.read_json(cell / jobdir.MARKER)["summary"]["data"]
-    assert sa_bench_cli(*args, root=out, check=True).stdout.startswith("1 jobs: 1 done")
-    rows = (data / "hotpotqa.jsonl").read_text().splitlines()
-    (data / "hotpotqa.jsonl").write_text("\n".join(reversed(rows)) + "\n")  # other samples
-    again = sa_bench_cli(*args, root=out, check=True)
-    assert ("1 jobs: 0 done (skipped), 1 to run (1 of them finished, but their benchmark "
-            "data files changed since)") in again.stdout
-    assert jobdir.read_json(cell / jobdir.MARKER)["summary"]["data"] != recorded
-    assert sa_bench_cli(*args, root=out, check=True).stdout.startswith("1 jobs: 1 done")
-    # files the cell does not read change or appear: nothing reruns (fast path and Hydra path)
-    (data / "trec.jsonl").write_text((data / "trec.jsonl").read_text()[::-1])
-    (data / "qasper.jsonl").write_text((data / "hotpotqa.jsonl").read_text())
-    assert sa_bench_cli(*args, root=out, check=True).stdout.startswith("1 jobs: 1 done")
-    assert sa_bench_cli(*args, "plan=true", root=out, check=True).stdout.startswith("1 jobs: 1 done")
+    for data in (first, second):
+        proc = sa_bench_cli(*args, f"benchmark.data_dir={data}", root=out, check=True)
+        assert "1 jobs: 0 done (skipped), 1 to run" in proc.stdout
+    cells = sorted(p.parent for p in out.rglob(jobdir.MARKER))
+    assert len(cells) == 2 and cells[0].parent == cells[1].parent  # one subset, two keys
+    for data in (first, second):
+        proc = sa_bench_cli(*args, f"benchmark.data_dir={data}", root=out, check=True)
+        assert proc.stdout.startswith("1 jobs: 1 done (skipped)"), proc.stdout
+    # files the cell does not read change or appear: the cell stays done
+    (first / "trec.jsonl").write_text((first / "trec.jsonl").read_text()[::-1])
+    (first / "qasper.jsonl").write_text((first / "hotpotqa.jsonl").read_text())
+    proc = sa_bench_cli(*args, f"benchmark.data_dir={first}", root=out, check=True)
+    assert proc.stdout.startswith("1 jobs: 1 done (skipped)"), proc.stdout
 
 
-def test_a_cell_covers_only_its_own_files_in_data_dir(tmp_path):
-    """A LongBench cell's fingerprint covers its subset's file; a fingerprint recorded before
-    (every file in data_dir) still matches while that folder is unchanged."""
-    shutil.copytree(ROOT / "tests" / "fixtures" / "longbench", tmp_path / "data")
+def test_the_file_a_loader_reads_decides_the_data_identity(tmp_path):
+    """`hotpotqa.jsonl` added beside `hotpotqa.json`: the loader reads the other file now."""
     data = tmp_path / "data"
-    cfg = changed(changed(changed(CFG, "benchmark", {
-        "_target_": "sa_bench.benchmarks.longbench.LongBench", "name": "longbench",
-        "subsets": ["hotpotqa", "trec"]}), "benchmark.subset", "hotpotqa"),
-        "benchmark.data_dir", str(data))
-    bench = JobSpec.from_dict(cfg).benchmark
-    source = identity.data_source(bench)
-    assert source == [None, str(data), [str(data / "hotpotqa.jsonl")]]
-    own = data_fingerprint(bench)
-    folder = identity.local_data_fingerprint(None, str(data))  # the scheme before
-    assert own != folder
-    cell = tmp_path / "cell"
-    cell.mkdir()
-    jobdir.write_json_atomic(cell / jobdir.MARKER, {"summary": {"data": folder}})
-    assert not identity.data_changed(cell, own, source)  # finished before: not rerun
-    (data / "trec.jsonl").write_text("changed\n")
-    assert data_fingerprint(bench) == own
-    assert identity.data_changed(cell, own, source)  # the old record cannot tell which file
-    jobdir.write_json_atomic(cell / jobdir.MARKER, {"summary": {"data": own}})
-    assert not identity.data_changed(cell, own, source)
-    (data / "hotpotqa.jsonl").write_text((data / "hotpotqa.jsonl").read_text() + "\n")
-    assert identity.data_changed(cell, data_fingerprint(bench), source)
-
-
-def test_interrupted_cell_whose_data_changed_starts_over(tmp_path, sa_bench_cli):
-    data = tmp_path / "data"
-    shutil.copytree(ROOT / "tests" / "fixtures" / "longbench", data)
-    args = ["benchmark=longbench", "benchmark.subsets=[hotpotqa]", "max_new_tokens=2",
-            f"benchmark.data_dir={data}"]
-    out = tmp_path / "out"
-    sa_bench_cli(*args, root=out, check=True)
-    (cell,) = [p.parent for p in out.rglob(jobdir.MARKER)]
-    before = {r["id"]: r for r in map(json.loads, (cell / jobdir.PREDICTIONS).read_text().splitlines())}
-    (cell / jobdir.MARKER).unlink()  # as if killed after its last prediction
-    rows = [json.loads(x) for x in (data / "hotpotqa.jsonl").read_text().splitlines()]
-    for row in rows:  # same ids, other contexts
-        row["context"] += "\nPassage 3:\nAn extra passage that makes every prompt longer."
-    (data / "hotpotqa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    sa_bench_cli(*args, root=out, check=True)
-    after = {r["id"]: r for r in map(json.loads, (cell / jobdir.PREDICTIONS).read_text().splitlines())}
-    assert after.keys() == before.keys()
-    assert all(after[i]["prompt_tokens"] > before[i]["prompt_tokens"] for i in after)
+    data.mkdir()
+    rows = (ROOT / "tests" / "fixtures" / "longbench" / "hotpotqa.jsonl").read_text()
+    (data / "hotpotqa.json").write_text("[" + ",".join(rows.splitlines()) + "]")
+    before = key(longbench_cfg(data))
+    (data / "trec.jsonl").write_text("{}\n")  # another subset's file: not read
+    assert key(longbench_cfg(data)) == before
+    (data / "hotpotqa.jsonl").write_text(rows)  # same rows, but the loader now reads this file
+    assert key(longbench_cfg(data)) != before
 
 
 def test_a_methods_resolved_weights_file_is_in_the_key(tmp_path):
@@ -369,7 +405,7 @@ def test_a_methods_resolved_weights_file_is_in_the_key(tmp_path):
     model = local_copy(tmp_path)
     assert (model / "hashattn.safetensors").is_file()
     cfg = changed(CFG, "model.pretrained", str(model))
-    cfg["sparse"]["maskers"]["hash"] = {"_target_": "sa_bench.attention.maskers.HashAttention",
+    cfg["sparse"]["maskers"]["hash"] = {"_target_": "sa_bench.attention.hashattn.HashAttention",
                                         "heavy_size": 0.1, "weights": "auto", "model": str(model)}
     before = key(cfg)
     dense_before = key(changed(CFG, "model.pretrained", str(model)))
@@ -378,29 +414,3 @@ def test_a_methods_resolved_weights_file_is_in_the_key(tmp_path):
     (model / "hashattn.safetensors").write_bytes(bytes(data))
     assert key(cfg) != before
     assert key(changed(CFG, "model.pretrained", str(model))) == dense_before
-
-
-def test_legacy_config_without_a_field_now_in_the_key_is_not_this_cell():
-    """A legacy LooGLE cell ran without the repetition penalty its config did not name: it is
-    not migrated to the key of today's LooGLE cell (penalty 2.0); a legacy passkey cell,
-    whose missing fields all take their recorded defaults, is."""
-    import yaml
-
-    from sa_bench.launch.identity import filled_by_code, identity_values
-    from sa_bench.spec import JobSpec
-
-    cfg = yaml.safe_load((LEGACY / "tiny/dense/passkey/1k/f1627d3a8373/config.yaml").read_text())
-    assert filled_by_code(identity_values(JobSpec.from_dict(cfg)), cfg) == []
-    old = copy.deepcopy(cfg)
-    old["benchmark"] = yaml.safe_load((ROOT / "conf/benchmark/loogle.yaml").read_text())
-    old["benchmark"].pop("generation")
-    old["benchmark"]["subset"] = "shortdep_qa"
-    assert filled_by_code(identity_values(JobSpec.from_dict(old)), old) == ["benchmark.generation"]
-
-
-def test_key_version_marks_classes_whose_results_changed_meaning():
-    from sa_bench.attention.maskers import RandomSampling, Sink
-    from sa_bench.launch.identity import canonical
-
-    assert canonical(RandomSampling())["@v"] == 2
-    assert "@v" not in canonical(Sink())

@@ -20,9 +20,12 @@ from omegaconf.errors import OmegaConfBaseException
 
 import sa_bench.launch.resolvers  # noqa: F401  (registers resolvers in the parent)
 from sa_bench.config import ConfigError
-from sa_bench.launch import fastpath, jobdir, outcome, preflight
-from sa_bench.launch.plan import Cell, expand, identify, migrate, plan_table, refresh_status
+from sa_bench.fingerprint import FingerprintCache
+from sa_bench.launch import jobdir, outcome, preflight
+from sa_bench.launch.identity import Inputs
+from sa_bench.launch.plan import Cell, expand, identify, plan_table, refresh_status
 from sa_bench.launch.progress import Progress
+from sa_bench.models.loading import offline_by_env
 
 log = logging.getLogger(__name__)
 
@@ -63,13 +66,15 @@ class SaBenchSweeper(BasicSweeper):
         assert self.hydra_context is not None
         loader = self.hydra_context.config_loader
         try:
-            root = preflight.check_job_dirs(self.config, arguments)
+            root = preflight.check_job_dirs(self.config)
             overrides = OverridesParser.create(config_loader=loader).parse_overrides(arguments)
             groups = set(loader.list_groups(""))
             cells = expand(overrides, groups, self._compose)
             # before the keys: whether an offline fallback will be loaded is part of them
             self.hub_note = preflight.decide_hub([c.config for c in cells])
-            cells, invalid = identify(cells)
+            device = preflight.job_device(self.config, preflight.check_pool(self.config))
+            inputs = Inputs(device, offline_by_env(), FingerprintCache.in_root(root))
+            cells, invalid = identify(cells, inputs)
         except OmegaConfBaseException as exc:  # e.g. an unset ${oc.env:...}
             say(f"Config error: {preflight.config_error(exc)}")
             sys.exit(2)
@@ -84,22 +89,15 @@ class SaBenchSweeper(BasicSweeper):
                 say(f"  {message}")
             sys.exit(2)
         refresh_status(cells)
-        migrated = migrate(cells)
-        fastpath.write_manifest(sys.argv[1:], cells)  # best effort: a read-only root is fine
         overwrite = bool(self.config.get("overwrite", False))
         todo = [c for c in cells if overwrite or c.status not in ("done", "running")]
         done = sum(c.status == "done" for c in cells)
         running = sum(c.status == "running" for c in cells)
-        changed = sum(c.status == "changed" for c in cells)
         line = f"{len(cells)} jobs: {done} done (skipped), {len(todo)} to run"
         if overwrite:
             line = f"{len(cells)} jobs: overwrite=true, {len(todo)} to run"
         if running and not overwrite:
             line += f", {running} running elsewhere (skipped)"
-        if changed and not overwrite:
-            line += f" ({changed} of them finished, but their benchmark data files changed since)"
-        if migrated:
-            line += f"; {migrated} finished cells re-keyed from the old key scheme"
         if plan:
             line = line.replace(f"{len(cells)} jobs:", f"{len(cells) + len(invalid)} jobs:", 1)
             line += f", {len(invalid)} invalid (config errors below)" if invalid else ""
@@ -107,7 +105,8 @@ class SaBenchSweeper(BasicSweeper):
             say(plan_table(cells + invalid))
             if invalid:
                 sys.exit(2)
-            return []
+            return []  # a plan changes nothing, not even the file-hash cache
+        inputs.cache.save()  # best effort: a read-only root hashes again next time
         say(line)
         if not todo:
             return []

@@ -30,9 +30,7 @@ STATS = "stats.json"
 ENV = "env.json"
 CONFIG = "config.yaml"
 PROGRESS = "progress.json"
-DATA = "data.json"
-"""The fingerprint of the local benchmark files an attempt ran on (see identity.data_fingerprint)."""
-RESULT_FILES = (PREDICTIONS, METRICS, STATS, ENV, CONFIG, ERROR, RUNNING, PROGRESS, DATA, MARKER)
+RESULT_FILES = (PREDICTIONS, METRICS, STATS, ENV, CONFIG, ERROR, RUNNING, PROGRESS, MARKER)
 OUTPUT_FILES = (PREDICTIONS, METRICS, STATS, ENV, CONFIG)
 """What a finished job leaves; the marker records their sizes."""
 

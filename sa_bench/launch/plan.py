@@ -21,14 +21,9 @@ from typing import Any
 
 from sa_bench.config import ConfigError
 from sa_bench.launch import jobdir
-from sa_bench.launch.identity import (
-    data_changed,
-    data_fingerprint,
-    data_source,
-    job_relpath,
-    migrate_legacy,
-    sanitize,
-)
+from sa_bench.launch.identity import Inputs, job_relpath, sanitize
+from sa_bench.models.identity import weights_identity
+from sa_bench.spec import JobSpec
 
 
 @dataclass
@@ -41,10 +36,6 @@ class Cell:
     """`<model>/<sparse>/<benchmark>/<subset>/<key>`, set by `identify`."""
     key: str = ""
     path: Path = Path()
-    data: str | None = None
-    """Fingerprint of the local benchmark files (`identity.data_fingerprint`)."""
-    source: list | None = None
-    """Where those files are (`identity.data_source`)."""
     status: str = "pending"
     error: str = ""
     """Why the cell's config is invalid (status "invalid")."""
@@ -188,17 +179,14 @@ def expand(
     return cells
 
 
-def identify(cells: list[Cell]) -> tuple[list[Cell], list[Cell]]:
+def identify(cells: list[Cell], inputs: Inputs) -> tuple[list[Cell], list[Cell]]:
     """Validate every cell and compute its directory, once; drop duplicates (two override
     lists naming the same cell). Returns the valid cells and the invalid ones (status
     "invalid", `error` set, `relpath` without a key)."""
-    from sa_bench.models.identity import weights_identity
-    from sa_bench.spec import JobSpec
-
     valid: list[Cell] = []
     invalid: list[Cell] = []
     seen: set[str] = set()
-    weights: dict[str, str] = {}  # per distinct model section: its files are read once
+    weights: dict[str, str] = {}  # per distinct model section: its files are listed once
     for cell in cells:
         try:
             spec = JobSpec.from_dict(cell.config)
@@ -210,17 +198,21 @@ def identify(cells: list[Cell]) -> tuple[list[Cell], list[Cell]]:
             continue
         model = json.dumps(cell.config.get("model"), sort_keys=True, default=str)
         if model not in weights:
-            weights[model] = weights_identity(spec.model)
-        rel = job_relpath(spec, weights[model])
+            weights[model] = weights_identity(spec.model, inputs.offline, inputs.cache)
+        rel = job_relpath(spec, inputs, weights[model])
         if rel in seen:
             continue
         seen.add(rel)
         cell.relpath, cell.key = rel, rel.rsplit("/", 1)[1]
-        cell.path = Path(cell.config.get("output_root", "outputs")) / rel
-        cell.data, cell.source = data_fingerprint(spec.benchmark), data_source(spec.benchmark)
+        cell.path = output_root(cell.config) / rel
         cell.overrides = [*cell.overrides, f"++cell={_as_override_value(rel)}"]
         valid.append(cell)
     return valid, invalid
+
+
+def output_root(config: dict) -> Path:
+    """`output_root` as given, `~` expanded (as every other path setting)."""
+    return Path(str(config.get("output_root", "outputs"))).expanduser()
 
 
 def _name(cfg: dict, section: str, key: str = "name") -> str:
@@ -228,22 +220,10 @@ def _name(cfg: dict, section: str, key: str = "name") -> str:
     return str(node.get(key)) if isinstance(node, dict) else "?"
 
 
-def migrate(cells: list[Cell]) -> int:
-    """Re-key finished cells written by the first key scheme (call after `refresh_status`:
-    only pending cells can have one); returns how many moved."""
-    moved = [c for c in cells if c.status == "pending" and c.path.parent.is_dir()
-             and migrate_legacy(c.path, c.key)]
-    refresh_status(moved)
-    return len(moved)
-
-
 def refresh_status(cells: list[Cell]) -> None:
-    """done | changed (done, but its local benchmark files changed since) | running | failed |
-    pending."""
+    """done | running | failed | pending."""
     for cell in cells:
         cell.status = jobdir.status(cell.path, cell.key)
-        if cell.status == "done" and data_changed(cell.path, cell.data, cell.source):
-            cell.status = "changed"
 
 
 def plan_table(cells: list[Cell]) -> str:

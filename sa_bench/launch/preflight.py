@@ -20,9 +20,6 @@ from sa_bench.launch.pool import PoolConfig
 LOCAL_LAUNCHERS = ("JoblibLauncher", "BasicLauncher")
 """Launchers whose jobs run on this machine: the pool's GPU ids must exist here."""
 
-JOB_DIR_KEYS = ("hydra.sweep.dir", "hydra.sweep.subdir", "hydra.run.dir")
-
-
 def config_error(exc: OmegaConfBaseException) -> ConfigError:
     """An OmegaConf error (unset `${oc.env:...}`, bad interpolation) as one line with its key."""
     message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -50,25 +47,49 @@ def check_pool(config: Any) -> PoolConfig:
     return pool
 
 
-def check_job_dirs(config: Any, arguments: list[str]) -> Path:
+JOB_DIR_SETTINGS = {
+    "hydra.sweep.dir": "${sa_bench_expand_user:${output_root}}",
+    "hydra.sweep.subdir": "${sa_bench_job_path:}",
+    "hydra.run.dir": "${sa_bench_expand_user:${output_root}}/${sa_bench_job_path:}",
+    "hydra.job.chdir": False,
+}
+"""Hydra settings that place jobs or change their working directory, as conf/config.yaml sets
+them: the sweeper finds each cell at `<output_root>/<model>/.../<key>` and its job checks it."""
+
+
+def check_job_dirs(config: Any) -> Path:
     """Job directories are `<output_root>/<model>/.../<key>`, found by the sweeper from
-    output_root alone: Hydra's own directory settings may not move them. Returns the root."""
-    for arg in arguments:
-        key = arg.split("=", 1)[0].lstrip("+~")
-        if key in JOB_DIR_KEYS:
-            raise ConfigError(
-                f"{key}: not supported; job directories are <output_root>/<model>/<sparse>/"
-                f"<benchmark>/<subset>/<key>, set output_root=... instead"
-            )
-    root = resolved(config, "output_root")
-    if str(resolved(config, "hydra.sweep.dir")) != str(root):
-        raise ConfigError(
-            "hydra.sweep.dir: must stay ${output_root} (set output_root=... to move results)"
-        )
-    problem = unusable_dir(Path(str(root)), write=False)
+    output_root alone: Hydra's own directory settings, composed from any source (command
+    line, a config file, a search path), may not move them. Returns the root."""
+    for key, expected in JOB_DIR_SETTINGS.items():
+        *parents, last = key.split(".")
+        node = OmegaConf.select(config, ".".join(parents))
+        value = OmegaConf.to_container(node, resolve=False).get(last) if node is not None else None
+        if value != expected:
+            hint = ("jobs run in the sweep's working directory and write to their own "
+                    "directory" if key == "hydra.job.chdir" else
+                    "job directories are <output_root>/<model>/<sparse>/<benchmark>/<subset>/"
+                    "<key>; set output_root=... to move them")
+            raise ConfigError(f"{key}: not supported (set to {value!r}); {hint}")
+    root = Path(str(resolved(config, "output_root"))).expanduser()
+    problem = unusable_dir(root, write=False)
     if problem:
         raise ConfigError(f"output_root: expected a directory; {problem}")
-    return Path(str(root))
+    return root
+
+
+def job_device(config: Any, pool: PoolConfig) -> str:
+    """`cuda` or `cpu`: what the sweep's jobs run on. Part of their identity (`auto` dtype and
+    kernel resolve by it); each job derives it again from what it sees and must agree."""
+    if pool.simulate or pool.devices == "cpu":
+        return "cpu"
+    launcher = OmegaConf.select(config, "hydra.launcher")
+    if str(OmegaConf.select(config, "hydra.launcher._target_", default="")).endswith(LOCAL_LAUNCHERS):
+        return "cuda" if pool.gpu_ids() else "cpu"
+    # a cluster launcher: its jobs see the GPUs it requests, not this login node's
+    requested = (OmegaConf.select(launcher, "gpus_per_node", default=None)
+                 or OmegaConf.select(launcher, "ray.remote.num_gpus", default=None))
+    return "cuda" if requested or pool.gpu_ids() else "cpu"
 
 
 def check_writable(root: Path) -> None:

@@ -1,20 +1,24 @@
 """Which weights a model config loads, as a short string for the job key; never loads the model.
 
-- `embedded:<name>` and local directories: a fingerprint of the model's files (`MODEL_FILES`:
-  names, sizes, content, see `fingerprint_files`), the same on every machine;
+- `embedded:<name>` and local directories: `files:` and a fingerprint of the model's files
+  (`MODEL_FILES`: names, sizes, full content), the same on every machine and for the embedded
+  model and a copy of it anywhere;
 - a hub id: `hub:<id>@<revision>` (`main` when unset; pin `model.revision` to a commit for an
-  exact identity). When the offline fallback will be used instead (`HF_HUB_OFFLINE` set, the
+  exact identity). When the offline fallback will be used instead (the sweep is offline, the
   hub copy not in the local cache, the fallback prepared), the fallback's fingerprint.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import importlib.util
+import json
 import os
 from pathlib import Path
 from typing import Any
 
-from sa_bench.launch.identity import fingerprint_files
+from sa_bench.fingerprint import FingerprintCache, fingerprint_files
+from sa_bench.models.loading import OFFLINE_FALLBACKS
 
 MODEL_FILES = (
     "config.json", "generation_config.json", "model*.safetensors", "model*.safetensors.index.json",
@@ -26,32 +30,26 @@ sparse method's own weights, training notes) are not the model's: changing them 
 keys of dense cells."""
 
 
-def weights_identity(cfg: Any) -> str:
-    """`cfg` is a validated `ModelConfig`."""
-    source = cfg.source()
-    if source in ("embedded", "local"):
-        return f"{source}:{files_fingerprint(Path(cfg.resolved_path()))}"
+def weights_identity(cfg: Any, offline: bool, cache: FingerprintCache) -> str:
+    """`cfg` is a validated `ModelConfig`; `offline`: the sweep cannot reach the hub."""
+    if cfg.source() in ("embedded", "local"):
+        return f"files:{files_fingerprint(Path(cfg.resolved_path()), cache)}"
     revision = cfg.revision or "main"
-    if cfg.offline_fallback and _hub_offline() and not _in_hub_cache(cfg.pretrained, revision):
-        from sa_bench.models.loading import OFFLINE_FALLBACKS
-
+    if cfg.offline_fallback and offline and not _in_hub_cache(cfg.pretrained, revision):
         fallback = OFFLINE_FALLBACKS[cfg.offline_fallback]()
         if fallback is not None:
-            return f"fallback:{cfg.offline_fallback}:{files_fingerprint(Path(fallback))}"
+            return f"fallback:{cfg.offline_fallback}:{files_fingerprint(Path(fallback), cache)}"
     return f"hub:{cfg.pretrained}@{revision}"
 
 
-def files_fingerprint(folder: Path) -> str:
+def files_fingerprint(folder: Path, cache: FingerprintCache) -> str:
     """Fingerprint of the model files (`MODEL_FILES`) under `folder`."""
-    files = sorted(p for p in folder.rglob("*") if p.is_file()
-                   and any(fnmatch.fnmatch(p.name, pattern) for pattern in MODEL_FILES))
-    return fingerprint_files(files, folder)
+    return fingerprint_files(model_files(folder), folder, cache)
 
 
-def _hub_offline() -> bool:
-    from sa_bench.models.loading import offline_by_env  # the sweep sets it once (decide_hub)
-
-    return offline_by_env()
+def model_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file()
+                  and any(fnmatch.fnmatch(p.name, pattern) for pattern in MODEL_FILES))
 
 
 def hub_cache_dir() -> Path:
@@ -67,3 +65,43 @@ def hub_cache_dir() -> Path:
 def _in_hub_cache(repo_id: str, revision: str) -> bool:
     repo = hub_cache_dir() / f"models--{repo_id.replace('/', '--')}"
     return (repo / "refs" / revision).is_file() or (repo / "snapshots" / revision).is_dir()
+
+
+def local_config(cfg: Any) -> dict:
+    """The model's config.json where it is on disk (embedded, local, the hub cache), else {}."""
+    if cfg.source() in ("embedded", "local"):
+        file = Path(cfg.resolved_path()) / "config.json"
+    else:
+        repo = hub_cache_dir() / f"models--{cfg.pretrained.replace('/', '--')}"
+        ref = repo / "refs" / (cfg.revision or "main")
+        commit = ref.read_text().strip() if ref.is_file() else (cfg.revision or "main")
+        file = repo / "snapshots" / commit / "config.json"
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def resolved_dtype(cfg: Any, device: str) -> str:
+    """The dtype a job on `device` ("cuda" or "cpu") loads: `auto` is float32 on CPU and the
+    checkpoint's own dtype on a GPU (read from its config.json where it is on disk, else
+    `checkpoint`: fixed by the weights identity). Part of the job key; torch-free."""
+    if cfg.dtype != "auto":
+        return cfg.dtype
+    if device == "cpu":
+        return "float32"
+    config = local_config(cfg)
+    found = config.get("dtype") or config.get("torch_dtype")
+    return found if found in ("float32", "bfloat16", "float16") else "checkpoint"
+
+
+def resolved_kernel(cfg: Any, device: str, dtype: str) -> str:
+    """The dense kernel a job runs (`attn_implementation: auto` resolved as
+    `sa_bench.attention.dense.resolve_implementation` does at run time, without torch)."""
+    if cfg.attn_implementation != "auto":
+        return cfg.attn_implementation
+    if device == "cuda" and dtype in ("float16", "bfloat16", "checkpoint") and \
+            importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2" if dtype != "checkpoint" else "auto"
+    return "sdpa"

@@ -4,19 +4,18 @@
 
 Builds an N-cell sweep (seed=range(...) × the default benchmark's subsets) in a temporary
 output root, marks every cell finished, then times in one run:
-  - `python -c "import sa_bench"`             (the floor: interpreter + package import)
-  - `python -m sa_bench <sweep>` with 5 cells  (Hydra start-up + one composition)
+  - `python -c "import sa_bench"`             (interpreter + package import)
+  - `python -m sa_bench --help`               (Hydra start-up + one composition: the target's base)
+  - `python -m sa_bench <sweep>` with 6 cells
   - `python -m sa_bench <sweep>` with N cells
-and prints the resume time as a ratio to the import time, and the marginal cost per finished
-cell, (t(N) - t(5)) / (N - 5) — both for a resume through Hydra (no manifest: the sweeper
-plans every cell) and for the fast path (an identical command after a resume recorded the
-sweep's manifest; see sa_bench/launch/fastpath.py).
+and prints the N-cell resume as a ratio to `--help`, the marginal cost per finished cell,
+(t(N) - t(6)) / (N - 6), and whether torch was imported. Every resume goes through Hydra's
+composition: the sweeper validates every cell and computes its key (torch-free).
 """
 
 from __future__ import annotations
 
 import argparse
-import shutil
 import statistics
 import subprocess
 import sys
@@ -59,18 +58,20 @@ def mark_all_done(root: Path, n_cells: int) -> int:
     return count
 
 
-def best_of(repeats: int, args: list[str], expect: str | None = None,
-            forget: Path | None = None) -> tuple[float, float]:
-    """(best, median) wall time; `forget` is a manifest folder removed before each run."""
+def best_of(repeats: int, args: list[str], expect: str | None = None) -> tuple[float, float]:
+    """(best, median) wall time of `python <args>` over `repeats` runs."""
     times = []
     for _ in range(repeats):
-        if forget is not None:
-            shutil.rmtree(forget, ignore_errors=True)
         elapsed, out = run(args)
         if expect is not None and expect not in out:
             raise SystemExit(f"expected {expect!r} in the output of {args}, got:\n{out}")
         times.append(elapsed)
     return min(times), statistics.median(times)
+
+
+TORCH_PROBE = ("import runpy, sys; sys.argv = ['sa_bench', *sys.argv[1:]]\n"
+               "try:\n    runpy.run_module('sa_bench', run_name='__main__')\n"
+               "finally:\n    print('torch imported:', 'torch' in sys.modules)")
 
 
 def main() -> None:
@@ -83,24 +84,20 @@ def main() -> None:
         n_big = mark_all_done(big, opts.jobs)
         n_small = mark_all_done(small, 6)
         t_import = best_of(opts.repeats, ["-c", "import sa_bench"])
+        t_help = best_of(opts.repeats, ["-m", "sa_bench", "--help"])
         times = {}
-        for path_name, forget in (("through Hydra", True), ("fast path", False)):
-            for root, n in ((small, n_small), (big, n_big)):
-                args = ["-m", "sa_bench", *sweep_args(root, n)]
-                expect = f"{n} jobs: {n} done (skipped), 0 to run"
-                if not forget:
-                    run(args)  # a Hydra resume writes the manifest the fast path reads
-                times[path_name, n] = best_of(opts.repeats, args, expect,
-                                              root / ".sa_bench" if forget else None)
-    print(f"python -c 'import sa_bench'              : {t_import[0]:.3f} s (median {t_import[1]:.3f})")
-    for path_name in ("through Hydra", "fast path"):
-        small_t, big_t = times[path_name, n_small], times[path_name, n_big]
-        marginal_ms = (big_t[0] - small_t[0]) / (n_big - n_small) * 1000
-        print(f"{path_name}:")
-        print(f"  resume {n_small:4d} finished cells         : {small_t[0]:.3f} s (median {small_t[1]:.3f})")
-        print(f"  resume {n_big:4d} finished cells         : {big_t[0]:.3f} s (median {big_t[1]:.3f})")
-        print(f"  ratio resume({n_big}) / import         : {big_t[0] / t_import[0]:.2f}x")
-        print(f"  marginal cost per finished cell     : {marginal_ms:.2f} ms")
+        for root, n in ((small, n_small), (big, n_big)):
+            args = ["-m", "sa_bench", *sweep_args(root, n)]
+            times[n] = best_of(opts.repeats, args, f"{n} jobs: {n} done (skipped), 0 to run")
+        _, probe = run(["-c", TORCH_PROBE, *sweep_args(big, n_big)])
+    marginal_ms = (times[n_big][0] - times[n_small][0]) / (n_big - n_small) * 1000
+    print(f"python -c 'import sa_bench'          : {t_import[0]:.3f} s (median {t_import[1]:.3f})")
+    print(f"python -m sa_bench --help            : {t_help[0]:.3f} s (median {t_help[1]:.3f})")
+    for n in (n_small, n_big):
+        print(f"resume {n:4d} finished cells         : {times[n][0]:.3f} s (median {times[n][1]:.3f})")
+    print(f"ratio resume({n_big}) / --help         : {times[n_big][0] / t_help[0]:.2f}x (target <= 1.5x)")
+    print(f"marginal cost per finished cell     : {marginal_ms:.2f} ms (target <= 0.5 ms)")
+    print(f"resume of {n_big} cells: {probe.strip().splitlines()[-1]}")
 
 
 if __name__ == "__main__":
