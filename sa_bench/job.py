@@ -12,6 +12,7 @@ from sa_bench.config import ConfigError
 from sa_bench.launch import jobdir
 from sa_bench.launch.callbacks import LockHandle
 from sa_bench.launch.identity import job_relpath, local_inputs
+from sa_bench.models.identity import weights_identity
 
 
 class IdentityMismatch(ConfigError):
@@ -33,7 +34,9 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
     root = Path(str(container.get("output_root", "outputs"))).expanduser()
     try:
         spec = JobSpec.from_dict(container)
-        relpath = job_relpath(spec, local_inputs(spec.pool, root))
+        inputs = local_inputs(spec.pool, root)
+        weights = weights_identity(spec.model, inputs.offline, inputs.cache)
+        relpath = job_relpath(spec, inputs, weights)
         check_identity(spec.cell, relpath, path, root)
     except ConfigError:
         path.mkdir(parents=True, exist_ok=True)
@@ -58,7 +61,7 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
 
         (path / jobdir.CONFIG).write_text(OmegaConf.to_yaml(container))
         with lease(spec.pool, job_dir=path) as held:
-            summary = evaluate(spec, path, held)
+            summary = evaluate(spec, path, held, weights)
     except KeyboardInterrupt:
         handle.release()
         raise  # interrupted, not failed: the cell stays unfinished and resumes next time

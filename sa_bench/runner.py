@@ -70,7 +70,9 @@ def reusable(earlier: dict[str, dict], digests: dict[str, str]) -> dict[str, dic
             if i in digests and rec.get("input", digests[i]) == digests[i]}
 
 
-def evaluate(spec: JobSpec, path: Path, lease: Lease) -> dict[str, Any]:
+def evaluate(spec: JobSpec, path: Path, lease: Lease, weights: str | None = None) -> dict[str, Any]:
+    """Run the cell `spec` in `path` on the leased devices; `weights` is the weights identity
+    its job key holds (recorded in env.json, so a report compares like with like)."""
     import torch
     from transformers.utils import logging as hf_logging
 
@@ -157,6 +159,7 @@ def evaluate(spec: JobSpec, path: Path, lease: Lease) -> dict[str, Any]:
     jobdir.write_json_atomic(path / jobdir.STATS, stats)
     env = environment(device)
     env["model_source"] = getattr(model, "sa_bench_source", None)  # hub, local dir or fallback
+    env["weights"] = weights
     jobdir.write_json_atomic(path / jobdir.ENV, env)
     return {"score": metrics.get("score")}
 

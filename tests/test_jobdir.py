@@ -143,3 +143,15 @@ def test_unusable_dir_and_disk_full(tmp_path):
     except RuntimeError as wrapped:
         assert jobdir.disk_full(wrapped)
     assert not jobdir.disk_full(OSError(errno.EACCES, "denied")) and not jobdir.disk_full(None)
+
+
+def test_first_error_line_of_a_non_utf8_error_file(tmp_path):
+    (tmp_path / jobdir.ERROR).write_bytes(b"Traceback\nRuntimeError: bad \xff byte\n")
+    assert jobdir.first_error_line(tmp_path) == "RuntimeError: bad \ufffd byte"
+
+
+def test_fallback_note_ignores_an_env_file_that_is_not_an_object(tmp_path):
+    from sa_bench.launch.outcome import fallback_note
+
+    (tmp_path / jobdir.ENV).write_text("[]")
+    assert fallback_note([tmp_path], None) is None

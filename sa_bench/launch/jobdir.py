@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 MARKER = "done.json"
+SCHEMA = 3
+"""The key scheme a marker was written under (`sa_bench.migrate` moves older trees)."""
 ERROR = "error.txt"
 RUNNING = "running.json"
 LOCK = ".lock"
@@ -83,7 +85,8 @@ def write_marker(path: Path, key: str, summary: dict | None = None) -> None:
         raise FileNotFoundError(f"{path / METRICS}: a finished job must have written it")
     write_json_atomic(
         path / MARKER,
-        {"key": key, "finished": time.time(), "files": files, "summary": summary or {}},
+        {"key": key, "schema": SCHEMA, "finished": time.time(), "files": files,
+         "summary": summary or {}},
     )
 
 
@@ -101,7 +104,7 @@ def status(path: Path, key: str) -> str:
 def first_error_line(path: Path) -> str:
     """The last line of a traceback is the exception; that is what a user wants to see first."""
     try:
-        lines = [ln for ln in (path / ERROR).read_text().splitlines() if ln.strip()]
+        lines = [ln for ln in (path / ERROR).read_text(errors="replace").splitlines() if ln.strip()]
     except OSError:
         return ""
     return lines[-1].strip() if lines else ""

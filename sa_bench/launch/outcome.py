@@ -54,8 +54,9 @@ def fallback_note(done_dirs: list[Path], hub_note: str | None) -> str | None:
     """One line for the summary when jobs loaded offline-fallback weights instead of the hub."""
     used: dict[str, int] = {}
     for path in done_dirs:
-        source = (jobdir.read_json(path / jobdir.ENV) or {}).get("model_source") or {}
-        if str(source.get("source", "")).startswith("offline_fallback"):
+        env = jobdir.read_json(path / jobdir.ENV)
+        source = env.get("model_source") if isinstance(env, dict) else None
+        if isinstance(source, dict) and str(source.get("source", "")).startswith("offline_fallback"):
             used[str(source.get("path"))] = used.get(str(source.get("path")), 0) + 1
     if not used:
         return None
