@@ -10,7 +10,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # In a fresh interpreter: every conf/sparse/*.yaml through SparseMethod.from_config (the
 # model's ${model.pretrained} is the embedded model, which ships the hashattn and double
-# sparsity files that `auto` looks up), then one whole cell through JobSpec.from_dict.
+# sparsity files that `auto` looks up), then one whole cell through JobSpec.from_dict, then the
+# type hints of every config class (job keys evaluate them).
 SCRIPT = """
 import glob, os, sys
 import yaml
@@ -33,6 +34,9 @@ with open(os.path.join("conf", "benchmark", "passkey.yaml")) as f:
 benchmark["subset"] = "1k"
 JobSpec.from_dict({"model": model_section, "sparse": sections["hashattn"], "benchmark": benchmark,
                    "pool": {"devices": "cpu"}, "seed": 0})
+# the type hints of every config class and of its fields' classes, as job keys read them
+from sa_bench.launch.key_defaults import config_classes
+config_classes()
 loaded = sorted(m for m in sys.modules if m == "torch" or m.startswith("torch."))
 print("torch modules:", loaded[:5])
 sys.exit(1 if loaded else 0)

@@ -106,7 +106,7 @@ class DoubleSparsity(TopKMasker):
     _online_rows: int = field(default=0, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        # not a field: the class's type hints are evaluated at validation, without torch
+        # not a field: config checks evaluate the type hints of a masker and its fields, without torch
         self._rank: Tensor | None = None
         check_size(self.channels, "channels")
         if self.channels == 0:

@@ -361,10 +361,11 @@ class HashAttention(_SignatureTopK):
     weights: str = "auto"
     model: str | None = None
     _sigs: KeyCache = field(default_factory=KeyCache, init=False, repr=False)
-    _w: HashWeights | None = field(default=None, init=False, repr=False)
     _path: Path | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
+        # not a field: config checks evaluate the type hints of a masker and its fields, without torch
+        self._w: HashWeights | None = None
         self._path = method_file(
             self.weights, self.model, WEIGHTS_FILE, "weights", "hashattn weights",
             f"no HashAttention weights for model {self.model!r} (looked for {WEIGHTS_FILE} in its "

@@ -72,7 +72,7 @@ class MagicPig(Masker):
     _tables: dict = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        # not a field: the class's type hints are evaluated at validation, without torch
+        # not a field: config checks evaluate the type hints of a masker and its fields, without torch
         self._gen: torch.Generator | None = None
         check_range(self.lsh_bits, "lsh_bits", 1, 15)
         check_range(self.lsh_tables, "lsh_tables", 1)
