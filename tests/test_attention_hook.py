@@ -148,8 +148,8 @@ def test_chunked_prefill_equals_one_pass(arch, install):
 
 FULL_BUDGET = {
     "oracle_topk": {"topk": {"_target_": "sa_bench.attention.maskers.OracleTopK", "heavy_size": 1.0}},
-    "hashattn": {"hash": {"_target_": "sa_bench.attention.maskers.HashAttention", "heavy_size": 1.0}},
-    "random_projection_topk": {"rp": {"_target_": "sa_bench.attention.maskers.RandomProjectionTopK",
+    "hashattn": {"hash": {"_target_": "sa_bench.attention.hashattn.HashAttention", "heavy_size": 1.0}},
+    "random_projection_topk": {"rp": {"_target_": "sa_bench.attention.hashattn.RandomProjectionTopK",
                                       "heavy_size": 1.0}},
     "quest": {"quest": {"_target_": "sa_bench.attention.maskers.Quest", "heavy_size": 1.0}},
     "oracle_topp": {"topp": {"_target_": "sa_bench.attention.maskers.OracleTopP", "top_p": 1.0}},

@@ -13,31 +13,25 @@ import torch
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
 
-from sa_bench.attention.base import (  # noqa: E402
-    Context,
-    Selection,
-    Workspace,
-    allowed_from_mask,
-    attend_blocks,
-    compact,
-    decode_spans,
-    eager_attention,
-    sparse_attention,
-)
-from sa_bench.attention.double_sparsity import kv_head_channels  # noqa: E402
+from sa_bench.attention.dense import eager_attention  # noqa: E402
+from sa_bench.attention.double_sparsity import DoubleSparsity, kv_head_channels  # noqa: E402
+from sa_bench.attention.driver import attend_blocks, decode_spans  # noqa: E402
+from sa_bench.attention.gather import GatherCosts, Workspace  # noqa: E402
+from sa_bench.attention.hashattn import RandomProjectionTopK  # noqa: E402
+from sa_bench.attention.kernels import sparse_attention  # noqa: E402
+from sa_bench.attention.magicpig import MagicPig  # noqa: E402
 from sa_bench.attention.maskers import (  # noqa: E402
     AdaptiveSampling,
-    DoubleSparsity,
     Local,
-    MagicPig,
     OracleTopK,
     OracleTopP,
     Quest,
-    RandomProjectionTopK,
     RandomSampling,
     Sink,
 )
 from sa_bench.attention.method import SparseMethod  # noqa: E402
+from sa_bench.attention.ops import allowed_from_mask, compact  # noqa: E402
+from sa_bench.attention.selection import Context, Selection  # noqa: E402
 from sa_bench.config import ConfigError  # noqa: E402
 
 MODULE = types.SimpleNamespace(layer_idx=0, training=False)
@@ -345,7 +339,7 @@ def test_config_errors_name_the_full_key():
         SparseMethod.from_config({"name": "x", "phase": "prefill", "maskers": {}})
     with pytest.raises(ConfigError, match=r"sparse\.maskers\.h\.weights: hashattn weights file not found"):
         SparseMethod.from_config({"name": "x", "maskers": {"h": {
-            "_target_": "sa_bench.attention.maskers.HashAttention", "weights": "/nonexistent.st"}}})
+            "_target_": "sa_bench.attention.hashattn.HashAttention", "weights": "/nonexistent.st"}}})
     with pytest.raises(ConfigError, match=r"sparse\.maskers\.z\._target_"):
         SparseMethod.from_config({"name": "x", "maskers": {"z": {"_target_": "os.path.join"}}})
 
@@ -396,7 +390,7 @@ def test_quest_decode_steps_match_brute_force_with_partial_pages():
 
 @pytest.mark.parametrize("uniform", [True, False])
 def test_top_rows_with_a_static_bound_equals_topk(uniform):
-    from sa_bench.attention.base import top_rows
+    from sa_bench.attention.ops import top_rows
 
     scores = torch.randn(1, 4, 3, 2000, generator=torch.Generator().manual_seed(0))
     scores[0, 1, 2, :100] = float("-inf")
@@ -410,7 +404,7 @@ def test_top_rows_with_a_static_bound_equals_topk(uniform):
 
 
 def test_draw_candidates_is_uniform_over_the_candidates():
-    from sa_bench.attention.base import draw_candidates
+    from sa_bench.attention.masker import draw_candidates
 
     query, key, _ = tensors(h=2, hk=1, q=2, kv=600)
     counts = torch.zeros(2, 2, 600)
@@ -449,7 +443,7 @@ def test_vattention_budget_is_the_one_sided_clt_bound_of_the_reference():
 
 @pytest.mark.parametrize("per_head", [False, True])  # sink + local alone are shared by a group
 def test_sparse_attention_reads_a_cropped_cache_view_without_copying(per_head):
-    from sa_bench.attention.base import key_rows
+    from sa_bench.attention.gather import key_rows
 
     query, key, value = tensors(h=8, hk=2, q=1, kv=150)
     big_k = torch.cat([key, torch.randn_like(key)], 2)
@@ -483,7 +477,7 @@ def test_oracle_topp_large_flat_sets_match_sorting():
 
 
 def test_row_blocks_respect_the_budget():
-    from sa_bench.attention.base import row_blocks
+    from sa_bench.attention.driver import row_blocks
 
     mib = 2**20
     blocks = row_blocks(1, 32, 1000, 131072, 256 * mib)
@@ -570,13 +564,11 @@ def test_maskers_on_cuda_equal_cpu_and_the_perf_command_runs_in_bf16(capsys):
 
 
 @pytest.mark.parametrize("loop_rows", [0, 256])
-def test_scores_at_equals_the_exact_scores_of_the_gathered_keys(monkeypatch, loop_rows):
+def test_scores_at_equals_the_exact_scores_of_the_gathered_keys(loop_rows):
     """One query row at a time (CPU decode) and in one batch: q.k * scaling of each index."""
-    import sa_bench.attention.base as base
-
-    monkeypatch.setattr(base, "ROW_LOOP_MAX", loop_rows)
     query, key, _ = tensors(b=2, h=4, hk=2, q=3, kv=50)
     ctx = context(query, key)
+    ctx.costs = GatherCosts(row_loop_max=loop_rows)
     idx = torch.randint(0, 50, (2, 4, 3, 7), generator=torch.Generator().manual_seed(1))
     want = (query.unsqueeze(3) * key.repeat_interleave(2, 1)[:, :, None].expand(2, 4, 3, 50, 16)
             .gather(3, idx[..., None].expand(2, 4, 3, 7, 16))).sum(-1) * ctx.scaling
@@ -584,7 +576,7 @@ def test_scores_at_equals_the_exact_scores_of_the_gathered_keys(monkeypatch, loo
 
 
 def test_ordered_ints_sort_as_the_floats():
-    from sa_bench.attention.base import ordered_ints
+    from sa_bench.attention.ops import ordered_ints
 
     x = torch.cat([torch.tensor([float("-inf"), float("inf"), -0.0, 0.0, 1e-40, -1e-40]),
                    torch.randn(1000, generator=torch.Generator().manual_seed(0)) * 1e3])
@@ -664,16 +656,16 @@ def test_per_kv_head_is_one_set_per_kv_head_by_the_groups_highest_score(name, q)
 def test_shared_selections_attend_as_brute_force(monkeypatch, loop_rows, b, q):
     """Each kv head's keys gathered once (one row at a time or in a batch) = the masked softmax,
     with the exact scores computed by a masker (oracle top-k) or gathered (Quest)."""
-    import sa_bench.attention.base as base
+    import sa_bench.attention.kernels as kernels
 
-    monkeypatch.setattr(base, "ROW_LOOP_MAX", loop_rows)
     calls = []
-    monkeypatch.setattr(base, "shared_attention",
-                        lambda *a, f=base.shared_attention: calls.append(1) or f(*a))
+    monkeypatch.setattr(kernels, "shared_attention",
+                        lambda *a, f=kernels.shared_attention: calls.append(1) or f(*a))
     query, key, value = tensors(b=b, h=8, hk=2, q=q, kv=300)
     for last in (OracleTopK(heavy_size=0.1, per_kv_head=True),
                  Quest(heavy_size=0.1, page_size=8, per_kv_head=True)):
         ctx, sel = run([Sink(size=4), Local(size=8), last], query, key)
+        ctx.costs = GatherCosts(row_loop_max=loop_rows)
         calls.clear()
         out = sparse_attention(ctx, value, sel, Workspace())
         assert calls  # the shared path was taken

@@ -17,7 +17,6 @@ torch.set_num_threads(1)
 
 from torch import nn  # noqa: E402
 
-from sa_bench.attention.base import Context, Selection, allowed_from_mask  # noqa: E402
 from sa_bench.attention.double_sparsity import DoubleSparsity, kv_head_channels, pseudo_quantize  # noqa: E402
 from sa_bench.attention.hashattn import (  # noqa: E402
     HashAttention,
@@ -28,6 +27,8 @@ from sa_bench.attention.hashattn import (  # noqa: E402
 )
 from sa_bench.attention.magicpig import MagicPig, inclusion_probability  # noqa: E402
 from sa_bench.attention.method import SparseMethod  # noqa: E402
+from sa_bench.attention.ops import allowed_from_mask  # noqa: E402
+from sa_bench.attention.selection import Context, Selection  # noqa: E402
 from sa_bench.config import ConfigError  # noqa: E402
 from sa_bench.models.loading import embedded_dir  # noqa: E402
 from tests.conftest import run_sa_bench  # noqa: E402
@@ -200,11 +201,11 @@ def test_model_without_files_is_refused_naming_the_command():
                                           r"model 'org/some-model'.*`python -m sa_bench\.attention\.train_hashattn "
                                           r"--model org/some-model"):
         SparseMethod.from_config({"name": "h", "maskers": {"hash": {
-            "_target_": "sa_bench.attention.maskers.HashAttention", "model": "org/some-model"}}})
+            "_target_": "sa_bench.attention.hashattn.HashAttention", "model": "org/some-model"}}})
     with pytest.raises(ConfigError, match=r"^sparse\.maskers\.ds\.calibration: no Double Sparsity calibration "
                                           r".*`python -m sa_bench\.attention\.calibrate_ds --model org/m"):
         SparseMethod.from_config({"name": "d", "maskers": {"ds": {
-            "_target_": "sa_bench.attention.maskers.DoubleSparsity", "model": "org/m"}}})
+            "_target_": "sa_bench.attention.double_sparsity.DoubleSparsity", "model": "org/m"}}})
 
 
 def test_sweep_refuses_hashattn_for_a_model_without_weights_before_any_job(tmp_path):
@@ -257,7 +258,7 @@ def test_double_sparsity_matches_brute_force(tmp_path, bits):
 
 def test_double_sparsity_online_calibration_is_recorded():
     method = SparseMethod.from_config({"name": "d", "maskers": {"ds": {
-        "_target_": "sa_bench.attention.maskers.DoubleSparsity", "calibration": "online"}}})
+        "_target_": "sa_bench.attention.double_sparsity.DoubleSparsity", "calibration": "online"}}})
     method.num_layers = 1
     method.set_phase("question")
     g = torch.Generator().manual_seed(0)
@@ -341,18 +342,18 @@ def test_online_calibration_is_recorded_in_stats_json(tmp_path):
 
 
 @pytest.mark.parametrize("target,values,message", [
-    ("DoubleSparsity", {"channels": 0, "calibration": "online"}, r"sparse\.maskers\.m\.channels: expected at least 1"),
-    ("DoubleSparsity", {"label_bits": 17, "calibration": "online"}, r"sparse\.maskers\.m\.label_bits"),
-    ("DoubleSparsity", {"calibration": "/no/such.safetensors"}, r"sparse\.maskers\.m\.calibration: .*not found"),
-    ("MagicPig", {"min_collisions": 5, "lsh_tables": 4}, r"sparse\.maskers\.m\.min_collisions: 5 > lsh_tables 4"),
-    ("MagicPig", {"lsh_bits": 16}, r"sparse\.maskers\.m\.lsh_bits"),
-    ("HashAttention", {"weights": "/no/such.pt"}, r"sparse\.maskers\.m\.weights: hashattn weights file not found"),
-    ("RandomProjectionTopK", {"bits": 0}, r"sparse\.maskers\.m\.bits"),
+    ("double_sparsity.DoubleSparsity", {"channels": 0, "calibration": "online"}, r"sparse\.maskers\.m\.channels: expected at least 1"),
+    ("double_sparsity.DoubleSparsity", {"label_bits": 17, "calibration": "online"}, r"sparse\.maskers\.m\.label_bits"),
+    ("double_sparsity.DoubleSparsity", {"calibration": "/no/such.safetensors"}, r"sparse\.maskers\.m\.calibration: .*not found"),
+    ("magicpig.MagicPig", {"min_collisions": 5, "lsh_tables": 4}, r"sparse\.maskers\.m\.min_collisions: 5 > lsh_tables 4"),
+    ("magicpig.MagicPig", {"lsh_bits": 16}, r"sparse\.maskers\.m\.lsh_bits"),
+    ("hashattn.HashAttention", {"weights": "/no/such.pt"}, r"sparse\.maskers\.m\.weights: hashattn weights file not found"),
+    ("hashattn.RandomProjectionTopK", {"bits": 0}, r"sparse\.maskers\.m\.bits"),
 ])
 def test_bad_values_name_their_key(target, values, message):
     with pytest.raises(ConfigError, match=message):
         SparseMethod.from_config({"name": "x", "maskers": {"m": {
-            "_target_": f"sa_bench.attention.maskers.{target}", **values}}})
+            "_target_": f"sa_bench.attention.{target}", **values}}})
 
 
 def test_double_sparsity_reads_the_authors_channel_config(tmp_path):

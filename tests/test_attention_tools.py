@@ -32,7 +32,7 @@ def tiny(tmp_path_factory):
 
 
 def hash_cfg(weights, heavy=0.2):
-    return {"name": "h", "maskers": {"hash": {"_target_": "sa_bench.attention.maskers.HashAttention",
+    return {"name": "h", "maskers": {"hash": {"_target_": "sa_bench.attention.hashattn.HashAttention",
                                               "heavy_size": heavy, "weights": str(weights)}}}
 
 
@@ -104,7 +104,7 @@ def test_calibrate_ds_writes_channel_ranks(tmp_path, tiny, install):
         q, k = seen[layer][0]
         stat = (q * k.repeat_interleave(2, 0)).abs().mean(1)  # [H, d]
         assert torch.equal(rank[layer], stat.argsort(-1, descending=True))
-    cfg = {"name": "ds", "maskers": {"ds": {"_target_": "sa_bench.attention.maskers.DoubleSparsity",
+    cfg = {"name": "ds", "maskers": {"ds": {"_target_": "sa_bench.attention.double_sparsity.DoubleSparsity",
                                             "heavy_size": 0.1, "channels": 4,
                                             "calibration": str(out)}}}
     method = SparseMethod.from_config(cfg)

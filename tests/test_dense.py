@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sa_bench.attention import dense
-from sa_bench.attention.base import eager_attention
+from sa_bench.attention.dense import eager_attention
 
 torch.set_num_threads(1)
 MODULE = types.SimpleNamespace(training=False)

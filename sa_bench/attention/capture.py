@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from sa_bench.attention.base import eager_attention
+from sa_bench.attention.dense import eager_attention
+from sa_bench.attention.files import model_shapes
 
 SAMPLE_TEXT = (
     "The river town woke slowly. Boats knocked against the pier while the baker counted "
@@ -117,6 +118,4 @@ def capture(model, windows: list[Tensor]) -> dict[int, list[tuple[Tensor, Tensor
 
 
 def shapes(model) -> tuple[int, int, int, int]:
-    from sa_bench.attention.base import model_shapes
-
     return model_shapes(model.config)

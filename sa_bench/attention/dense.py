@@ -90,8 +90,6 @@ def dense_attention(module: Any, query: Tensor, key: Tensor, value: Tensor,
     (None = causal, bottom-right) or, for `eager`, by transformers' `eager_mask`.
     """
     if implementation == "eager":
-        from sa_bench.attention.base import eager_attention
-
         if attention_mask is None:
             attention_mask = causal_bool(query.shape[2], key.shape[2], query.device)
         if attention_mask.dtype == torch.bool:
@@ -113,6 +111,23 @@ def dense_attention(module: Any, query: Tensor, key: Tensor, value: Tensor,
     if q == kv:
         return _sdpa(query, key, value, None, scaling, is_causal=True)
     return _causal_in_blocks(query, key, value, scaling)
+
+
+def eager_attention(module, query, key, value, attention_mask, scaling, dropout=0.0):
+    """Exactly transformers' eager attention: softmax(q k^T * scaling + mask) v.
+
+    Returns (output [b, q, H, d], weights [b, H, q, kv]).
+    """
+    g = query.shape[1] // key.shape[1]
+    key = key.repeat_interleave(g, dim=1) if g > 1 else key
+    value = value.repeat_interleave(g, dim=1) if g > 1 else value
+    weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        weights = weights + attention_mask
+    weights = F.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = F.dropout(weights, p=dropout, training=module.training)
+    out = torch.matmul(weights, value)
+    return out.transpose(1, 2).contiguous(), weights
 
 
 def causal_bool(q: int, kv: int, device: Any) -> Tensor:

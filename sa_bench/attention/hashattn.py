@@ -31,14 +31,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sa_bench.attention.base import (
-    Context,
-    KeyCache,
-    TopKMasker,
-    Workspace,
-    method_file,
-    model_shapes,
-)
+from sa_bench.attention.files import method_file, model_shapes
+from sa_bench.attention.gather import Workspace
+from sa_bench.attention.masker import TopKMasker
+from sa_bench.attention.selection import Context, KeyCache
 from sa_bench.config import ConfigError, Size, check_range
 from sa_bench.lazy import F, torch
 

@@ -6,7 +6,9 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from sa_bench.attention.base import Context, KeyCache, Masker, Selection, log_weight
+from sa_bench.attention.masker import Masker
+from sa_bench.attention.ops import log_weight
+from sa_bench.attention.selection import Context, KeyCache, Selection
 from sa_bench.config import ConfigError, check_range
 from sa_bench.lazy import torch
 

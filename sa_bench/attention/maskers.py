@@ -1,5 +1,8 @@
-"""The maskers (HashAttention, Double Sparsity and MagicPIG live in their own modules and are
-re-exported here, so configs name every masker as `sa_bench.attention.maskers.<Class>`). Each is a dataclass of its YAML keys and one `select` that adds keys.
+"""The maskers that need no fitted files or tables of their own: sink and local ranges,
+oracle top-k / top-p, Quest, uniform and adaptive (vAttention) sampling. HashAttention and
+random-projection top-k (`hashattn`), Double Sparsity (`double_sparsity`) and MagicPIG
+(`magicpig`) live in their own modules. Each is a dataclass of its YAML keys and one
+`select` that adds keys.
 
 Sizes (`Size`): an int is a token count, a float in (0, 1] a fraction of the keys the query
 row may see. "Candidates" are the keys a row may see that no earlier masker selected.
@@ -9,27 +12,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from statistics import NormalDist
 from typing import TYPE_CHECKING
 
-from sa_bench.attention.base import (
-    NEG_INF,
-    Context,
-    KeyCache,
-    Masker,
-    Selection,
-    TopKMasker,
-    check_fraction,
-    compact,
-    count_true,
-    draw_candidates,
-    first_allowed,
-    log_weight,
-    normal_quantile,
-    size_of,
-)
-from sa_bench.attention.double_sparsity import DoubleSparsity
-from sa_bench.attention.hashattn import HashAttention, RandomProjectionTopK
-from sa_bench.attention.magicpig import MagicPig
+from sa_bench.attention.masker import Masker, TopKMasker, check_fraction, draw_candidates
+from sa_bench.attention.ops import NEG_INF, compact, count_true, first_allowed, log_weight
+from sa_bench.attention.selection import Context, KeyCache, Selection, size_of
 from sa_bench.config import ConfigError, Size, check_range
 from sa_bench.lazy import torch
 
@@ -45,6 +33,7 @@ class Sink(Masker):
     keys a query may see, {j0, ..., j0 + s - 1} with j0 the first unmasked key."""
 
     group_shared = True  # the same keys for every query head (not a config key)
+    budget_fields = ("size",)  # size 0 selects nothing: the same job key as no sink
     size: Size = 4
 
     def select(self, ctx: Context, sel: Selection) -> Selection:
@@ -65,6 +54,7 @@ class Local(Masker):
     up to and including the query's own position t, {t - w + 1, ..., t} (causal)."""
 
     group_shared = True  # the same keys for every query head (not a config key)
+    budget_fields = ("size",)  # size 0 selects nothing: the same job key as no local window
     size: Size = 64
 
     def select(self, ctx: Context, sel: Selection) -> Selection:
@@ -217,6 +207,7 @@ class RandomSampling(Masker):
     is as unbiased as with its own sample; the heads' errors are then correlated)."""
 
     key_version = 2  # results changed meaning: indices drawn directly (another random stream)
+    draws_random = True  # from the method's generator: `sparse.seed` is in its job key
 
     rate: float = 0.1
     per_kv_head: bool = False
@@ -256,6 +247,7 @@ class AdaptiveSampling(Masker):
     """
 
     key_version = 2  # results changed meaning: one-sided bound as the reference code
+    draws_random = True  # from the method's generator: `sparse.seed` is in its job key
 
     base_rate: Size = 0.02
     epsilon: float = 0.1
@@ -276,7 +268,7 @@ class AdaptiveSampling(Masker):
 
     def budget(self, sigma: Tensor, denom: Tensor, n_rem: Tensor) -> Tensor:
         """The sample size m of the class docstring (before the clamp to [b0, R])."""
-        z = normal_quantile(1.0 - self.delta)
+        z = NormalDist().inv_cdf(1.0 - self.delta)  # Phi^-1, stdlib (no scipy)
         m = (z * sigma * n_rem / (self.epsilon * denom).clamp_min(1e-8)) ** 2
         return torch.minimum(m.nan_to_num(1.0).clamp(min=1.0), n_rem.double()).floor().long()
 
@@ -314,6 +306,6 @@ def _max_or_neginf(x: Tensor) -> Tensor:
 
 
 __all__ = [
-    "AdaptiveSampling", "DoubleSparsity", "HashAttention", "Local", "MagicPig", "OracleTopK",
-    "OracleTopP", "Quest", "RandomProjectionTopK", "RandomSampling", "Sink", "TopKMasker",
+    "AdaptiveSampling", "Local", "OracleTopK", "OracleTopP", "PageStats", "Quest", "RandomSampling",
+    "Sink",
 ]

@@ -8,8 +8,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from sa_bench.attention.base import Masker, Workspace, attend_blocks, decode_spans
 from sa_bench.attention.dense import dense_attention, dense_mask
+from sa_bench.attention.driver import attend_blocks, decode_spans
+from sa_bench.attention.gather import CPU_GATHER, GatherCosts, Workspace
+from sa_bench.attention.masker import Masker
 from sa_bench.config import ConfigError, build, build_target
 from sa_bench.lazy import torch
 
@@ -72,6 +74,8 @@ class SparseMethod:
         self.workspace = Workspace()
         self.generator: torch.Generator | None = None
         self.implementation = "sdpa"
+        self.gather_costs: GatherCosts = CPU_GATHER
+        """The cost model of sparse calls (`BATCHED_GATHER`: the GPU's paths on CPU too)."""
         self._density = _Meter()
         self._error = _Meter()
 
@@ -182,7 +186,7 @@ class SparseMethod:
                 self.generator = torch.Generator(device=query.device).manual_seed(self.config.seed)
             out, density = attend_blocks(self.maskers.values(), query, key, value, attention_mask,
                                          scaling, layer, self.generator, self.workspace,
-                                         self.config.block_bytes)  # [b, H, q, d]
+                                         self.config.block_bytes, self.gather_costs)  # [b, H, q, d]
         self._density.add(self.phase, layer, density, b * h * q)
         if self.config.measure_error:
             dense = dense_attention(module, query, key, value, attention_mask, scaling,

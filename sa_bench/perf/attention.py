@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+from sa_bench.attention.gather import BATCHED_GATHER
 from sa_bench.attention.method import SparseMethod
 
 CONF = Path(__file__).resolve().parents[2] / "conf" / "sparse"
@@ -107,12 +108,10 @@ def load_method(name: str, args, files: Path) -> SparseMethod:
 
 
 def ops_per_call(fn, *fn_args) -> int:
-    """Operator calls (views included, nested ones not) of `fn(*fn_args)` on the batched paths."""
+    """Operator calls (views included, nested ones not) of `fn(*fn_args)`."""
     from torch.profiler import ProfilerActivity, profile
 
-    from sa_bench.attention.base import batched_paths
-
-    with batched_paths(), profile(activities=[ProfilerActivity.CPU]) as prof:
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
         fn(*fn_args)
     return sum(1 for e in prof.events() if e.name.startswith("aten::") and (
         e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")))
@@ -156,6 +155,8 @@ def run_size(kv: int, names: list[str], args, device, dtype) -> dict[str, tuple[
                 times[name].append(time.perf_counter() - start)
     base = times["sdpa"]
     attended = {name: method.stats()["density"]["decode"][0] for name, method in methods.items()}
+    for method in methods.values():  # counted on the batched paths a GPU takes (no row loops)
+        method.gather_costs = BATCHED_GATHER
     ops = {name: ops_per_call(fn, *fn_args) for name, (fn, fn_args) in calls.items()}  # untimed
     return {name: (statistics.median(t) * 1e3, statistics.median(x / y for x, y in zip(t, base, strict=True)),
                    attended.get(name, 1.0), ops[name]) for name, t in times.items()}

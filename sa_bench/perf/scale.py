@@ -160,8 +160,8 @@ def run_one(args: argparse.Namespace, method_name: str, tokens: int) -> dict[str
         peak = memory.peak_above_start()
         return {"prefill_s": prefill, **timed, "peak_bytes": peak}
 
-    from sa_bench.attention.base import model_shapes
     from sa_bench.attention.dense import resolve_implementation
+    from sa_bench.attention.files import model_shapes
     from sa_bench.attention.method import SparseMethod
     from sa_bench.perf.attention import method_config, model_files
 

@@ -1,0 +1,84 @@
+"""One sparse attention call: the maskers applied to blocks of query rows, then the kernel;
+and the decode calls whose keys are a few ranges known without tensors (sink, local)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from sa_bench.attention.gather import CPU_GATHER, GatherCosts, Workspace
+from sa_bench.attention.kernels import sparse_attention
+from sa_bench.attention.ops import allowed_from_mask
+from sa_bench.attention.selection import Context, Selection
+from sa_bench.lazy import torch
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+
+def decode_spans(maskers, q: int, kv: int, attention_mask: Tensor | None) -> tuple[list[tuple[int, int]], int]:
+    """(spans, n): the keys the first n maskers select, as sorted disjoint ranges, when each
+    of them selects one range (`decode_range`: sink, local) and the call is one query row that
+    may see every key (decode, no mask); n = 0 otherwise. Ranges cost a few kernels where the
+    index-list path runs ~60 small ones per masker, which is what a GPU pays per layer at batch
+    1: with only ranges, attention reads slices of the cache on the dense kernel."""
+    spans: list[tuple[int, int]] = []
+    n = 0
+    if q != 1 or attention_mask is not None:
+        return spans, n
+    for masker in maskers:
+        span = masker.decode_range(kv)
+        if span is None:
+            break
+        n += 1
+        if span[1] > span[0]:
+            spans.append(span)
+    merged: list[tuple[int, int]] = []
+    for start, stop in sorted(spans):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], stop))
+        else:
+            merged.append((start, stop))
+    return merged, n
+
+
+def row_blocks(b: int, h: int, q: int, kv: int, budget_bytes: int) -> list[tuple[int, int]]:
+    """Query-row blocks [r0, r1) for one sparse call: a block's largest per-call temporary
+    is a kv-wide row of 8-byte entries per head and row (index lists at full budget, the
+    first-draw map of sampling; scores are float32, half that), so a block has
+    budget_bytes // (b * H * (kv + 1) * 8) rows (at least one)."""
+    rows = max(1, budget_bytes // (b * h * (kv + 1) * 8))
+    return [(r0, min(q, r0 + rows)) for r0 in range(0, q, rows)]
+
+
+def attend_blocks(maskers, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
+                  scaling: float, layer: int, generator: torch.Generator | None,
+                  workspace: Workspace, budget_bytes: int,
+                  costs: GatherCosts = CPU_GATHER) -> tuple[Tensor, Tensor]:
+    """Sparse attention of every query row, the rows in blocks (`row_blocks`) so that no
+    per-call tensor outgrows `budget_bytes` (a question of thousands of rows over 128k keys).
+    A block of rows sees the keys up to its last row's position only (causal masks; a mask
+    that lets a row see a later key is refused). Returns (output [b, H, q, d], the sum over
+    rows and heads of the attended fraction of each row's keys). `costs`: see `GatherCosts`."""
+    b, h, q, _ = query.shape
+    kv = key.shape[2]
+    outs, density = [], torch.zeros((), device=query.device)
+    for r0, r1 in row_blocks(b, h, q, kv, budget_bytes):
+        end = kv - q + r1
+        mask = attention_mask
+        if mask is not None:
+            mask = mask[:, :, r0:r1] if mask.shape[2] == q else mask
+            if end < kv and bool(allowed_from_mask(mask[..., end:kv], b, r1 - r0, kv - end,
+                                                   query.device).any()):
+                raise ValueError("sparse attention needs a causal mask: a query row may see a "
+                                 "later key")
+            mask = mask[..., :end]
+        k, v = (key, value) if end == kv else (key[:, :, :end], value[:, :, :end])
+        allowed = allowed_from_mask(mask, b, r1 - r0, end, query.device)
+        ctx = Context(query[:, :, r0:r1], k, scaling, layer, allowed, generator, costs=costs)
+        spans, ranged = decode_spans(maskers, r1 - r0, end, mask)
+        sel = Selection.of_spans(spans, b, h, r1 - r0, query.device)
+        for masker in list(maskers)[ranged:]:
+            sel = masker.select(ctx, sel.indexed())
+        outs.append(sparse_attention(ctx, v, sel, workspace))
+        density = density + (sel.count().float() / ctx.n_keys.clamp(min=1).float()).sum()
+    return (outs[0] if len(outs) == 1 else torch.cat(outs, 2)), density

@@ -1,0 +1,80 @@
+"""Reading selected rows of K and V: row views of the cache, reusable buffers, and the CPU
+cost model that says when a gather beats streaming all keys."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from sa_bench.lazy import F, torch
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+
+@dataclass(frozen=True)
+class GatherCosts:
+    """When gathering selected keys pays, as relative costs on CPU (1 thread) of one row of d
+    values: read in a stream (a matmul over all of K or V) = 1. An element of a [H, q, kv]
+    float temporary costs ~ 5 / d. `sparse_attention` picks its path by these."""
+
+    score: float = 1.6
+    """A row gathered and dotted with q one query row at a time (`Context.scores_at`, decode)."""
+    score_batch: float = 6.0
+    """A row gathered and dotted with q in one batch (the rows leave the cache in between)."""
+    value: float = 1.5
+    """A row gathered into a weighted sum (`embedding_bag`)."""
+    row_loop_max: int = 256
+    """Query rows (b * H * q) up to which CPU gathers go one row at a time."""
+
+    def row_loop(self, device: torch.device, rows: int) -> bool:
+        """Whether gathered scores are computed one query row at a time (CPU, few rows)."""
+        return device.type == "cpu" and rows <= self.row_loop_max
+
+
+CPU_GATHER = GatherCosts()
+BATCHED_GATHER = GatherCosts(row_loop_max=0)
+"""The batched paths a GPU takes, on CPU too (no row loops): what `perf.attention` counts as a
+GPU's operator calls."""
+
+
+class Workspace:
+    """A reusable buffer for gathered keys: a fresh 50 MB allocation per decode step costs
+    more in page faults than the gather itself on CPU."""
+
+    def __init__(self) -> None:
+        self.buf: Tensor | None = None
+
+    def take(self, n: int, d: int, like: Tensor) -> Tensor:
+        buf = self.buf
+        if buf is None or buf.numel() < n * d or buf.dtype != like.dtype or buf.device != like.device:
+            buf = self.buf = like.new_empty(max(n * d, 1))
+        return buf[: n * d].view(n, d)
+
+
+def key_rows(x: Tensor) -> tuple[Tensor, int, int]:
+    """x [b, Hk, kv, d] as rows [N, d] of its own storage, and the row strides of b and Hk.
+
+    No copy for a contiguous tensor or a prefix view of a bigger cache (DynamicCache.crop
+    leaves one; `reshape(-1, d)` would copy the whole cache)."""
+    b, hk, kv, d = x.shape
+    s0, s1, s2, s3 = x.stride()
+    s0 = s0 if b > 1 else 0
+    if s3 == 1 and s2 == d and s0 % d == 0 and s1 % d == 0 and s0 >= 0 and s1 >= 0:
+        n = (b - 1) * (s0 // d) + (hk - 1) * (s1 // d) + kv
+        return x.as_strided((n, d), (d, 1)), s0 // d, s1 // d
+    return x.contiguous().view(-1, d), hk * kv, kv
+
+
+def flat_rows(idx: Tensor, groups: int, r0: int, r1: int) -> Tensor:
+    """Key indices [b, H, q, n] (each < kv) -> indices into `key_rows` with row strides r0, r1."""
+    b, h = idx.shape[:2]
+    heads = torch.arange(h, device=idx.device) // groups
+    base = torch.arange(b, device=idx.device)[:, None] * r0 + heads[None, :] * r1
+    return idx + base[:, :, None, None]
+
+
+def take_rows(rows: Tensor, idx: Tensor) -> Tensor:
+    """rows[idx] for a 1-D idx: `embedding_bag` over bags of one row, ~1.3x faster than
+    index_select on CPU."""
+    return F.embedding_bag(idx.view(-1, 1), rows, mode="sum")

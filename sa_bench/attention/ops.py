@@ -1,0 +1,96 @@
+"""Small tensor helpers of the maskers and kernels: top-k per row, counts and compaction of
+bool rows, the keys a mask allows, sampling weights."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from sa_bench.lazy import torch
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+NEG_INF = float("-inf")
+
+
+def top_rows(scores: Tensor, k: Tensor, kmax: int | None = None) -> tuple[Tensor, Tensor]:
+    """Per row, the k[row] highest finite entries of `scores` [b, H, q, kv].
+
+    k broadcasts to [b, H, q]; `kmax` is an upper bound of k (read from k when None, a
+    device sync). Returns (idx, valid) of shape [b, H, q, kmax].
+    """
+    k = k.expand(scores.shape[:3])
+    if kmax is None:
+        kmax = int(k.max()) if k.numel() else 0
+    kmax = min(kmax, scores.shape[-1])
+    if kmax == 0:
+        empty = scores.new_zeros(*scores.shape[:3], 0)
+        return empty.long(), empty.bool()
+    # on CPU reading k is free; on an accelerator sorting avoids a sync
+    uniform = scores.device.type == "cpu" and bool((k == kmax).all())
+    if scores.device.type == "cpu" and scores.dtype == torch.float32:
+        idx = ordered_ints(scores).topk(kmax, dim=-1, sorted=not uniform).indices
+        valid = scores.gather(-1, idx) > NEG_INF
+    else:
+        vals, idx = scores.topk(kmax, dim=-1, sorted=not uniform)
+        valid = vals > NEG_INF
+    if not uniform:
+        valid &= torch.arange(kmax, device=scores.device) < k.unsqueeze(-1)
+    return idx, valid
+
+
+def ordered_ints(x: Tensor) -> Tensor:
+    """float32 -> int32 in the same order (-inf lowest, -0.0 just below +0.0; no NaN): the
+    sign bit's flip of the other bits. `torch.topk` on CPU is ~1.4x faster on the ints (~10%
+    with this conversion)."""
+    bits = x.view(torch.int32)
+    return bits ^ (bits >> 31).bitwise_and_(0x7FFFFFFF)
+
+
+def count_true(mask: Tensor) -> Tensor:
+    """True entries of each row of a bool [..., n] -> long [...]: bytes summed into int32,
+    ~7x faster on CPU than summing the bools."""
+    return mask.view(torch.uint8).sum(-1, dtype=torch.int32).long()
+
+
+def compact(mask: Tensor, fill: int) -> tuple[Tensor, Tensor]:
+    """Positions of the True entries of each row of `mask` [..., n] -> (idx, valid) [..., w],
+    w the largest row count (read from the device), padding `fill`. Few entries (w <= n / 8):
+    from `nonzero`; else O(n) with a running count placing each True entry (int32 cumsum +
+    scatter; on CPU faster than nonzero for dense masks, ~2x slower for sparse ones)."""
+    n = mask.shape[-1]
+    count = count_true(mask)
+    width = int(count.max()) if count.numel() else 0
+    valid = torch.arange(width, device=mask.device) < count.unsqueeze(-1)
+    if width * 8 <= n:
+        rows = mask.reshape(-1, n)
+        row, col = rows.nonzero().unbind(1)  # sorted by row, then position
+        start = count.reshape(-1).cumsum(0) - count.reshape(-1)
+        idx = torch.full((rows.shape[0], width), fill, dtype=torch.long, device=mask.device)
+        idx[row, torch.arange(row.shape[0], device=mask.device) - start[row]] = col
+        return idx.view(*mask.shape[:-1], width), valid
+    slot = mask.cumsum(-1, dtype=torch.int32).sub_(1).masked_fill_(~mask, width).long()
+    idx = torch.full((*mask.shape[:-1], width + 1), fill, dtype=torch.long, device=mask.device)
+    idx.scatter_(-1, slot, torch.arange(n, device=mask.device).expand(mask.shape))
+    return idx[..., :width], valid
+
+
+def first_allowed(allowed: Tensor) -> Tensor:
+    """Index of the first key each row may see, [b, 1, q]."""
+    return allowed.to(torch.uint8).argmax(-1)  # uint8: ~40x faster than int32 on CPU
+
+
+def allowed_from_mask(attention_mask: Tensor | None, b: int, q: int, kv: int, device) -> Tensor:
+    """Bool [b, 1, q, kv] of the keys each query may attend to (causal when mask is None)."""
+    if attention_mask is None:
+        pos = torch.arange(kv, device=device)
+        return (pos[None, :] <= (kv - q + torch.arange(q, device=device))[:, None]).expand(b, 1, q, kv)
+    mask = attention_mask[:, :, :, :kv]
+    if mask.dtype == torch.bool:
+        return mask.expand(b, 1, q, kv)
+    return (mask > torch.finfo(mask.dtype).min / 2).expand(b, 1, q, kv)
+
+
+def log_weight(prob: Tensor) -> Tensor:
+    """log(1 / pi) for inclusion probability pi."""
+    return -torch.log(prob.clamp_min(1e-30))
