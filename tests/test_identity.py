@@ -414,3 +414,19 @@ def test_a_methods_resolved_weights_file_is_in_the_key(tmp_path):
     (model / "hashattn.safetensors").write_bytes(bytes(data))
     assert key(cfg) != before
     assert key(changed(CFG, "model.pretrained", str(model))) == dense_before
+
+
+def test_a_weights_file_named_auto_or_by_its_path_gives_one_key():
+    """hashattn `weights: auto` and the same file given by path read the same bytes."""
+    file = loading.embedded_dir("tiny-retrieval") / "hashattn.safetensors"
+
+    def hashed(weights: str, model: str) -> dict:
+        cfg = copy.deepcopy(CFG)
+        cfg["sparse"]["maskers"]["hash"] = {"_target_": "sa_bench.attention.hashattn.HashAttention",
+                                            "heavy_size": 0.1, "weights": weights, "model": model}
+        return cfg
+
+    auto = key(hashed("auto", "embedded:tiny-retrieval"))
+    assert key(hashed(str(file), "embedded:tiny-retrieval")) == auto
+    assert key(hashed(str(file), str(file.parent))) == auto
+    assert key(changed(hashed("auto", "embedded:tiny-retrieval"), "sparse.maskers.hash.heavy_size", 0.2)) != auto

@@ -93,6 +93,7 @@ class DoubleSparsity(TopKMasker):
     per_kv_head: bool = False
     channels: Size = 0.25
     label_bits: int = 4
+    file_locators = ("calibration", "model")  # name the calibration file; its content is in the job key
     calibration: str = "auto"
     model: str | None = None
     _labels: KeyCache = field(default_factory=KeyCache, init=False, repr=False)

@@ -351,6 +351,7 @@ class HashAttention(_SignatureTopK):
     """
 
     key_version = 2  # results changed meaning: learned weights only, published layouts
+    file_locators = ("weights", "model")  # name the weights file; its content is in the job key
 
     heavy_size: Size = 0.1
     per_kv_head: bool = False

@@ -105,7 +105,11 @@ def canonical(value: Any, cache: FingerprintCache | None = None,
         version = getattr(type(value), "key_version", 1)
         if version != 1:  # the class's results changed meaning without a config change
             out["@v"] = version
-        for f in dataclasses.fields(value):
+        fields = dataclasses.fields(value)
+        if any(not f.init and isinstance(getattr(value, f.name, None), Path) for f in fields):
+            # the file is keyed by its content: how it was named (auto, a path) does not count
+            drop = set(drop) | set(getattr(type(value), "file_locators", ()))
+        for f in fields:
             if f.name in drop:
                 continue
             if not f.init:  # derived state; a file it resolved to (weights: auto) is read: its content counts
