@@ -514,8 +514,9 @@ def math_verify_match(prediction: str, answer: str | int) -> float:
     """1 if math-verify finds the gold answer in the prediction (`verify(parse(gold),
     parse(prediction))`, its default LaTeX and plain-expression extraction): a boxed answer
     in any form it normalises (`33.0`, `\\text{33}`, `n=33`, `\\dfrac{66}{2}`, units, ...) or
-    a final answer without a box. Two boxes in one answer parse as a set (not equal to one
-    number); `\\fbox` is not read.
+    a final answer without a box. A box whose content math-verify extracts but cannot read
+    (`\\boxed{70\\%}`) is read by math-verify again as the LaTeX `$70\\%$`. Two boxes in one
+    answer parse as a set (not equal to one number); `\\fbox` is not read.
 
     math-verify bounds parsing and comparison with SIGALRM, which only the main thread may
     use; elsewhere it runs without that time limit.
@@ -525,6 +526,11 @@ def math_verify_match(prediction: str, answer: str | int) -> float:
     limit = 5 if threading.current_thread() is threading.main_thread() else None
     gold = parse(f"${answer}$", parsing_timeout=limit)
     found = parse(prediction, parsing_timeout=limit)
+    if found and all(isinstance(x, str) for x in found):
+        # Only the raw text of the answer came back: math-verify could not read what it took
+        # out of the box (`\boxed{70\%}` gives '70\%': its boxed pattern has no percent
+        # suffix). Its own parse of that text as LaTeX (`$70\%$`) reads it.
+        found = parse(f"${found[-1]}$", parsing_timeout=limit) or found
     return float(bool(gold) and bool(found) and verify(gold, found, timeout_seconds=limit))
 
 
