@@ -55,7 +55,7 @@ def test_zero_scrolls_rows_of_one_id_are_one_example_with_every_reference():
     assert result["score"] == 100.0 and result["split"] == "validation" and result["n"] == 2
 
 
-def test_zero_scrolls_truncation_keeps_the_document_start_and_the_whole_query(byte_tokenizer):
+def test_zero_scrolls_truncation_keeps_the_document_start_and_the_whole_query(byte_tokenizer):  # noqa: F811
     """As the official run_hf_model.py: document cut at its end, separator, then the query."""
     sample = Sample(id="a", context="Instruction.\n\nArticle:\n" + "x" * 400 + "END",
                     question="Question:\nWhat?\n\nAnswer:", answers=["y"],
