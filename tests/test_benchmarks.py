@@ -312,6 +312,25 @@ def test_longbench_v2_accuracy_by_group():
     assert result["domain_single_document_qa"] == 50.0
 
 
+def test_longbench_v2_breakdowns_also_as_the_official_scripts_print_them():
+    """pred.py drops an empty output, so result.py's easy/hard and short/medium/long figures are
+    over the non-empty answers: each breakdown is reported that way too, beside the counted one."""
+    bench = make("longbench_v2", subset="all", data_dir=str(FIXTURES / "longbench_v2"))
+    samples = bench.load(None)  # (easy, short, A), (hard, short, B), (hard, medium, C)
+    result = bench.score(samples, ["The correct answer is (A)", "The correct answer is (B)", ""])
+    assert result["score"] == 66.7 and result["score_without_empty"] == 100.0
+    assert result["hard"] == 50.0 and result["hard_without_empty"] == 100.0
+    assert result["n_hard"] == 2 and result["n_hard_without_empty"] == 1
+    assert result["easy"] == result["easy_without_empty"] == 100.0
+    assert result["short"] == result["short_without_empty"] == 100.0
+    assert result["medium"] == 0.0 and result["medium_without_empty"] is None  # only an empty one
+    assert result["n_medium_without_empty"] == 0
+    assert result["long_without_empty"] is None
+    assert result["domain_code_repository_understanding"] == 0.0
+    assert result["domain_code_repository_understanding_without_empty"] is None
+    assert result["domain_single_document_qa_without_empty"] == 100.0
+
+
 # ----------------------------------------------------------------------------- InfiniteBench
 
 

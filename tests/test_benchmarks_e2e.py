@@ -38,6 +38,8 @@ CASES = [
     ("loogle", "shortdep_qa", "loogle", {}),
     ("loogle", "longdep_summarization", "loogle", {}),
     ("aime24", "all", "aime", {}),
+    ("zero_scrolls", "qasper", "zero_scrolls", {}),
+    ("loft", "quest_32k", "loft", {}),
 ]
 
 
@@ -73,6 +75,18 @@ def test_local_data_through_the_command_line(tmp_path):
         (copy / file.name).write_bytes(file.read_bytes())
     moved = run_sa_bench(*args, f"benchmark.data_dir={copy}", root=tmp_path / "out", check=True)
     assert "1 jobs: 1 done (skipped), 0 to run" in moved.stdout
+
+
+@pytest.mark.parametrize("bench, subset", [("zero_scrolls", "qasper"), ("loft", "nq_32k")])
+def test_new_benchmark_cell_through_the_command_line(tmp_path, bench, subset):
+    """One offline cell on the embedded model from the small local fixture."""
+    run_sa_bench(f"benchmark={bench}", f"benchmark.subsets=[{subset}]",
+                 f"benchmark.data_dir={FIXTURES / bench}", "benchmark.max_samples=2",
+                 "max_new_tokens=4", root=tmp_path / "out", check=True)
+    [metrics_file] = (tmp_path / "out").rglob("metrics.json")
+    metrics = json.loads(metrics_file.read_text())
+    assert metrics["n"] == 2 and 0 <= metrics["score"] <= 100
+    assert (metrics_file.parent / "done.json").is_file()
 
 
 def test_missing_local_data_names_the_files(tmp_path):

@@ -318,6 +318,9 @@ def test_bleu_and_rouge_recall():
         (r"\boxed{33 \text{ cm}}", 1.0),
         (r"\boxed 33", 1.0),
         (r"\boxed{\dfrac{66}{2}}", 1.0),
+        (r"\boxed{33\%}", 1.0),  # math-verify reads `$33\%$` as 33; its boxed pattern does not
+        (r"\boxed{34\%}", 0.0),
+        (r"\boxed{\text{thirty-three}}", 0.0),  # unreadable text stays unequal
         ("The final answer is 33.", 1.0),  # no box
         (r"\boxed{34}", 0.0),
         (r"\boxed{3.3}", 0.0),

@@ -27,7 +27,7 @@ HUBS = {"aime24": ("HuggingFaceH4/aime_2024", "train"), "aime25": ("math-ai/aime
 class Aime(Benchmark):
     """AIME problems scored with math-verify; the YAML `name` picks the year."""
 
-    key_version = 2  # results changed meaning: answers scored with math-verify instead of a boxed-integer regex
+    key_version = 3  # results changed meaning: a box math-verify cannot read (70\%) is re-read as LaTeX
 
     generation_tokens: int = 32768
     """Maximum generated tokens (reasoning models need long budgets)."""

@@ -127,6 +127,10 @@ class Sample:
     answer_prefix: str = ""
     """Text that starts the model's answer, after the chat template's assistant header
     (RULER's " Answer:"); without a chat template it simply follows the question."""
+    truncation_separator: str | None = None
+    """None: an over-long prompt loses the middle of its tokens (LongBench). A string: the
+    context keeps its first tokens and the question stays whole, with this text between them
+    (Zero-SCROLLS' `truncation_seperator`)."""
 
 
 @dataclass

@@ -12,7 +12,9 @@ file (for an API that is a failed call, retried on the next run), so `result.py`
 of the denominator. Here decoding is local and deterministic: an empty answer is the model's
 answer and would be empty again, so `score` counts it as wrong (every question stays in the
 denominator). The metrics report `n_empty` and `score_without_empty`, the accuracy over the
-non-empty outputs that the official scripts would print.
+non-empty outputs that the official scripts would print, and beside every breakdown (`easy`,
+`long`, `domain_...`, empties counted as wrong) its official figure over the non-empty outputs
+(`easy_without_empty`, ..., with `n_..._without_empty`).
 
 Decoding: greedy here, while the official `pred.py` samples at temperature 0.1. Greedy keeps a
 cell deterministic and its methods comparable with each other; the metrics say so
@@ -106,8 +108,12 @@ class LongBenchV2(Benchmark):
         groups = [("difficulty", d) for d in DIFFICULTIES] + [("length", n) for n in LENGTHS]
         groups += sorted({("domain", s.meta.get("domain")) for s in samples if s.meta.get("domain")})
         for key, value in groups:
-            bucket = [c for c, s in zip(correct, samples, strict=True) if s.meta.get(key) == value]
+            members = [(c, p) for c, p, s in zip(correct, predictions, samples, strict=True)
+                       if s.meta.get(key) == value]
             name = value if key != "domain" else f"domain_{_slug(value)}"
-            result[name] = metrics.mean_percent(bucket, 1)
-            result[f"n_{name}"] = len(bucket)
+            result[name] = metrics.mean_percent([c for c, _ in members], 1)
+            result[f"n_{name}"] = len(members)
+            official = [c for c, p in members if p != ""]  # result.py over pred.py's kept outputs
+            result[f"{name}_without_empty"] = metrics.mean_percent(official, 1)
+            result[f"n_{name}_without_empty"] = len(official)
         return result

@@ -17,6 +17,7 @@ import re
 import string
 import sys
 import threading
+import unicodedata
 import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -506,6 +507,146 @@ def sentence_bleu_n(prediction: str, reference: str, n: int) -> float:
 
 
 # --------------------------------------------------------------------------------------
+# Zero-SCROLLS (tau/zero_scrolls `metrics/`, built on the SCROLLS metric `metrics/scrolls.py`)
+# --------------------------------------------------------------------------------------
+
+
+def scrolls_normalize(s: str) -> str:
+    """SCROLLS `f1.py` normalisation: SQuAD's (lower case, no punctuation, no articles, spaces
+    squeezed), then transliterated to ASCII with `unidecode`."""
+    from unidecode import unidecode
+
+    return unidecode(normalize_answer(s))
+
+
+def scrolls_f1(prediction: str, ground_truth: str) -> float:
+    """Zero-SCROLLS F1 (qasper, narrative_qa, musique): bag-of-tokens F1 of the
+    `scrolls_normalize`-d texts, 0 when nothing is shared."""
+    return f1_tokens(scrolls_normalize(prediction).split(), scrolls_normalize(ground_truth).split())
+
+
+def scrolls_rouge(prediction: str, ground_truth: str) -> dict[str, float]:
+    """ROUGE-1, -2 and -L F-measures x 100 of Google's `rouge_score` without stemming, as the
+    SCROLLS metric computes them. (Its sentence splitting before scoring only changes
+    ROUGE-Lsum, which is not part of the score and not reported.)"""
+    from rouge_score import rouge_scorer
+
+    scores = _rouge_scorer(rouge_scorer).score(ground_truth, prediction)
+    return {key: scores[key].fmeasure * 100 for key in ("rouge1", "rouge2", "rougeL")}
+
+
+@lru_cache(maxsize=1)
+def _rouge_scorer(module: Any) -> Any:
+    return module.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=False)
+
+
+def scrolls_rouge_aggregate(best: Sequence[dict[str, float]]) -> dict[str, float]:
+    """The SCROLLS ROUGE figures from each prediction's best scores: the mean of each type,
+    then `geometric_mean` = (R-1 x R-2 x R-L)^(1/3) of those means (not a mean of per-sample
+    geometric means); each rounded to 4 digits as `scrolls.py` does."""
+    keys = ("rouge1", "rouge2", "rougeL")
+    means = {k: sum(b[k] for b in best) / len(best) for k in keys}
+    means["geometric_mean"] = (means["rouge1"] * means["rouge2"] * means["rougeL"]) ** (1 / 3)
+    return {k: round(v, 4) for k, v in means.items()}
+
+
+def scrolls_best_rouge(prediction: str, references: Sequence[str]) -> dict[str, float]:
+    """Each ROUGE type's maximum over the references, taken separately per type (SCROLLS
+    `_compute_helper` with `agg_fn=max`)."""
+    scores = [scrolls_rouge(prediction, r) for r in references]
+    return {k: max(s[k] for s in scores) for k in ("rouge1", "rouge2", "rougeL")}
+
+
+def scrolls_letter(text: str) -> str | None:
+    """Zero-SCROLLS `accuracy` (QuALITY): the first standalone letter A-D (`\\b[A-D]\\b`)."""
+    found = re.search(r"\b[A-D]\b", text)
+    return found.group(0) if found else None
+
+
+def scrolls_accuracy(prediction: str, ground_truth: str) -> float:
+    """1 if the first standalone A-D of the prediction is the gold answer's letter."""
+    return float(scrolls_letter(prediction) == scrolls_letter(ground_truth))
+
+
+def _percentage(text: str) -> float | None:
+    found = re.search(r"\d+\.?\d*%", text)
+    return float(found.group(0)[:-1]) if found else None
+
+
+def scrolls_exp_similarity(prediction: str, ground_truth: str) -> float:
+    """Zero-SCROLLS `exp_similarity` (space_digest): 0.5 ** (|gold% - predicted%| / 10), the
+    percentages being the first `<number>%` of each text; 0 without one in the prediction, a
+    gold without one counts as 0%."""
+    predicted = _percentage(prediction)
+    if predicted is None:
+        return 0.0
+    return 0.5 ** (abs((_percentage(ground_truth) or 0.0) - predicted) / 10)
+
+
+def _summary_ids(text: str) -> list[int]:
+    """The ids of a book_sum_sort answer: every character but digits, whitespace and commas
+    dropped, commas read as spaces, the numbers in order ([] if one is not an int)."""
+    kept = re.sub(r"[^0-9\s,]", "", text).replace(",", " ").strip(string.punctuation).split()
+    try:
+        return [int("".join(ch for ch in x if ch not in _EN_PUNCT).strip()) for x in kept]
+    except ValueError:
+        return []
+
+
+def scrolls_concordance(prediction: str, ground_truth: str) -> float:
+    """Zero-SCROLLS `concordance_index` (book_sum_sort): 0 unless the predicted ids are a
+    permutation of the gold ones; else the fraction of pairs of summaries that the prediction
+    puts in the gold order (Harrell's C-index of the positions, as `lifelines` computes it for
+    two tie-free rankings)."""
+    predicted, gold = _summary_ids(prediction), _summary_ids(ground_truth)
+    if sorted(predicted) != sorted(gold):
+        return 0.0
+    pos_pred = {summary: i for i, summary in enumerate(predicted)}
+    pos_gold = {summary: i for i, summary in enumerate(gold)}
+    pairs = [(a, b) for i, a in enumerate(gold) for b in gold[i + 1 :]]
+    if not pairs:
+        raise ValueError("book_sum_sort: one summary gives no pair to order")  # lifelines raises too
+    agree = sum((pos_pred[a] < pos_pred[b]) == (pos_gold[a] < pos_gold[b]) for a, b in pairs)
+    return agree / len(pairs)
+
+
+# --------------------------------------------------------------------------------------
+# LOFT RAG (google-deepmind/loft, evaluation/utils.py and rag.py)
+# --------------------------------------------------------------------------------------
+
+
+def loft_normalize(s: str) -> str:
+    """LOFT `normalize_answer`: Unicode NFD (accents become separate marks, kept), then SQuAD's
+    lower case / no punctuation / no articles / squeezed spaces."""
+    return normalize_answer(unicodedata.normalize("NFD", s))
+
+
+def loft_f1(gold: str, predicted: str) -> float:
+    """LOFT `compute_f1` for one gold answer: token F1 of the normalised texts, 0 when nothing
+    is shared."""
+    return f1_tokens(loft_normalize(predicted).split(), loft_normalize(gold).split())
+
+
+def loft_multi_subspan_em(gold: Sequence[str], predicted: Sequence[str]) -> float:
+    """LOFT `compute_multi_value_subspan_em`: 1 if every gold answer can be paired with its own
+    predicted answer that contains it or is contained in it (a maximum matching covering all
+    gold answers; officially found with `scipy.optimize.linear_sum_assignment`)."""
+    fits = [[j for j, p in enumerate(predicted) if g in p or p in g] for g in gold]
+    owner: dict[int, int] = {}
+
+    def place(i: int, seen: set[int]) -> bool:  # augmenting path (Kuhn's algorithm)
+        for j in fits[i]:
+            if j not in seen:
+                seen.add(j)
+                if j not in owner or place(owner[j], seen):
+                    owner[j] = i
+                    return True
+        return False
+
+    return float(all(place(i, set()) for i in range(len(gold))))
+
+
+# --------------------------------------------------------------------------------------
 # AIME: Hugging Face math-verify
 # --------------------------------------------------------------------------------------
 
@@ -514,8 +655,9 @@ def math_verify_match(prediction: str, answer: str | int) -> float:
     """1 if math-verify finds the gold answer in the prediction (`verify(parse(gold),
     parse(prediction))`, its default LaTeX and plain-expression extraction): a boxed answer
     in any form it normalises (`33.0`, `\\text{33}`, `n=33`, `\\dfrac{66}{2}`, units, ...) or
-    a final answer without a box. Two boxes in one answer parse as a set (not equal to one
-    number); `\\fbox` is not read.
+    a final answer without a box. A box whose content math-verify extracts but cannot read
+    (`\\boxed{70\\%}`) is read by math-verify again as the LaTeX `$70\\%$`. Two boxes in one
+    answer parse as a set (not equal to one number); `\\fbox` is not read.
 
     math-verify bounds parsing and comparison with SIGALRM, which only the main thread may
     use; elsewhere it runs without that time limit.
@@ -525,6 +667,11 @@ def math_verify_match(prediction: str, answer: str | int) -> float:
     limit = 5 if threading.current_thread() is threading.main_thread() else None
     gold = parse(f"${answer}$", parsing_timeout=limit)
     found = parse(prediction, parsing_timeout=limit)
+    if found and all(isinstance(x, str) for x in found):
+        # Only the raw text of the answer came back: math-verify could not read what it took
+        # out of the box (`\boxed{70\%}` gives '70\%': its boxed pattern has no percent
+        # suffix). Its own parse of that text as LaTeX (`$70\%$`) reads it.
+        found = parse(f"${found[-1]}$", parsing_timeout=limit) or found
     return float(bool(gold) and bool(found) and verify(gold, found, timeout_seconds=limit))
 
 

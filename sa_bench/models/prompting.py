@@ -31,6 +31,17 @@ def truncate_middle(ids: list[int], budget: int) -> list[int]:
     return ids[:head] + ids[len(ids) - (budget - head):]
 
 
+def truncate_end(ctx_ids: list[int], question: str, tokenizer: Any,
+                 budget: int) -> tuple[list[int], list[int]]:
+    """(the first context tokens, the question's tokens) within `budget` tokens: the question
+    (separator included) whole, the context cut at its end (Zero-SCROLLS). A question longer
+    than the budget keeps its first and last tokens."""
+    q_ids = _encode(tokenizer, question)
+    if len(q_ids) >= budget:
+        return ctx_ids[:1], truncate_middle(q_ids, max(budget - 1, 1))
+    return ctx_ids[: budget - len(q_ids)], q_ids
+
+
 def adds_bos(tokenizer: Any) -> bool:
     """Does plain `tokenizer(text)` put a BOS token first?"""
     bos = tokenizer.bos_token_id
@@ -64,9 +75,13 @@ def build_request(
     budget = max_prompt_tokens
     for _ in range(3):  # the second pass accounts for the template's own tokens
         truncated = len(ctx_ids) + len(q_ids) > budget
-        ids = truncate_middle(ctx_ids + q_ids, max(budget, 2))
-        n_q = min(len(q_ids), len(ids) - len(ids) // 2)
-        ctx_part, q_part = ids[: len(ids) - n_q], ids[len(ids) - n_q:]
+        if truncated and sample.truncation_separator is not None:
+            ctx_part, q_part = truncate_end(ctx_ids, sample.truncation_separator + sample.question,
+                                            tokenizer, budget)
+        else:
+            ids = truncate_middle(ctx_ids + q_ids, max(budget, 2))
+            n_q = min(len(q_ids), len(ids) - len(ids) // 2)
+            ctx_part, q_part = ids[: len(ids) - n_q], ids[len(ids) - n_q:]
         if truncated:
             ctx_text = tokenizer.decode(ctx_part)
             q_text = tokenizer.decode(q_part)
