@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import os
 import types
@@ -22,6 +23,7 @@ from sa_bench.attention.pqcache import PQCache, kmeans  # noqa: E402
 from sa_bench.attention.selection import Context, Selection  # noqa: E402
 from sa_bench.attention.socket_topk import Socket  # noqa: E402
 from sa_bench.config import ConfigError  # noqa: E402
+from tests.conftest import run_sa_bench  # noqa: E402
 from tests.test_attention_maskers import check_topk, dense_out, row_sets, tensors  # noqa: E402
 
 
@@ -245,3 +247,26 @@ def test_pq_group_factor_must_divide_the_head_dimension():
     with pytest.raises(ConfigError, match=r"^sparse\.maskers\.pq\.pq_group_factor: 5 does not divide"):
         PQCache(pq_group_factor=5).prepare(config, "sparse.maskers.pq")
     PQCache(pq_group_factor=4).prepare(config, "sparse.maskers.pq")
+
+
+@pytest.mark.parametrize("method", ["pqcache", "socket"])
+def test_end_to_end_on_the_embedded_model(tmp_path, method):
+    out = tmp_path / "out"
+    run_sa_bench(f"sparse={method}", "benchmark.n_samples=2", "benchmark.subsets=[1k]", root=out,
+                 check=True)
+    (stats,) = out.rglob("stats.json")
+    (metrics,) = out.rglob("metrics.json")
+    density = json.loads(stats.read_text())["attention"]["density"]
+    # sink 128 + local 128 + 10% of ~1k keys: about a third, in every layer and both phases
+    assert all(0.25 < d < 0.45 for phase in ("question", "decode") for d in density[phase])
+    assert json.loads(metrics.read_text())["n"] == 2
+
+
+def test_perf_command_times_both(capsys):
+    from sa_bench.perf.attention import main
+
+    main(["--keys", "300", "--steps", "2", "--methods", "pqcache", "socket", "--heads", "4",
+          "--kv-heads", "2", "--head-dim", "16", "--per-kv-head"])
+    rows = [line.split("|")[1].strip() for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| ")]
+    assert {"pqcache", "socket", "pqcache/kv", "socket/kv"} <= set(rows)
