@@ -7,6 +7,7 @@ import json
 import math
 import os
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -270,3 +271,96 @@ def test_perf_command_times_both(capsys):
     rows = [line.split("|")[1].strip() for line in capsys.readouterr().out.splitlines()
             if line.startswith("| ")]
     assert {"pqcache", "socket", "pqcache/kv", "socket/kv"} <= set(rows)
+
+
+# --- parity with sparse-attention-hub ---------------------------------------------------------
+
+HUB = Path(__file__).parent / "fixtures" / "hub" / "pq_socket.safetensors"
+"""Inputs and the hub's selections, written by running its maskers (see fixtures/hub/README.md)."""
+
+
+def hub_fixture() -> tuple[dict, dict]:
+    from safetensors import safe_open
+
+    with safe_open(str(HUB), "pt") as f:
+        meta = f.metadata()
+        tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (not a dict)
+    assert meta["commit"].startswith("f5abf91")
+    return tensors, json.loads(meta["cases"])
+
+
+def dense_sets(mask):
+    """{(b, h, i): set of selected keys} of a bool [b, H, q, kv] mask."""
+    return {(bi, hi, i): set(mask[bi, hi, i].nonzero().flatten().tolist())
+            for bi in range(mask.shape[0]) for hi in range(mask.shape[1]) for i in range(mask.shape[2])}
+
+
+def prior_maskers(sizes):
+    return [Sink(size=sizes[0]), Local(size=sizes[1])] if sizes else []
+
+
+@pytest.mark.parametrize("case", ["socket_default", "socket_k3_l5", "socket_k6_l2_sink_local",
+                                  "socket_embedded"])
+def test_socket_selects_as_the_hub(case):
+    tensors, cases = hub_fixture()
+    spec = cases[case]
+    src, cfg = spec["input"], spec["config"]
+    query, key, value = (tensors[f"{src}.{n}"] for n in ("query", "key", "value"))
+    masker = Socket(heavy_size=cfg["heavy_size"], lsh_bits=cfg.get("K", 4), lsh_tables=cfg.get("L", 1),
+                    tau=cfg.get("tau", 0.3))  # the default seed: the hub's planes
+    _, prior_sel = run(prior_maskers(spec["sink_local"]), query, key, value)
+    _, sel = run([*prior_maskers(spec["sink_local"]), masker], query, key, value)
+    ours, hub, prior = row_sets(sel), dense_sets(tensors[f"{case}.selected"]), row_sets(prior_sel)
+    if not spec["sink_local"]:
+        assert ours == hub
+        return
+    # the hub ranks the sink and local keys too (class docstring): its new keys are the best
+    # of ours, fewer by the keys its top-k spent on sink and local
+    for row, chosen in ours.items():
+        assert prior[row] <= hub[row] <= chosen
+        assert len(chosen) == len(prior[row]) + cfg["heavy_size"] > len(hub[row])
+
+
+@pytest.mark.parametrize("case", ["pq_alone", "pq_sink_local", "pq_embedded"])
+def test_pqcache_fits_codes_and_selects_as_the_hub(case):
+    tensors, cases = hub_fixture()
+    spec = cases[case]
+    src, cfg = spec["input"], spec["config"]
+    query, key, value = (tensors[f"{src}.{n}"] for n in ("query", "key", "value"))
+    off, centroids, codes = cfg["init_offset"], tensors[f"{case}.centroids"], tensors[f"{case}.codes"]
+    masker = PQCache(heavy_size=cfg["heavy_size"], pq_group_factor=cfg["pq_group_factor"],
+                     pq_bits=cfg["pq_bits"], kmeans_iter=cfg["kmeans_iter"], init_offset=off)
+    # k-means from the hub's initial centroids (replayed draws of its global generator) on the
+    # keys it clustered gives its centroids; its codes are the nearest centroids of the round
+    # before the last (the last round's assignment), ours the nearest final ones (docstring)
+    x = masker._split(key[:, :, off:])
+    init = x.gather(1, tensors[f"{case}.init_idx"].unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    iters = cfg["kmeans_iter"]
+    torch.testing.assert_close(kmeans(x, init, iters).view(centroids.shape), centroids)
+    before_last = kmeans(x, init, iters - 1).view(centroids.shape)
+    hub_codes = codes.transpose(1, 2)  # [b, Hk, n, m]
+    assert torch.equal(masker.encode(key[:, :, off:], before_last).long(), hub_codes)
+    assert not torch.equal(masker.encode(key[:, :, off:], centroids).long(), hub_codes)
+    # with its codebook and codes, the same selections, then over three decode steps (keys
+    # appended are coded by the nearest centroid, as the hub)
+    masker.fit = lambda keys, layer: centroids
+    encode, kv = masker.encode, key.shape[2]
+    masker.encode = lambda keys, c: (torch.cat([encode(keys[:, :, :off], c), hub_codes.to(torch.int16)], 2)
+                                     if keys.shape[2] == kv else encode(keys, c))
+    pre, g = prior_maskers(spec["sink_local"]), query.shape[1] // key.shape[1]
+    for step in range(-1, 3):
+        if step >= 0:
+            key = torch.cat([key, tensors[f"{case}.steps"][step]], 2)
+            value = torch.cat([value, torch.zeros(1, 2, 1, key.shape[-1])], 2)
+        _, sel = run([*pre, masker], query, key, value)
+        name = f"{case}.selected" if step < 0 else f"{case}.step{step}.selected"
+        hub, cached = dense_sets(tensors[name]), masker._codes.buf[0]
+        for (bi, hi, i), chosen in row_sets(sel).items():
+            # keys of equal codes tie exactly (topk breaks ties its own way): a key only one
+            # side chose has the codes of a key only the other side chose
+            codes_of = [sorted(tuple(cached[bi, hi // g, j].tolist()) for j in keys)
+                        for keys in (chosen - hub[bi, hi, i], hub[bi, hi, i] - chosen)]
+            assert codes_of[0] == codes_of[1]
+    n = tensors[f"{case}.step_codes"].shape[1]
+    assert torch.equal(masker._codes.buf[0][:, :, key.shape[2] - n:key.shape[2]].long(),
+                       tensors[f"{case}.step_codes"].transpose(1, 2))
