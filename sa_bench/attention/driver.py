@@ -74,7 +74,8 @@ def attend_blocks(maskers, query: Tensor, key: Tensor, value: Tensor, attention_
             mask = mask[..., :end]
         k, v = (key, value) if end == kv else (key[:, :, :end], value[:, :, :end])
         allowed = allowed_from_mask(mask, b, r1 - r0, end, query.device)
-        ctx = Context(query[:, :, r0:r1], k, scaling, layer, allowed, generator, costs=costs)
+        ctx = Context(query[:, :, r0:r1], k, scaling, layer, allowed, generator, costs=costs,
+                      value=v)
         spans, ranged = decode_spans(maskers, r1 - r0, end, mask)
         sel = Selection.of_spans(spans, b, h, r1 - r0, query.device)
         for masker in list(maskers)[ranged:]:

@@ -187,6 +187,8 @@ class Context:
     """Exact scores of all keys (`scores()`); a key a row may not see may hold -inf."""
     costs: GatherCosts = CPU_GATHER
     """When gathers pay and when CPU gathers loop over query rows (`GatherCosts`)."""
+    value: Tensor | None = None
+    """The values [b, Hk, kv, d] of the keys (cache included), for maskers that score by them."""
 
     @property
     def groups(self) -> int:
