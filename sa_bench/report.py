@@ -1,9 +1,11 @@
-"""Turn an output root into a results table, a CSV, plots and a status list.
+"""Turn an output root into results tables, a CSV, plots and a status list.
 
     python -m sa_bench.report [output_root] [--model GLOB] [--method GLOB] [--benchmark GLOB]
-                              [--out DIR] [--no-plots]
+                              [--out DIR] [--no-plots] [--format md,csv,json,html]
 
-Rows are model × sparse configuration, columns are benchmark subsets plus their average. A
+One table per benchmark: rows are model × sparse configuration, columns are the benchmark's
+subsets plus their average (over that benchmark only). When the tree holds several
+benchmarks, an overview comes first: each row's average per benchmark. A
 cell reads `score @density (±difference from the dense cell of the same model and subset)`.
 A cell run again under a new key (the model's weights changed, a class bumped its
 `key_version`) shows its newest finished result (by `done.json`'s `finished`), marked `[^n]`;
@@ -12,10 +14,14 @@ of the same model weights: where the job files do not record which weights they 
 (`env.json`: `weights`, else the `model_source` of a hub model) and the dense cell or this cell
 has results under several keys, it is left blank rather than guessed.
 Rows of the same method are told apart by the parameters whose values differ between them,
-e.g. `oracle_topk (topk.heavy_size=0.05)`. Files written (into the output root, or `--out`):
-`report.md`, `results.csv` (one row per job, every config value flattened) and
-`plot_<benchmark>.png` (score against measured density, one panel per model, one line per
-method). Failed jobs are listed with their first error line, started jobs without a
+e.g. `oracle_topk (topk.heavy_size=0.05)`. Files written (into the output root, or `--out`),
+chosen by `--format` (default md,csv): `report.md`, `results.csv` (one row per job, every
+config value flattened), `report.json` (the tables as numbers), `report.html` (one
+self-contained page, plots inline); and `plot_<benchmark>.png`: score against measured density
+on a log axis, one panel per model and benchmark parameter group (e.g. RULER length), one curve
+per method through its parameters, each point averaged over the subsets that every method of
+the panel has (hollow and marked [n/N] where they share none), the Pareto front in gray.
+Failed jobs are listed with their first error line, started jobs without a
 completion marker as unfinished, and finished jobs whose result files cannot be read (not JSON,
 not a JSON object) as unreadable, with the file named. A directory name that is not UTF-8 is
 shown with replacement characters (U+FFFD).
@@ -774,46 +780,54 @@ def pareto_front(points: list[Point]) -> list[Point]:
     return front
 
 
-def write_plots(table: Table, out_dir: Path) -> list[Path]:
-    """One PNG per benchmark: score against measured density (log axis), one panel per model
-    and benchmark parameter group, one curve per method, the Pareto front in gray."""
+def plot_figure(table: Table, benchmark: str) -> Any:
+    """Score against measured density (log axis) for one benchmark: a panel per model and
+    benchmark parameter group, a curve per method, the Pareto front in gray; None if nothing
+    can be drawn."""
     from matplotlib.figure import Figure
 
+    panels = plot_panels(table, benchmark)
+    if not panels:
+        return None
     families = sorted({r.method for r in table.rows} - {DENSE})
     colors = {m: f"C{i % 10}" for i, m in enumerate(families)}  # one colour per method everywhere
+    fig = Figure(figsize=(5.5 * len(panels), 4.5), layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False, sharey=True)[0]
+    for ax, panel in zip(axes, panels, strict=True):
+        for method, points in sorted(panel.curves.items()):
+            xs, ys = [p.density for p in points], [p.score for p in points]
+            if method == DENSE:
+                ax.axhline(ys[0], color="gray", linestyle="--", linewidth=1)
+                ax.plot(xs, ys, "k*", markersize=10, label=method)
+                continue
+            ax.plot(xs, ys, color=colors[method], label=method)
+            for p in points:
+                ax.plot(p.density, p.score, "o", color=colors[method],
+                        markerfacecolor=colors[method] if p.shared else "none")
+                if not p.shared:
+                    ax.annotate(f"[{p.n}/{len(panel.columns)}]", (p.density, p.score),
+                                fontsize="x-small", xytext=(3, 3), textcoords="offset points")
+        front = pareto_front([p for ps in panel.curves.values() for p in ps])
+        ax.step([p.density for p in front], [p.score for p in front], where="post",
+                color="gray", alpha=0.4, linewidth=3, label="Pareto front")
+        ax.set_xscale("log")
+        ax.set_title(panel.title, fontsize="small")
+        ax.set_xlabel("measured attention density (log)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize="small")
+    axes[0].set_ylabel(f"{benchmark} score")
+    return fig
+
+
+def write_plots(table: Table, out_dir: Path) -> list[Path]:
+    """`plot_<benchmark>.png` for each benchmark with something to draw (`plot_figure`)."""
     written = []
     for benchmark in table.benchmarks:
-        panels = plot_panels(table, benchmark)
-        if not panels:
-            continue
-        fig = Figure(figsize=(5.5 * len(panels), 4.5), layout="constrained")
-        axes = fig.subplots(1, len(panels), squeeze=False, sharey=True)[0]
-        for ax, panel in zip(axes, panels, strict=True):
-            for method, points in sorted(panel.curves.items()):
-                xs, ys = [p.density for p in points], [p.score for p in points]
-                if method == DENSE:
-                    ax.axhline(ys[0], color="gray", linestyle="--", linewidth=1)
-                    ax.plot(xs, ys, "k*", markersize=10, label=method)
-                    continue
-                ax.plot(xs, ys, color=colors[method], label=method)
-                for p in points:
-                    ax.plot(p.density, p.score, "o", color=colors[method],
-                            markerfacecolor=colors[method] if p.shared else "none")
-                    if not p.shared:
-                        ax.annotate(f"[{p.n}/{len(panel.columns)}]", (p.density, p.score),
-                                    fontsize="x-small", xytext=(3, 3), textcoords="offset points")
-            front = pareto_front([p for ps in panel.curves.values() for p in ps])
-            ax.step([p.density for p in front], [p.score for p in front], where="post",
-                    color="gray", alpha=0.4, linewidth=3, label="Pareto front")
-            ax.set_xscale("log")
-            ax.set_title(panel.title, fontsize="small")
-            ax.set_xlabel("measured attention density (log)")
-            ax.grid(True, which="both", alpha=0.3)
-            ax.legend(fontsize="small")
-        axes[0].set_ylabel(f"{benchmark} score")
-        path = out_dir / f"plot_{sanitize(benchmark)}.png"
-        fig.savefig(path, dpi=100)
-        written.append(path)
+        fig = plot_figure(table, benchmark)
+        if fig is not None:
+            path = out_dir / f"plot_{sanitize(benchmark)}.png"
+            fig.savefig(path, dpi=100)
+            written.append(path)
     return written
 
 
