@@ -12,7 +12,8 @@ artifacts. It is tagged `sa_bench.cell` (the job directory below the output root
 included), `sa_bench.key` and `sa_bench.sweep`. A cell that already has a run is not logged
 again, unless it was rerun with `overwrite=true` (a new result). At the end of a sweep that
 logged a cell, one more run tagged `sa_bench.kind=sweep` holds the report of the output root
-(plots, report.md, report.html).
+(plots, report.md, report.html); a sweep with a failed cell exits (status 1) before Hydra's
+`on_multirun_end`, so it logs its cells but no sweep run.
 
 Where the logging happens: in the job's own process, in `on_job_end`, once the job returned
 "done". Finished cells never reach the launcher, so a resumed sweep does no tracking work
