@@ -1,9 +1,11 @@
-"""Turn an output root into a results table, a CSV, plots and a status list.
+"""Turn an output root into results tables, a CSV, plots and a status list.
 
     python -m sa_bench.report [output_root] [--model GLOB] [--method GLOB] [--benchmark GLOB]
-                              [--out DIR] [--no-plots]
+                              [--out DIR] [--no-plots] [--format md,csv,json,html]
 
-Rows are model × sparse configuration, columns are benchmark subsets plus their average. A
+One table per benchmark: rows are model × sparse configuration, columns are the benchmark's
+subsets plus their average (over that benchmark only). When the tree holds several
+benchmarks, an overview comes first: each row's average per benchmark. A
 cell reads `score @density (±difference from the dense cell of the same model and subset)`.
 A cell run again under a new key (the model's weights changed, a class bumped its
 `key_version`) shows its newest finished result (by `done.json`'s `finished`), marked `[^n]`;
@@ -12,10 +14,14 @@ of the same model weights: where the job files do not record which weights they 
 (`env.json`: `weights`, else the `model_source` of a hub model) and the dense cell or this cell
 has results under several keys, it is left blank rather than guessed.
 Rows of the same method are told apart by the parameters whose values differ between them,
-e.g. `oracle_topk (topk.heavy_size=0.05)`. Files written (into the output root, or `--out`):
-`report.md`, `results.csv` (one row per job, every config value flattened) and
-`plot_<benchmark>.png` (score against measured density, one panel per model, one line per
-method). Failed jobs are listed with their first error line, started jobs without a
+e.g. `oracle_topk (topk.heavy_size=0.05)`. Files written (into the output root, or `--out`),
+chosen by `--format` (default md,csv): `report.md`, `results.csv` (one row per job, every
+config value flattened), `report.json` (the tables as numbers), `report.html` (one
+self-contained page, plots inline); and `plot_<benchmark>.png`: score against measured density
+on a log axis, one panel per model and benchmark parameter group (e.g. RULER length), one curve
+per method through its parameters, each point averaged over the subsets that every method of
+the panel has (hollow and marked [n/N] where they share none), the Pareto front in gray.
+Failed jobs are listed with their first error line, started jobs without a
 completion marker as unfinished, and finished jobs whose result files cannot be read (not JSON,
 not a JSON object) as unreadable, with the file named. A directory name that is not UTF-8 is
 shown with replacement characters (U+FFFD).
@@ -324,7 +330,20 @@ class Table:
     def superseded(self) -> list[tuple[Row, Column]]:
         """The cells with older finished results than the one shown, in table order (the
         footnote of the i-th is [^i])."""
-        return [(r, c) for r in self.rows for c in self.columns if len(r.finished(c)) > 1]
+        return [(r, c) for b in self.benchmarks for r in self.rows for c in self.columns
+                if c.benchmark == b and len(r.finished(c)) > 1]
+
+    @property
+    def benchmarks(self) -> list[str]:
+        return sorted({c.benchmark for c in self.columns})
+
+    def columns_of(self, benchmark: str | None) -> list[Column]:
+        return [c for c in self.columns if benchmark is None or c.benchmark == benchmark]
+
+    def rows_of(self, benchmark: str | None) -> list[Row]:
+        """The rows with a cell (of any status) in `benchmark`'s columns."""
+        columns = self.columns_of(benchmark)
+        return [r for r in self.rows if any(c in r.cells for c in columns)]
 
     def reference(self, row: Row, column: Column, job: Job | None = None) -> Job | None:
         """The dense job that `job` (a finished job of the cell; default: the one shown) is
@@ -513,14 +532,16 @@ def format_cell(score: float | None, density: float | None, diff: float | None) 
     return text
 
 
-def table_cells(table: Table) -> tuple[list[str], list[list[str]]]:
-    """Header and body of the results table as strings (shared by the console and markdown)."""
-    header = ["model", "sparse"] + [table.column_labels[c] for c in table.columns] + ["average"]
+def table_cells(table: Table, benchmark: str | None = None) -> tuple[list[str], list[list[str]]]:
+    """Header and body of one benchmark's results table (default: every column) as strings
+    (shared by the console, markdown, HTML and JSON); the average is over those columns."""
+    columns = table.columns_of(benchmark)
+    header = ["model", "sparse"] + [table.column_labels[c] for c in columns] + ["average"]
     marks = {(id(r), c): f" [^{i}]" for i, (r, c) in enumerate(table.superseded, 1)}
     body = []
-    for row in table.rows:
+    for row in table.rows_of(benchmark):
         line = [row.model, row.label]
-        for column in table.columns:
+        for column in columns:
             job = row.cells.get(column)
             if job is None:
                 line.append("")
@@ -533,12 +554,26 @@ def table_cells(table: Table) -> tuple[list[str], list[list[str]]]:
             else:
                 line.append(format_cell(*table.cell(row, column)))
             line[-1] += marks.get((id(row), column), "")
-        score, density, diff, n = table.average(row)
-        text = format_cell(score, density, diff)
-        if text and n < len(table.columns):
-            text += f" [{n}/{len(table.columns)}]"
-        line.append(text)
+        line.append(average_text(table, row, columns))
         body.append(line)
+    return header, body
+
+
+def average_text(table: Table, row: Row, columns: list[Column]) -> str:
+    score, density, diff, n = table.average(row, columns)
+    text = format_cell(score, density, diff)
+    return text + f" [{n}/{len(columns)}]" if text and n < len(columns) else text
+
+
+def overview_cells(table: Table) -> tuple[list[str], list[list[str]]]:
+    """The sweep at a glance: each row's average per benchmark (over that benchmark's
+    subsets only), with its difference from the dense row of the same model."""
+    header = ["model", "sparse", *table.benchmarks]
+    body = [[row.model, row.label,
+             *(average_text(table, row, table.columns_of(b))
+               if any(c in row.cells for c in table.columns_of(b)) else ""
+               for b in table.benchmarks)]
+            for row in table.rows]
     return header, body
 
 
@@ -675,59 +710,144 @@ def write_csv(jobs: list[Job], table: Table, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def plot_points(table: Table, benchmark: str) -> dict[str, dict[str, list[tuple[float, float]]]]:
-    """model -> method -> sorted (density, score): each row averaged over the benchmark's subsets."""
-    columns = [c for c in table.columns if c.benchmark == benchmark]
-    out: dict[str, dict[str, list[tuple[float, float]]]] = {}
-    for row in table.rows:
-        score, density, _, n = table.average(row, columns)
-        if n and score is not None and density is not None:
-            out.setdefault(row.model, {}).setdefault(row.method, []).append((density, score))
-    for methods in out.values():
-        for points in methods.values():
-            points.sort()
+@dataclass
+class Point:
+    label: str  # the row's label
+    density: float
+    score: float
+    n: int  # cells averaged
+    shared: bool  # averaged over the cells every method of the panel has
+
+
+@dataclass
+class Panel:
+    model: str
+    group: str  # the benchmark parameters that set this panel apart ("" when one panel)
+    columns: list[Column]
+    shared: list[Column]  # the columns every plotted row has a finished score in
+    curves: dict[str, list[Point]]  # method -> points sorted by density
+
+    @property
+    def title(self) -> str:
+        text = self.model + (f", {self.group}" if self.group else "")
+        if self.shared:
+            return text + f"\nmean over {len(self.shared)} of {len(self.columns)} subsets, shared by all"
+        return text + "\nno subset shared by all: hollow points average their own [n/N]"
+
+
+def _groups(columns: list[Column]) -> dict[str, list[Column]]:
+    """A benchmark's columns by the parameters that differ between them (e.g. length)."""
+    keys = sorted(_differing([dict(c.params) for c in columns]))
+    out: dict[str, list[Column]] = {}
+    for column in columns:
+        params = dict(column.params)
+        out.setdefault(", ".join(f"{k}={_fmt_value(params.get(k))}" for k in keys), []).append(column)
     return out
 
 
-def write_plots(table: Table, out_dir: Path) -> list[Path]:
-    """One PNG per benchmark: score against measured density, a panel per model."""
+def plot_panels(table: Table, benchmark: str) -> list[Panel]:
+    """One panel per model and benchmark parameter group (a RULER length, ...): one curve per
+    method through its parameter sweep. A point averages the row's scores over the subsets
+    every row of the panel has; where they share none, over its own (marked)."""
+    panels = []
+    for group, columns in sorted(_groups(table.columns_of(benchmark)).items()):
+        for model in sorted({r.model for r in table.rows}):
+            scored = {id(r): [c for c in columns if table.cell(r, c)[0] is not None]
+                      for r in table.rows if r.model == model}
+            rows = [r for r in table.rows if r.model == model and scored[id(r)]]
+            if not rows:
+                continue
+            shared = [c for c in columns if all(c in scored[id(r)] for r in rows)]
+            curves: dict[str, list[Point]] = {}
+            for row in rows:
+                score, density, _, n = table.average(row, shared or scored[id(row)])
+                if score is not None and density is not None and density > 0:
+                    curves.setdefault(row.method, []).append(
+                        Point(row.label, density, score, n, bool(shared)))
+            for points in curves.values():
+                points.sort(key=lambda p: (p.density, p.score))
+            if curves:
+                panels.append(Panel(model, group, columns, shared, curves))
+    return panels
+
+
+def pareto_front(points: list[Point]) -> list[Point]:
+    """The points no other point beats (as dense or sparser and at least as good), by density."""
+    front: list[Point] = []
+    for point in sorted(points, key=lambda p: (p.density, -p.score)):
+        if not front or point.score > front[-1].score:
+            front.append(point)
+    return front
+
+
+def plot_figure(table: Table, benchmark: str) -> Any:
+    """Score against measured density (log axis) for one benchmark: a panel per model and
+    benchmark parameter group, a curve per method, the Pareto front in gray; None if nothing
+    can be drawn."""
     from matplotlib.figure import Figure
 
+    panels = plot_panels(table, benchmark)
+    if not panels:
+        return None
     families = sorted({r.method for r in table.rows} - {DENSE})
     colors = {m: f"C{i % 10}" for i, m in enumerate(families)}  # one colour per method everywhere
+    fig = Figure(figsize=(5.5 * len(panels), 4.5), layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False, sharey=True)[0]
+    for ax, panel in zip(axes, panels, strict=True):
+        for method, points in sorted(panel.curves.items()):
+            xs, ys = [p.density for p in points], [p.score for p in points]
+            if method == DENSE:
+                ax.axhline(ys[0], color="gray", linestyle="--", linewidth=1)
+                ax.plot(xs, ys, "k*", markersize=10, label=method)
+                continue
+            ax.plot(xs, ys, color=colors[method], label=method)
+            for p in points:
+                ax.plot(p.density, p.score, "o", color=colors[method],
+                        markerfacecolor=colors[method] if p.shared else "none")
+                if not p.shared:
+                    ax.annotate(f"[{p.n}/{len(panel.columns)}]", (p.density, p.score),
+                                fontsize="x-small", xytext=(3, 3), textcoords="offset points")
+        front = pareto_front([p for ps in panel.curves.values() for p in ps])
+        ax.step([p.density for p in front], [p.score for p in front], where="post",
+                color="gray", alpha=0.4, linewidth=3, label="Pareto front")
+        ax.set_xscale("log")
+        ax.set_title(panel.title, fontsize="small")
+        ax.set_xlabel("measured attention density (log)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize="small")
+    axes[0].set_ylabel(f"{benchmark} score")
+    return fig
+
+
+def write_plots(table: Table, out_dir: Path) -> list[Path]:
+    """`plot_<benchmark>.png` for each benchmark with something to draw (`plot_figure`)."""
     written = []
-    for benchmark in sorted({c.benchmark for c in table.columns}):
-        points = plot_points(table, benchmark)
-        if not points:
-            continue
-        models = sorted(points)
-        fig = Figure(figsize=(5 * len(models), 4), layout="constrained")
-        axes = fig.subplots(1, len(models), squeeze=False, sharey=True)[0]
-        for ax, model in zip(axes, models, strict=True):
-            for method, xy in sorted(points[model].items()):
-                xs, ys = [p[0] for p in xy], [p[1] for p in xy]
-                if method == DENSE:
-                    ax.axhline(ys[0], color="gray", linestyle="--", linewidth=1)
-                    ax.plot(xs, ys, "k*", markersize=10, label=method)
-                else:
-                    ax.plot(xs, ys, marker="o", color=colors[method], label=method)
-            ax.set_title(model)
-            ax.set_xlabel("measured attention density")
-            ax.set_xlim(0, 1.05)
-            ax.grid(True, alpha=0.3)
-            ax.legend(fontsize="small")
-        axes[0].set_ylabel(f"{benchmark} score (mean over subsets)")
-        path = out_dir / f"plot_{sanitize(benchmark)}.png"
-        fig.savefig(path, dpi=100)
-        written.append(path)
+    for benchmark in table.benchmarks:
+        fig = plot_figure(table, benchmark)
+        if fig is not None:
+            path = out_dir / f"plot_{sanitize(benchmark)}.png"
+            fig.savefig(path, dpi=100)
+            written.append(path)
     return written
+
+
+def sections(table: Table) -> list[tuple[str, list[str], list[list[str]]]]:
+    """(title, header, body) of each table: the overview (when the tree holds several
+    benchmarks), then one table per benchmark with its own subsets and average."""
+    out = [(b, *table_cells(table, b)) for b in table.benchmarks]
+    if len(out) > 1:
+        out.insert(0, ("overview: average per benchmark", *overview_cells(table)))
+    return out
 
 
 def write_markdown(jobs: list[Job], table: Table, root: Path, plots: list[Path],
                    path: Path) -> None:
-    header, body = table_cells(table)
-    parts = [f"# sa_bench report: `{printable(str(root))}`", "", counts(jobs), "", "## Results", "",
-             f"_{LEGEND}._", "", format_markdown_table(header, body) if body else "(no jobs)"]
+    parts = [f"# sa_bench report: `{printable(str(root))}`", "", counts(jobs), "", "## Results",
+             "", f"_{LEGEND}._"]
+    for title, header, body in sections(table):
+        parts += ["", f"### {title}", "", format_markdown_table(header, body)]
+    if not table.rows:
+        parts += ["", "(no jobs)"]
     notes = superseded_notes(table)
     if notes:
         parts += ["", "Cells with older results (superseded, not shown):", "", *notes]
@@ -735,9 +855,87 @@ def write_markdown(jobs: list[Job], table: Table, root: Path, plots: list[Path],
     parts += [f"- **{kind}** `{rel}`" + (f": {detail}" if detail else "")
               for kind, rel, detail in status_entries(jobs)] or ["none"]
     if plots:
-        parts += ["", "## Plots", ""]
+        parts += ["", "## Plots", "", f"_{PLOT_LEGEND}._", ""]
         parts += [f"![{p.stem}]({p.relative_to(path.parent).as_posix()})" for p in plots]
     path.write_text("\n".join(parts) + "\n", encoding="utf-8", errors="replace")
+
+
+PLOT_LEGEND = ("score against measured attention density (log axis), one curve per method "
+               "through its parameters, averaged over the subsets every method of the panel has "
+               "(hollow points: over their own, [n/N]); gray: the Pareto front")
+
+
+def _html_table(header: list[str], body: list[list[str]]) -> str:
+    from html import escape
+
+    head = "".join(f"<th>{escape(c)}</th>" for c in header)
+    rows = "".join("<tr>" + "".join(f"<td>{escape(c)}</td>" for c in line) + "</tr>"
+                   for line in body)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
+
+
+HTML_STYLE = ("body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin:1em 0}"
+              "td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}"
+              "td:nth-child(-n+2),th:nth-child(-n+2){text-align:left}img{max-width:100%}")
+
+
+def write_html(jobs: list[Job], table: Table, root: Path, plots: list[Path], path: Path) -> None:
+    """One self-contained page (plots inline as base64 PNG): it can be mailed or published."""
+    import base64
+    from html import escape
+
+    title = f"sa_bench report: {printable(str(root))}"
+    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{escape(title)}</title>"
+             f"<style>{HTML_STYLE}</style></head><body>", f"<h1>{escape(title)}</h1>",
+             f"<p>{escape(counts(jobs))}</p>", f"<p><em>{escape(LEGEND)}</em></p>"]
+    for name, header, body in sections(table):
+        parts += [f"<h2>{escape(name)}</h2>", _html_table(header, body)]
+    notes = superseded_notes(table)
+    if notes:
+        parts += ["<h2>Cells with older results (superseded, not shown)</h2><ul>",
+                  *(f"<li>{escape(n)}</li>" for n in notes), "</ul>"]
+    entries = status_entries(jobs)
+    parts += ["<h2>Failed and unfinished jobs</h2><ul>",
+              *(f"<li><b>{escape(k)}</b> <code>{escape(r)}</code>" + (f": {escape(d)}" if d else "")
+                + "</li>" for k, r, d in entries), "</ul>" if entries else "</ul><p>none</p>"]
+    if plots:
+        parts += ["<h2>Plots</h2>", f"<p><em>{escape(PLOT_LEGEND)}</em></p>"]
+        parts += [f"<p><img alt='{escape(p.stem)}' src='data:image/png;base64,"
+                  f"{base64.b64encode(p.read_bytes()).decode('ascii')}'></p>" for p in plots]
+    parts.append("</body></html>")
+    path.write_text("\n".join(parts) + "\n", encoding="utf-8", errors="replace")
+
+
+def write_json(jobs: list[Job], table: Table, root: Path, path: Path) -> None:
+    """The tables as numbers: per benchmark, each row's cells and average; status; notes."""
+    def numbers(row: Row, columns: list[Column]) -> dict[str, Any]:
+        score, density, diff, n = table.average(row, columns)
+        return {"score": score, "density": density, "score_vs_dense": diff, "cells": n,
+                "of": len(columns)}
+
+    benchmarks = {}
+    for benchmark in table.benchmarks:
+        columns = table.columns_of(benchmark)
+        rows = []
+        for row in table.rows_of(benchmark):
+            cells = {}
+            for column in columns:
+                job = row.cells.get(column)
+                if job is not None:
+                    score, density, diff = table.cell(row, column)
+                    cells[table.column_labels[column]] = {
+                        "status": job.status, "path": job.relpath, "score": score,
+                        "density": density, "score_vs_dense": diff}
+            rows.append({"model": row.model, "sparse": row.label, "method": row.method,
+                         "cells": cells, "average": numbers(row, columns)})
+        benchmarks[benchmark] = {"columns": [table.column_labels[c] for c in columns], "rows": rows}
+    data = {"output_root": printable(str(root)), "counts": counts(jobs), "benchmarks": benchmarks,
+            "superseded": superseded_notes(table),
+            "status": [{"kind": k, "path": r, "detail": d} for k, r, d in status_entries(jobs)]}
+    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8", errors="replace")
+
+
+FORMATS = {"md": "report.md", "csv": "results.csv", "json": "report.json", "html": "report.html"}
 
 
 # --- command line ------------------------------------------------------------------------------
@@ -757,11 +955,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=None,
                         help="where report.md, results.csv and the plots go (default: output_root)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    parser.add_argument("--format", action="append", metavar="md|csv|json|html",
+                        type=lambda text: [f.strip() for f in text.split(",") if f.strip()],
+                        help="which files to write, repeatable or comma-separated (default: "
+                             "md,csv): report.md, results.csv, report.json, report.html "
+                             "(self-contained: plots inline)")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    formats = {f for group in args.format or [["md", "csv"]] for f in group}
+    if formats - set(FORMATS):
+        print(f"sa_bench.report: --format: unknown {', '.join(sorted(formats - set(FORMATS)))} "
+              f"(choose from {', '.join(FORMATS)})", file=sys.stderr)
+        return 2
     root: Path = args.output_root
     if not root.is_dir():
         print(f"sa_bench.report: {root} is not a directory", file=sys.stderr)
@@ -771,17 +979,23 @@ def main(argv: list[str] | None = None) -> int:
     out: Path = args.out or root
     out.mkdir(parents=True, exist_ok=True)
     plots = [] if args.no_plots else write_plots(table, out)
-    write_csv(jobs, table, out / "results.csv")
-    write_markdown(jobs, table, root, plots, out / "report.md")
+    written = [out / FORMATS[f] for f in FORMATS if f in formats]
+    for path in written:
+        if path.name == "results.csv":
+            write_csv(jobs, table, path)
+        elif path.name == "report.json":
+            write_json(jobs, table, root, path)
+        else:
+            (write_markdown if path.suffix == ".md" else write_html)(jobs, table, root, plots, path)
     # printed last: the files are complete even when the reader stops early (`| head`)
-    header, body = table_cells(table)
     if hasattr(sys.stdout, "reconfigure"):  # a console that cannot show U+FFFD gets "?"
         sys.stdout.reconfigure(errors="replace")
     try:
         print(counts(jobs))
-        if body:
+        if table.rows:
             print(LEGEND)
-            print(format_text_table(header, body))
+        for title, header, body in sections(table):
+            print(f"\n{title}:\n{format_text_table(header, body)}")
         notes = superseded_notes(table)
         if notes:
             print("\ncells with older results (superseded, not shown):")
@@ -790,8 +1004,7 @@ def main(argv: list[str] | None = None) -> int:
         if status:
             print("\nfailed and unfinished jobs:")
             print("\n".join("  " + line for line in status))
-        print(printable(f"\nwrote {out / 'report.md'}, {out / 'results.csv'}"
-                        + "".join(f", {p}" for p in plots)))
+        print(printable("\nwrote " + ", ".join(str(p) for p in [*written, *plots])))
         sys.stdout.flush()
     except BrokenPipeError:
         # the reader is gone: say nothing more (and let no flush at exit fail again)

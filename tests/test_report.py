@@ -519,3 +519,121 @@ def test_no_difference_across_weights_sources(tmp_path: Path) -> None:
     assert [table.cell(row, c)[2] for c in table.columns] == [None, -30.0]
     assert table.cell(rows["streaming (model.max_context=1024, model.pretrained=hub/other)"],
                       table.columns[0])[2] is None
+
+
+# --- issue 22: a table per benchmark, an overview, plots over shared cells, formats ------------
+
+
+def ruler_config(model: str, method: str, subset: str, length: int,
+                 maskers: dict | None = None) -> dict:
+    cfg = config(model, method, subset, maskers)
+    cfg["benchmark"] = {"_target_": "x.Ruler", "name": "ruler", "subsets": ["vt", "cwe"],
+                        "subset": subset, "length": length, "data_dir": None}
+    return cfg
+
+
+TOPK = {"topk": {"_target_": "x.OracleTopK", "heavy_size": 0.05}}
+LOCAL = {"local": {"_target_": "x.Local", "size": 64}}
+
+
+@pytest.fixture
+def mixed(tmp_path: Path) -> Path:
+    """passkey (1k, 2k) and RULER (vt, cwe at 4096; vt only at 8192) for dense, oracle_topk
+    (everywhere) and streaming (RULER vt only)."""
+    root = tmp_path / "mixed"
+    for subset, score in (("1k", 100.0), ("2k", 90.0)):
+        write_job(root, config("m", "dense", subset), score=score, density=[1.0])
+        write_job(root, config("m", "oracle_topk", subset, TOPK), score=score - 10, density=[0.05])
+    for (subset, length), score in {("vt", 4096): 60.0, ("cwe", 4096): 40.0,
+                                    ("vt", 8192): 50.0}.items():
+        write_job(root, ruler_config("m", "dense", subset, length), score=score, density=[1.0])
+        write_job(root, ruler_config("m", "oracle_topk", subset, length, TOPK), score=score - 20,
+                  density=[0.02])
+        if subset == "vt":
+            write_job(root, ruler_config("m", "streaming", subset, length, LOCAL),
+                      score=score - 30, density=[0.1])
+    return root
+
+
+def test_one_table_per_benchmark_with_its_own_average(mixed: Path) -> None:
+    table = report.build_table(report.read_jobs(mixed))
+    header, body = report.table_cells(table, "passkey")
+    assert header == ["model", "sparse", "passkey/1k", "passkey/2k", "average"]
+    assert [r[1] for r in body] == ["dense", "oracle_topk"]  # streaming ran no passkey cell
+    assert body[1][-1] == "85.0 @0.050 (-10.0)"  # passkey only: (90 + 80) / 2
+    header, body = report.table_cells(table, "ruler")
+    assert header[2:] == ["ruler/cwe (length=4096)", "ruler/vt (length=4096)",
+                          "ruler/vt (length=8192)", "average"]
+    streaming = next(r for r in body if r[1] == "streaming")
+    assert streaming[2] == "" and streaming[-1] == "25.0 @0.100 (-30.0) [2/3]"
+    header, body = report.overview_cells(table)
+    assert header == ["model", "sparse", "passkey", "ruler"]
+    rows = {r[1]: r[2:] for r in body}
+    assert rows["dense"] == ["95.0 @1.000 (+0.0)", "50.0 @1.000 (+0.0)"]
+    assert rows["oracle_topk"] == ["85.0 @0.050 (-10.0)", "30.0 @0.020 (-20.0)"]
+    assert rows["streaming"] == ["", "25.0 @0.100 (-30.0) [2/3]"]
+
+
+def test_plot_panels_compare_methods_over_the_cells_they_share(mixed: Path) -> None:
+    table = report.build_table(report.read_jobs(mixed))
+    panels = {p.group: p for p in report.plot_panels(table, "ruler")}
+    assert sorted(panels) == ["length=4096", "length=8192"]  # one panel per length
+    at4k = panels["length=4096"]
+    assert [c.subset for c in at4k.shared] == ["vt"]  # streaming has vt only
+    points = {m: [(p.density, p.score, p.shared) for p in ps] for m, ps in at4k.curves.items()}
+    # oracle_topk scored cwe too, but is drawn over vt alone, as streaming is
+    assert points == {"dense": [(1.0, 60.0, True)], "oracle_topk": [(0.02, 40.0, True)],
+                      "streaming": [(0.1, 30.0, True)]}
+    assert "1 of 2 subsets" in at4k.title
+    [passkey] = report.plot_panels(table, "passkey")
+    assert passkey.group == "" and len(passkey.shared) == 2
+
+
+def test_points_without_a_shared_cell_are_marked(tmp_path: Path) -> None:
+    write_job(tmp_path, config("m", "dense", "1k"), score=90.0, density=[1.0])
+    write_job(tmp_path, config("m", "oracle_topk", "2k", TOPK), score=50.0, density=[0.1])
+    [panel] = report.plot_panels(report.build_table(report.read_jobs(tmp_path)), "passkey")
+    assert panel.shared == [] and "hollow" in panel.title
+    assert [(p.score, p.n, p.shared) for ps in panel.curves.values() for p in ps] == [
+        (90.0, 1, False), (50.0, 1, False)]
+
+
+def test_pareto_front_keeps_the_points_no_other_beats() -> None:
+    def point(density: float, score: float) -> report.Point:
+        return report.Point("x", density, score, 1, True)
+
+    points = [point(0.1, 50), point(0.05, 40), point(0.2, 45), point(1.0, 90), point(0.05, 30)]
+    assert [(p.density, p.score) for p in report.pareto_front(points)] == [
+        (0.05, 40), (0.1, 50), (1.0, 90)]
+
+
+def test_plot_density_axis_is_logarithmic_with_a_panel_per_length(mixed: Path) -> None:
+    table = report.build_table(report.read_jobs(mixed))
+    fig = report.plot_figure(table, "ruler")
+    assert len(fig.axes) == 2 and {ax.get_xscale() for ax in fig.axes} == {"log"}
+    labels = {t.get_text() for t in fig.axes[0].get_legend().get_texts()}
+    assert labels == {"dense", "oracle_topk", "streaming", "Pareto front"}
+
+
+def test_formats_json_and_self_contained_html(mixed: Path, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    import base64
+    import re
+
+    out = tmp_path / "rep"
+    assert report.main([str(mixed), "--out", str(out), "--format", "json,html"]) == 0
+    printed = capsys.readouterr().out
+    assert "overview: average per benchmark:" in printed and "\nruler:\n" in printed
+    assert not (out / "report.md").exists() and not (out / "results.csv").exists()
+    data = json.loads((out / "report.json").read_text())
+    assert sorted(data["benchmarks"]) == ["passkey", "ruler"]
+    topk = next(r for r in data["benchmarks"]["passkey"]["rows"] if r["method"] == "oracle_topk")
+    assert topk["average"] == {"score": 85.0, "density": 0.05, "score_vs_dense": -10.0,
+                               "cells": 2, "of": 2}
+    assert topk["cells"]["passkey/1k"]["score"] == 90.0
+    page = (out / "report.html").read_text()
+    images = re.findall(r"src='data:image/png;base64,([^']+)'", page)
+    assert len(images) == 2 and "plot_passkey.png" not in page.replace("alt='plot_passkey'", "")
+    assert all(base64.b64decode(i).startswith(b"\x89PNG") for i in images)
+    assert "<td>85.0 @0.050 (-10.0)</td>" in page
+    assert report.main([str(mixed), "--format", "pdf"]) == 2

@@ -10,6 +10,7 @@ import logging
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
@@ -19,6 +20,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 import sa_bench.launch.resolvers  # noqa: F401  (registers resolvers in the parent)
+from sa_bench import tracking
 from sa_bench.config import ConfigError
 from sa_bench.fingerprint import FingerprintCache
 from sa_bench.launch import jobdir, outcome, preflight
@@ -117,7 +119,7 @@ class SaBenchSweeper(BasicSweeper):
             sys.exit(2)
         started = time.time()
         returns = self._launch(todo)
-        self._summary(cells, todo, started, returns)
+        self._summary(root, cells, todo, started, returns)
         return returns
 
     def _compose(self, group_overrides: list[str]) -> dict:
@@ -159,7 +161,7 @@ class SaBenchSweeper(BasicSweeper):
             progress.stop()
         return returns
 
-    def _summary(self, cells: list[Cell], todo: list[Cell], started: float,
+    def _summary(self, root: Path, cells: list[Cell], todo: list[Cell], started: float,
                  returns: list[Any]) -> None:
         refresh_status(todo)
         ran = [c for c in todo if c.status == "done"]
@@ -180,6 +182,9 @@ class SaBenchSweeper(BasicSweeper):
             summary = (jobdir.read_json(cell.path / jobdir.MARKER) or {}).get("summary", {})
             if summary.get("score") is not None:
                 say(f"  score {summary['score']:7.2f}  {cell.path}")
+        note = tracking.error_note(root)  # +tracker: cells it could not log, said once
+        if note:
+            say(note)
         if failed:
             sys.exit(1)
 
