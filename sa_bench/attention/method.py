@@ -87,7 +87,8 @@ class SparseMethod:
         self._density = _Meter()
         self._error = _Meter()
         self._prefill_heads: dict[int, list] = {}  # layer -> [computed pairs [H], causal pairs]
-        self._estimated_on: set[str] = set()  # "chunk" (keys before the call's rows), "prompt"
+        self._estimated_on: set[str] = set()  # per context: "chunk" (several passes) or "prompt"
+        self._context_estimate: str | None = None  # the current context's
 
     @classmethod
     def from_config(cls, data: dict) -> SparseMethod:
@@ -156,8 +157,12 @@ class SparseMethod:
         self.phase = phase
 
     def reset(self) -> None:
+        """Drop per-context state (called before each context's prefill)."""
         for masker in self.maskers.values():
             masker.reset()
+        if self._context_estimate is not None:
+            self._estimated_on.add(self._context_estimate)
+        self._context_estimate = None
 
     def stats(self) -> dict:
         layers = self.num_layers or 1 + max((k[1] for k in self._density.sums), default=-1)
@@ -170,7 +175,8 @@ class SparseMethod:
             out["prefill_density_per_head"] = [
                 [round(float(c) / n, 6) for c in computed.tolist()] if n else None
                 for computed, n in (self._prefill_heads.get(layer, (None, 0)) for layer in range(layers))]
-            out["prefill_estimated_on"] = "+".join(sorted(self._estimated_on)) or None
+            modes = self._estimated_on | ({self._context_estimate} - {None})
+            out["prefill_estimated_on"] = "+".join(sorted(modes)) or None
         return out
 
     # --- the attention function --------------------------------------------------------------
@@ -244,9 +250,12 @@ class SparseMethod:
         out = attend(pattern, query, key, value, scaling, self.prefill.kernel)
         computed = computed_pairs(pattern, kv).sum(0)  # [H]
         pairs = causal_pairs(kv - q, kv) * b
-        self._density.add(self.phase, layer, computed.sum() / b, pairs // b)  # pair-weighted
+        self._density.add(self.phase, layer, computed.sum(), pairs * h)  # pair-weighted
         if self.phase == "prefill":
-            self._estimated_on.add("chunk" if kv > q else "prompt")
+            if kv > q or self._context_estimate == "chunk":  # a pass after the first
+                self._context_estimate = "chunk"
+            else:
+                self._context_estimate = "prompt"
             entry = self._prefill_heads.setdefault(layer, [0.0, 0])
             entry[0] = entry[0] + computed / b
             entry[1] += pairs // b
