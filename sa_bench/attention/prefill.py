@@ -54,7 +54,7 @@ class Pattern:
     block: int
     start: int
     blocks: Tensor  # bool [b, H, n_query_blocks, n_key_blocks]
-    columns: Tensor | None = None  # long [b, H, n_columns], key positions
+    columns: Tensor | None = None  # long [b, H, n_columns], distinct key positions per head
 
     @property
     def first_block(self) -> int:
