@@ -29,7 +29,11 @@ CPU and in tests. `attend_flex` runs the blocks on PyTorch's FlexAttention with 
 code, merged through their log-sum-exp (torch 2.13 cannot return the log-sum-exp from a
 CPU-compiled FlexAttention, so on CPU a pattern with columns runs on the reference). `kernel:
 auto` picks flex on CUDA, the reference on
-CPU (measured faster there at the sizes this machine runs: compilation costs ~20 s per shape).
+CPU. Measured on CPU (1 thread, 4k tokens, 32 heads / 8 kv heads, d 128, blocks of 128 at 22%
+density): SDPA causal 2.09 s, reference 2.16 s, compiled flex
+0.83 s after a 9-20 s compile per shape (dynamic=False: each chunk's key count recompiles).
+`kernel: flex` is therefore the faster choice on CPU for long prompts without columns; `auto`
+keeps the reference there so short jobs and tests do not pay the compile.
 """
 
 from __future__ import annotations
