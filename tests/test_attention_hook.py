@@ -220,9 +220,14 @@ def test_every_config_builds_and_runs(install):
         stats = method.stats()
         json.dumps(stats)
         assert len(stats["density"]["question"]) == 2 and len(stats["error"]["decode"]) == 2
-        if name != "dense":
+        if method.maskers:
             assert all(0 < d < 1 for d in stats["density"]["decode"]), name
             assert all(e > 0 for e in stats["error"]["decode"]), name
+        else:  # dense, or a sparse prefill with dense decode
+            assert stats["density"]["decode"] == [1.0, 1.0], name
+        if method.prefill is not None:  # at 90 context tokens the authors' sizes keep every pair
+            assert stats["density"]["prefill"] == [1.0, 1.0], name
+            assert stats["prefill_estimated_on"] == "prompt", name  # one pass
 
 
 def test_phase_decode_and_dense_layers(install):

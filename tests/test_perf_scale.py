@@ -6,13 +6,17 @@ from sa_bench.perf import scale
 
 def test_scale_command_prints_every_method(capsys):
     scale.main(["--shape", "tiny", "--tokens", "300", "--methods", "dense", "streaming", "quest",
-                "--chunk", "128", "--question", "8", "--new", "3", "--per-kv-head"])
+                "block_sparse", "--chunk", "128", "--question", "8", "--new", "3", "--per-kv-head"])
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith("| 300 |")]
     assert [row.split("|")[2].strip() for row in rows] == [
-        "plain", "dense", "streaming", "quest", "quest/kv"]  # only quest has a per_kv_head masker
+        "plain", "dense", "streaming", "quest", "block_sparse", "quest/kv"]  # only quest has a per_kv_head masker
     assert "failed" not in out
-    assert all(row.count("x |") == 3 for row in rows)  # three ratios per row
+    # three ratios to plain; the methods' prefill attention also as a ratio to dense's
+    assert [row.count("x |") for row in rows] == [3, 4, 4, 4, 4, 4]
+    density = {row.split("|")[2].strip(): float(row.split("|")[-2]) for row in rows[1:]}
+    assert density["dense"] == 1.0 and density["quest"] == 1.0  # prefill dense
+    assert density["block_sparse"] == 1.0  # 19 key blocks of 16, top 64 kept: every one
 
 
 def test_model_has_the_named_shape():

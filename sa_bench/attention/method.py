@@ -12,6 +12,8 @@ from sa_bench.attention.dense import dense_attention, dense_mask
 from sa_bench.attention.driver import attend_blocks, decode_spans
 from sa_bench.attention.gather import CPU_GATHER, GatherCosts, Workspace
 from sa_bench.attention.masker import Masker
+from sa_bench.attention.ops import allowed_from_mask
+from sa_bench.attention.prefill import PrefillMethod, attend, causal_pairs, computed_pairs
 from sa_bench.config import ConfigError, build, build_target
 from sa_bench.lazy import torch
 
@@ -31,6 +33,10 @@ class SparseConfig:
     maskers: dict[str, Any] = field(default_factory=dict)
     block_bytes: int = 256 * 2**20
     """Sparse calls process query rows in blocks with no temporary above this (question phase)."""
+    prefill: dict[str, Any] | None = None
+    """A sparse prefill method (`_target_`: a `sa_bench.attention.prefill.PrefillMethod`):
+    the context's prefill, and the question tokens when `phase` is question, use it; the
+    maskers then select for decode steps only."""
 
     def __post_init__(self) -> None:
         if self.block_bytes < 1:
@@ -53,7 +59,7 @@ class _Meter:
 
     def table(self, layers: int) -> dict[str, list[float | None]]:
         out = {}
-        for phase in ("question", "decode"):
+        for phase in PHASES:
             row = []
             for layer in range(layers):
                 total, count = self.sums.get((phase, layer), (0.0, 0))
@@ -65,9 +71,11 @@ class _Meter:
 class SparseMethod:
     """Maskers applied in order; the model's own dense kernel where the phase or layer is not sparse."""
 
-    def __init__(self, config: SparseConfig, maskers: dict[str, Masker]) -> None:
+    def __init__(self, config: SparseConfig, maskers: dict[str, Masker],
+                 prefill: PrefillMethod | None = None) -> None:
         self.config = config
         self.maskers = maskers
+        self.prefill = prefill
         self.phase = "prefill"
         self.name = f"sa_bench_{next(_ids)}_{config.name}"
         self.num_layers = 0
@@ -78,6 +86,9 @@ class SparseMethod:
         """The cost model of sparse calls (`BATCHED_GATHER`: the GPU's paths on CPU too)."""
         self._density = _Meter()
         self._error = _Meter()
+        self._prefill_heads: dict[int, list] = {}  # layer -> [computed pairs [H], causal pairs]
+        self._estimated_on: set[str] = set()  # per context: "chunk" (several passes) or "prompt"
+        self._context_estimate: str | None = None  # the current context's
 
     @classmethod
     def from_config(cls, data: dict) -> SparseMethod:
@@ -94,7 +105,10 @@ class SparseMethod:
                     f"local or per_kv_head: true), but '{per_head}' selects per query head")
             if per_head is None and not maskers[name].group_shared:
                 per_head = name
-        return cls(config, maskers)
+        prefill = None
+        if config.prefill is not None:
+            prefill = build_target(config.prefill, "sparse.prefill", PrefillMethod)
+        return cls(config, maskers, prefill)
 
     # --- runner API --------------------------------------------------------------------------
 
@@ -143,8 +157,12 @@ class SparseMethod:
         self.phase = phase
 
     def reset(self) -> None:
+        """Drop per-context state (called before each context's prefill)."""
         for masker in self.maskers.values():
             masker.reset()
+        if self._context_estimate is not None:
+            self._estimated_on.add(self._context_estimate)
+        self._context_estimate = None
 
     def stats(self) -> dict:
         layers = self.num_layers or 1 + max((k[1] for k in self._density.sums), default=-1)
@@ -153,20 +171,38 @@ class SparseMethod:
             out["error"] = self._error.table(layers)
         notes = [note for m in self.maskers.values() for note in m.notes()]
         out["notes"] = notes
+        if self.prefill is not None:
+            out["prefill_density_per_head"] = [
+                [round(float(c) / n, 6) for c in computed.tolist()] if n else None
+                for computed, n in (self._prefill_heads.get(layer, (None, 0)) for layer in range(layers))]
+            modes = self._estimated_on | ({self._context_estimate} - {None})
+            out["prefill_estimated_on"] = "+".join(sorted(modes)) or None
         return out
 
     # --- the attention function --------------------------------------------------------------
 
     def is_sparse(self, layer: int) -> bool:
+        """Whether the maskers select this call's keys."""
         if not self.maskers or layer in self.config.dense_layers:
             return False
+        if self.phase == "question" and self.prefill is not None:
+            return False
         return self.phase == "decode" or (self.phase == "question" and self.config.phase == "question")
+
+    def uses_prefill(self, layer: int) -> bool:
+        """Whether the prefill method computes this call (the context, and the question tokens
+        when `phase` is question)."""
+        if self.prefill is None or layer in self.config.dense_layers:
+            return False
+        return self.phase == "prefill" or (self.phase == "question" and self.config.phase == "question")
 
     def attention(self, module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
         """transformers attention function: query [b, H, q, d], key/value [b, Hk, kv, d]."""
         layer = module.layer_idx
         b, h, q, _ = query.shape
         kv = key.shape[-2]
+        if self.uses_prefill(layer):
+            return self._sparse_prefill(module, query, key, value, attention_mask, scaling), None
         if not self.is_sparse(layer):
             for masker in self.maskers.values():
                 masker.truncate(layer, kv - q)  # keys past here may change (new context/crop)
@@ -175,6 +211,9 @@ class SparseMethod:
             if self.phase != "prefill":
                 self._density.add(self.phase, layer, float(b * h * q), b * h * q)
                 self._error.add(self.phase, layer, 0.0, b * q)
+            else:
+                pairs = causal_pairs(kv - q, kv)
+                self._density.add("prefill", layer, float(pairs), pairs)
             return out, None
         spans, ranged = decode_spans(self.maskers.values(), q, kv, attention_mask)
         if spans and ranged == len(self.maskers):  # sink / local only: slices of the cache
@@ -195,6 +234,37 @@ class SparseMethod:
             err = diff.flatten(2).norm(dim=-1) / dense.flatten(2).norm(dim=-1).clamp_min(1e-30)
             self._error.add(self.phase, layer, err.sum(), b * q)
         return out.transpose(1, 2).contiguous(), None
+
+
+    def _sparse_prefill(self, module, query, key, value, attention_mask, scaling: float):
+        """The prefill method's pattern, estimated from this call's rows and keys, computed on
+        its kernel; the computed fraction of causal pairs recorded per layer and head."""
+        layer = module.layer_idx
+        b, h, q, _ = query.shape
+        kv = key.shape[2]
+        if attention_mask is not None:  # eager builds a mask; anything but causality is refused
+            causal = allowed_from_mask(None, b, q, kv, query.device)
+            if not torch.equal(allowed_from_mask(attention_mask, b, q, kv, query.device), causal):
+                raise ValueError("sparse prefill needs a plain causal mask (one unpadded prompt)")
+        pattern = self.prefill.pattern(query, key, kv - q)
+        out = attend(pattern, query, key, value, scaling, self.prefill.kernel)
+        computed = computed_pairs(pattern, kv).sum(0)  # [H]
+        pairs = causal_pairs(kv - q, kv) * b
+        self._density.add(self.phase, layer, computed.sum(), pairs * h)  # pair-weighted
+        if self.phase == "prefill":
+            if kv > q or self._context_estimate == "chunk":  # a pass after the first
+                self._context_estimate = "chunk"
+            else:
+                self._context_estimate = "prompt"
+            entry = self._prefill_heads.setdefault(layer, [0.0, 0])
+            entry[0] = entry[0] + computed / b
+            entry[1] += pairs // b
+        if self.config.measure_error:
+            dense = dense_attention(module, query, key, value, None, scaling, self.implementation).float()
+            diff = out.transpose(1, 2).float() - dense
+            err = diff.flatten(2).norm(dim=-1) / dense.flatten(2).norm(dim=-1).clamp_min(1e-30)
+            self._error.add(self.phase, layer, err.sum(), b * q)
+        return out.transpose(1, 2).contiguous()
 
 
 def _slices(key: torch.Tensor, value: torch.Tensor, spans: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,7 +14,11 @@ then for each context length runs, each in a fresh process (so peak memory is it
 
 Prints prefill seconds, answer seconds (question + greedy tokens), decode ms per token and
 peak memory above the weights and inputs (peak RSS on CPU, `torch.cuda.max_memory_allocated`
-on CUDA), each with its ratio to `plain` at the same length.
+on CUDA), each with its ratio to `plain` at the same length; and for the methods, the seconds
+spent in attention during prefill (a sparse prefill's estimation included) with its ratio to
+the `dense` method's in the same run, and the measured prefill density. Sparse prefill:
+
+    python -m sa_bench.perf.scale --tokens 8192 --methods dense vertical_slash block_sparse xattention
 """
 
 from __future__ import annotations
@@ -169,13 +173,28 @@ def run_one(args: argparse.Namespace, method_name: str, tokens: int) -> dict[str
     files = model_files(Path(tempfile.mkdtemp()), heads, kv_heads, head_dim, layers)
     method = SparseMethod.from_config(method_config(method_name, files))
     implementation = resolve_implementation("auto", device, model.dtype)
+    attention_s = [0.0]
+    timed_attention = method.attention
+
+    def attention(*a, **kw):  # the prefill's attention calls, timed
+        t0 = time.perf_counter()
+        out = timed_attention(*a, **kw)
+        _synchronize(device)
+        attention_s[0] += time.perf_counter() - t0
+        return out
+
+    method.attention = attention
     with method.installed(model, implementation):
         cache, n_ctx, prefill = _prefill(model, method, tuple(context), device, args.chunk)
+        prefill_attention = attention_s[0]  # the answers below run through the wrapper too
+        density = method.stats()["density"]["prefill"]
         timed = _timed_answers(
             lambda n: _answer(model, method, cache, question, n, set(), device),
             lambda: _rewind(cache, n_ctx), device, args.new)
         peak = memory.peak_above_start()
-    return {"prefill_s": prefill, **timed, "peak_bytes": peak}
+    values = [d for d in density if d is not None]
+    return {"prefill_s": prefill, **timed, "peak_bytes": peak, "prefill_attention_s": prefill_attention,
+            "prefill_density": sum(values) / len(values) if values else -1.0}
 
 
 def _timed_answers(answer, rewind, device, new: int) -> dict[str, float]:
@@ -259,8 +278,8 @@ def main(argv: list[str] | None = None) -> None:
           f"{args.threads} thread(s); question {args.question} tokens, {args.new} new tokens, "
           f"prefill chunk {args.chunk}; plain = transformers sdpa loop, one-pass prefill", flush=True)
     print("\n| tokens | method | prefill s | ratio | answer s | ratio | decode ms/token | "
-          "peak MiB above weights | ratio |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "peak MiB above weights | ratio | prefill attention s | ratio to dense | prefill density |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for tokens in args.tokens:
         results: dict[str, list[dict[str, Any]]] = {name: [] for name in ["plain", *methods]}
         for _ in range(args.repeat):
@@ -268,14 +287,18 @@ def main(argv: list[str] | None = None) -> None:
                 results[name].append(_child(args, name, tokens))
         rows = [(name, _best(runs)) for name, runs in results.items()]
         base = rows[0][1]
+        dense = dict(rows).get("dense", {"error": "not run"})
         for name, r in rows:
             if "error" in r:
-                print(f"| {tokens} | {name} | failed: {r['error']} |||||||", flush=True)
+                print(f"| {tokens} | {name} | failed: {r['error']} ||||||||||", flush=True)
                 continue
             mib = r["peak_bytes"] / 2**20
+            attention = (f"{r['prefill_attention_s']:.2f} | {_ratio(r, dense, 'prefill_attention_s')} | "
+                         f"{r['prefill_density']:.3f}" if "prefill_attention_s" in r else "- | - | -")
             print(f"| {tokens} | {name} | {r['prefill_s']:.2f} | {_ratio(r, base, 'prefill_s')} | "
                   f"{r['answer_s']:.2f} | {_ratio(r, base, 'answer_s')} | "
-                  f"{r['decode_ms']:.1f} | {mib:.0f} | {_ratio(r, base, 'peak_bytes')} |", flush=True)
+                  f"{r['decode_ms']:.1f} | {mib:.0f} | {_ratio(r, base, 'peak_bytes')} | "
+                  f"{attention} |", flush=True)
 
 
 if __name__ == "__main__":

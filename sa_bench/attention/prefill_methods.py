@@ -1,0 +1,280 @@
+"""Sparse prefill methods with their authors' defaults (see `sa_bench.attention.prefill`).
+
+Each is a dataclass of its YAML keys and a `pattern` function; every estimate reads the
+chunk's queries and the keys so far only. References (read, not copied):
+MInference microsoft/MInference@fb56c917f618e8645f1cfc37535afd7424d78f0d,
+sparse-frontier PiotrNawrot/sparse-frontier@31d86c170248865183d6569c491d47f71cdd9d53,
+XAttention mit-han-lab/x-attention@e37988770b9d1bebd489eba011d615f35587ba08.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from sa_bench.attention.prefill import (
+    Kernel,
+    Pattern,
+    PrefillMethod,
+    causal_blocks,
+    grouped_scores,
+    n_blocks,
+)
+from sa_bench.config import ConfigError, check_range
+from sa_bench.lazy import torch
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+
+def _positions(start: int, kv: int, device) -> Tensor:
+    return torch.arange(start, kv, device=device)
+
+
+@dataclass
+class VerticalSlash(PrefillMethod):
+    """MInference's vertical-slash pattern (https://arxiv.org/abs/2407.02490) with
+    sparse-frontier's settings (configs/attention/vertical_and_slash.yaml,
+    `vertical_and_slash_kernel`): the last `last_q` queries of the chunk attend (causally) to
+    every key; the column sums of their softmax choose `vertical_size` key columns (the first
+    `keep_first` always), the sums along each diagonal choose `slash_size` diagonals (the
+    `keep_last` nearest the main one always). Diagonals become the `block`-sized key blocks
+    that hold them in each query block, columns stay index lists, as MInference's kernel does
+    (its diagonal ranges start at the diagonal rather than on the block grid)."""
+
+    vertical_size: int = 512
+    slash_size: int = 512
+    last_q: int = 256
+    keep_first: int = 4
+    keep_last: int = 64
+    block: int = 64
+    kernel: Kernel = "auto"
+
+    def __post_init__(self) -> None:
+        self._check_block()
+        for name in ("vertical_size", "slash_size", "last_q", "keep_first", "keep_last"):
+            check_range(getattr(self, name), name, 0 if name.startswith("keep") else 1)
+        if self.keep_first > self.vertical_size or self.keep_last > self.slash_size:
+            raise ConfigError("keep_first/keep_last: expected at most vertical_size/slash_size")
+
+    def estimate(self, query: Tensor, key: Tensor, start: int) -> tuple[Tensor, Tensor]:
+        """(vertical columns [b, H, nv], diagonal offsets [b, H, ns]; 0 = the main diagonal)."""
+        b, h, q, _ = query.shape
+        hk, kv = key.shape[1], key.shape[2]
+        g = h // hk
+        r = min(self.last_q, q)
+        pos = _positions(kv - r, kv, query.device)
+        keys = torch.arange(kv, device=query.device)
+        scale = query.shape[-1] ** -0.5
+        verticals, slashes = [], []
+        for j in range(hk):  # one kv head at a time: [g, r, kv] scores at most
+            s = grouped_scores(query[:, j * g:(j + 1) * g, -r:], key[:, j:j + 1]) * scale
+            s = s.masked_fill(keys[None, :] > pos[:, None], float("-inf")).softmax(-1)
+            verticals.append(s.sum(-2))
+            # row i sits at position kv - r + i; index t of the sum is offset kv - 1 - t
+            padded = torch.nn.functional.pad(s, (r - 1, 0))  # [b, g, r, kv + r - 1]
+            w = padded.shape[-1]
+            diag = padded.as_strided((b, g, r, kv), (g * r * w, r * w, w + 1, 1))
+            slashes.append(diag.sum(-2))
+        vertical = torch.cat(verticals, 1)
+        slash = torch.cat(slashes, 1)
+        vertical[..., :self.keep_first] = float("inf")
+        slash[..., kv - self.keep_last:] = float("inf")
+        columns = vertical.topk(min(self.vertical_size, kv), -1).indices
+        offsets = (kv - 1) - slash.topk(min(self.slash_size, kv), -1).indices
+        return columns, offsets
+
+    def pattern(self, query: Tensor, key: Tensor, start: int) -> Pattern:
+        columns, offsets = self.estimate(query, key, start)
+        return Pattern(self.block, start, diagonal_blocks(offsets, start, key.shape[2], self.block),
+                       columns)
+
+
+def diagonal_blocks(offsets: Tensor, start: int, kv: int, block: int) -> Tensor:
+    """bool [b, H, nq, nk]: the key blocks holding diagonal `offsets` [b, H, n] for the rows of
+    each query block (rows p0 .. p1 - 1 read keys p0 - o .. p1 - 1 - o)."""
+    b, h, _ = offsets.shape
+    dev = offsets.device
+    first, nk = start // block, n_blocks(kv, block)
+    nq = nk - first
+    qb = torch.arange(first, nk, device=dev)
+    p0 = (qb * block).clamp(min=start)[:, None]  # [nq, 1]
+    p1 = ((qb + 1) * block).clamp(max=kv)[:, None]
+    o = offsets[:, :, None, :]  # [b, H, 1, n]
+    hi_key = p1 - 1 - o
+    present = hi_key >= 0
+    lo = ((p0 - o).clamp(min=0) // block).clamp(max=nk)
+    hi = (hi_key.clamp(min=0) // block + 1).clamp(max=nk)
+    delta = torch.zeros(b, h, nq, nk + 1, dtype=torch.int32, device=dev)
+    one = present.to(torch.int32)
+    delta.scatter_add_(-1, torch.where(present, lo, nk), one)
+    delta.scatter_add_(-1, torch.where(present, hi, nk), -one)
+    return delta[..., :nk].cumsum(-1) > 0
+
+
+@dataclass
+class AShape(PrefillMethod):
+    """MInference's A-shape (StreamingLLM in prefill; minference/models_patch.py defaults
+    n_init 128, n_local 3968): each query block computes the key blocks holding the first
+    `n_init` keys and those within `n_local` keys of its rows, on a `block` grid."""
+
+    n_init: int = 128
+    n_local: int = 3968
+    block: int = 64
+    kernel: Kernel = "auto"
+
+    def __post_init__(self) -> None:
+        self._check_block()
+        check_range(self.n_init, "n_init", 0)
+        check_range(self.n_local, "n_local", 1)
+
+    def pattern(self, query: Tensor, key: Tensor, start: int) -> Pattern:
+        b, h = query.shape[:2]
+        kv = key.shape[2]
+        return Pattern(self.block, start, self._shape(start, kv, query.device).expand(b, h, -1, -1))
+
+    def _shape(self, start: int, kv: int, dev) -> Tensor:
+        block = self.block
+        first, nk = start // block, n_blocks(kv, block)
+        qb = torch.arange(first, nk, device=dev)[:, None]
+        kb = torch.arange(nk, device=dev)[None, :]
+        p0 = (qb * block).clamp(min=start)
+        near = (kb + 1) * block - 1 >= p0 - (self.n_local - 1)  # a key within n_local of row p0
+        return causal_blocks(start, kv, block, dev) & (near | (kb * block < self.n_init))
+
+
+@dataclass
+class TriShape(AShape):
+    """MInference's tri-shape (models_patch.py defaults n_init 128, n_local 3968, n_last 100):
+    A-shape, plus the query blocks holding the last `n_last` rows of each prefill pass (the
+    prompt's last rows with one pass) compute every key block."""
+
+    n_last: int = 100
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_range(self.n_last, "n_last", 0)
+
+    def pattern(self, query: Tensor, key: Tensor, start: int) -> Pattern:
+        b, h = query.shape[:2]
+        kv = key.shape[2]
+        shape = self._shape(start, kv, query.device)
+        if self.n_last:
+            last = (max(start, kv - self.n_last) // self.block) - start // self.block
+            shape[last:] = causal_blocks(start, kv, self.block, query.device)[last:]
+        return Pattern(self.block, start, shape.expand(b, h, -1, -1))
+
+
+def _pooled(x: Tensor, first_pos: int, block: int) -> Tensor:
+    """[b, h, n, d] rows at positions first_pos.. -> [b, h, blocks, d]: the sum over each grid
+    block's rows divided by `block` (the reference's mean over zero-padded blocks)."""
+    b, h, n, d = x.shape
+    lead = first_pos % block
+    total = lead + n
+    x = torch.nn.functional.pad(x.float(), (0, 0, lead, n_blocks(total, block) * block - total))
+    return x.view(b, h, -1, block, d).sum(-2) / block
+
+
+@dataclass
+class BlockSparse(PrefillMethod):
+    """sparse-frontier's block-sparse prefill (`BlockSparseAttentionMInference`,
+    `_build_block_index`; configs/attention/block_sparse.yaml: chunk_size 16, top_chunks 64):
+    query and key blocks of `block` positions are mean-pooled, each query block keeps the
+    `top_k` causal key blocks with the highest pooled dot product, the first block, its own
+    and the one before it always."""
+
+    block: int = 16
+    top_k: int = 64
+    kernel: Kernel = "auto"
+
+    def __post_init__(self) -> None:
+        self._check_block()
+        check_range(self.top_k, "top_k", 3)
+
+    def pattern(self, query: Tensor, key: Tensor, start: int) -> Pattern:
+        kv = key.shape[2]
+        qp = _pooled(query, start, self.block)
+        kp = _pooled(key, 0, self.block)
+        scores = grouped_scores(qp, kp)  # [b, H, nq, nk]
+        nq, nk = scores.shape[-2:]
+        qb = torch.arange(nq, device=query.device)[:, None] + start // self.block
+        kb = torch.arange(nk, device=query.device)[None, :]
+        forced = (kb == qb) | (kb == qb - 1) | (kb == 0)
+        scores = scores.masked_fill(forced, float("inf")).masked_fill(kb > qb, float("-inf"))
+        top = scores.topk(min(self.top_k, nk), -1)
+        blocks = torch.zeros_like(scores, dtype=torch.bool)
+        blocks.scatter_(-1, top.indices, top.values > float("-inf"))
+        return Pattern(self.block, start, blocks & causal_blocks(start, kv, self.block, query.device))
+
+
+@dataclass
+class XAttention(PrefillMethod):
+    """XAttention (https://arxiv.org/abs/2503.16428; xattn/src/Xattention.py `xattn_estimate`,
+    xattn/src/utils.py `find_blocks_chunked`): strided antidiagonal scores (query rows
+    reversed within each `stride` group against key rows in order, i.e. the sum of each
+    stride x stride cell's antidiagonal), scaled by 1/(sqrt(d) * stride), causal at the
+    stride level, softmaxed, summed into `block` x `block` block scores; each query block
+    keeps key block 0 and its own, then the others by decreasing score while the kept sum
+    stays below `threshold` of the row's total (the reference's cumulative test)."""
+
+    stride: int = 8
+    threshold: float = 0.9
+    block: int = 128
+    kernel: Kernel = "auto"
+
+    def __post_init__(self) -> None:
+        self._check_block()
+        check_range(self.stride, "stride", 1)
+        check_range(self.threshold, "threshold", 0.0, 1.0, low_open=True)
+        if self.block % self.stride:
+            raise ConfigError(f"block: expected a multiple of stride {self.stride}, got {self.block}")
+
+    def block_scores(self, query: Tensor, key: Tensor, start: int) -> Tensor:
+        """float32 [b, H, nq, nk]: the softmaxed antidiagonal scores summed per block pair."""
+        b, h, q, d = query.shape
+        hk, kv = key.shape[1], key.shape[2]
+        g, s, block = h // hk, self.stride, self.block
+        first = start // block
+        qpad = start - first * block
+        nq, nk = n_blocks(kv, block) - first, n_blocks(kv, block)
+        qx = torch.nn.functional.pad(query.float(), (0, 0, qpad, nq * block - qpad - q))
+        kx = torch.nn.functional.pad(key.float(), (0, 0, 0, nk * block - kv))
+        # row group i of the query: rows i*s + s-1-j (j = 0..s-1) side by side; keys i*s + j
+        rq = qx.view(b, h, -1, s, d).flip(-2).reshape(b, h, -1, s * d)
+        rk = kx.view(b, hk, -1, s * d)
+        qpos = torch.arange(rq.shape[2], device=query.device) + first * block // s
+        kpos = torch.arange(rk.shape[2], device=query.device)
+        real_q = (torch.arange(rq.shape[2], device=query.device) * s + s - 1 >= qpad) & (
+            torch.arange(rq.shape[2], device=query.device) * s < qpad + q)
+        out = []
+        for j in range(hk):  # one kv head at a time
+            w = grouped_scores(rq[:, j * g:(j + 1) * g], rk[:, j:j + 1]) / (d ** 0.5 * s)
+            w = w.masked_fill((kpos[None, :] > qpos[:, None]) | (kpos[None, :] * s >= kv), float("-inf"))
+            w = w.softmax(-1).nan_to_num_(0.0) * real_q[:, None]
+            per = block // s
+            out.append(w.view(b, g, nq, per, nk, per).sum((-1, -3)))
+        return torch.cat(out, 1)
+
+    def pattern(self, query: Tensor, key: Tensor, start: int) -> Pattern:
+        kv = key.shape[2]
+        scores = self.block_scores(query, key, start).double()
+        nq, nk = scores.shape[-2:]
+        dev = query.device
+        qb = torch.arange(nq, device=dev)[:, None] + start // self.block
+        kb = torch.arange(nk, device=dev)[None, :]
+        forced = ((kb == 0) | (kb == qb)).expand_as(scores)
+        required = scores.sum(-1, keepdim=True) * self.threshold
+        others = scores.masked_fill(forced, 0.0).sort(-1, descending=True).values
+        n_forced = forced.sum(-1, keepdim=True)
+        kept = scores.masked_fill(~forced, 0.0).sum(-1, keepdim=True)
+        # the reference's running sum before each position of [forced..., others...]: 0, the
+        # forced total, then the forced total plus the others up to and including the current
+        # one (its off-by-one with two forced blocks is kept)
+        running = torch.cat([torch.zeros_like(kept), kept, others], -1)[..., :nk].cumsum(-1)
+        order = torch.where(forced, 100000 * (1 + scores), scores).sort(-1, descending=True).indices
+        take = running < required
+        take[..., :1] = True  # the forced blocks are kept whatever the sum
+        take |= torch.arange(nk, device=dev) < n_forced
+        blocks = torch.zeros_like(scores, dtype=torch.bool)
+        blocks.scatter_(-1, order, take)
+        return Pattern(self.block, start, blocks & causal_blocks(start, kv, self.block, dev))
