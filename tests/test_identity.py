@@ -430,3 +430,54 @@ def test_a_weights_file_named_auto_or_by_its_path_gives_one_key():
     assert key(hashed(str(file), "embedded:tiny-retrieval")) == auto
     assert key(hashed(str(file), str(file.parent))) == auto
     assert key(changed(hashed("auto", "embedded:tiny-retrieval"), "sparse.maskers.hash.heavy_size", 0.2)) != auto
+
+
+# --- issue 23's reuse cases through the command line (plans: nothing runs) ------------------
+
+def planned(sa_bench_cli, out: Path, *args: str, env: dict | None = None) -> list[str]:
+    proc = sa_bench_cli(*args, "plan=true", root=out, env=env, check=True)
+    return [line.split()[1] for line in proc.stdout.splitlines()[1:] if line.strip().startswith("pending")]
+
+
+def test_masker_order_gives_another_directory(tmp_path, sa_bench_cli):
+    out = tmp_path / "out"
+    stock = planned(sa_bench_cli, out, "sparse=oracle_topk", "benchmark.subsets=[1k]")
+    moved = planned(sa_bench_cli, out, "sparse=oracle_topk", "benchmark.subsets=[1k]",
+                    "~sparse.maskers.sink", "+sparse.maskers.sink={_target_:sa_bench.attention.maskers.Sink,size:4}")
+    assert len(stock) == len(moved) == 1 and stock != moved
+
+
+def test_a_patched_copy_of_a_stock_class_gives_another_directory(tmp_path, sa_bench_cli):
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "mymask.py").write_text("from sa_bench.attention.maskers import OracleTopK  # noqa: F401\n")
+    out = tmp_path / "out"
+    env = {"PYTHONPATH": f"{ROOT}:{user}"}
+    stock = planned(sa_bench_cli, out, "sparse=oracle_topk", "benchmark.subsets=[1k]", env=env)
+    same_class = planned(sa_bench_cli, out, "sparse=oracle_topk", "benchmark.subsets=[1k]",
+                         "sparse.maskers.topk._target_=mymask.OracleTopK", env=env)
+    assert same_class == stock  # mymask only re-exports the stock class: the same method
+    (user / "mymask.py").write_text(
+        "from dataclasses import dataclass\nfrom sa_bench.attention import maskers\n\n"
+        "@dataclass\nclass OracleTopK(maskers.OracleTopK):\n    pass\n")
+    patched = planned(sa_bench_cli, out, "sparse=oracle_topk", "benchmark.subsets=[1k]",
+                      "sparse.maskers.topk._target_=mymask.OracleTopK", env=env)
+    assert patched != stock
+
+
+def test_a_large_data_file_edited_in_the_middle_gives_another_directory(tmp_path, sa_bench_cli):
+    data = tmp_path / "data"
+    shutil.copytree(ROOT / "tests" / "fixtures" / "longbench", data)
+    file = data / "hotpotqa.jsonl"
+    rows = file.read_text().splitlines()
+    padded = [json.dumps({**json.loads(rows[0]), "pad": "x" * (6 << 20)})] + rows[1:]
+    file.write_text("\n".join(padded) + "\n")  # over 5 MB
+    args = ["benchmark=longbench", "benchmark.subsets=[hotpotqa]", f"benchmark.data_dir={data}"]
+    out = tmp_path / "out"
+    before = planned(sa_bench_cli, out, *args)
+    text = bytearray(file.read_bytes())
+    middle = len(text) // 2
+    assert text[middle:middle + 1] == b"x"
+    text[middle:middle + 1] = b"y"  # same size, one byte in the middle
+    file.write_bytes(bytes(text))
+    assert planned(sa_bench_cli, out, *args) != before
