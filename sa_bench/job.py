@@ -12,6 +12,7 @@ from sa_bench.config import ConfigError
 from sa_bench.launch import jobdir
 from sa_bench.launch.callbacks import LockHandle
 from sa_bench.launch.identity import job_relpath, local_inputs
+from sa_bench.launch.jobdir import Status
 from sa_bench.models.identity import weights_identity
 
 
@@ -22,7 +23,7 @@ class IdentityMismatch(ConfigError):
 def run_job(cfg: DictConfig) -> dict[str, Any]:
     """Validate, check identity, lock, lease, evaluate; on failure leave `error.txt`, re-raise.
 
-    Returns {"status": "done" | "skipped" | "busy", ...}. A "done" result carries the job's
+    Returns {"status": Status.DONE | "skipped" | "busy", ...}. A done result carries the job's
     lock (`LockHandle`): the completion-marker callback writes the marker, then releases it.
     """
     from hydra.core.hydra_config import HydraConfig
@@ -74,7 +75,7 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
     finally:
         (path / jobdir.RUNNING).unlink(missing_ok=True)
         _free_accelerator_memory()
-    return {"status": "done", "dir": str(path), "key": key, "summary": summary, "lock": handle}
+    return {"status": Status.DONE, "dir": str(path), "key": key, "summary": summary, "lock": handle}
 
 
 def check_identity(handed: str | None, relpath: str, path: Path, output_root: Path) -> None:

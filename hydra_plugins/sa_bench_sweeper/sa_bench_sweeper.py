@@ -25,6 +25,7 @@ from sa_bench.config import ConfigError
 from sa_bench.fingerprint import FingerprintCache
 from sa_bench.launch import jobdir, outcome, preflight
 from sa_bench.launch.identity import Inputs
+from sa_bench.launch.jobdir import Status
 from sa_bench.launch.plan import Cell, expand, identify, plan_table, refresh_status
 from sa_bench.launch.progress import Progress
 from sa_bench.models.loading import offline_by_env
@@ -92,9 +93,9 @@ class SaBenchSweeper(BasicSweeper):
             sys.exit(2)
         refresh_status(cells)
         overwrite = bool(self.config.get("overwrite", False))
-        todo = [c for c in cells if overwrite or c.status not in ("done", "running")]
-        done = sum(c.status == "done" for c in cells)
-        running = sum(c.status == "running" for c in cells)
+        todo = [c for c in cells if overwrite or c.status not in (Status.DONE, Status.RUNNING)]
+        done = sum(c.status == Status.DONE for c in cells)
+        running = sum(c.status == Status.RUNNING for c in cells)
         line = f"{len(cells)} jobs: {done} done (skipped), {len(todo)} to run"
         if overwrite:
             line = f"{len(cells)} jobs: overwrite=true, {len(todo)} to run"
@@ -149,7 +150,7 @@ class SaBenchSweeper(BasicSweeper):
                         self.disk_full = True
                         break
                     refresh_status(pending)
-                    pending = [c for c in pending if c.status not in ("done", "failed")]
+                    pending = [c for c in pending if c.status not in (Status.DONE, Status.FAILED)]
                     say(
                         f"Launch broke ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
                         f"{len(pending)} unfinished jobs"
@@ -164,9 +165,9 @@ class SaBenchSweeper(BasicSweeper):
     def _summary(self, root: Path, cells: list[Cell], todo: list[Cell], started: float,
                  returns: list[Any]) -> None:
         refresh_status(todo)
-        ran = [c for c in todo if c.status == "done"]
-        elsewhere = [c for c in todo if c.status == "running"]
-        failed = [c for c in todo if c.status in ("failed", "pending")]
+        ran = [c for c in todo if c.status == Status.DONE]
+        elsewhere = [c for c in todo if c.status == Status.RUNNING]
+        failed = [c for c in todo if c.status in (Status.FAILED, Status.PENDING)]
         say(
             f"Sweep finished in {time.time() - started:.1f}s: {len(ran)} done, "
             f"{len(cells) - len(todo)} skipped, {len(failed)} failed"

@@ -9,6 +9,7 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 
 from sa_bench.launch import jobdir
+from sa_bench.launch.jobdir import Status
 
 
 class LockHandle:
@@ -46,7 +47,7 @@ class CompletionMarker(Callback):
         result = job_return.return_value if job_return.status == JobStatus.COMPLETED else None
         handle = result.pop("lock", None) if isinstance(result, dict) else None
         try:
-            if isinstance(result, dict) and result.get("status") == "done":
+            if isinstance(result, dict) and result.get("status") == Status.DONE:
                 jobdir.write_marker(Path(result["dir"]), result["key"], result.get("summary"))
         finally:
             if handle is not None:

@@ -17,6 +17,7 @@ import json
 import os
 import socket
 import time
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -90,15 +91,28 @@ def write_marker(path: Path, key: str, summary: dict | None = None) -> None:
     )
 
 
-def status(path: Path, key: str) -> str:
-    """done | running | failed | pending — cheap: a few stats and one lock probe."""
+class Status(str, Enum):
+    """What a cell is, read from its directory (`status`); INVALID: its config was refused."""
+
+    DONE = "done"
+    RUNNING = "running"
+    FAILED = "failed"
+    PENDING = "pending"
+    INVALID = "invalid"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+def status(path: Path, key: str) -> Status:
+    """Cheap: a few stats and one lock probe."""
     if is_done(path, key):
-        return "done"
+        return Status.DONE
     if is_locked(path):
-        return "running"
+        return Status.RUNNING
     if (path / ERROR).exists():
-        return "failed"
-    return "pending"
+        return Status.FAILED
+    return Status.PENDING
 
 
 def first_error_line(path: Path) -> str:

@@ -22,6 +22,7 @@ from typing import Any
 from sa_bench.config import ConfigError
 from sa_bench.launch import jobdir
 from sa_bench.launch.identity import Inputs, job_relpath, sanitize
+from sa_bench.launch.jobdir import Status
 from sa_bench.models.identity import weights_identity
 from sa_bench.spec import JobSpec
 
@@ -36,9 +37,9 @@ class Cell:
     """`<model>/<sparse>/<benchmark>/<subset>/<key>`, set by `identify`."""
     key: str = ""
     path: Path = Path()
-    status: str = "pending"
+    status: Status = Status.PENDING
     error: str = ""
-    """Why the cell's config is invalid (status "invalid")."""
+    """Why the cell's config is invalid (status INVALID)."""
 
 
 @dataclass
@@ -182,7 +183,7 @@ def expand(
 def identify(cells: list[Cell], inputs: Inputs) -> tuple[list[Cell], list[Cell]]:
     """Validate every cell and compute its directory, once; drop duplicates (two override
     lists naming the same cell). Returns the valid cells and the invalid ones (status
-    "invalid", `error` set, `relpath` without a key)."""
+    INVALID, `error` set, `relpath` without a key)."""
     valid: list[Cell] = []
     invalid: list[Cell] = []
     seen: set[str] = set()
@@ -191,7 +192,7 @@ def identify(cells: list[Cell], inputs: Inputs) -> tuple[list[Cell], list[Cell]]
         try:
             spec = JobSpec.from_dict(cell.config)
         except ConfigError as exc:
-            cell.status, cell.error = "invalid", str(exc)
+            cell.status, cell.error = Status.INVALID, str(exc)
             cell.relpath = "/".join(sanitize(_name(cell.config, s)) for s in ("model", "sparse", "benchmark"))
             cell.relpath += "/" + sanitize(_name(cell.config, "benchmark", "subset"))
             invalid.append(cell)
@@ -221,7 +222,6 @@ def _name(cfg: dict, section: str, key: str = "name") -> str:
 
 
 def refresh_status(cells: list[Cell]) -> None:
-    """done | running | failed | pending."""
     for cell in cells:
         cell.status = jobdir.status(cell.path, cell.key)
 
@@ -231,9 +231,9 @@ def plan_table(cells: list[Cell]) -> str:
     lines = []
     for cell in cells:
         line = f"  {cell.status:8s} {cell.path}"
-        if cell.status == "failed":
+        if cell.status == Status.FAILED:
             line += f"\n           {jobdir.first_error_line(cell.path)}"
-        if cell.status == "invalid":
+        if cell.status == Status.INVALID:
             line = f"  {cell.status:8s} {cell.relpath}\n           {cell.error}"
         lines.append(line)
     return "\n".join(lines)

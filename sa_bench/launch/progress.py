@@ -15,6 +15,7 @@ import time
 from typing import TextIO
 
 from sa_bench.launch import jobdir
+from sa_bench.launch.jobdir import Status
 from sa_bench.launch.pool import describe_holders, read_waiting
 
 
@@ -40,23 +41,23 @@ class Progress:
 
     def line(self) -> str:
         """`waiting` counts the cells not started yet and the jobs whose lease waits."""
-        counts = {"done": 0, "running": 0, "failed": 0, "pending": 0}
+        counts = dict.fromkeys((Status.DONE, Status.RUNNING, Status.FAILED, Status.PENDING), 0)
         samples = []
         for cell in self.cells:
             state = jobdir.status(cell.path, cell.key)
             name = cell.relpath.rsplit("/", 1)[0]
-            if state == "running" and (wait := read_waiting(cell.path)) is not None:
-                state = "pending"
+            if state == Status.RUNNING and (wait := read_waiting(cell.path)) is not None:
+                state = Status.PENDING
                 wants = wait.get("wants") if isinstance(wait.get("wants"), str) else "a device slot"
                 samples.append(f"{name} waiting for {wants} held by {describe_holders(wait['holders'])}")
             counts[state] += 1
-            if state == "running":
+            if state == Status.RUNNING:
                 info = jobdir.read_json(cell.path / jobdir.PROGRESS) or {}
                 if "total" in info:
                     samples.append(f"{name} {info['done']}/{info['total']}")
         text = (
-            f"[sa_bench] {counts['done']} done, {counts['running']} running, "
-            f"{counts['failed']} failed, {counts['pending']} waiting"
+            f"[sa_bench] {counts[Status.DONE]} done, {counts[Status.RUNNING]} running, "
+            f"{counts[Status.FAILED]} failed, {counts[Status.PENDING]} waiting"
         )
         if samples:
             text += " | " + "; ".join(samples[:4]) + (" ..." if len(samples) > 4 else "")
