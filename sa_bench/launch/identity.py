@@ -156,13 +156,15 @@ def _model_values(model: Any, inputs: Inputs) -> dict[str, Any]:
 def _sparse_values(method: Any, cache: FingerprintCache) -> dict[str, Any]:
     config = method.config
     maskers = [(name, m) for name, m in method.maskers.items() if not _selects_nothing(m)]
-    values = canonical(config, cache, drop={"maskers", "dense_layers", "seed"})
+    values = canonical(config, cache, drop={"maskers", "dense_layers", "seed", "compression"})
     layers = sorted(set(config.dense_layers))
     if layers:
         values["dense_layers"] = layers
     if any(getattr(m, "draws_random", False) for _, m in maskers) and config.seed != 0:
         values["seed"] = config.seed
     values["maskers"] = [[name, canonical(m, cache)] for name, m in maskers]
+    if getattr(method, "press", None) is not None:  # the built press: its defaults count
+        values["compression"] = canonical(method.press, cache)
     return values
 
 
