@@ -220,7 +220,7 @@ def test_every_config_builds_and_runs(install):
         stats = method.stats()
         json.dumps(stats)
         assert len(stats["density"]["question"]) == 2 and len(stats["error"]["decode"]) == 2
-        if name != "dense":
+        if method.maskers:  # dense, and compression alone (test_compression), read every key
             assert all(0 < d < 1 for d in stats["density"]["decode"]), name
             assert all(e > 0 for e in stats["error"]["decode"]), name
 

@@ -249,6 +249,8 @@ class Compressor:
         self.records: dict[int, _Record] = {}
         self.valid: dict[int, Tensor] = {}
         """Head-wise layers: [b, Hk, L] validity of the first L cache positions."""
+        self.kept: dict[int, tuple[Tensor, Tensor | None]] = {}
+        """The last compression's (kept positions, validity) per layer (as `Press.keep`)."""
         self.compressed = False
         self.n_layers = 0
         self.rope: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None
@@ -334,6 +336,7 @@ class Compressor:
             n = keys.shape[2]
             t0 = time.perf_counter()
             idx, valid = self.press.keep(self.observation(layer, keys, values))
+            self.kept[layer] = idx, valid
             if keys.device.type == "cuda":
                 torch.cuda.synchronize(keys.device)
             self.totals["scoring_s"] += time.perf_counter() - t0
