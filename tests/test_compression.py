@@ -235,3 +235,23 @@ def test_a_ratio_sweep_gives_one_directory_per_ratio_and_resumes(tmp_path):
     second = run_sa_bench(*args, root=out, env={"PYTHONPATH": str(ROOT)}, check=True)
     assert "2 jobs: 2 done (skipped), 0 to run" in second.stdout
     assert marks == {d: (d / "done.json").stat().st_mtime_ns for d in dirs}
+
+
+@pytest.mark.parametrize("ratio", [0.25, 0.5])
+def test_chunk_compresses_each_chunk_on_its_own(tiny, install, ratio):
+    model, _, ids = tiny
+    method = method_of("chunk", compression_ratio=ratio, chunk_length=100)
+    install(method, model)
+    cache, n = prefilled(model, method, ids)
+    keys = cache.layers[0].keys.clone()
+    method.compress(cache, "context")
+    idx = method.compressor.kept[0][0]
+    for start in range(0, n, 100):
+        size = min(100, n - start)
+        inside = idx[(idx >= start) & (idx < start + size)].view(1, keys.shape[1], -1)
+        assert inside.shape[-1] == math.ceil((1 - ratio) * size)
+        norms = keys[:, :, start:start + size].norm(dim=-1)  # KNorm: the smallest norms of the chunk
+        want = (-norms).topk(inside.shape[-1], -1).indices.sort(-1).values + start
+        assert torch.equal(inside, want)
+    with pytest.raises(ConfigError, match="Chunk takes presses that score keys and values only"):
+        method_of("chunk", press={"_target_": "sa_bench.attention.presses.SnapKV"})

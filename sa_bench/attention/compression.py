@@ -227,6 +227,37 @@ class PerLayer(Wrapper):
         return kept_count(n, self.compression_ratios[layer])
 
 
+@dataclass
+class Chunk(Wrapper):
+    """kvpress's ChunkPress (after FINCH): the context in chunks of `chunk_length`, each
+    compressed on its own (ceil((1 - r) * chunk) kept per chunk), so eviction is spread
+    evenly. For presses that read keys and values only: the queries a press reads are the
+    prefill's last ones, not each chunk's."""
+
+    chunk_length: int = 1024
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.chunk_length < 1:
+            raise ConfigError(f"chunk_length: expected a value >= 1, got {self.chunk_length}")
+        if self.press.window() or self.press.records_attention() or self.press.stats_from is not None:
+            raise ConfigError(f"press: {type(self.press).__name__} reads the prefill's queries; "
+                              f"Chunk takes presses that score keys and values only")
+
+    def budget(self, n: int, layer: int, n_layers: int) -> int:
+        return sum(kept_count(min(self.chunk_length, n - i), self.compression_ratio)
+                   for i in range(0, n, self.chunk_length))
+
+    def keep(self, obs: Observation) -> tuple[Tensor, Tensor | None]:
+        n, parts = obs.keys.shape[2], []
+        for i in range(0, n, self.chunk_length):
+            part = replace(obs, keys=obs.keys[:, :, i:i + self.chunk_length],
+                           values=obs.values[:, :, i:i + self.chunk_length])
+            k = kept_count(part.keys.shape[2], self.compression_ratio)
+            parts.append(i + self.press.score(part).topk(k, -1).indices.sort(-1).values)
+        return torch.cat(parts, -1), None
+
+
 @dataclass(frozen=True)
 class _Record:
     """What was recorded for one layer (replaced, never changed in place: a snapshot of the
