@@ -2,8 +2,8 @@
 
     python kvpress_side.py OUT_DIR
 
-Makes a tiny random Llama (saved to OUT_DIR/model, loadable by transformers 5), a random
-prompt, and for each press and ratio the positions kvpress keeps per layer and kv head
+Makes tiny random Llama, Qwen2 and Mistral models with GQA (saved to OUT_DIR/<arch>,
+loadable by transformers 5), a random prompt, and for each press and ratio the positions kvpress keeps per layer and kv head
 (recovered by matching the compressed keys against the uncompressed ones; AdaKV: the
 complement of the positions it masks), written to OUT_DIR/kept.json.
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import kvpress
 import torch
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 
 RATIOS = [0.25, 0.5, 0.75]
 N = 300  # (1 - r) * N is whole for every ratio: kvpress's int() and our ceil agree
@@ -70,31 +70,36 @@ def kept_positions(full: DynamicCache, cache: DynamicCache, model) -> list[list[
 
 
 def main(out: Path) -> None:
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                         max_position_embeddings=2048, rope_theta=10000.0)
+    shape = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                 max_position_embeddings=2048, rope_theta=10000.0)
     result: dict = {"kvpress": version("kvpress"), "transformers": version("transformers"),
                     "n": N, "kept": {}}
+    torch.manual_seed(0)
     ids = torch.randint(0, 256, (1, N))
     result["ids"] = ids[0].tolist()
-    for impl in ("sdpa", "eager"):
-        torch.manual_seed(0)
-        model = LlamaForCausalLM(config).eval()
-        model.set_attn_implementation(impl)
-        if impl == "sdpa":
-            model.save_pretrained(out / "model")
-        full = prefill(model, ids)
-        for ratio in RATIOS:
-            for name, press in presses(ratio).items():
-                if (name == "observed_attention") != (impl == "eager"):
-                    continue  # observed attention reads eager weights; AdaKV refuses eager
-                if name == "adakv":
-                    press.compression_ratio = ratio
-                for attn in (layer.self_attn for layer in model.model.layers):
-                    attn.masked_key_indices = None
-                cache = prefill(model, ids, press)
-                result["kept"].setdefault(name, {})[str(ratio)] = kept_positions(full, cache, model)
+    for arch in ("llama", "qwen2", "mistral"):
+        # sa_bench refuses sliding-window cache layers (Mistral's default, 4096: wider than
+        # the prompt, so the same attention) for compression
+        config = AutoConfig.for_model(arch, **shape, **({"sliding_window": None} if arch == "mistral" else {}))
+        for impl in ("sdpa", "eager"):
+            torch.manual_seed(0)
+            model = AutoModelForCausalLM.from_config(config).eval()
+            model.set_attn_implementation(impl)
+            if impl == "sdpa":
+                model.save_pretrained(out / arch)
+            full = prefill(model, ids)
+            for ratio in RATIOS:
+                for name, press in presses(ratio).items():
+                    if (name == "observed_attention") != (impl == "eager"):
+                        continue  # observed attention reads eager weights; AdaKV refuses eager
+                    if name == "adakv":
+                        press.compression_ratio = ratio
+                    for attn in (layer.self_attn for layer in model.model.layers):
+                        attn.masked_key_indices = None
+                    cache = prefill(model, ids, press)
+                    kept = kept_positions(full, cache, model)
+                    result["kept"].setdefault(arch, {}).setdefault(name, {})[str(ratio)] = kept
     (out / "kept.json").write_text(json.dumps(result))
 
 

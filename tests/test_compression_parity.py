@@ -1,5 +1,5 @@
 """Parity with NVIDIA kvpress: the positions each press keeps per layer and kv head equal
-kvpress's on the same tiny random Llama (GQA) and prompt, at ratios 0.25 / 0.5 / 0.75.
+kvpress's on the same tiny random Llama, Qwen2 and Mistral models (GQA) and prompt, at ratios 0.25 / 0.5 / 0.75.
 
 kvpress pins transformers < 5.3, so it runs in its own venv (made once, cached under
 ~/.cache/sa_bench/kvpress-venv), where tests/kvpress_side.py writes the model and kvpress's
@@ -83,17 +83,21 @@ def test_kept_positions_equal_kvpress(theirs):
 
     out, data = theirs
     assert data["kvpress"] == KVPRESS.split("==")[1]
-    model = AutoModelForCausalLM.from_pretrained(out / "model", dtype=torch.float32).eval()
     differ = []
-    for name, by_ratio in sorted(data["kept"].items()):
-        for ratio, kept in by_ratio.items():
-            mine = ours(model, data["ids"], name, float(ratio))
-            for layer, (a, b) in enumerate(zip(mine, kept, strict=True)):
-                for head, (x, y) in enumerate(zip(a, b, strict=True)):
-                    if x != y:
-                        differ.append(f"{name} r={ratio} layer {layer} head {head}: "
-                                      f"{len(set(x) ^ set(y))} positions differ")
-    assert set(data["kept"]) >= {"random", "knorm", "streaming_llm", "snapkv", "pyramidkv", "tova",
-                                 "observed_attention", "expected_attention", "keydiff", "lagkv",
-                                 "adakv"}
+    for arch, presses in sorted(data["kept"].items()):
+        model = AutoModelForCausalLM.from_pretrained(out / arch, dtype=torch.float32).eval()
+        assert set(presses) >= {"random", "knorm", "streaming_llm", "snapkv", "pyramidkv", "tova",
+                                "observed_attention", "expected_attention", "keydiff", "lagkv",
+                                "adakv"}
+        for name, by_ratio in sorted(presses.items()):
+            for ratio, kept in by_ratio.items():
+                mine = ours(model, data["ids"], name, float(ratio))
+                for layer, (a, b) in enumerate(zip(mine, kept, strict=True)):
+                    for head, (x, y) in enumerate(zip(a, b, strict=True)):
+                        assert len(set(y)) == len(y) and (name in ("adakv", "pyramidkv")
+                                                          or len(y) == data["n"] * (1 - float(ratio)))
+                        if x != y:
+                            differ.append(f"{arch} {name} r={ratio} layer {layer} head {head}: "
+                                          f"{len(set(x) ^ set(y))} positions differ")
+    assert set(data["kept"]) == {"llama", "qwen2", "mistral"}
     assert not differ, "\n".join(differ)

@@ -36,6 +36,8 @@ question (`query_aware: false`); every question is answered from the compressed 
 the cache restored afterwards (the layers' tensors put back: bit-identical). With
 `query_aware: true` the question is appended first and context + question are compressed
 together (SnapKV's setting), per question. `dense_layers` are neither compressed nor masked.
+Only full-attention cache layers are compressed (a sliding-window layer is refused), and the
+runner's batch of one prompt has no padding, so the compressed layers need no padding mask.
 Configured as the `compression:` section of a `sparse` config (`_target_` a `Press`), so one
 config may combine a press with decode maskers (e.g. SnapKV, then Quest over what is left).
 """
