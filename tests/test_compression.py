@@ -4,6 +4,7 @@ answer, query awareness, composition with Quest, and a ratio sweep that resumes.
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 
@@ -11,6 +12,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from sa_bench import report
 from sa_bench.attention import SparseMethod
 from sa_bench.attention.compression import kept_count
 from sa_bench.config import ConfigError
@@ -231,6 +233,11 @@ def test_a_ratio_sweep_gives_one_directory_per_ratio_and_resumes(tmp_path):
         ratios.add(stats["compression_ratio"])
         assert stats["kv_bytes_after"] < stats["kv_bytes_before"] and stats["compressions"] >= 1
     assert ratios == {0.25, 0.5}
+    jobs = report.read_jobs(out)  # the report reads the compression achieved, as a CSV column
+    report.write_csv(jobs, report.build_table(jobs), tmp_path / "results.csv")
+    with open(tmp_path / "results.csv", newline="") as f:
+        column = sorted(round(float(r["compression"]), 2) for r in csv.DictReader(f))
+    assert column == [0.25, 0.5]
     marks = {d: (d / "done.json").stat().st_mtime_ns for d in dirs}
     second = run_sa_bench(*args, root=out, env={"PYTHONPATH": str(ROOT)}, check=True)
     assert "2 jobs: 2 done (skipped), 0 to run" in second.stdout
