@@ -262,3 +262,18 @@ def test_chunk_compresses_each_chunk_on_its_own(tiny, install, ratio):
         assert torch.equal(inside, want)
     with pytest.raises(ConfigError, match="Chunk takes presses that score keys and values only"):
         method_of("chunk", press={"_target_": "sa_bench.attention.presses.SnapKV"})
+
+
+def test_dense_layers_are_not_compressed(tiny, install):
+    model, tok, ids = tiny
+    method = method_of("snapkv", compression_ratio=0.5)
+    method.config.dense_layers = [1]
+    install(method, model)
+    cache, n = prefilled(model, method, ids)
+    keys = cache.layers[1].keys.clone()
+    method.compress(cache, "context")
+    assert cache.layers[0].keys.shape[2] == kept_count(n, 0.5) and set(method.compressor.kept) == {0}
+    assert torch.equal(cache.layers[1].keys, keys)
+    tokens = _answer(model, method, cache, tok(" the key is #", add_special_tokens=False).input_ids,
+                     4, set(), CPU, start=n)
+    assert len(tokens) == 4 and method.stats()["compression"]["kept_per_layer"][1] is None

@@ -77,10 +77,6 @@ class Observation:
     rope: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None
     """positions [m] -> (cos, sin) [m, d] of the model's rotary embedding."""
 
-    @property
-    def groups(self) -> int:
-        return self.queries.shape[1] // self.keys.shape[1] if self.queries is not None else 1
-
 
 @dataclass
 class Press:
@@ -330,7 +326,7 @@ class Compressor:
         if window:
             past = rec.queries
             joined = query if past is None else torch.cat([past, query], 2)
-            changes["queries"] = joined[:, :, -window:]
+            changes["queries"] = joined[:, :, -window:].clone()  # not a view of the whole chunk
         if self.press.records_attention():
             new = column_sums(query, key, scaling)
             changes["sums"] = new if rec.sums is None else new + _pad_to(rec.sums, kv)
