@@ -109,6 +109,10 @@ class Job:
         return measured_density(self.stats, self.method)
 
     @property
+    def compression(self) -> float | None:
+        return measured_compression(self.stats)
+
+    @property
     def weights(self) -> str | None:
         """The identity of the model weights the job ran with, as far as its files record it:
         env.json's `weights` where a job records it (as the job key has it); else, from
@@ -140,6 +144,15 @@ def measured_density(stats: dict, method: str) -> float | None:
         if values:
             return sum(values) / len(values)
     return 1.0 if method == DENSE else None
+
+
+def measured_compression(stats: dict) -> float | None:
+    """The fraction of the KV cache a compression press removed (stats.json
+    attention.compression.achieved_ratio); None for a method that compresses nothing."""
+    attention = stats.get("attention")
+    press = attention.get("compression") if isinstance(attention, dict) else None
+    value = press.get("achieved_ratio") if isinstance(press, dict) else None
+    return float(value) if _is_number(value) else None
 
 
 def find_job_dirs(root: Path) -> list[Path]:
@@ -668,7 +681,7 @@ def counts(jobs: list[Job]) -> str:
 # --- files -------------------------------------------------------------------------------------
 
 LEADING_CSV = ["path", "status", "superseded", "superseded_by", "error", "finished", "density",
-               "dense_score", "score_vs_dense", "dense_path", "model_weights"]
+               "compression", "dense_score", "score_vs_dense", "dense_path", "model_weights"]
 
 
 def write_csv(jobs: list[Job], table: Table, path: Path) -> None:
@@ -681,8 +694,8 @@ def write_csv(jobs: list[Job], table: Table, path: Path) -> None:
         record: dict[str, Any] = {"path": job.relpath, "status": job.status,
                                   "error": job.error or "; ".join(job.unreadable)}
         if job.status == "done":
-            record.update(density=job.density, finished=job.finished, model_weights=job.weights,
-                          superseded=False)
+            record.update(density=job.density, compression=job.compression, finished=job.finished,
+                          model_weights=job.weights, superseded=False)
             if id(job) in where:
                 row, column = where[id(job)]
                 shown = row.cells[column]

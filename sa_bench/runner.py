@@ -106,7 +106,7 @@ def evaluate(spec: JobSpec, path: Path, lease: Lease, weights: str | None = None
     implementation = resolve_implementation(spec.model.attn_implementation, device, model.dtype)
     chunk = spec.model.prefill_chunk
     eos = _eos_ids(model, tokenizer) | bench.generation.stop_ids(tokenizer)
-    timing = {"prefill_s": 0.0, "answer_s": 0.0, "generated_tokens": 0, "samples_run": 0}
+    timing = {"prefill_s": 0.0, "compress_s": 0.0, "answer_s": 0.0, "generated_tokens": 0, "samples_run": 0}
     write_progress(path, len(finished), len(requests))
     with method.installed(model, implementation), open(path / jobdir.PREDICTIONS, "a") as out:
         for context_ids, group in _by_context(requests).items():
@@ -116,11 +116,19 @@ def evaluate(spec: JobSpec, path: Path, lease: Lease, weights: str | None = None
             method.reset()
             cache, ctx_len, t = _prefill(model, method, context_ids, device, chunk)
             timing["prefill_s"] += t
+            t0 = time.perf_counter()
+            method.compress(cache, "context")  # once per context (a press without query_aware)
+            saved = method.snapshot(cache) if method.compresses else None
+            _synchronize(device)
+            timing["compress_s"] += time.perf_counter() - t0
             for request in todo:
                 t0 = time.perf_counter()
                 tokens = _answer(model, method, cache, request.question_ids, max_new, eos, device,
-                                 bench.generation, context_ids)
-                _rewind(cache, ctx_len)
+                                 bench.generation, context_ids, start=ctx_len)
+                if saved is None:
+                    _rewind(cache, ctx_len)
+                else:  # the compressed context as it was, bit for bit (answer tokens removed)
+                    method.restore(cache, saved)
                 _synchronize(device)
                 timing["answer_s"] += time.perf_counter() - t0
                 timing["generated_tokens"] += len(tokens)
@@ -229,16 +237,29 @@ def _rewind(cache: Any, length: int) -> None:
 
 def _answer(model: Any, method: Any, cache: Any, question_ids: list[int], max_new: int,
             eos: set[int], device: Any, generation: Generation | None = None,
-            context_ids: Sequence[int] = ()) -> list[int]:
+            context_ids: Sequence[int] = (), start: int | None = None) -> list[int]:
     """Greedy decoding: the question tokens, then one token at a time until EOS or max_new,
-    each step under the benchmark's `generation` settings (over context, question, answer)."""
+    each step under the benchmark's `generation` settings (over context, question, answer).
+    `start`: the true position of the first question token, fed as `position_ids` (a
+    compressed cache holds fewer positions than were prefilled); None: the cache's length.
+    A query-aware press compresses the cache after the question."""
     import torch
 
     tokens: list[int] = []
+    position = [start]
+
+    def feed(ids: list[int]) -> Any:
+        kwargs = _with_cache(model, cache)
+        if position[0] is not None:
+            kwargs["position_ids"] = torch.arange(position[0], position[0] + len(ids),
+                                                  device=device).unsqueeze(0)
+            position[0] += len(ids)
+        return model(input_ids=torch.tensor([ids], device=device), **kwargs).logits
+
     method.set_phase("question")
     with torch.inference_mode():
-        logits = model(input_ids=torch.tensor([question_ids], device=device),
-                       **_with_cache(model, cache)).logits
+        logits = feed(question_ids)
+        method.compress(cache, "question")
         method.set_phase("decode")
         while True:
             token = next_token(logits[0, -1], generation or Generation(), context_ids,
@@ -248,8 +269,7 @@ def _answer(model: Any, method: Any, cache: Any, question_ids: list[int], max_ne
             tokens.append(token)
             if len(tokens) >= max_new:
                 break
-            logits = model(input_ids=torch.tensor([[token]], device=device),
-                           **_with_cache(model, cache)).logits
+            logits = feed([token])
     return tokens
 
 

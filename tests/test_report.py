@@ -195,6 +195,12 @@ def test_measured_density_rules() -> None:
     assert report.measured_density({}, "oracle_topk") is None
 
 
+def test_measured_compression_reads_the_achieved_ratio() -> None:
+    assert report.measured_compression({"attention": {"compression": {"achieved_ratio": 0.5}}}) == 0.5
+    assert report.measured_compression({"attention": {"density": {}}}) is None
+    assert report.measured_compression({"attention": {"compression": {"achieved_ratio": None}}}) is None
+
+
 def test_filters_by_globs(tree: Path) -> None:
     jobs = report.read_jobs(tree)
     picked = report.select(jobs, model=["*small"], method=["oracle*", "dense"], benchmark=["passkey/1k"])

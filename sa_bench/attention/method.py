@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from sa_bench.attention.compression import Compressor, Press, padded_attention, restore, snapshot
 from sa_bench.attention.dense import dense_attention, dense_mask
 from sa_bench.attention.driver import attend_blocks, decode_spans
 from sa_bench.attention.gather import CPU_GATHER, GatherCosts, Workspace
@@ -37,6 +38,9 @@ class SparseConfig:
     """A sparse prefill method (`_target_`: a `sa_bench.attention.prefill.PrefillMethod`):
     the context's prefill, and the question tokens when `phase` is question, use it; the
     maskers then select for decode steps only."""
+    compression: dict[str, Any] | None = None
+    """A KV-cache compression press (`_target_` a `sa_bench.attention.compression.Press`),
+    applied once after the context's prefill (see that module)."""
 
     def __post_init__(self) -> None:
         if self.block_bytes < 1:
@@ -72,10 +76,12 @@ class SparseMethod:
     """Maskers applied in order; the model's own dense kernel where the phase or layer is not sparse."""
 
     def __init__(self, config: SparseConfig, maskers: dict[str, Masker],
-                 prefill: PrefillMethod | None = None) -> None:
+                 prefill: PrefillMethod | None = None, press: Press | None = None) -> None:
         self.config = config
         self.maskers = maskers
         self.prefill = prefill
+        self.press = press
+        self.compressor = Compressor(press) if press is not None else None
         self.phase = "prefill"
         self.name = f"sa_bench_{next(_ids)}_{config.name}"
         self.num_layers = 0
@@ -108,7 +114,14 @@ class SparseMethod:
         prefill = None
         if config.prefill is not None:
             prefill = build_target(config.prefill, "sparse.prefill", PrefillMethod)
-        return cls(config, maskers, prefill)
+        press = None
+        if config.compression is not None:
+            press = build_target(dict(config.compression), "sparse.compression", Press)
+            if press.head_wise and maskers:
+                raise ConfigError(f"sparse.compression._target_: a head-wise press "
+                                  f"({type(press).__name__}) does not combine with decode maskers "
+                                  f"({', '.join(maskers)}); use a uniform-budget press")
+        return cls(config, maskers, prefill, press)
 
     # --- runner API --------------------------------------------------------------------------
 
@@ -150,6 +163,8 @@ class SparseMethod:
                                   f"(the model has {self.num_layers} layers)")
         for name, masker in self.maskers.items():
             masker.prepare(model.config, f"sparse.maskers.{name}")
+        if self.compressor is not None:
+            self.compressor.prepare(model, self.num_layers)
 
     def set_phase(self, phase: str) -> None:
         if phase not in PHASES:
@@ -163,6 +178,37 @@ class SparseMethod:
         if self._context_estimate is not None:
             self._estimated_on.add(self._context_estimate)
         self._context_estimate = None
+        if self.compressor is not None:
+            self.compressor.reset()
+
+    # --- KV-cache compression (sa_bench.attention.compression) --------------------------------
+
+    @property
+    def compresses(self) -> bool:
+        return self.press is not None
+
+    def compress(self, cache, stage: Literal["context", "question"]) -> None:
+        """Compress `cache` if the press compresses at this stage: after the context's prefill
+        (`query_aware: false`) or after the question (`query_aware: true`)."""
+        if self.press is None or self.press.query_aware != (stage == "question"):
+            return
+        self.compressor.compress(cache, set(self.config.dense_layers))
+        for masker in self.maskers.values():
+            masker.reset()  # features of keys that moved or went
+
+    def snapshot(self, cache) -> tuple:
+        """What `restore` needs to put `cache` and the recorded state back as they are now."""
+        c = self.compressor
+        return snapshot(cache), dict(c.records), dict(c.valid), c.compressed
+
+    def restore(self, cache, saved: tuple) -> None:
+        c = self.compressor
+        tensors, records, valid, compressed = saved
+        restore(cache, tensors)
+        c.records, c.valid, c.compressed = dict(records), dict(valid), compressed
+        if self.press.query_aware:  # the cache went back to before its compression
+            for masker in self.maskers.values():
+                masker.reset()
 
     def stats(self) -> dict:
         layers = self.num_layers or 1 + max((k[1] for k in self._density.sums), default=-1)
@@ -177,6 +223,8 @@ class SparseMethod:
                 for computed, n in (self._prefill_heads.get(layer, (None, 0)) for layer in range(layers))]
             modes = self._estimated_on | ({self._context_estimate} - {None})
             out["prefill_estimated_on"] = "+".join(sorted(modes)) or None
+        if self.compressor is not None:
+            out["compression"] = self.compressor.stats()
         return out
 
     # --- the attention function --------------------------------------------------------------
@@ -201,6 +249,17 @@ class SparseMethod:
         layer = module.layer_idx
         b, h, q, _ = query.shape
         kv = key.shape[-2]
+        compressor = self.compressor
+        if compressor is not None:
+            if compressor.recording(self.phase):
+                compressor.observe(layer, query, key, scaling)
+            if compressor.compressed:
+                attention_mask = None  # built for layer 0's length; no padding (batch of one)
+                if layer in compressor.valid:
+                    out = padded_attention(query, key, value, compressor.valid[layer], scaling)
+                    if self.phase != "prefill":
+                        self._density.add(self.phase, layer, float(b * h * q), b * h * q)
+                    return out, None
         if self.uses_prefill(layer):
             return self._sparse_prefill(module, query, key, value, attention_mask, scaling), None
         if not self.is_sparse(layer):

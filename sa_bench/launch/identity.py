@@ -160,7 +160,7 @@ def _model_values(model: Any, inputs: Inputs) -> dict[str, Any]:
 def _sparse_values(method: Any, cache: FingerprintCache) -> dict[str, Any]:
     config = method.config
     maskers = [(name, m) for name, m in method.maskers.items() if not _selects_nothing(m)]
-    values = canonical(config, cache, drop={"maskers", "dense_layers", "seed", "prefill"})
+    values = canonical(config, cache, drop={"maskers", "dense_layers", "seed", "prefill", "compression"})
     layers = sorted(set(config.dense_layers))
     if layers:
         values["dense_layers"] = layers
@@ -169,6 +169,8 @@ def _sparse_values(method: Any, cache: FingerprintCache) -> dict[str, Any]:
     values["maskers"] = [[name, canonical(m, cache)] for name, m in maskers]
     if getattr(method, "prefill", None) is not None:  # the built method: defaults and class count
         values["prefill"] = canonical(method.prefill, cache)
+    if getattr(method, "press", None) is not None:  # the built press: its defaults count
+        values["compression"] = canonical(method.press, cache)
     return values
 
 

@@ -1,0 +1,467 @@
+"""KV-cache compression (kvpress's family): which key/value pairs survive, decided once.
+
+Design
+------
+A compression method is a *press*: a dataclass holding its parameters and ONE scoring
+function, `score(obs) -> [b, Hk, n]` (higher = keep), as kvpress's `ScorerPress`. Everything
+else lives here, once:
+
+- budget: a press of ratio r keeps ceil((1 - r) * n) positions per layer and kv head
+  (`Press.budget`; kvpress truncates, int((1 - r) * n), so at an n where (1 - r) * n is not
+  whole we keep one position more); the kept positions are the top-k of the scores, stored
+  in ascending position order (kvpress keeps top-k order; order does not change attention,
+  but decode maskers that read positions, Quest pages, sink and local, see the kept keys in
+  context order);
+- the physical shrink: each `DynamicCache` layer's `keys` / `values` tensors are replaced by
+  the gathered kept positions (contiguous), so decoding reads fewer bytes;
+- RoPE: kept keys keep their rotated values; new tokens are fed with their true
+  `position_ids` (the runner passes them), while the causal mask works in the compressed
+  cache's index space (transformers builds it from the cache length);
+- head-wise budgets (`AdaKV`): every kv head keeps its own number of positions, stored as
+  per-head lengths over a shared buffer sized by the largest head (kept positions first,
+  padding after, `Compressor.valid`); attention masks the padding. Memory is the largest
+  head's length times the heads: it falls with the ratio, unlike kvpress, which only masks.
+  Head-wise layouts run on SDPA with a mask and do not combine with decode maskers;
+- what a press reads (`Observation`): the layer's keys and values; the last queries of the
+  prefill (post-RoPE, as captured by the attention function: kvpress recomputes them from
+  the hidden states, the same numbers); column sums of the prefill's attention
+  probabilities; mean and covariance of the pre-RoPE queries (the captured queries rotated
+  back). These are recorded by `Compressor.observe` during every prefill chunk, so they are
+  exact under chunked prefill: kvpress's observed attention needs eager attention weights of
+  the whole prefill in one pass; here they are summed chunk by chunk (the same sums, on any
+  kernel), at the cost of a second pass over each chunk's scores in blocks of rows.
+
+Protocol (kvpress's pipeline): the context is prefilled, then compressed once without the
+question (`query_aware: false`); every question is answered from the compressed cache and
+the cache restored afterwards (the layers' tensors put back: bit-identical). With
+`query_aware: true` the question is appended first and context + question are compressed
+together (SnapKV's setting), per question. `dense_layers` are neither compressed nor masked.
+Only full-attention cache layers are compressed (a sliding-window layer is refused), and the
+runner's batch of one prompt has no padding, so the compressed layers need no padding mask.
+Configured as the `compression:` section of a `sparse` config (`_target_` a `Press`), so one
+config may combine a press with decode maskers (e.g. SnapKV, then Quest over what is left).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from sa_bench.config import ConfigError, build_target
+from sa_bench.lazy import torch
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+ROW_BLOCK_BYTES = 64 * 2**20
+"""Largest float32 block of attention probabilities built while recording column sums."""
+
+
+@dataclass
+class Observation:
+    """What a press may read for one layer at compression time."""
+
+    layer: int
+    n_layers: int
+    keys: Tensor  # [b, Hk, n, d], RoPE applied
+    values: Tensor  # [b, Hk, n, d]
+    scaling: float
+    queries: Tensor | None = None  # the last `query_window` queries [b, H, w, d], RoPE applied
+    attention_sums: Tensor | None = None  # [b, H, n]: sum over recorded rows of softmax(q.k)
+    query_mean: Tensor | None = None  # [b, H, d], pre-RoPE, positions >= stats_from
+    query_cov: Tensor | None = None  # [b, H, d, d]
+    n_observed: int = 0  # positions prefilled (context, plus question if query-aware)
+    rope: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None
+    """positions [m] -> (cos, sin) [m, d] of the model's rotary embedding."""
+
+
+@dataclass
+class Press:
+    """Base of all presses: `compression_ratio` (fraction of positions removed, kvpress's
+    name) and `query_aware`; subclasses implement `score`."""
+
+    compression_ratio: float = 0.0
+    query_aware: bool = False
+    """Compress context and question together, per question (else the context, once)."""
+
+    query_window: ClassVar[int] = 0
+    """How many of the last prefill queries the press reads (0: none)."""
+    attention_sums: ClassVar[bool] = False
+    head_wise: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.compression_ratio < 1.0:
+            raise ConfigError(f"compression_ratio: expected a value in [0, 1), got {self.compression_ratio}")
+
+    @property
+    def stats_from(self) -> int | None:
+        """First position whose pre-RoPE query enters the query statistics (None: none)."""
+        return None
+
+    def window(self) -> int:
+        return self.query_window
+
+    def records_attention(self) -> bool:
+        return self.attention_sums
+
+    def score(self, obs: Observation) -> Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def budget(self, n: int, layer: int, n_layers: int) -> int:
+        """Positions kept per kv head of `layer` out of `n`: ceil((1 - r) * n)."""
+        return kept_count(n, self.compression_ratio)
+
+    def keep(self, obs: Observation) -> tuple[Tensor, Tensor | None]:
+        """(kept positions [b, Hk, L] ascending, validity [b, Hk, L] or None when every
+        head keeps L)."""
+        n = obs.keys.shape[2]
+        k = self.budget(n, obs.layer, obs.n_layers)
+        if k >= n:
+            return torch.arange(n, device=obs.keys.device).expand(*obs.keys.shape[:2], n), None
+        return self.score(obs).topk(k, -1).indices.sort(-1).values, None
+
+
+def kept_count(n: int, ratio: float) -> int:
+    """ceil((1 - ratio) * n) = n - floor(ratio * n), without float ceil surprises."""
+    return n - math.floor(ratio * n + 1e-9)
+
+
+def inner_press(data: Any, key: str) -> Press:
+    """A wrapper's `press`: built from its `_target_` mapping; its ratio must stay unset."""
+    press = data if isinstance(data, Press) else build_target(data, key, Press)
+    if press.compression_ratio != 0.0 or press.query_aware:
+        raise ConfigError(f"{key}: set compression_ratio and query_aware on the wrapper, not on "
+                          f"the press it wraps")
+    return press
+
+
+@dataclass
+class Wrapper(Press):
+    """A press that changes how budgets are spent and scores with the `press` it wraps."""
+
+    press: Any = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.press is None:
+            raise ConfigError("press: missing required key (a mapping with the _target_ of a press)")
+        self.press = inner_press(self.press, "press")
+
+    @property
+    def stats_from(self) -> int | None:
+        return self.press.stats_from
+
+    def window(self) -> int:
+        return self.press.window()
+
+    def records_attention(self) -> bool:
+        return self.press.records_attention()
+
+    def score(self, obs: Observation) -> Tensor:
+        return self.press.score(obs)
+
+
+@dataclass
+class AdaKV(Wrapper):
+    """AdaKV (Feng et al., 2024, https://arxiv.org/abs/2407.11550): head-wise budgets. Every
+    kv head first keeps its `alpha_safeguard` share of a uniform budget (its best positions);
+    the rest of the layer's budget, Hk * ceil((1 - r) * n), goes to the best scores of all
+    heads together. Stored compactly (see the module docstring), not masked."""
+
+    alpha_safeguard: float = 0.2
+    head_wise: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 <= self.alpha_safeguard <= 1.0:
+            raise ConfigError(f"alpha_safeguard: expected a value in [0, 1], got {self.alpha_safeguard}")
+        if self.press.head_wise:
+            raise ConfigError("press: AdaKV wraps a score-based press, not another head-wise one")
+
+    def keep(self, obs: Observation) -> tuple[Tensor, Tensor | None]:
+        b, hk, n = obs.keys.shape[:3]
+        k = self.budget(n, obs.layer, obs.n_layers)
+        if k >= n:
+            return Press.keep(self, obs)
+        scores = self.score(obs).float().clone()
+        safe = int(k * self.alpha_safeguard)
+        if safe:
+            scores.scatter_(-1, scores.topk(safe, -1).indices, torch.finfo(scores.dtype).max)
+        chosen = scores.flatten(1).topk(hk * k, -1).indices  # [b, Hk * k] over every head
+        kept = torch.zeros(b, hk * n, dtype=torch.bool, device=scores.device)
+        kept.scatter_(-1, chosen, True)
+        kept = kept.view(b, hk, n)
+        lengths = kept.sum(-1)  # [b, Hk]
+        width = int(lengths.max())
+        # kept positions first (ascending), then padding: sort by (not kept, position)
+        order = (~kept).long() * n + torch.arange(n, device=kept.device)
+        idx = order.sort(-1).values[..., :width] % n
+        valid = torch.arange(width, device=kept.device) < lengths.unsqueeze(-1)
+        return torch.where(valid, idx, 0), valid
+
+
+@dataclass
+class PerLayer(Wrapper):
+    """kvpress's PerLayerCompressionPress: `compression_ratios[layer]` for each layer,
+    scored by `press`."""
+
+    compression_ratios: list[float] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.compression_ratio != 0.0:
+            raise ConfigError("compression_ratio: PerLayer takes compression_ratios, one per layer")
+        for i, r in enumerate(self.compression_ratios):
+            if not 0.0 <= r < 1.0:
+                raise ConfigError(f"compression_ratios[{i}]: expected a value in [0, 1), got {r}")
+
+    def budget(self, n: int, layer: int, n_layers: int) -> int:
+        if len(self.compression_ratios) != n_layers:
+            raise ValueError(f"sparse.compression.compression_ratios: {len(self.compression_ratios)} "
+                             f"ratios for a model of {n_layers} layers")
+        return kept_count(n, self.compression_ratios[layer])
+
+
+@dataclass
+class Chunk(Wrapper):
+    """kvpress's ChunkPress (after FINCH): the context in chunks of `chunk_length`, each
+    compressed on its own (ceil((1 - r) * chunk) kept per chunk), so eviction is spread
+    evenly. For presses that read keys and values only: the queries a press reads are the
+    prefill's last ones, not each chunk's."""
+
+    chunk_length: int = 1024
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.chunk_length < 1:
+            raise ConfigError(f"chunk_length: expected a value >= 1, got {self.chunk_length}")
+        if self.press.window() or self.press.records_attention() or self.press.stats_from is not None:
+            raise ConfigError(f"press: {type(self.press).__name__} reads the prefill's queries; "
+                              f"Chunk takes presses that score keys and values only")
+
+    def budget(self, n: int, layer: int, n_layers: int) -> int:
+        return sum(kept_count(min(self.chunk_length, n - i), self.compression_ratio)
+                   for i in range(0, n, self.chunk_length))
+
+    def keep(self, obs: Observation) -> tuple[Tensor, Tensor | None]:
+        n, parts = obs.keys.shape[2], []
+        for i in range(0, n, self.chunk_length):
+            part = replace(obs, keys=obs.keys[:, :, i:i + self.chunk_length],
+                           values=obs.values[:, :, i:i + self.chunk_length])
+            k = kept_count(part.keys.shape[2], self.compression_ratio)
+            parts.append(i + self.press.score(part).topk(k, -1).indices.sort(-1).values)
+        return torch.cat(parts, -1), None
+
+
+@dataclass(frozen=True)
+class _Record:
+    """What was recorded for one layer (replaced, never changed in place: a snapshot of the
+    recorder is a copy of its dict)."""
+
+    queries: Tensor | None = None
+    sums: Tensor | None = None
+    s1: Tensor | None = None
+    s2: Tensor | None = None
+    count: int = 0
+    positions: int = 0
+    scaling: float = 1.0
+
+
+class Compressor:
+    """Records what the press reads during prefill, compresses a cache, keeps the statistics."""
+
+    def __init__(self, press: Press) -> None:
+        self.press = press
+        self.records: dict[int, _Record] = {}
+        self.valid: dict[int, Tensor] = {}
+        """Head-wise layers: [b, Hk, L] validity of the first L cache positions."""
+        self.kept: dict[int, tuple[Tensor, Tensor | None]] = {}
+        """The last compression's (kept positions, validity) per layer (as `Press.keep`)."""
+        self.compressed = False
+        self.n_layers = 0
+        self.rope: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None
+        self.totals: dict[str, Any] = {"compressions": 0, "scoring_s": 0.0, "kv_bytes_before": 0,
+                                       "kv_bytes_after": 0}
+        self.before: list[int] = []
+        self.after: list[int] = []
+        self.head_before: list[list[int]] = []
+        self.head_after: list[list[int]] = []
+
+    def prepare(self, model: Any, n_layers: int) -> None:
+        self.n_layers = n_layers
+        self.before, self.after = [0] * n_layers, [0] * n_layers
+        self.head_before, self.head_after = [[] for _ in range(n_layers)], [[] for _ in range(n_layers)]
+        rotary = next((m for m in model.modules() if type(m).__name__.endswith("RotaryEmbedding")), None)
+        if rotary is None:
+            self.rope = None
+            return
+
+        def rope(positions: Tensor) -> tuple[Tensor, Tensor]:
+            x = torch.zeros((), dtype=torch.float32, device=positions.device)
+            cos, sin = rotary(x, positions.unsqueeze(0))
+            return cos[0].float(), sin[0].float()
+
+        self.rope = rope
+
+    def reset(self) -> None:
+        self.records.clear()
+        self.valid.clear()
+        self.compressed = False
+
+    def recording(self, phase: str) -> bool:
+        return not self.compressed and (phase == "prefill" or (phase == "question" and self.press.query_aware))
+
+    # --- recording ---------------------------------------------------------------------------
+
+    def observe(self, layer: int, query: Tensor, key: Tensor, scaling: float) -> None:
+        """Record one attention call of the prefill: query [b, H, q, d], key [b, Hk, kv, d]
+        (cache included; row i sits at position kv - q + i)."""
+        rec = self.records.get(layer, _Record())
+        q, kv = query.shape[2], key.shape[2]
+        changes: dict[str, Any] = {"positions": kv, "scaling": scaling}
+        window = self.press.window()
+        if window:
+            past = rec.queries
+            joined = query if past is None else torch.cat([past, query], 2)
+            changes["queries"] = joined[:, :, -window:].clone()  # not a view of the whole chunk
+        if self.press.records_attention():
+            new = column_sums(query, key, scaling)
+            changes["sums"] = new if rec.sums is None else new + _pad_to(rec.sums, kv)
+        start = self.press.stats_from
+        if start is not None and self.rope is not None:
+            first = max(start, kv - q)
+            if first < kv:
+                cos, sin = self.rope(torch.arange(first, kv, device=query.device))
+                pre = unrotate(query[:, :, first - (kv - q):].float(), cos, sin)
+                s1, s2 = pre.sum(2), torch.einsum("bhsi,bhsj->bhij", pre, pre)
+                changes["s1"] = s1 if rec.s1 is None else rec.s1 + s1
+                changes["s2"] = s2 if rec.s2 is None else rec.s2 + s2
+                changes["count"] = rec.count + kv - first
+        self.records[layer] = replace(rec, **changes)
+
+    def observation(self, layer: int, keys: Tensor, values: Tensor) -> Observation:
+        rec = self.records.get(layer, _Record())
+        mean = cov = None
+        if rec.count:
+            mean = rec.s1 / rec.count
+            cov = rec.s2 / rec.count - mean.unsqueeze(-1) * mean.unsqueeze(-2)
+        return Observation(layer, self.n_layers, keys, values, rec.scaling, rec.queries, rec.sums,
+                           mean, cov, rec.positions, self.rope)
+
+    # --- compressing -------------------------------------------------------------------------
+
+    def compress(self, cache: Any, skip: set[int] | frozenset[int] = frozenset()) -> None:
+        """Shrink every layer of `cache` (a DynamicCache) but `skip` to the press's kept positions."""
+        for layer, entry in enumerate(cache.layers):
+            if layer in skip or not getattr(entry, "is_initialized", True):
+                continue
+            if type(entry).__name__ != "DynamicLayer":
+                raise ValueError(f"KV-cache compression needs full-attention cache layers; layer "
+                                 f"{layer} is a {type(entry).__name__}")
+            keys, values = entry.keys, entry.values
+            n = keys.shape[2]
+            t0 = time.perf_counter()
+            idx, valid = self.press.keep(self.observation(layer, keys, values))
+            self.kept[layer] = idx, valid
+            if keys.device.type == "cuda":
+                torch.cuda.synchronize(keys.device)
+            self.totals["scoring_s"] += time.perf_counter() - t0
+            take = idx.unsqueeze(-1).expand(-1, -1, -1, keys.shape[-1])
+            before = keys.nbytes + values.nbytes
+            entry.keys = keys.gather(2, take).contiguous()
+            entry.values = values.gather(2, take).contiguous()
+            self.totals["kv_bytes_before"] += before
+            self.totals["kv_bytes_after"] += entry.keys.nbytes + entry.values.nbytes
+            per_head = (valid.sum(-1) if valid is not None
+                        else torch.full(idx.shape[:2], idx.shape[-1])).sum(0).tolist()
+            if valid is not None:
+                self.valid[layer] = valid
+                heads = self.head_after[layer] or [0] * len(per_head)
+                self.head_after[layer] = [a + c for a, c in zip(heads, per_head, strict=True)]
+                self.head_before[layer] = [a + n * keys.shape[0] for a in
+                                           (self.head_before[layer] or [0] * len(per_head))]
+            self.before[layer] += n * keys.shape[0] * keys.shape[1]
+            self.after[layer] += int(sum(per_head))
+        self.totals["compressions"] += 1
+        self.compressed = True
+
+    def stats(self) -> dict[str, Any]:
+        """Compression achieved: per layer (and head, for head-wise presses) the fraction of
+        positions kept, the KV bytes before and after, the scoring time."""
+        before, after = sum(self.before), sum(self.after)
+        out: dict[str, Any] = {
+            **self.totals,
+            "scoring_s": round(self.totals["scoring_s"], 6),
+            "press": type(self.press).__name__,
+            "compression_ratio": self.press.compression_ratio,
+            "achieved_ratio": round(1 - after / before, 6) if before else None,
+            "kept_per_layer": [round(a / b, 6) if b else None for a, b in zip(self.after, self.before, strict=True)],
+        }
+        if any(self.head_before):
+            out["kept_per_head"] = [[round(a / b, 6) for a, b in zip(ha, hb, strict=True)] if hb else None
+                                    for ha, hb in zip(self.head_after, self.head_before, strict=True)]
+        return out
+
+
+def column_sums(query: Tensor, key: Tensor, scaling: float) -> Tensor:
+    """[b, H, kv]: the sum over the q rows (causal, bottom-right) of softmax(q.k * scaling),
+    in float32, built in blocks of rows of at most `ROW_BLOCK_BYTES`."""
+    b, h, q, d = query.shape
+    hk, kv = key.shape[1], key.shape[2]
+    g = h // hk
+    rows = max(1, ROW_BLOCK_BYTES // (4 * b * h * kv))
+    total = torch.zeros(b, h, kv, dtype=torch.float32, device=query.device)
+    keys = key.float().transpose(-1, -2)
+    for r0 in range(0, q, rows):
+        r1 = min(q, r0 + rows)
+        part = query[:, :, r0:r1].float().reshape(b, hk, g * (r1 - r0), d)
+        s = torch.matmul(part, keys).reshape(b, h, r1 - r0, kv) * scaling
+        pos = torch.arange(kv - q + r0, kv - q + r1, device=query.device)
+        s.masked_fill_(torch.arange(kv, device=query.device)[None, :] > pos[:, None], float("-inf"))
+        total += s.softmax(-1).sum(2)
+    return total
+
+
+def _pad_to(x: Tensor, n: int) -> Tensor:
+    return torch.nn.functional.pad(x, (0, n - x.shape[-1])) if x.shape[-1] < n else x
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], -1)
+
+
+def unrotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """The inverse of transformers' `apply_rotary_pos_emb` (x cos + rotate_half(x) sin)."""
+    return x * cos - rotate_half(x) * sin
+
+
+def padded_attention(query: Tensor, key: Tensor, value: Tensor, valid: Tensor, scaling: float) -> Tensor:
+    """Attention over a head-wise compressed layer: the first L keys of kv head h count where
+    `valid` [b, Hk, L] says so, later keys (appended after compression) always; causal,
+    bottom-right. -> [b, q, H, d]."""
+    b, h, q, _ = query.shape
+    hk, kv, width = key.shape[1], key.shape[2], valid.shape[-1]
+    keep = torch.ones(b, hk, kv, dtype=torch.bool, device=key.device)
+    keep[..., :width] = valid
+    pos = torch.arange(kv, device=key.device)
+    causal = pos[None, :] <= (kv - q + torch.arange(q, device=key.device))[:, None]
+    mask = keep.repeat_interleave(h // hk, 1).unsqueeze(2) & causal
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=mask, scale=scaling, enable_gqa=h != hk)
+    return out.transpose(1, 2)
+
+
+# --- the cache, restored after each answer ---------------------------------------------------
+
+def snapshot(cache: Any) -> list[tuple[Tensor, Tensor]]:
+    """The layers' key and value tensors (references: updates replace them, never write them)."""
+    return [(entry.keys, entry.values) for entry in cache.layers]
+
+
+def restore(cache: Any, saved: list[tuple[Tensor, Tensor]]) -> None:
+    for entry, (keys, values) in zip(cache.layers, saved, strict=True):
+        entry.keys, entry.values = keys, values
