@@ -201,13 +201,16 @@ class SparseMethod:
         layer = module.layer_idx
         b, h, q, _ = query.shape
         kv = key.shape[-2]
+        sinks = kwargs.get("s_aux")  # GPT-OSS: learned per-head sink logits [H]
+        # a layer's sliding window arrives in the mask (transformers' sliding-window mask and
+        # its sliding cache layer): the maskers' `allowed` keys and the dense kernels honour it
         if self.uses_prefill(layer):
             return self._sparse_prefill(module, query, key, value, attention_mask, scaling), None
         if not self.is_sparse(layer):
             for masker in self.maskers.values():
                 masker.truncate(layer, kv - q)  # keys past here may change (new context/crop)
             out = dense_attention(module, query, key, value, attention_mask, scaling,
-                                  self.implementation, dropout)
+                                  self.implementation, dropout, sinks)
             if self.phase != "prefill":
                 self._density.add(self.phase, layer, float(b * h * q), b * h * q)
                 self._error.add(self.phase, layer, 0.0, b * q)
@@ -218,18 +221,19 @@ class SparseMethod:
         spans, ranged = decode_spans(self.maskers.values(), q, kv, attention_mask)
         if spans and ranged == len(self.maskers):  # sink / local only: slices of the cache
             out = dense_attention(module, query, *_slices(key, value, spans), None, scaling,
-                                  self.implementation, dropout).transpose(1, 2)
+                                  self.implementation, dropout, sinks).transpose(1, 2)
             density = b * h * sum(stop - start for start, stop in spans) / kv
         else:
             if self.generator is None or self.generator.device != query.device:
                 self.generator = torch.Generator(device=query.device).manual_seed(self.config.seed)
             out, density = attend_blocks(self.maskers.values(), query, key, value, attention_mask,
                                          scaling, layer, self.generator, self.workspace,
-                                         self.config.block_bytes, self.gather_costs)  # [b, H, q, d]
+                                         self.config.block_bytes, self.gather_costs,
+                                         sinks)  # [b, H, q, d]
         self._density.add(self.phase, layer, density, b * h * q)
         if self.config.measure_error:
             dense = dense_attention(module, query, key, value, attention_mask, scaling,
-                                    self.implementation).float()
+                                    self.implementation, sinks=sinks).float()
             diff = out.transpose(1, 2).float() - dense
             err = diff.flatten(2).norm(dim=-1) / dense.flatten(2).norm(dim=-1).clamp_min(1e-30)
             self._error.add(self.phase, layer, err.sum(), b * q)
