@@ -95,12 +95,7 @@ def dense_attention(module: Any, query: Tensor, key: Tensor, value: Tensor,
         return sink_attention(module, query, key, value, attention_mask, scaling, sinks,
                               implementation, dropout)
     if implementation == "eager":
-        if attention_mask is None:
-            attention_mask = causal_bool(query.shape[2], key.shape[2], query.device)
-        if attention_mask.dtype == torch.bool:
-            attention_mask = torch.zeros(attention_mask.shape, dtype=query.dtype,
-                                         device=query.device).masked_fill_(
-                ~attention_mask, torch.finfo(query.dtype).min)
+        attention_mask = _additive_mask(query, key, attention_mask)
         return eager_attention(module, query, key, value, attention_mask, scaling, dropout)[0]
     q, kv = query.shape[2], key.shape[2]
     if q == 1:
@@ -144,12 +139,7 @@ def sink_attention(module: Any, query: Tensor, key: Tensor, value: Tensor,
     model's own eager attention); otherwise the same in blocks of query rows, each block's
     float32 scores at most `MASK_BLOCK_BYTES`, GQA without repeating K/V."""
     if implementation == "eager":
-        if attention_mask is None:
-            attention_mask = causal_bool(query.shape[2], key.shape[2], query.device)
-        if attention_mask.dtype == torch.bool:
-            attention_mask = torch.zeros(attention_mask.shape, dtype=query.dtype,
-                                         device=query.device).masked_fill_(
-                ~attention_mask, torch.finfo(query.dtype).min)
+        attention_mask = _additive_mask(query, key, attention_mask)
         g = query.shape[1] // key.shape[1]
         key_states = key.repeat_interleave(g, dim=1) if g > 1 else key
         value_states = value.repeat_interleave(g, dim=1) if g > 1 else value
@@ -184,6 +174,18 @@ def sink_attention(module: Any, query: Tensor, key: Tensor, value: Tensor,
         out = torch.matmul(weights.to(value.dtype), value.unsqueeze(2))  # [b, Hk, g, rows, d]
         outs.append(out.flatten(1, 2).transpose(1, 2))
     return (outs[0] if len(outs) == 1 else torch.cat(outs, 1)).to(query.dtype)
+
+
+def _additive_mask(query: Tensor, key: Tensor, attention_mask: Tensor | None) -> Tensor:
+    """The mask as eager attention adds it: 0 where allowed, the dtype's minimum elsewhere
+    (None: causal, bottom-right)."""
+    if attention_mask is None:
+        attention_mask = causal_bool(query.shape[2], key.shape[2], query.device)
+    if attention_mask.dtype == torch.bool:
+        attention_mask = torch.zeros(attention_mask.shape, dtype=query.dtype,
+                                     device=query.device).masked_fill_(
+            ~attention_mask, torch.finfo(query.dtype).min)
+    return attention_mask
 
 
 def softmax_with_sinks(scores: Tensor, sinks: Tensor | None) -> Tensor:
