@@ -194,6 +194,7 @@ def _prefill(model: Any, method: Any, context_ids: tuple[int, ...], device: Any,
     with torch.inference_mode():
         for start in range(0, len(context_ids), step):
             model(input_ids=ids[:, start:start + step], **_with_cache(model, cache))
+    _keep_context_state(cache)
     _synchronize(device)
     return cache, len(context_ids), time.perf_counter() - t0
 
@@ -229,10 +230,55 @@ def _cache_keyword(model_class: type) -> str:
 
 
 def _rewind(cache: Any, length: int) -> None:
-    """Drop the question and answer tokens so the next question starts from the context."""
-    extra = cache.get_seq_length() - length
-    if extra > 0:
-        cache.crop(-extra)
+    """Drop the question and answer tokens so the next question starts from the context.
+
+    A full-attention layer is cropped back to `length` keys. A layer that cannot be cropped
+    (a sliding-window layer past its window, a linear-attention / state-space layer: its
+    state has no per-token history) is restored from the copy `_prefill` kept of it, itself
+    copied again so every question starts from the same state."""
+    saved = getattr(cache, "sa_bench_context_state", None)
+    if saved is None:
+        extra = cache.get_seq_length() - length
+        if extra > 0:
+            cache.crop(-extra)
+        return
+    for i, state in enumerate(saved):
+        if state is not None:
+            cache.layers[i] = _copied(state)
+        elif (extra := cache.layers[i].get_seq_length() - length) > 0:
+            cache.layers[i].crop(-extra)
+
+
+def _keep_context_state(cache: Any) -> None:
+    """After the context's prefill: a copy of the state of every layer that is not a plain
+    full-attention layer (None for those: `crop` rewinds them), for `_rewind`. None at all
+    when every layer is plain (no copy)."""
+    from transformers.cache_utils import DynamicLayer
+
+    saved = [None if type(layer) is DynamicLayer else _copied(layer) for layer in cache.layers]
+    cache.sa_bench_context_state = None if all(s is None for s in saved) else saved
+
+
+def _copied(obj: Any) -> Any:
+    """A copy of a cache layer whose tensors (also in lists and dicts) are cloned: a window's
+    keys are a view of a larger tensor, so the copy holds only the window."""
+    import copy
+
+    import torch
+
+    def clone(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return value.clone()
+        if isinstance(value, list):
+            return [clone(v) for v in value]
+        if isinstance(value, dict):
+            return {k: clone(v) for k, v in value.items()}
+        return value
+
+    new = copy.copy(obj)
+    for name, value in vars(obj).items():
+        setattr(new, name, clone(value))
+    return new
 
 
 def _answer(model: Any, method: Any, cache: Any, question_ids: list[int], max_new: int,

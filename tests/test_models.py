@@ -90,6 +90,7 @@ def test_zoo_is_complete():
         "meta-llama/Llama-3.2-3B-Instruct", "Qwen/Qwen2.5-7B-Instruct", "Qwen/Qwen3-8B",
         "mistralai/Mistral-7B-Instruct-v0.3", "microsoft/Phi-3.5-mini-instruct",
         "HuggingFaceTB/SmolLM2-135M-Instruct", "embedded:tiny-retrieval",
+        "openai/gpt-oss-20b", "LiquidAI/LFM2-1.2B",
     } <= ids
 
 

@@ -83,19 +83,19 @@ def dense_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0
 
 def dense_attention(module: Any, query: Tensor, key: Tensor, value: Tensor,
                     attention_mask: Tensor | None, scaling: float, implementation: str,
-                    dropout: float = 0.0) -> Tensor:
+                    dropout: float = 0.0, sinks: Tensor | None = None) -> Tensor:
     """softmax(q k^T * scaling + mask) v on the chosen kernel -> [b, q, H, d].
 
     query [b, H, q, d], key/value [b, Hk, kv, d]; `attention_mask` as made by `dense_mask`
-    (None = causal, bottom-right) or, for `eager`, by transformers' `eager_mask`.
+    (None = causal, bottom-right) or, for `eager`, by transformers' `eager_mask`. `sinks`:
+    learned per-head sink logits [H] (GPT-OSS's `s_aux`), a column of the softmax that
+    attends to nothing (`sink_attention`; no SDPA or flash kernel takes them).
     """
+    if sinks is not None:
+        return sink_attention(module, query, key, value, attention_mask, scaling, sinks,
+                              implementation, dropout)
     if implementation == "eager":
-        if attention_mask is None:
-            attention_mask = causal_bool(query.shape[2], key.shape[2], query.device)
-        if attention_mask.dtype == torch.bool:
-            attention_mask = torch.zeros(attention_mask.shape, dtype=query.dtype,
-                                         device=query.device).masked_fill_(
-                ~attention_mask, torch.finfo(query.dtype).min)
+        attention_mask = _additive_mask(query, key, attention_mask)
         return eager_attention(module, query, key, value, attention_mask, scaling, dropout)[0]
     q, kv = query.shape[2], key.shape[2]
     if q == 1:
@@ -128,6 +128,74 @@ def eager_attention(module, query, key, value, attention_mask, scaling, dropout=
     weights = F.dropout(weights, p=dropout, training=module.training)
     out = torch.matmul(weights, value)
     return out.transpose(1, 2).contiguous(), weights
+
+
+def sink_attention(module: Any, query: Tensor, key: Tensor, value: Tensor,
+                   attention_mask: Tensor | None, scaling: float, sinks: Tensor,
+                   implementation: str = "sdpa", dropout: float = 0.0) -> Tensor:
+    """Attention with learned sinks as transformers' GPT-OSS eager attention computes it:
+    softmax over [q k^T * scaling + mask, sink_h] (max subtracted), the sink's column dropped,
+    times v -> [b, q, H, d]. `eager`: that exact math on the whole call (so equal to the
+    model's own eager attention); otherwise the same in blocks of query rows, each block's
+    float32 scores at most `MASK_BLOCK_BYTES`, GQA without repeating K/V."""
+    if implementation == "eager":
+        attention_mask = _additive_mask(query, key, attention_mask)
+        g = query.shape[1] // key.shape[1]
+        key_states = key.repeat_interleave(g, dim=1) if g > 1 else key
+        value_states = value.repeat_interleave(g, dim=1) if g > 1 else value
+        weights = torch.matmul(query, key_states.transpose(2, 3)) * scaling
+        weights = weights + attention_mask[..., : key.shape[2]]
+        column = sinks.reshape(1, -1, 1, 1).expand(query.shape[0], -1, query.shape[-2], -1)
+        logits = torch.cat([weights, column.to(weights.dtype)], dim=-1)
+        logits = logits - logits.max(dim=-1, keepdim=True).values
+        probs = F.softmax(logits, dim=-1, dtype=logits.dtype)[..., :-1]
+        probs = F.dropout(probs, p=dropout, training=module.training).to(value_states.dtype)
+        return torch.matmul(probs, value_states).transpose(1, 2).contiguous()
+    b, h, q, d = query.shape
+    hk, kv = key.shape[1], key.shape[2]
+    g = h // hk
+    sink = sinks.float().reshape(1, hk, g, 1, 1)
+    step = max(1, min(q, MASK_BLOCK_BYTES // max(4 * b * h * kv, 1)))
+    outs = []
+    for r0 in range(0, q, step):
+        r1 = min(q, r0 + step)
+        scores = torch.matmul(query[:, :, r0:r1].unflatten(1, (hk, g)),
+                              key.unsqueeze(2).transpose(-1, -2)).float() * scaling
+        if attention_mask is None:
+            allowed = causal_bool(q, kv, query.device)[r0:r1]
+        else:
+            rows = attention_mask[:, :, r0:r1] if attention_mask.shape[2] == q else attention_mask
+            allowed = rows[..., :kv]
+            if allowed.dtype != torch.bool:
+                allowed = allowed > torch.finfo(allowed.dtype).min / 2
+            allowed = allowed.unsqueeze(2)  # [b, 1, 1, rows, kv] over [b, Hk, g, rows, kv]
+        scores = scores.masked_fill_(~allowed, float("-inf"))
+        weights = softmax_with_sinks(scores, sink)
+        out = torch.matmul(weights.to(value.dtype), value.unsqueeze(2))  # [b, Hk, g, rows, d]
+        outs.append(out.flatten(1, 2).transpose(1, 2))
+    return (outs[0] if len(outs) == 1 else torch.cat(outs, 1)).to(query.dtype)
+
+
+def _additive_mask(query: Tensor, key: Tensor, attention_mask: Tensor | None) -> Tensor:
+    """The mask as eager attention adds it: 0 where allowed, the dtype's minimum elsewhere
+    (None: causal, bottom-right)."""
+    if attention_mask is None:
+        attention_mask = causal_bool(query.shape[2], key.shape[2], query.device)
+    if attention_mask.dtype == torch.bool:
+        attention_mask = torch.zeros(attention_mask.shape, dtype=query.dtype,
+                                     device=query.device).masked_fill_(
+            ~attention_mask, torch.finfo(query.dtype).min)
+    return attention_mask
+
+
+def softmax_with_sinks(scores: Tensor, sinks: Tensor | None) -> Tensor:
+    """softmax over the last dim of `scores` with one more column `sinks` (broadcast to
+    scores[..., :1]) in the denominator only: a row of -inf scores gives zeros."""
+    if sinks is None:
+        return torch.softmax(scores, -1)
+    top = torch.maximum(scores.amax(-1, keepdim=True), sinks)
+    weights = torch.exp(scores - top)
+    return weights / (weights.sum(-1, keepdim=True) + torch.exp(sinks - top))
 
 
 def causal_bool(q: int, kv: int, device: Any) -> Tensor:

@@ -53,12 +53,14 @@ def row_blocks(b: int, h: int, q: int, kv: int, budget_bytes: int) -> list[tuple
 def attend_blocks(maskers, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
                   scaling: float, layer: int, generator: torch.Generator | None,
                   workspace: Workspace, budget_bytes: int,
-                  costs: GatherCosts = CPU_GATHER) -> tuple[Tensor, Tensor]:
+                  costs: GatherCosts = CPU_GATHER,
+                  sinks: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Sparse attention of every query row, the rows in blocks (`row_blocks`) so that no
     per-call tensor outgrows `budget_bytes` (a question of thousands of rows over 128k keys).
     A block of rows sees the keys up to its last row's position only (causal masks; a mask
     that lets a row see a later key is refused). Returns (output [b, H, q, d], the sum over
-    rows and heads of the attended fraction of each row's keys). `costs`: see `GatherCosts`."""
+    rows and heads of the attended fraction of each row's keys). `costs`: see `GatherCosts`.
+    `sinks`: learned per-head sink logits [H] that enter every row's softmax (GPT-OSS)."""
     b, h, q, _ = query.shape
     kv = key.shape[2]
     outs, density = [], torch.zeros((), device=query.device)
@@ -75,7 +77,7 @@ def attend_blocks(maskers, query: Tensor, key: Tensor, value: Tensor, attention_
         k, v = (key, value) if end == kv else (key[:, :, :end], value[:, :, :end])
         allowed = allowed_from_mask(mask, b, r1 - r0, end, query.device)
         ctx = Context(query[:, :, r0:r1], k, scaling, layer, allowed, generator, costs=costs,
-                      value=v)
+                      value=v, sinks=sinks)
         spans, ranged = decode_spans(maskers, r1 - r0, end, mask)
         sel = Selection.of_spans(spans, b, h, r1 - r0, query.device)
         for masker in list(maskers)[ranged:]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from sa_bench.attention.dense import softmax_with_sinks
 from sa_bench.attention.gather import Workspace, flat_rows, key_rows, take_rows
 from sa_bench.attention.ops import NEG_INF
 from sa_bench.attention.selection import Context, Selection
@@ -47,7 +48,7 @@ def sparse_attention(ctx: Context, value: Tensor, sel: Selection, workspace: Wor
     if rows * costs.value <= hk * kv + 5 * h * q * kv * 3 / d:
         idx = sel.idx.clamp(max=kv - 1)
         s = ctx.scores_at(idx, workspace)
-        p = torch.softmax(s + sel.logw, dim=-1).nan_to_num_(0.0)
+        p = softmax_with_sinks(s + sel.logw, ctx.sink_rows()).nan_to_num_(0.0)
         v_rows, r0, r1 = key_rows(value)
         flat = flat_rows(idx, ctx.groups, r0, r1)
         out = F.embedding_bag(flat.reshape(-1, n), v_rows,
@@ -70,7 +71,7 @@ def _bias_attention(ctx: Context, value: Tensor, sel: Selection, workspace: Work
         bias[..., :kv].copy_(sel.dense).sub_(1.0).mul_(torch.finfo(bias.dtype).max)
         bias[..., kv] = NEG_INF
     bias.scatter_(-1, sel.idx, sel.logw)
-    p = torch.softmax(bias[..., :kv].add_(scores), dim=-1).nan_to_num_(0.0)
+    p = softmax_with_sinks(bias[..., :kv].add_(scores), ctx.sink_rows()).nan_to_num_(0.0)
     if sel.dense is not None:  # a row of -max everywhere comes out uniform: no key, no output
         empty = sel.count() == 0
         if bool(empty.any()):
@@ -97,6 +98,9 @@ def shared_attention(ctx: Context, value: Tensor, sel: Selection) -> Tensor:
     v_flat = flat_rows(idx, 1, v0, v1).reshape(rows, n)
     query = per_group(ctx.query).to(ctx.key.dtype)
     logw = per_group(sel.logw)
+    sinks = ctx.sink_rows()
+    if sinks is not None:
+        sinks = per_group(sinks.expand(b, h, q, 1))  # [rows, g, 1]
     known = None if ctx.full_scores is None else per_group(ctx.full_scores.gather(-1, sel.idx.clamp(max=kv - 1)))
     if ctx.costs.row_loop(ctx.key.device, rows):  # one kv head and query row at a time: gathers stay in cache
         out = torch.empty(rows, g, d, dtype=value.dtype)
@@ -106,12 +110,13 @@ def shared_attention(ctx: Context, value: Tensor, sel: Selection) -> Tensor:
                 s = s.float() * ctx.scaling
             else:
                 s = known[r]
-            p = torch.softmax(s + logw[r], -1).nan_to_num_(0.0).to(value.dtype)
+            p = softmax_with_sinks(s + logw[r], None if sinks is None else sinks[r])
+            p = p.nan_to_num_(0.0).to(value.dtype)
             torch.mm(p, take_rows(v_rows, v_flat[r]), out=out[r])
     else:
         if known is None:
             keys = torch.index_select(k_rows, 0, k_flat.reshape(-1)).view(rows, n, d)
             known = torch.matmul(query, keys.transpose(1, 2)).float() * ctx.scaling
-        p = torch.softmax(known + logw, -1).nan_to_num_(0.0).to(value.dtype)
+        p = softmax_with_sinks(known + logw, sinks).nan_to_num_(0.0).to(value.dtype)
         out = torch.matmul(p, torch.index_select(v_rows, 0, v_flat.reshape(-1)).view(rows, n, d))
     return out.view(b, hk, q, g, d).transpose(2, 3).reshape(b, h, q, d).to(ctx.query.dtype)

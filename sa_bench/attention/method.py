@@ -161,10 +161,33 @@ class SparseMethod:
             if layer >= self.num_layers:
                 raise ConfigError(f"sparse.dense_layers[{i}]: layer {layer} does not exist "
                                   f"(the model has {self.num_layers} layers)")
+        kinds = layer_kinds(cfg)
+        for i, layer in enumerate(self.config.dense_layers):
+            if kinds[layer][0] is None:
+                raise ConfigError(f"sparse.dense_layers[{i}]: layer {layer} of {cfg.model_type} is "
+                                  f"not an attention layer ({kinds[layer][1]}): no method applies there")
+        if self.prefill is not None:
+            self._check_prefill(model, cfg, kinds)
         for name, masker in self.maskers.items():
             masker.prepare(model.config, f"sparse.maskers.{name}")
         if self.compressor is not None:
             self.compressor.prepare(model, self.num_layers)
+
+    def _check_prefill(self, model, cfg, kinds) -> None:
+        """A sparse prefill computes causal (query block, key block) patterns on its own kernels:
+        refused for models whose attention adds anything to causality (learned sinks, a sliding
+        window shorter than the model's context)."""
+        if any(hasattr(module, "sinks") for module in model.modules()):
+            raise ConfigError(f"sparse.prefill: model type {cfg.model_type} has learned attention "
+                              "sinks (a per-head logit in every softmax), which the sparse prefill "
+                              "kernels do not take; use decode-time maskers with a dense prefill")
+        longest = getattr(cfg, "max_position_embeddings", None)
+        windows = sorted({w for w, _ in kinds if w and (longest is None or w < longest)})
+        if windows:
+            raise ConfigError(f"sparse.prefill: model type {cfg.model_type} has sliding-window "
+                              f"attention layers (window {windows[0]}), which the sparse prefill "
+                              "kernels (causal block patterns) do not restrict; use decode-time "
+                              "maskers with a dense prefill")
 
     def set_phase(self, phase: str) -> None:
         if phase not in PHASES:
@@ -249,6 +272,9 @@ class SparseMethod:
         layer = module.layer_idx
         b, h, q, _ = query.shape
         kv = key.shape[-2]
+        sinks = kwargs.get("s_aux")  # GPT-OSS: learned per-head sink logits [H]
+        # a layer's sliding window arrives in the mask (transformers' sliding-window mask and
+        # its sliding cache layer): the maskers' `allowed` keys and the dense kernels honour it
         compressor = self.compressor
         if compressor is not None:
             if compressor.recording(self.phase):
@@ -266,7 +292,7 @@ class SparseMethod:
             for masker in self.maskers.values():
                 masker.truncate(layer, kv - q)  # keys past here may change (new context/crop)
             out = dense_attention(module, query, key, value, attention_mask, scaling,
-                                  self.implementation, dropout)
+                                  self.implementation, dropout, sinks)
             if self.phase != "prefill":
                 self._density.add(self.phase, layer, float(b * h * q), b * h * q)
                 self._error.add(self.phase, layer, 0.0, b * q)
@@ -277,18 +303,19 @@ class SparseMethod:
         spans, ranged = decode_spans(self.maskers.values(), q, kv, attention_mask)
         if spans and ranged == len(self.maskers):  # sink / local only: slices of the cache
             out = dense_attention(module, query, *_slices(key, value, spans), None, scaling,
-                                  self.implementation, dropout).transpose(1, 2)
+                                  self.implementation, dropout, sinks).transpose(1, 2)
             density = b * h * sum(stop - start for start, stop in spans) / kv
         else:
             if self.generator is None or self.generator.device != query.device:
                 self.generator = torch.Generator(device=query.device).manual_seed(self.config.seed)
             out, density = attend_blocks(self.maskers.values(), query, key, value, attention_mask,
                                          scaling, layer, self.generator, self.workspace,
-                                         self.config.block_bytes, self.gather_costs)  # [b, H, q, d]
+                                         self.config.block_bytes, self.gather_costs,
+                                         sinks)  # [b, H, q, d]
         self._density.add(self.phase, layer, density, b * h * q)
         if self.config.measure_error:
             dense = dense_attention(module, query, key, value, attention_mask, scaling,
-                                    self.implementation).float()
+                                    self.implementation, sinks=sinks).float()
             diff = out.transpose(1, 2).float() - dense
             err = diff.flatten(2).norm(dim=-1) / dense.flatten(2).norm(dim=-1).clamp_min(1e-30)
             self._error.add(self.phase, layer, err.sum(), b * q)
@@ -324,6 +351,26 @@ class SparseMethod:
             err = diff.flatten(2).norm(dim=-1) / dense.flatten(2).norm(dim=-1).clamp_min(1e-30)
             self._error.add(self.phase, layer, err.sum(), b * q)
         return out.transpose(1, 2).contiguous()
+
+
+def layer_kinds(cfg) -> list[tuple[int | None, str]]:
+    """Per layer of a (text) config: (window, kind). window: None for a layer that is not
+    attention (state-space, convolution, linear attention: the hook is never called there),
+    0 for full attention, the sliding window's size otherwise; kind: the config's name for it."""
+    n = cfg.num_hidden_layers
+    types = getattr(cfg, "layer_types", None) or getattr(cfg, "layers_block_type", None)
+    window = getattr(cfg, "sliding_window", None)
+    if types is None:  # one kind for all (Llama, Mistral and Phi-3: a window for every layer)
+        return [(window or 0, "attention")] * n
+    out = []
+    for kind in list(types)[:n]:
+        if "attention" not in kind or "linear" in kind:
+            out.append((None, kind))
+        elif kind in ("sliding_attention", "chunked_attention"):
+            out.append((window or getattr(cfg, "attention_chunk_size", None) or 0, kind))
+        else:
+            out.append((0, kind))
+    return out
 
 
 def _slices(key: torch.Tensor, value: torch.Tensor, spans: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:

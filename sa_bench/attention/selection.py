@@ -189,6 +189,13 @@ class Context:
     """When gathers pay and when CPU gathers loop over query rows (`GatherCosts`)."""
     value: Tensor | None = None
     """The values [b, Hk, kv, d] of the keys (cache included), for maskers that score by them."""
+    sinks: Tensor | None = None
+    """Learned sink logits per query head [H] (GPT-OSS): one more softmax column that attends
+    to nothing, whatever keys are selected (`sparse_attention`); maskers do not see it."""
+
+    def sink_rows(self) -> Tensor | None:
+        """`sinks` as float32 [1, H, 1, 1] (broadcasts over rows of scores), or None."""
+        return None if self.sinks is None else self.sinks.float().reshape(1, -1, 1, 1)
 
     @property
     def groups(self) -> int:

@@ -221,8 +221,6 @@ def _placement(devices: list[int]) -> dict[str, Any]:
 
 def load_model(cfg: ModelConfig, devices: list[int] | tuple[int, ...] = ()) -> tuple[Any, Any]:
     """Load (model, tokenizer) in eval mode, placed on `devices` (CUDA ids) or the CPU."""
-    from transformers import AutoModelForCausalLM
-
     devices = list(devices)
     path = cfg.resolved_path()
     kwargs: dict[str, Any] = {
@@ -241,7 +239,7 @@ def load_model(cfg: ModelConfig, devices: list[int] | tuple[int, ...] = ()) -> t
     if source == "hub" and hub_offline():
         go_offline()  # fail fast on an uncached id instead of retrying, then fall back
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        model = _from_pretrained(path, kwargs)
         tokenizer = load_tokenizer(cfg, path)
     except OSError as exc:  # hub id unreachable and not cached
         fallback = OFFLINE_FALLBACKS[cfg.offline_fallback]() if (
@@ -253,7 +251,7 @@ def load_model(cfg: ModelConfig, devices: list[int] | tuple[int, ...] = ()) -> t
         log.debug("cannot load %s from the hub (%s); using offline fallback %s",
                   cfg.pretrained, str(exc).splitlines()[0], fallback)
         kwargs.pop("revision", None)
-        model = AutoModelForCausalLM.from_pretrained(fallback, **kwargs)
+        model = _from_pretrained(fallback, kwargs)
         tokenizer = load_tokenizer(cfg, fallback)
         path, source = fallback, f"offline_fallback:{cfg.offline_fallback}"
 
@@ -262,3 +260,17 @@ def load_model(cfg: ModelConfig, devices: list[int] | tuple[int, ...] = ()) -> t
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.sa_bench_source = {"source": source, "path": path}
     return model, tokenizer
+
+
+def _from_pretrained(path: str, kwargs: dict[str, Any]) -> Any:
+    """`AutoModelForCausalLM.from_pretrained`; a model class that refuses SDPA (GPT-OSS: its
+    sinks) loads with its eager attention, the path it runs itself (sa_bench's kernel is
+    installed over it at run time either way)."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except ValueError as exc:
+        if kwargs.get("attn_implementation") != "sdpa" or "scaled_dot_product" not in str(exc):
+            raise
+        return AutoModelForCausalLM.from_pretrained(path, **{**kwargs, "attn_implementation": "eager"})
