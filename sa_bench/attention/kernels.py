@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from sa_bench.attention.gather import Workspace, flat_rows, key_rows, take_rows
-from sa_bench.attention.ops import NEG_INF
+from sa_bench.attention.ops import NEG_INF, float_matmul
 from sa_bench.attention.selection import Context, Selection
 from sa_bench.lazy import F, torch
 
@@ -102,8 +102,7 @@ def shared_attention(ctx: Context, value: Tensor, sel: Selection) -> Tensor:
         out = torch.empty(rows, g, d, dtype=value.dtype)
         for r in range(rows):
             if known is None:
-                s = torch.mm(query[r], take_rows(k_rows, k_flat[r]).t())
-                s = s.float() * ctx.scaling
+                s = float_matmul(query[r], take_rows(k_rows, k_flat[r]).t()).mul_(ctx.scaling)
             else:
                 s = known[r]
             p = torch.softmax(s + logw[r], -1).nan_to_num_(0.0).to(value.dtype)
@@ -111,7 +110,7 @@ def shared_attention(ctx: Context, value: Tensor, sel: Selection) -> Tensor:
     else:
         if known is None:
             keys = torch.index_select(k_rows, 0, k_flat.reshape(-1)).view(rows, n, d)
-            known = torch.matmul(query, keys.transpose(1, 2)).float() * ctx.scaling
+            known = float_matmul(query, keys.transpose(1, 2)).mul_(ctx.scaling)
         p = torch.softmax(known + logw, -1).nan_to_num_(0.0).to(value.dtype)
         out = torch.matmul(p, torch.index_select(v_rows, 0, v_flat.reshape(-1)).view(rows, n, d))
     return out.view(b, hk, q, g, d).transpose(2, 3).reshape(b, h, q, d).to(ctx.query.dtype)

@@ -228,11 +228,7 @@ class SparseMethod:
                                          self.config.block_bytes, self.gather_costs)  # [b, H, q, d]
         self._density.add(self.phase, layer, density, b * h * q)
         if self.config.measure_error:
-            dense = dense_attention(module, query, key, value, attention_mask, scaling,
-                                    self.implementation).float()
-            diff = out.transpose(1, 2).float() - dense
-            err = diff.flatten(2).norm(dim=-1) / dense.flatten(2).norm(dim=-1).clamp_min(1e-30)
-            self._error.add(self.phase, layer, err.sum(), b * q)
+            self._measure_error(module, query, key, value, attention_mask, scaling, out)
         return out.transpose(1, 2).contiguous(), None
 
 
@@ -260,11 +256,31 @@ class SparseMethod:
             entry[0] = entry[0] + computed / b
             entry[1] += pairs // b
         if self.config.measure_error:
-            dense = dense_attention(module, query, key, value, None, scaling, self.implementation).float()
-            diff = out.transpose(1, 2).float() - dense
-            err = diff.flatten(2).norm(dim=-1) / dense.flatten(2).norm(dim=-1).clamp_min(1e-30)
-            self._error.add(self.phase, layer, err.sum(), b * q)
+            self._measure_error(module, query, key, value, None, scaling, out)
         return out.transpose(1, 2).contiguous()
+
+    def _measure_error(self, module, query, key, value, attention_mask, scaling: float, out) -> None:
+        """Relative L2 error of `out` [b, H, q, d] against dense attention computed in float32
+        (a bf16 reference would add its own rounding, larger than the error measured)."""
+        b, _, q, _ = query.shape
+        dense = reference_attention(module, query, key, value, attention_mask, scaling,
+                                    self.implementation)
+        diff = out.transpose(1, 2).float() - dense
+        err = diff.flatten(2).norm(dim=-1) / dense.flatten(2).norm(dim=-1).clamp_min(1e-30)
+        self._error.add(self.phase, module.layer_idx, err.sum(), b * q)
+
+
+def reference_attention(module, query, key, value, attention_mask, scaling: float,
+                        implementation: str):
+    """Dense attention in float32 -> [b, q, H, d] float32, whatever the inputs' dtype (a
+    float32-only kernel stands in for flash attention; a float additive mask is upcast)."""
+    if query.dtype != torch.float32:
+        query, key, value = query.float(), key.float(), value.float()
+        if attention_mask is not None and attention_mask.dtype != torch.bool:
+            attention_mask = attention_mask.float()
+        if implementation == "flash_attention_2":
+            implementation = "sdpa"
+    return dense_attention(module, query, key, value, attention_mask, scaling, implementation).float()
 
 
 def _slices(key: torch.Tensor, value: torch.Tensor, spans: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
