@@ -374,3 +374,70 @@ def test_double_sparsity_reads_the_authors_channel_config(tmp_path):
     (tmp_path / "Llama-x.json").write_text(json.dumps(config))
     with pytest.raises(ConfigError, match=r"sparse\.maskers\.ds\.calibration: .* has no model\.layers"):
         masker.prepare(type("Cfg", (), shapes)(), "sparse.maskers.ds")
+
+
+# --- issue 21 item 4: one generator per device, weights placed once --------------------------
+
+
+def test_one_generator_per_device(monkeypatch):
+    """A model split over two GPUs alternates devices layer by layer: each device keeps its own
+    generator (made and seeded once), so the draws go on instead of restarting at each switch."""
+    made = []
+
+    class FakeGenerator:
+        def __init__(self, device):
+            self.device = device
+            made.append(self)
+
+        def manual_seed(self, seed):
+            self.seed = seed
+            return self
+
+    import sa_bench.attention.method as method_mod
+    monkeypatch.setattr(method_mod.torch, "Generator", FakeGenerator)
+    method = SparseMethod.from_config({"name": "rs", "maskers": {}})
+    dev0, dev1 = torch.device("cuda", 0), torch.device("cuda", 1)
+    seen = [method.on_device(d) for _ in range(3) for d in (dev0, dev1)]
+    assert len(made) == 2 and [g.device for g in made] == [dev0, dev1]
+    assert made[0].seed != made[1].seed
+    assert all(seen[i][0] is made[i % 2] and seen[i][1] is seen[i % 2][1] for i in range(6))
+
+
+def test_generator_keeps_drawing_across_device_switches():
+    """With the real CPU generator: the second call on a device continues the stream."""
+    method = SparseMethod.from_config({"name": "rs", "maskers": {}})
+    g, _ = method.on_device(torch.device("cpu"))
+    first = torch.rand(4, generator=g)
+    g2, _ = method.on_device(torch.device("cpu"))
+    assert g2 is g and not torch.equal(torch.rand(4, generator=g2), first)
+
+
+def test_hash_weights_placed_once_per_layer_and_dtype(monkeypatch):
+    """HashAttention moves and casts a layer's MLP once, not every call."""
+    torch.manual_seed(0)
+    heads, kv_heads, d = 4, 2, 16
+    w = HashWeights.init(2, kv_heads, d, bits=8, hidden=(12,))
+    masker = HashAttention.__new__(HashAttention)
+    masker._w, masker._placed = w, {}
+    casts = []
+    real_to = torch.Tensor.to
+
+    def counting_to(self, *a, **k):  # counts copies, not the no-op casts
+        out = real_to(self, *a, **k)
+        if out is not self:
+            casts.append(1)
+        return out
+
+    q = torch.randn(1, heads, 1, d).to(torch.bfloat16)
+    key = torch.randn(1, kv_heads, 30, d).to(torch.bfloat16)
+    ctx = context(q, key)
+    monkeypatch.setattr(torch.Tensor, "to", counting_to)
+    masker._signs("key", ctx, key)
+    first = len(casts)
+    for _ in range(5):
+        masker._signs("key", ctx, key)
+        masker._signs("query", ctx, q.reshape(1, kv_heads, 2, d))
+    monkeypatch.setattr(torch.Tensor, "to", real_to)
+    assert first == 4  # 2 linears x (weight, bias), once
+    assert len(casts) == first + 4  # the query side's, once; no cast per call after that
+    assert all(t.dtype == torch.bfloat16 for mlp in masker._placed.values() for p in mlp for t in p)

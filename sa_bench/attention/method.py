@@ -79,8 +79,8 @@ class SparseMethod:
         self.phase = "prefill"
         self.name = f"sa_bench_{next(_ids)}_{config.name}"
         self.num_layers = 0
-        self.workspace = Workspace()
-        self.generator: torch.Generator | None = None
+        self._devices: dict[Any, tuple[torch.Generator, Workspace]] = {}
+        """Per device: the random generator of sampling methods and the gather workspace."""
         self.implementation = "sdpa"
         self.gather_costs: GatherCosts = CPU_GATHER
         """The cost model of sparse calls (`BATCHED_GATHER`: the GPU's paths on CPU too)."""
@@ -137,8 +137,7 @@ class SparseMethod:
             AttentionInterface._global_mapping.pop(self.name, None)
             AttentionMaskInterface._global_mapping.pop(self.name, None)
             self.reset()
-            self.workspace = Workspace()
-            self.generator = None
+            self._devices = {}
 
     def _prepare(self, model) -> None:
         """Check layer indices and masker files against the model."""
@@ -221,16 +220,27 @@ class SparseMethod:
                                   self.implementation, dropout).transpose(1, 2)
             density = b * h * sum(stop - start for start, stop in spans) / kv
         else:
-            if self.generator is None or self.generator.device != query.device:
-                self.generator = torch.Generator(device=query.device).manual_seed(self.config.seed)
+            generator, workspace = self.on_device(query.device)
             out, density = attend_blocks(self.maskers.values(), query, key, value, attention_mask,
-                                         scaling, layer, self.generator, self.workspace,
+                                         scaling, layer, generator, workspace,
                                          self.config.block_bytes, self.gather_costs)  # [b, H, q, d]
         self._density.add(self.phase, layer, density, b * h * q)
         if self.config.measure_error:
             self._measure_error(module, query, key, value, attention_mask, scaling, out)
         return out.transpose(1, 2).contiguous(), None
 
+
+    def on_device(self, device) -> tuple[torch.Generator, Workspace]:
+        """The generator and workspace of `device`, made once per installation: a model split
+        over GPUs alternates devices layer by layer, and a generator recreated (reseeded) at
+        each switch would draw the same numbers at every step. Device i's generator is seeded
+        with seed + 7919 i (the first device, or the CPU, with the seed itself)."""
+        entry = self._devices.get(device)
+        if entry is None:
+            seed = self.config.seed + 7919 * (device.index or 0)
+            entry = self._devices[device] = (torch.Generator(device=device).manual_seed(seed),
+                                             Workspace())
+        return entry
 
     def _sparse_prefill(self, module, query, key, value, attention_mask, scaling: float):
         """The prefill method's pattern, estimated from this call's rows and keys, computed on
