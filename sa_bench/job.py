@@ -57,12 +57,8 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
     (path / jobdir.MARKER).unlink(missing_ok=True)
     jobdir.mark_running(path)
     try:
-        from sa_bench.launch.pool import lease
-        from sa_bench.runner import evaluate
-
         (path / jobdir.CONFIG).write_text(OmegaConf.to_yaml(container))
-        with lease(spec.pool, job_dir=path) as held:
-            summary = evaluate(spec, path, held, weights)
+        summary = evaluate_leased(spec, path, weights)
     except KeyboardInterrupt:
         handle.release()
         raise  # interrupted, not failed: the cell stays unfinished and resumes next time
@@ -74,7 +70,6 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
         raise
     finally:
         (path / jobdir.RUNNING).unlink(missing_ok=True)
-        _free_accelerator_memory()
     return {"status": Status.DONE, "dir": str(path), "key": key, "summary": summary, "lock": handle}
 
 
@@ -93,8 +88,44 @@ def check_identity(handed: str | None, relpath: str, path: Path, output_root: Pa
         )
 
 
+def evaluate_leased(spec: Any, path: Path, weights: str | None) -> dict[str, Any]:
+    """Lease the job's devices, evaluate, and free the job's memory *before* the lease ends.
+
+    A failed job's exception holds its traceback, whose frames hold the model, the KV cache
+    and every activation: released first, the next job on that GPU would start while this
+    one's tensors are still allocated and could run out of memory too. So, still inside the
+    lease: clear the frames the exception (and its chained causes) reference, collect, and
+    hand the CUDA caching allocator's blocks back; only then does the lease end. The error
+    text is unchanged (a traceback keeps its lines when its frames' locals are cleared).
+    """
+    from sa_bench.launch.pool import lease
+    from sa_bench.runner import evaluate
+
+    with lease(spec.pool, job_dir=path) as held:
+        try:
+            return evaluate(spec, path, held, weights)
+        except BaseException as exc:
+            _clear_frames(exc)
+            raise
+        finally:
+            _free_accelerator_memory()
+
+
+def _clear_frames(exc: BaseException) -> None:
+    """Drop the local variables of every finished frame `exc` and its chain reference."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        traceback.clear_frames(e.__traceback__)  # skips frames still executing (this one)
+        todo += [e.__cause__, e.__context__]
+
+
 def _free_accelerator_memory() -> None:
-    """joblib reuses worker processes: hand cached GPU memory back before the next job."""
+    """Collect the job's garbage and hand cached GPU memory back (joblib reuses workers)."""
     import gc
     import sys
 

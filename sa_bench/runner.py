@@ -82,6 +82,7 @@ def evaluate(spec: JobSpec, path: Path, lease: Lease, weights: str | None = None
     hf_logging.disable_progress_bar()  # one bar per job would drown the sweep's own progress
     torch.manual_seed(spec.seed)
     started = time.time()
+    reset_peak_memory(lease.torch_devices)  # a reused worker would report an earlier job's peak
     model, tokenizer = load_model(spec.model, lease.torch_devices)
     loaded = time.time()
     bench = spec.benchmark
@@ -158,7 +159,7 @@ def evaluate(spec: JobSpec, path: Path, lease: Lease, weights: str | None = None
         "load_s": loaded - started,
         "total_s": time.time() - started,
         **timing,
-        "peak_memory_bytes": _peak_memory(device),
+        **peak_memory(lease.torch_devices),
         "lease": {"devices": lease.devices, "simulated": lease.simulated,
                   "acquired": lease.acquired, "released": time.time(), "waited_s": lease.waited},
         "attention": {**method.stats(), "implementation": implementation,
@@ -327,11 +328,39 @@ def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
     return eos
 
 
-def _peak_memory(device: Any) -> int:
+def reset_peak_memory(devices: Sequence[int]) -> None:
+    """Start this job's peak-memory count: on every leased GPU, else the process's peak RSS
+    (Linux resets it through /proc/self/clear_refs; elsewhere it stays the process's)."""
     import torch
 
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
+    if devices:
+        for d in devices:
+            torch.cuda.reset_peak_memory_stats(d)
+        return
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_memory(devices: Sequence[int]) -> dict[str, Any]:
+    """`peak_memory_bytes`: the largest peak over the leased GPUs (what decides an out-of-
+    memory), with every GPU's own in `peak_memory_bytes_per_device`; on CPU the peak RSS."""
+    import torch
+
+    if devices:
+        per = {str(d): int(torch.cuda.max_memory_allocated(d)) for d in devices}
+        return {"peak_memory_bytes": max(per.values()), "peak_memory_bytes_per_device": per}
+    return {"peak_memory_bytes": _peak_rss()}
+
+
+def _peak_rss() -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):  # reset by reset_peak_memory, unlike ru_maxrss
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
     scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is KiB on Linux
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale)
 

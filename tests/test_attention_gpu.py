@@ -97,3 +97,28 @@ def test_cuda_every_method_runs_bf16(install, tmp_path):
         for phase in ("question", "decode"):
             assert all(d is not None and 0 < d <= 1 for d in stats["density"][phase]), path
             assert all(e is not None and e == e for e in stats["error"][phase]), path
+
+
+@pytest.mark.parametrize("q,kv", [(1, 4096), (9, 4096), (512, 8192)])
+def test_masked_gqa_sdpa_runs_on_flash_or_efficient_kernels(q, kv):
+    """Issue 21 item 7: masked dense attention with GQA (prefill chunks after the first,
+    padding, the dense question phase) on CUDA uses flash or memory-efficient kernels only: a
+    silent fallback to the math kernel (float32, ~20 GiB per block at 128k) fails here."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from sa_bench.attention import dense
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    query = torch.randn(1, 32, q, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+    key = torch.randn(1, 8, kv, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+    value = torch.randn(1, 8, kv, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+    allowed = torch.arange(kv, device="cuda")[None, :] <= (kv - q + torch.arange(q, device="cuda"))[:, None]
+    allowed[:, :5] = False  # padding
+    module = type("M", (), {"training": False})()
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
+        got = dense.dense_attention(module, query, key, value, allowed[None, None], 128 ** -0.5, "sdpa")
+        causal = dense.dense_attention(module, query, key, value, None, 128 ** -0.5, "sdpa")
+    want = dense.dense_attention(module, query.float(), key.float(), value.float(), allowed[None, None],
+                                 128 ** -0.5, "sdpa")
+    torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)
+    assert causal.shape == got.shape

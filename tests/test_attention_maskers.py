@@ -832,3 +832,45 @@ def test_oracle_topp_dense_row_without_keys_attends_to_nothing():
     out = sparse_attention(ctx, value, sel, Workspace())
     assert (out[:, :, 0] == 0).all() and (out[:, :, 1] != 0).any()
     torch.testing.assert_close(out, sparse_attention(ctx, value, sel.indexed(), Workspace()))
+
+
+def _topp_float_bincount(masker, ctx, sel):
+    """The earlier OracleTopP.select: bin masses by a float-weighted bincount (float atomics on
+    CUDA: not reproducible run to run). The reference the integer version must match."""
+    from sa_bench.attention.ops import compact as _compact
+    kv, nb = ctx.kv, 4096
+    probs = torch.softmax(ctx.without(ctx.scores(), sel), -1).nan_to_num_(0.0)
+    rows = probs.shape[:3]
+    first_bin = torch.arange(rows.numel(), dtype=torch.int32).view(*rows, 1) * nb
+    bins = torch.bitwise_right_shift(probs.view(torch.int32), 18).add_(first_bin)
+    mass = torch.bincount(bins.view(-1), probs.view(-1), rows.numel() * nb).view(*rows, nb)
+    above = mass.flip(-1).cumsum(-1).flip(-1)
+    edge = ((above >= masker.top_p).sum(-1, keepdim=True) - 1).clamp_(min=0)
+    before_edge = (above - mass).gather(-1, edge)
+    edge = edge.int() + first_bin
+    idx, ok = _compact(bins == edge, kv)
+    vals = probs.gather(-1, idx.clamp(max=kv - 1)).masked_fill_(~ok, -1.0)
+    vals, order = vals.sort(-1, descending=True)
+    before = before_edge + vals.cumsum(-1) - vals
+    ok = (before < masker.top_p) & (vals > 0)
+    out = sel.add(idx.gather(-1, order), ok, 0.0, kv)
+    return Selection(out.idx, out.logw, False, bins > edge)
+
+
+@pytest.mark.parametrize("top_p", [0.5, 0.9, 0.99])
+@pytest.mark.parametrize("temperature", [0.3, 1.0, 3.0])
+def test_oracle_topp_integer_bin_mass_selects_as_before(monkeypatch, top_p, temperature):
+    """Issue 21 item 10: the bins' masses are summed in integers (deterministic on any device,
+    no float `bincount`), and the selection is the one the float sums gave."""
+    query, key, _ = tensors(b=2, h=8, hk=2, q=3, kv=3000, d=16, seed=int(top_p * 100))
+    masker = OracleTopP(top_p=top_p)
+    ctx = context(query * temperature, key)
+    sel0 = Sink(size=4).select(ctx, Selection.empty(2, 8, 3, "cpu"))
+    want = row_sets(_topp_float_bincount(masker, ctx, sel0))
+
+    def no_bincount(*a, **k):
+        raise AssertionError("float bincount used")
+
+    monkeypatch.setattr(torch, "bincount", no_bincount)
+    got = row_sets(masker.select(ctx, sel0))
+    assert got == want

@@ -49,11 +49,11 @@ def test_row_blocks_respect_the_mask_budget(monkeypatch):
 
     monkeypatch.setattr(dense, "_sdpa", spy)
     monkeypatch.setattr(dense, "MASK_BLOCK_BYTES", 10 * 300)  # 10 rows of 300 keys per call
-    query, key, value = qkv(64, 300)
+    query, key, value = qkv(64, 300)  # 2 query heads per kv head: 5 rows, folded into 10
     got = dense.dense_attention(MODULE, query, key, value, None, 0.25, "sdpa")
-    assert [c[0] for c in calls] == [10] * 6 + [4]
-    assert all(rows * width == size and size <= 3000 for rows, width, size in calls)
-    assert [c[1] for c in calls] == [300 - 64 + r for r in (10, 20, 30, 40, 50, 60, 64)]
+    assert [c[0] for c in calls] == [5] * 12 + [4]
+    assert all(rows * width == size and 2 * size <= 3000 for rows, width, size in calls)
+    assert [c[1] for c in calls] == [300 - 64 + r for r in range(5, 61, 5)] + [300]
     torch.testing.assert_close(got, eager_causal(query, key, value), atol=1e-5, rtol=1e-5)
 
 
@@ -99,3 +99,40 @@ def test_implementation_choice():
     assert dense.resolve_implementation("eager", cpu, torch.float32) == "eager"
     with pytest.raises(ValueError, match="flash_attention_2 needs the flash_attn package"):
         dense.resolve_implementation("flash_attention_2", cpu, torch.bfloat16)
+
+
+@pytest.mark.parametrize("q,rows", [(7, 7), (7, 1), (1, 1)])
+def test_masked_gqa_folds_query_heads_into_rows(monkeypatch, q, rows):
+    """Issue 21 item 7: a boolean mask with GQA goes to SDPA without `enable_gqa` (which has no
+    flash / memory-efficient kernel with a mask): the query heads of a kv head become its rows,
+    the mask repeated per head; same output as enable_gqa."""
+    query, key, value = qkv(q, 40, h=8, hk=2)
+    mask = torch.rand(1, 1, rows, 40, generator=torch.Generator().manual_seed(1)) > 0.3
+    mask[..., 0] = True
+    want = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=mask, scale=0.25, enable_gqa=True).transpose(1, 2)
+    seen = []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*a, **k):
+        seen.append((a[0].shape, k.get("enable_gqa", False), k["attn_mask"].shape))
+        return real(*a, **k)
+
+    monkeypatch.setattr(dense, "F", types.SimpleNamespace(scaled_dot_product_attention=spy))
+    got = dense._sdpa(query, key, value, mask, 0.25)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    (shape, gqa, mask_shape), = seen
+    assert not gqa and shape == (1, 2, 4 * q, 16)
+    assert mask_shape[-2] in (1, 4 * q)
+
+
+def test_padding_mask_prefill_chunk_matches_eager():
+    """A prefill chunk after cached keys with a padding mask: folded SDPA == eager."""
+    query, key, value = qkv(9, 40, h=8, hk=2)
+    allowed = torch.arange(40)[None, :] <= (40 - 9 + torch.arange(9))[:, None]
+    allowed[:, :3] = False  # left padding
+    mask = allowed[None, None]
+    got = dense.dense_attention(MODULE, query, key, value, mask, 0.25, "sdpa")
+    want = eager_attention(MODULE, query, key, value, torch.zeros(1, 1, 9, 40).masked_fill(
+        ~mask, torch.finfo(torch.float32).min), 0.25)[0]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

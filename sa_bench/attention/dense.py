@@ -204,17 +204,18 @@ def causal_bool(q: int, kv: int, device: Any) -> Tensor:
     return torch.arange(kv, device=device)[None, :] <= (kv - q + rows)[:, None]
 
 
-def rows_per_block(q: int, kv: int, budget: int | None = None) -> int:
-    """Query rows per SDPA call so a [rows x keys] boolean mask stays within `budget` bytes
-    (default `MASK_BLOCK_BYTES`)."""
+def rows_per_block(q: int, kv: int, budget: int | None = None, groups: int = 1) -> int:
+    """Query rows per SDPA call so a [rows x keys] boolean mask, repeated for the `groups` query
+    heads of a kv head (`_sdpa` folds them into rows), stays within `budget` bytes (default
+    `MASK_BLOCK_BYTES`)."""
     budget = MASK_BLOCK_BYTES if budget is None else budget
-    return max(1, min(q, budget // max(kv, 1)))
+    return max(1, min(q, budget // max(kv * groups, 1)))
 
 
 def _causal_in_blocks(query: Tensor, key: Tensor, value: Tensor, scaling: float) -> Tensor:
     """Causal attention of q rows over kv > q keys, bottom-right, in blocks of rows."""
     q, kv = query.shape[2], key.shape[2]
-    step = rows_per_block(q, kv)
+    step = rows_per_block(q, kv, groups=query.shape[1] // key.shape[1])
     outs = []
     for r0 in range(0, q, step):
         r1 = min(q, r0 + step)
@@ -227,9 +228,24 @@ def _causal_in_blocks(query: Tensor, key: Tensor, value: Tensor, scaling: float)
 
 def _sdpa(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, scaling: float,
           is_causal: bool = False) -> Tensor:
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, is_causal=is_causal,
-                                         scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
-    return out.transpose(1, 2)
+    """SDPA -> [b, q, H, d]. With a mask and GQA, the g query heads of each kv head are folded
+    into its rows ([b, Hk, g*q, d], the mask repeated per head): SDPA with a mask *and*
+    `enable_gqa` has no flash or memory-efficient kernel on CUDA (it falls to the float32 math
+    kernel, or to cuDNN with a new plan per shape). Without a mask (is_causal, rows == keys) the
+    flash kernel takes `enable_gqa` itself."""
+    b, h, q, d = query.shape
+    hk = key.shape[1]
+    if mask is None or h == hk or mask.dim() != 4 or mask.shape[1] != 1:
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, is_causal=is_causal,
+                                             scale=scaling, enable_gqa=h != hk)
+        return out.transpose(1, 2)
+    g = h // hk
+    rows = mask.shape[-2]  # 1 (broadcast over rows) or q
+    folded = mask.unsqueeze(2).expand(mask.shape[0], 1, g, rows, mask.shape[-1])
+    folded = folded.reshape(mask.shape[0], 1, g * rows, mask.shape[-1]) if rows == q else mask
+    out = F.scaled_dot_product_attention(query.reshape(b, hk, g * q, d), key, value,
+                                         attn_mask=folded, scale=scaling)
+    return out.view(b, h, q, d).transpose(1, 2)
 
 
 def _grouped_single_row(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None,

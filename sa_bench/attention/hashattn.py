@@ -303,10 +303,12 @@ class HashWeights:
                     raise ConfigError(f"{key}: layer {lay} {side} gives {dim} bits, query side of layer 0 "
                                       f"{self.bits}")
 
-    def project(self, side: str, layer: int, x: Tensor) -> Tensor:
-        """f(x) for x [b, Hh, n, d] (rows already arranged per hash head) -> [b, Hh, n, bits]."""
+    def project(self, side: str, layer: int, x: Tensor, mlp: Mlp | None = None) -> Tensor:
+        """f(x) for x [b, Hh, n, d] (rows already arranged per hash head) -> [b, Hh, n, bits].
+        `mlp`: that layer's MLP already on x's device and dtype (`placed`; the casts below are
+        then no-ops)."""
         act = activation(self.activation)
-        mlp = self.layers[layer][side]
+        mlp = self.layers[layer][side] if mlp is None else mlp
         for i, (w, b) in enumerate(mlp):
             x = torch.matmul(x, w.to(x.dtype)) + b.to(x.dtype)[None, :, None, :]
             if i < len(mlp) - 1:
@@ -316,6 +318,16 @@ class HashWeights:
     def to(self, device) -> HashWeights:
         return HashWeights([{s: [(w.to(device), b.to(device)) for w, b in mlp] for s, mlp in lay.items()}
                             for lay in self.layers], self.activation)
+
+    def placed(self, side: str, layer: int, device, dtype, cache: dict) -> Mlp:
+        """One layer's MLP on `device` in `dtype`, copied and cast once into `cache` (a model
+        split over GPUs keeps each layer on its own device: only that layer moves)."""
+        key = (side, layer, device, dtype)
+        mlp = cache.get(key)
+        if mlp is None:
+            mlp = cache[key] = [(w.to(device=device, dtype=dtype), b.to(device=device, dtype=dtype))
+                                for w, b in self.layers[layer][side]]
+        return mlp
 
 
 class _TensorUnpickler(pickle.Unpickler):
@@ -363,6 +375,7 @@ class HashAttention(_SignatureTopK):
     def __post_init__(self) -> None:
         # not a field: config checks evaluate the type hints of a masker and its fields, without torch
         self._w: HashWeights | None = None
+        self._placed: dict = {}  # (side, layer, device, dtype) -> MLP, see HashWeights.placed
         self._path = method_file(
             self.weights, self.model, WEIGHTS_FILE, "weights", "hashattn weights",
             f"no HashAttention weights for model {self.model!r} (looked for {WEIGHTS_FILE} in its "
@@ -375,6 +388,7 @@ class HashAttention(_SignatureTopK):
         w = HashWeights.load(self._path, f"{key}.weights")
         w.check(layers, heads, kv_heads, head_dim, f"{key}.weights")
         self._w = w
+        self._placed = {}
 
     @property
     def _bits(self) -> int:
@@ -389,12 +403,11 @@ class HashAttention(_SignatureTopK):
     def _signs(self, side: str, ctx: Context, x: Tensor) -> Tensor:
         if self._w is None:
             raise RuntimeError("HashAttention used before prepare() loaded its weights")
-        if self._w.layers[0]["query"][0][0].device != x.device:
-            self._w = self._w.to(x.device)
         heads = ctx.query.shape[1]
         if self._w.hash_heads == heads and heads != ctx.key.shape[1]:  # per query head
             x = ctx.ungrouped(x) if side == "query" else _per_head(x, heads)
-        return self._w.project(side, ctx.layer, x)
+        mlp = self._w.placed(side, ctx.layer, x.device, x.dtype, self._placed)
+        return self._w.project(side, ctx.layer, x, mlp)
 
 
 @dataclass
@@ -419,8 +432,8 @@ class RandomProjectionTopK(_SignatureTopK):
 
     def _signs(self, side: str, ctx: Context, x: Tensor) -> Tensor:
         r = self._proj.get(ctx.layer)
-        if r is None or r.device != x.device:
+        if r is None or r.device != x.device or r.dtype != x.dtype:  # made and cast once per layer
             g = torch.Generator().manual_seed(self.seed * 100003 + ctx.layer)
-            r = torch.randn(x.shape[1], x.shape[-1], self.bits, generator=g).to(x.device)
-            self._proj[ctx.layer] = r
-        return torch.matmul(x, r.to(x.dtype).unsqueeze(0))
+            r = torch.randn(x.shape[1], x.shape[-1], self.bits, generator=g)
+            r = self._proj[ctx.layer] = r.to(device=x.device, dtype=x.dtype)
+        return torch.matmul(x, r.unsqueeze(0))

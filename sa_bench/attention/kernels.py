@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from sa_bench.attention.dense import softmax_with_sinks
 from sa_bench.attention.gather import Workspace, flat_rows, key_rows, take_rows
-from sa_bench.attention.ops import NEG_INF
+from sa_bench.attention.ops import NEG_INF, float_matmul
 from sa_bench.attention.selection import Context, Selection
 from sa_bench.lazy import F, torch
 
@@ -106,8 +106,7 @@ def shared_attention(ctx: Context, value: Tensor, sel: Selection) -> Tensor:
         out = torch.empty(rows, g, d, dtype=value.dtype)
         for r in range(rows):
             if known is None:
-                s = torch.mm(query[r], take_rows(k_rows, k_flat[r]).t())
-                s = s.float() * ctx.scaling
+                s = float_matmul(query[r], take_rows(k_rows, k_flat[r]).t()).mul_(ctx.scaling)
             else:
                 s = known[r]
             p = softmax_with_sinks(s + logw[r], None if sinks is None else sinks[r])
@@ -116,7 +115,7 @@ def shared_attention(ctx: Context, value: Tensor, sel: Selection) -> Tensor:
     else:
         if known is None:
             keys = torch.index_select(k_rows, 0, k_flat.reshape(-1)).view(rows, n, d)
-            known = torch.matmul(query, keys.transpose(1, 2)).float() * ctx.scaling
+            known = float_matmul(query, keys.transpose(1, 2)).mul_(ctx.scaling)
         p = softmax_with_sinks(known + logw, sinks).nan_to_num_(0.0).to(value.dtype)
         out = torch.matmul(p, torch.index_select(v_rows, 0, v_flat.reshape(-1)).view(rows, n, d))
     return out.view(b, hk, q, g, d).transpose(2, 3).reshape(b, h, q, d).to(ctx.query.dtype)

@@ -6,9 +6,10 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from sa_bench.attention.gather import flat_rows, key_rows
 from sa_bench.attention.masker import Masker
 from sa_bench.attention.ops import log_weight
-from sa_bench.attention.selection import Context, KeyCache, Selection
+from sa_bench.attention.selection import Context, Selection
 from sa_bench.config import ConfigError, check_range
 from sa_bench.lazy import torch
 
@@ -18,12 +19,16 @@ if TYPE_CHECKING:
 TAIL = 64
 """Keys appended since the last table build that are compared one by one."""
 REBUILD = 2048
-"""Keys in the small second-level tables beyond which all tables are rebuilt as one.
+"""Keys in the small second-level tables beyond which the segment's tables are rebuilt as one.
 
 Appended keys go to a small second table (rebuilt every `TAIL` steps, a sort of at most
-`REBUILD` keys), the bulk stays in the first (sorted again every `REBUILD` steps, about 1.6 s
-at 32k keys, 8 kv heads, L = 150 on one CPU thread)."""
-
+`REBUILD` keys), the bulk of the current segment stays in the first (sorted again every
+`REBUILD` steps)."""
+SEGMENT = 65536
+"""Keys per frozen table segment: a table's key ids are stored as 16-bit offsets in its
+segment (2 bytes per key and table, not 8), and a full segment is never sorted again."""
+HASH_BLOCK_BYTES = 64 << 20
+"""Largest float32 hash product [b, Hk, keys, L*K] made at once (keys are hashed in blocks)."""
 
 def inclusion_probability(theta: Tensor, bits: int, tables: int, min_collisions: int) -> Tensor:
     """P(a key at angle theta from the query collides in >= m of L tables of K-bit SimHash):
@@ -38,7 +43,8 @@ def inclusion_probability(theta: Tensor, bits: int, tables: int, min_collisions:
 @dataclass
 class _Tables:
     """Keys [lo, n) of one layer sorted by code per (batch, kv head, table): `order` [B, n - lo]
-    key ids (B = b * Hk * L rows), `starts` [B, 2^K + 1] where each code's run begins."""
+    key ids as int16 offsets (id = lo + 32768 + order; B = b * Hk * L rows), `starts`
+    [B, 2^K + 1] (int32) where each code's run begins."""
 
     lo: int
     n: int
@@ -68,8 +74,6 @@ class MagicPig(Masker):
     lsh_tables: int = 150
     min_collisions: int = 2
     seed: int = 0
-    _codes: KeyCache = field(default_factory=KeyCache, init=False, repr=False)
-    _norms: KeyCache = field(default_factory=KeyCache, init=False, repr=False)
     _planes: dict = field(default_factory=dict, init=False, repr=False)
     _tables: dict = field(default_factory=dict, init=False, repr=False)
 
@@ -100,56 +104,87 @@ class MagicPig(Masker):
                 self._gen = torch.Generator().manual_seed(self.seed)
             hk, d = ctx.key.shape[1], ctx.key.shape[-1]
             planes = torch.randn(hk, d, self.lsh_tables * self.lsh_bits, generator=self._gen)
-            mean = ctx.key.float().mean(2, keepdim=True)  # [b, Hk, 1, d]
+            mean = ctx.key.mean(2, keepdim=True, dtype=torch.float32)  # [b, Hk, 1, d], no float copy of K
             st = self._planes[ctx.layer] = (planes.to(ctx.key.device), mean)
         return st
 
     def _hash(self, x: Tensor, planes: Tensor) -> Tensor:
-        """x [b, Hk, n, d] -> table codes [b, Hk, n, L] (int16)."""
-        bits = torch.matmul(x.float(), planes.unsqueeze(0)) >= 0
+        """x [b, Hk, n, d] (centred, float32) -> table codes [b, Hk, n, L] (int16)."""
+        bits = torch.matmul(x, planes.unsqueeze(0)) >= 0
         bits = bits.view(*x.shape[:3], self.lsh_tables, self.lsh_bits).to(torch.int16)
         weights = (2 ** torch.arange(self.lsh_bits, device=x.device)).to(torch.int16)
         return (bits * weights).sum(-1, dtype=torch.int16)
 
-    def _build(self, codes: Tensor, lo: int, n: int) -> _Tables:
-        b, hk, _, L = codes.shape
-        c = codes[:, :, lo:n].permute(0, 1, 3, 2).reshape(b * hk * L, n - lo)
-        _, order = c.sort(dim=-1, stable=True)
-        rows = torch.arange(c.shape[0], device=c.device)[:, None] * (2**self.lsh_bits)
-        counts = torch.bincount((c.long() + rows).view(-1), minlength=c.shape[0] * 2**self.lsh_bits)
-        starts = torch.zeros(c.shape[0], 2**self.lsh_bits + 1, dtype=torch.long, device=c.device)
-        starts[:, 1:] = counts.view(c.shape[0], -1).cumsum(-1)
-        return _Tables(lo, n, (order + lo).to(torch.int32), starts)
+    def codes(self, key: Tensor, lo: int, n: int, planes: Tensor, mean: Tensor) -> Tensor:
+        """Codes [b, Hk, n - lo, L] of keys [lo, n), hashed in blocks of keys so the float32
+        product stays within `HASH_BLOCK_BYTES` (not kept: tables and the tail need them once)."""
+        b, hk = key.shape[:2]
+        step = max(1, HASH_BLOCK_BYTES // (b * hk * planes.shape[-1] * 4))
+        out = torch.empty(b, hk, n - lo, self.lsh_tables, dtype=torch.int16, device=key.device)
+        for a in range(lo, n, step):
+            z = min(n, a + step)
+            out[:, :, a - lo:z - lo] = self._hash(key[:, :, a:z].float() - mean, planes)
+        return out
 
-    def _layer_tables(self, layer: int, codes: Tensor, n_new: int) -> list[_Tables]:
-        """The layer's tables, rebuilt where stale (keys replaced) or extended (see REBUILD)."""
-        kv = codes.shape[2]
+    def _build(self, key: Tensor, lo: int, n: int, planes: Tensor, mean: Tensor) -> _Tables:
+        """Tables of keys [lo, n) (n - lo <= SEGMENT), sorted one (batch, kv head) at a time."""
+        b, hk = key.shape[:2]
+        L, nb = self.lsh_tables, 2**self.lsh_bits
+        order = torch.empty(b * hk * L, n - lo, dtype=torch.int16, device=key.device)
+        starts = torch.zeros(b * hk * L, nb + 1, dtype=torch.int32, device=key.device)
+        ones = torch.ones(1, dtype=torch.int32, device=key.device).expand(L * (n - lo))
+        for i in range(b):
+            for h in range(hk):
+                c = self.codes(key[i:i + 1, h:h + 1], lo, n, planes[h:h + 1], mean[i:i + 1, h:h + 1])
+                c = c[0, 0].t()  # [L, n - lo]
+                rows = slice((i * hk + h) * L, (i * hk + h + 1) * L)
+                _, o = c.sort(dim=-1, stable=True)
+                order[rows] = o.sub_(32768).to(torch.int16)
+                counts = torch.zeros(L * nb, dtype=torch.int32, device=key.device)
+                counts.scatter_add_(0, (c.long() + torch.arange(L, device=c.device)[:, None] * nb).reshape(-1), ones)
+                starts[rows, 1:] = counts.view(L, nb).cumsum(-1, dtype=torch.int32)
+        return _Tables(lo, n, order, starts)
+
+    def _layer_tables(self, layer: int, key: Tensor, n_new: int, planes: Tensor, mean: Tensor) -> list[_Tables]:
+        """The layer's tables, rebuilt where stale (keys replaced) or extended: full segments of
+        `SEGMENT` keys are frozen; the current segment's keys in one or two tables (REBUILD)."""
+        kv = key.shape[2]
         tables = self._tables.get(layer, [])
         if tables and tables[-1].n > kv - n_new:  # keys it holds were replaced (crop, new context)
             tables = []
-        if not tables:
-            tables = [self._build(codes, 0, kv)]
-        elif kv - tables[-1].n > TAIL:
-            lo = tables[0].n
-            tables = [self._build(codes, 0, kv)] if kv - lo > REBUILD else [tables[0], self._build(codes, lo, kv)]
-        self._tables[layer] = tables
+        if tables and kv - tables[-1].n <= TAIL:
+            return tables
+        full = [t for t in tables if t.n - t.lo == SEGMENT]
+        rest = tables[len(full):]
+        lo = full[-1].n if full else 0
+        while kv - lo >= SEGMENT:
+            full.append(self._build(key, lo, lo + SEGMENT, planes, mean))
+            lo, rest = lo + SEGMENT, []
+        if lo < kv:
+            if not rest or kv - rest[0].n > REBUILD:
+                rest = [self._build(key, lo, kv, planes, mean)]
+            else:
+                rest = [rest[0], self._build(key, rest[0].n, kv, planes, mean)]
+        tables = self._tables[layer] = full + rest
         return tables
 
-    def sampled(self, ctx: Context, codes: Tensor, qc: Tensor) -> Tensor:
+    def sampled(self, ctx: Context, qc: Tensor, planes: Tensor, mean: Tensor) -> Tensor:
         """Sorted flat ids `row * kv + key` (rows over [b, Hk, g*q], i.e. [b, H, q]) of the keys
         whose code equals the query row's in at least `min_collisions` tables."""
-        b, hk, kv, L = codes.shape
+        b, hk, kv = ctx.key.shape[:3]
+        L = self.lsh_tables
         R = qc.shape[2]
-        tables = self._layer_tables(ctx.layer, codes, ctx.query.shape[2])
+        tables = self._layer_tables(ctx.layer, ctx.key, ctx.query.shape[2], planes, mean)
         table_row = torch.arange(b * hk * L, device=qc.device).view(b, hk, 1, L)
         q = qc.long()
         rows, keys = [], []
         for t in tables:  # bucket runs of the query's codes in rows (b, hk, table)
-            start = t.starts[table_row, q]  # [b, hk, R, L]
-            length = (t.starts[table_row, q + 1] - start).view(-1)
+            start = t.starts[table_row, q].long()  # [b, hk, R, L]
+            length = (t.starts[table_row, q + 1].long() - start).view(-1)
             flat = (table_row * (t.n - t.lo) + start).view(-1)
             first = torch.repeat_interleave(flat - (length.cumsum(0) - length), length)
-            keys.append(t.order.view(-1)[first + torch.arange(first.shape[0], device=qc.device)].long())
+            got = t.order.view(-1)[first + torch.arange(first.shape[0], device=qc.device)]
+            keys.append(got.long() + (t.lo + 32768))
             rows.append(torch.repeat_interleave(torch.arange(b * hk * R, device=qc.device),
                                                 length.view(-1, L).sum(-1)))
         ids = torch.cat(rows) * kv + torch.cat(keys)  # one entry per (row, key, colliding table)
@@ -158,31 +193,28 @@ class MagicPig(Masker):
         found = [ids[counts[ids] >= self.min_collisions]]
         n = tables[-1].n
         if n < kv:  # keys appended since the last build: compared directly
-            tail = (codes[:, :, None, n:] == qc[:, :, :, None]).sum(-1) >= self.min_collisions
+            codes = self.codes(ctx.key, n, kv, planes, mean)
+            tail = (codes[:, :, None] == qc[:, :, :, None]).sum(-1) >= self.min_collisions
             row, key = tail.view(-1, kv - n).nonzero().unbind(-1)
             found.append(row * kv + n + key)
         return torch.unique(torch.cat(found))
 
     def select(self, ctx: Context, sel: Selection) -> Selection:
         planes, mean = self._layer_state(ctx)
-        n_new = ctx.query.shape[2]
-        codes = self._codes.get(ctx.layer, ctx.key, n_new, lambda k: self._hash(k.float() - mean, planes))
-        knorm = self._norms.get(ctx.layer, ctx.key, n_new, lambda k: (k.float() - mean).norm(dim=-1, keepdim=True))
-        qc = self._hash(ctx.grouped(ctx.query), planes)  # [b, Hk, g*q, L]
-        ids = self.sampled(ctx, codes, qc)
+        qc = self._hash(ctx.grouped(ctx.query).float(), planes)  # [b, Hk, g*q, L]
+        ids = self.sampled(ctx, qc, planes, mean)
         ids = ids[ctx.candidates(sel).reshape(-1)[ids]]
         idx, valid = _padded(ids, ctx.query.shape[:3], ctx.kv)
         # inclusion probability from the angle between q and the selected centred keys
         b, h, q, n = idx.shape
         d = ctx.key.shape[-1]
-        heads = torch.arange(h, device=idx.device) // ctx.groups
-        base = (torch.arange(b, device=idx.device)[:, None] * ctx.key.shape[1] + heads[None, :]) * ctx.kv
-        rows = idx.clamp(max=ctx.kv - 1) + base[:, :, None, None]
-        keys = ctx.key.reshape(-1, d).index_select(0, rows.view(-1)).view(b, h, q, n, d).float()
+        rows, r0, r1 = key_rows(ctx.key)  # no copy of a prefix view of the cache
+        flat = flat_rows(idx.clamp(max=ctx.kv - 1), ctx.groups, r0, r1)
+        keys = rows.index_select(0, flat.view(-1)).view(b, h, q, n, d).float()
+        centred = keys - mean.repeat_interleave(ctx.groups, 1).unsqueeze(2)  # [b, H, 1, 1, d]
         qf = ctx.query.float()
-        qmean = ctx.ungrouped(torch.matmul(ctx.grouped(qf), mean.transpose(-1, -2)))  # q . kbar, [b, H, q, 1]
-        dots = torch.matmul(keys, qf.unsqueeze(-1)).squeeze(-1) - qmean
-        kn = knorm.reshape(-1).index_select(0, rows.view(-1)).view(b, h, q, n)
+        dots = torch.matmul(centred, qf.unsqueeze(-1)).squeeze(-1)
+        kn = centred.norm(dim=-1)
         cos = (dots / (qf.norm(dim=-1, keepdim=True) * kn).clamp_min(1e-12)).clamp(-1.0, 1.0)
         p = inclusion_probability(torch.arccos(cos), self.lsh_bits, self.lsh_tables, self.min_collisions)
         return sel.add(idx, valid, log_weight(p), ctx.kv)

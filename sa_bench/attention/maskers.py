@@ -84,6 +84,11 @@ class OracleTopK(TopKMasker):
         return ctx.scores()
 
 
+FIXED_ONE = float(2**40)
+"""Probability 1 in `OracleTopP`'s integer mass per bin: 2^40 keeps 40 bits of each p and sums
+a row of up to 2^23 keys (p <= 1 each) in int64 without overflow."""
+
+
 @dataclass
 class OracleTopP(Masker):
     """Oracle top-p: the smallest set of candidates whose softmax mass reaches p, with the
@@ -107,10 +112,14 @@ class OracleTopP(Masker):
         rows = probs.shape[:3]
         first_bin = torch.arange(rows.numel(), device=probs.device, dtype=torch.int32).view(*rows, 1) * nb
         bins = torch.bitwise_right_shift(probs.view(torch.int32), 18).add_(first_bin)
-        mass = torch.bincount(bins.view(-1), probs.view(-1), rows.numel() * nb).view(*rows, nb)
+        # each bin's mass in integers (fixed point, 2^-40): a float sum by atomics (CUDA's
+        # weighted bincount) depends on the order of the additions - not reproducible
+        fixed = probs.mul(FIXED_ONE).add_(0.5).to(torch.int64)  # exact scaling, p rounded to 2^-40
+        mass = torch.zeros(rows.numel() * nb, dtype=torch.int64, device=probs.device)
+        mass = mass.scatter_add_(0, bins.view(-1).long(), fixed.view(-1)).view(*rows, nb)
         above = mass.flip(-1).cumsum(-1).flip(-1)  # mass of the bins from this one up
-        edge = ((above >= self.top_p).sum(-1, keepdim=True) - 1).clamp_(min=0)  # the bin reaching p
-        before_edge = (above - mass).gather(-1, edge)
+        edge = ((above >= round(self.top_p * FIXED_ONE)).sum(-1, keepdim=True) - 1).clamp_(min=0)  # the bin reaching p
+        before_edge = (above - mass).gather(-1, edge).float().mul_(1.0 / FIXED_ONE)
         edge = edge.int() + first_bin
         idx, ok = compact(bins == edge, kv)
         vals = probs.gather(-1, idx.clamp(max=kv - 1)).masked_fill_(~ok, -1.0)

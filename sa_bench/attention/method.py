@@ -85,8 +85,8 @@ class SparseMethod:
         self.phase = "prefill"
         self.name = f"sa_bench_{next(_ids)}_{config.name}"
         self.num_layers = 0
-        self.workspace = Workspace()
-        self.generator: torch.Generator | None = None
+        self._devices: dict[Any, tuple[torch.Generator, Workspace]] = {}
+        """Per device: the random generator of sampling methods and the gather workspace."""
         self.implementation = "sdpa"
         self.gather_costs: GatherCosts = CPU_GATHER
         """The cost model of sparse calls (`BATCHED_GATHER`: the GPU's paths on CPU too)."""
@@ -150,8 +150,7 @@ class SparseMethod:
             AttentionInterface._global_mapping.pop(self.name, None)
             AttentionMaskInterface._global_mapping.pop(self.name, None)
             self.reset()
-            self.workspace = Workspace()
-            self.generator = None
+            self._devices = {}
 
     def _prepare(self, model) -> None:
         """Check layer indices and masker files against the model."""
@@ -306,21 +305,28 @@ class SparseMethod:
                                   self.implementation, dropout, sinks).transpose(1, 2)
             density = b * h * sum(stop - start for start, stop in spans) / kv
         else:
-            if self.generator is None or self.generator.device != query.device:
-                self.generator = torch.Generator(device=query.device).manual_seed(self.config.seed)
+            generator, workspace = self.on_device(query.device)
             out, density = attend_blocks(self.maskers.values(), query, key, value, attention_mask,
-                                         scaling, layer, self.generator, self.workspace,
+                                         scaling, layer, generator, workspace,
                                          self.config.block_bytes, self.gather_costs,
                                          sinks)  # [b, H, q, d]
         self._density.add(self.phase, layer, density, b * h * q)
         if self.config.measure_error:
-            dense = dense_attention(module, query, key, value, attention_mask, scaling,
-                                    self.implementation, sinks=sinks).float()
-            diff = out.transpose(1, 2).float() - dense
-            err = diff.flatten(2).norm(dim=-1) / dense.flatten(2).norm(dim=-1).clamp_min(1e-30)
-            self._error.add(self.phase, layer, err.sum(), b * q)
+            self._measure_error(module, query, key, value, attention_mask, scaling, out, sinks)
         return out.transpose(1, 2).contiguous(), None
 
+
+    def on_device(self, device) -> tuple[torch.Generator, Workspace]:
+        """The generator and workspace of `device`, made once per installation: a model split
+        over GPUs alternates devices layer by layer, and a generator recreated (reseeded) at
+        each switch would draw the same numbers at every step. Device i's generator is seeded
+        with seed + 7919 i (the first device, or the CPU, with the seed itself)."""
+        entry = self._devices.get(device)
+        if entry is None:
+            seed = self.config.seed + 7919 * (device.index or 0)
+            entry = self._devices[device] = (torch.Generator(device=device).manual_seed(seed),
+                                             Workspace())
+        return entry
 
     def _sparse_prefill(self, module, query, key, value, attention_mask, scaling: float):
         """The prefill method's pattern, estimated from this call's rows and keys, computed on
@@ -346,11 +352,34 @@ class SparseMethod:
             entry[0] = entry[0] + computed / b
             entry[1] += pairs // b
         if self.config.measure_error:
-            dense = dense_attention(module, query, key, value, None, scaling, self.implementation).float()
-            diff = out.transpose(1, 2).float() - dense
-            err = diff.flatten(2).norm(dim=-1) / dense.flatten(2).norm(dim=-1).clamp_min(1e-30)
-            self._error.add(self.phase, layer, err.sum(), b * q)
+            self._measure_error(module, query, key, value, None, scaling, out)
         return out.transpose(1, 2).contiguous()
+
+    def _measure_error(self, module, query, key, value, attention_mask, scaling: float, out,
+                       sinks=None) -> None:
+        """Relative L2 error of `out` [b, H, q, d] against dense attention computed in float32
+        (a bf16 reference would add its own rounding, larger than the error measured)."""
+        b, _, q, _ = query.shape
+        dense = reference_attention(module, query, key, value, attention_mask, scaling,
+                                    self.implementation, sinks)
+        diff = out.transpose(1, 2).float() - dense
+        err = diff.flatten(2).norm(dim=-1) / dense.flatten(2).norm(dim=-1).clamp_min(1e-30)
+        self._error.add(self.phase, module.layer_idx, err.sum(), b * q)
+
+
+def reference_attention(module, query, key, value, attention_mask, scaling: float,
+                        implementation: str, sinks=None):
+    """Dense attention in float32 -> [b, q, H, d] float32, whatever the inputs' dtype (a
+    float32-only kernel stands in for flash attention; a float additive mask is upcast)."""
+    if query.dtype != torch.float32:
+        query, key, value = query.float(), key.float(), value.float()
+        sinks = None if sinks is None else sinks.float()
+        if attention_mask is not None and attention_mask.dtype != torch.bool:
+            attention_mask = attention_mask.float()
+        if implementation == "flash_attention_2":
+            implementation = "sdpa"
+    return dense_attention(module, query, key, value, attention_mask, scaling, implementation,
+                           sinks=sinks).float()
 
 
 def layer_kinds(cfg) -> list[tuple[int | None, str]]:

@@ -94,3 +94,26 @@ def allowed_from_mask(attention_mask: Tensor | None, b: int, q: int, kv: int, de
 def log_weight(prob: Tensor) -> Tensor:
     """log(1 / pi) for inclusion probability pi."""
     return -torch.log(prob.clamp_min(1e-30))
+
+
+def out_dtype_matmul(device) -> bool:
+    """Whether a half-precision matmul can write float32 directly (`torch.bmm(...,
+    out_dtype=torch.float32)`: CUDA kernels only; CPU has no such kernel)."""
+    return device.type == "cuda"
+
+
+def float_matmul(a: Tensor, b: Tensor) -> Tensor:
+    """a [..., m, k] @ b [..., k, n] -> float32 [..., m, n] (the batch dims of a and b equal).
+
+    Attention scores from bf16 / fp16 inputs: a half-precision product rounds every score to
+    8 (bf16) bits of mantissa before the softmax - an error larger than the sparsity error
+    being measured. On CUDA the matmul writes float32 from its float32 accumulator (no copy of
+    the operands); elsewhere the operands are upcast first."""
+    if a.dtype == torch.float32 and b.dtype == torch.float32:
+        return torch.matmul(a, b)
+    if a.dtype == b.dtype and a.dtype in (torch.bfloat16, torch.float16) and out_dtype_matmul(a.device):
+        batch = a.shape[:-2]
+        out = torch.bmm(a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:]),
+                        out_dtype=torch.float32)
+        return out.view(*batch, a.shape[-2], b.shape[-1])
+    return torch.matmul(a.float(), b.float())
