@@ -166,6 +166,8 @@ def plan_move(cell: Path, cache: FingerprintCache) -> tuple[str | None, str]:
     marker = jobdir.read_json(cell / jobdir.MARKER)
     if not isinstance(marker, dict):
         return None, "unreadable done.json"
+    if not (cell / jobdir.METRICS).is_file():
+        return None, "no metrics.json: not a finished result"
     if marker.get("schema") == SCHEMA:
         return None, "current"
     try:
@@ -226,6 +228,9 @@ def migrate(root: Path, dry_run: bool = False) -> tuple[list[str], list[str]]:
             if target != cell:
                 os.rename(cell, target)
             data = jobdir.read_json(target / jobdir.MARKER)
+            if not isinstance(data.get("files"), dict):  # written before markers listed them
+                data["files"] = {name: (target / name).stat().st_size
+                                 for name in jobdir.OUTPUT_FILES if (target / name).is_file()}
             data.update(key=key, schema=SCHEMA, migrated_from=cell.name)
             jobdir.write_json_atomic(target / jobdir.MARKER, data)
         moved.append(f"moved  {cell} -> {key} ({how})")

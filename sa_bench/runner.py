@@ -64,10 +64,8 @@ def input_digest(request: Request) -> str:
 def reusable(earlier: dict[str, dict], digests: dict[str, str]) -> dict[str, dict]:
     """The earlier predictions made for the very samples now loaded (same id, same input and
     answers): a resumed cell whose data changed under the same key redoes those samples
-    instead of scoring old predictions against new samples. Records written before inputs
-    were recorded are kept."""
-    return {i: rec for i, rec in earlier.items()
-            if i in digests and rec.get("input", digests[i]) == digests[i]}
+    instead of scoring old predictions against new samples."""
+    return {i: rec for i, rec in earlier.items() if i in digests and rec.get("input") == digests[i]}
 
 
 def evaluate(spec: JobSpec, path: Path, lease: Lease, weights: str | None = None) -> dict[str, Any]:

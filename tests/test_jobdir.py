@@ -120,12 +120,16 @@ def test_done_needs_the_marker_key_and_every_recorded_result_file(tmp_path):
     assert jobdir.damaged_results(path, "other") is None
 
 
-def test_marker_from_before_files_were_recorded_vouches_for_metrics_only(tmp_path):
+def test_a_marker_of_an_earlier_schema_is_not_done_until_migrated(tmp_path):
     path = tmp_path / "job"
     path.mkdir()
-    jobdir.write_json_atomic(path / jobdir.MARKER, {"key": "k1", "finished": 1.0})
-    assert not jobdir.is_done(path, "k1")
     (path / jobdir.METRICS).write_text("{}")
+    jobdir.write_json_atomic(path / jobdir.MARKER, {"key": "k1", "finished": 1.0})  # no files
+    assert not jobdir.is_done(path, "k1")
+    jobdir.write_json_atomic(path / jobdir.MARKER, {"key": "k1", "finished": 1.0,
+                                                    "files": {jobdir.METRICS: 3}})  # no schema
+    assert not jobdir.is_done(path, "k1")
+    jobdir.write_marker(path, "k1")
     assert jobdir.is_done(path, "k1")
 
 

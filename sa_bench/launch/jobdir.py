@@ -61,14 +61,15 @@ def is_done(path: Path, key: str) -> bool:
 
 
 def damaged_results(path: Path, key: str) -> list[str] | None:
-    """None without a marker for `key`; else the result files it lists that are missing or
-    changed size since (a marker from before files were recorded vouches for metrics.json)."""
+    """None without a marker of this schema for `key` (an older tree is moved to today's
+    keys by `python -m sa_bench.migrate`); else the result files it lists that are missing or
+    changed size since."""
     marker = read_json(path / MARKER)
-    if not isinstance(marker, dict) or marker.get("key") != key:
+    if not isinstance(marker, dict) or marker.get("key") != key or marker.get("schema") != SCHEMA:
         return None
     files = marker.get("files")
     if not isinstance(files, dict):
-        files = {METRICS: None}
+        return None
     damaged = [] if METRICS in files else [METRICS]  # a result without metrics is none
     for name, size in files.items():
         try:
