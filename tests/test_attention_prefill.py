@@ -19,6 +19,7 @@ from sa_bench.attention.prefill import (  # noqa: E402
     Pattern,
     attend,
     attend_flex,
+    attend_gather,
     attend_reference,
     causal_pairs,
     computed_pairs,
@@ -94,6 +95,11 @@ def test_reference_kernel_equals_masked_dense_attention(start, kv, block, column
     out, _ = attend_reference(pattern, query, key, value, 0.3)
     ref, pairs = brute_force(pattern, query, key, value, 0.3)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    # the CPU kernel (fused SDPA per head group, LSE merge): also heads with no key at all
+    torch.testing.assert_close(attend_gather(pattern, query, key, value, 0.3), ref, atol=1e-5, rtol=1e-5)
+    for slack, group in ((0.0, 1), (1.0, 3)):  # every head alone / groups padded to their maximum
+        torch.testing.assert_close(attend_gather(pattern, query, key, value, 0.3, slack, group), ref,
+                                   atol=1e-5, rtol=1e-5)
     assert torch.equal(computed_pairs(pattern, kv), pairs)
     assert causal_pairs(start, kv) == int(torch.ones(kv, kv).tril()[start:].sum())
 
@@ -105,9 +111,10 @@ def test_method_patterns_run_exactly_and_sparsely(name, start):
     query, key, value = qkv(1, 4, 2, kv - start, kv, seed=start)
     method = SparseMethod.from_config({"name": name, "prefill": METHODS[name]}).prefill
     pattern = method.pattern(query, key, start)
-    out = attend(pattern, query, key, value, 0.25, "reference")
     ref, pairs = brute_force(pattern, query, key, value, 0.25)
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    for kernel in ("reference", "gather", "auto"):
+        out = attend(pattern, query, key, value, 0.25, kernel)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     density = float(pairs.sum() / (4 * causal_pairs(start, kv)))
     assert 0.05 < density < 0.9, density
 
