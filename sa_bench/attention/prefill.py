@@ -63,7 +63,9 @@ class Pattern:
     block: int
     start: int
     blocks: Tensor  # bool [b, H, n_query_blocks, n_key_blocks]
-    columns: Tensor | None = None  # long [b, H, n_columns], distinct key positions per head
+    # long [b, H, n_columns]: distinct key positions per head; a position >= the key count is
+    # an unused slot (heads with fewer columns than others)
+    columns: Tensor | None = None
 
     @property
     def first_block(self) -> int:
@@ -133,7 +135,7 @@ def computed_pairs(pattern: Pattern, kv: int) -> Tensor:
     total = (pattern.blocks.double() * counts).sum((-1, -2))
     if pattern.columns is not None and pattern.columns.shape[-1]:
         cols = pattern.columns
-        in_block = pattern.blocks.gather(-1, (cols // block).unsqueeze(-2).expand(
+        in_block = pattern.blocks.gather(-1, (cols // block).clamp(max=nk - 1).unsqueeze(-2).expand(
             *cols.shape[:2], nq, cols.shape[-1]))  # [b, H, nq, nc]
         q0 = (torch.arange(nq, device=dev) + first) * block
         r0, r1 = q0.clamp(min=start), (q0 + block).clamp(max=kv)
@@ -191,7 +193,8 @@ def attend_reference(pattern: Pattern, query: Tensor, key: Tensor, value: Tensor
                 valid.append(ok.repeat_interleave(block, -1) & (pos < p1))
         if pattern.columns is not None and pattern.columns.shape[-1]:
             cols = pattern.columns
-            outside = ~sel.gather(-1, cols // block) if blocks else torch.ones_like(cols, dtype=torch.bool)
+            outside = (~sel.gather(-1, (cols // block).clamp(max=sel.shape[-1] - 1)) if blocks
+                       else torch.ones_like(cols, dtype=torch.bool))
             parts.append(cols)
             valid.append(outside & (cols < p1))
         if not parts:
@@ -291,12 +294,13 @@ def attend_gather(pattern: Pattern, query: Tensor, key: Tensor, value: Tensor, s
     counts_l = counts.tolist()
     has_cols = pattern.columns is not None and pattern.columns.shape[-1] > 0
     if has_cols:
-        cols = pattern.columns
+        cols = pattern.columns  # a slot >= kv stays masked: it is > every row
         nc = cols.shape[-1]
         kvh_all = torch.arange(h, device=dev) // g
-        kc = key[torch.arange(b, device=dev)[:, None, None], kvh_all[None, :, None], cols]  # [b, H, nc, d]
-        vc = value[torch.arange(b, device=dev)[:, None, None], kvh_all[None, :, None], cols]
-        col_in = sel.gather(-1, (cols // block).unsqueeze(-2).expand(b, h, nq, nc))  # [b, H, nq, nc]
+        safe = cols.clamp(max=kv - 1)
+        kc = key[torch.arange(b, device=dev)[:, None, None], kvh_all[None, :, None], safe]  # [b, H, nc, d]
+        vc = value[torch.arange(b, device=dev)[:, None, None], kvh_all[None, :, None], safe]
+        col_in = sel.gather(-1, (safe // block).unsqueeze(-2).expand(b, h, nq, nc))  # [b, H, nq, nc]
     heads_kv = torch.arange(h, device=dev) // g
     neg = float("-inf")
     out = torch.empty_like(query)
