@@ -31,6 +31,26 @@ def _positions(start: int, kv: int, device) -> Tensor:
     return torch.arange(start, kv, device=device)
 
 
+def last_rows_sums(query: Tensor, key: Tensor, r: int) -> tuple[Tensor, Tensor]:
+    """The last r queries' causal softmax (scale 1/sqrt(d), float32) summed per key column and
+    per diagonal: ([b, H, kv], [b, H, kv], index t of the second = offset kv - 1 - t)."""
+    b, h, _, d = query.shape
+    hk, kv = key.shape[1], key.shape[2]
+    g = h // hk
+    pos = _positions(kv - r, kv, query.device)
+    keys = torch.arange(kv, device=query.device)
+    verticals, slashes = [], []
+    for j in range(hk):  # one kv head at a time: [g, r, kv] scores at most
+        s = grouped_scores(query[:, j * g:(j + 1) * g, -r:], key[:, j:j + 1]) * d ** -0.5
+        s = s.masked_fill(keys[None, :] > pos[:, None], float("-inf")).softmax(-1)
+        verticals.append(s.sum(-2))
+        # row i sits at position kv - r + i
+        padded = torch.nn.functional.pad(s, (r - 1, 0))  # [b, g, r, kv + r - 1]
+        w = padded.shape[-1]
+        slashes.append(padded.as_strided((b, g, r, kv), (g * r * w, r * w, w + 1, 1)).sum(-2))
+    return torch.cat(verticals, 1), torch.cat(slashes, 1)
+
+
 @dataclass
 class VerticalSlash(PrefillMethod):
     """MInference's vertical-slash pattern (https://arxiv.org/abs/2407.02490) with
@@ -59,25 +79,8 @@ class VerticalSlash(PrefillMethod):
 
     def estimate(self, query: Tensor, key: Tensor, start: int) -> tuple[Tensor, Tensor]:
         """(vertical columns [b, H, nv], diagonal offsets [b, H, ns]; 0 = the main diagonal)."""
-        b, h, q, _ = query.shape
-        hk, kv = key.shape[1], key.shape[2]
-        g = h // hk
-        r = min(self.last_q, q)
-        pos = _positions(kv - r, kv, query.device)
-        keys = torch.arange(kv, device=query.device)
-        scale = query.shape[-1] ** -0.5
-        verticals, slashes = [], []
-        for j in range(hk):  # one kv head at a time: [g, r, kv] scores at most
-            s = grouped_scores(query[:, j * g:(j + 1) * g, -r:], key[:, j:j + 1]) * scale
-            s = s.masked_fill(keys[None, :] > pos[:, None], float("-inf")).softmax(-1)
-            verticals.append(s.sum(-2))
-            # row i sits at position kv - r + i; index t of the sum is offset kv - 1 - t
-            padded = torch.nn.functional.pad(s, (r - 1, 0))  # [b, g, r, kv + r - 1]
-            w = padded.shape[-1]
-            diag = padded.as_strided((b, g, r, kv), (g * r * w, r * w, w + 1, 1))
-            slashes.append(diag.sum(-2))
-        vertical = torch.cat(verticals, 1)
-        slash = torch.cat(slashes, 1)
+        kv = key.shape[2]
+        vertical, slash = last_rows_sums(query, key, min(self.last_q, query.shape[2]))
         vertical[..., :self.keep_first] = float("inf")
         slash[..., kv - self.keep_last:] = float("inf")
         columns = vertical.topk(min(self.vertical_size, kv), -1).indices
@@ -325,22 +328,10 @@ class FlexPrefill(PrefillMethod):
         """(columns [b, H, nv], diagonal offsets [b, H, ns]): per head its own counts; a head
         with fewer columns than the widest pads with `kv` (an unused slot), with fewer
         diagonals by repeating its first (the blocks are a union)."""
-        b, h, q, d = query.shape
-        hk, kv = key.shape[1], key.shape[2]
-        g = h // hk
-        r = min(self.approximation, q)
-        pos = _positions(kv - r, kv, query.device)
-        keys = torch.arange(kv, device=query.device)
-        verticals, slashes = [], []
-        for j in range(hk):  # one kv head at a time: [g, r, kv] scores at most
-            s = grouped_scores(query[:, j * g:(j + 1) * g, -r:] / d ** 0.5, key[:, j:j + 1])
-            s = s.masked_fill(keys[None, :] > pos[:, None], float("-inf")).softmax(-1)
-            verticals.append(s.mean(-2))
-            padded = torch.nn.functional.pad(s, (r - 1, 0))  # index t of the sum: offset kv-1-t
-            w = padded.shape[-1]
-            slashes.append(padded.as_strided((b, g, r, kv), (g * r * w, r * w, w + 1, 1)).sum(-2) / r)
-        vertical = torch.cat(verticals, 1)
-        slash = torch.cat(slashes, 1)
+        kv = key.shape[2]
+        r = min(self.approximation, query.shape[2])
+        vertical, slash = last_rows_sums(query, key, r)
+        vertical, slash = vertical / r, slash / r  # the reference's mean over rows; sums / r
         n_v = _cover(vertical, self.alpha).clamp(min=self.min_budget, max=kv)  # [b, H]
         n_s = _cover(slash, self.alpha).clamp(min=self.min_budget, max=kv)
         vertical[..., :self.keep_first] = float("inf")
