@@ -113,6 +113,10 @@ class Job:
         return measured_compression(self.stats)
 
     @property
+    def prefill_density(self) -> float | None:
+        return measured_prefill_density(self.stats)
+
+    @property
     def weights(self) -> str | None:
         """The identity of the model weights the job ran with, as far as its files record it:
         env.json's `weights` where a job records it (as the job key has it); else, from
@@ -153,6 +157,19 @@ def measured_compression(stats: dict) -> float | None:
     press = attention.get("compression") if isinstance(attention, dict) else None
     value = press.get("achieved_ratio") if isinstance(press, dict) else None
     return float(value) if _is_number(value) else None
+
+
+def measured_prefill_density(stats: dict) -> float | None:
+    """Mean over layers of the prefill density where the job ran a sparse prefill method
+    (stats.json `attention.prefill_density_per_head` present; its `attention.density.prefill`
+    per layer); None for a dense prefill."""
+    attention = stats.get("attention")
+    if not isinstance(attention, dict) or "prefill_density_per_head" not in attention:
+        return None
+    table = attention.get("density")
+    layers = table.get("prefill") if isinstance(table, dict) else None
+    values = [v for v in layers if _is_number(v)] if isinstance(layers, list) else []
+    return sum(values) / len(values) if values else None
 
 
 def find_job_dirs(root: Path) -> list[Path]:
@@ -566,6 +583,8 @@ def table_cells(table: Table, benchmark: str | None = None) -> tuple[list[str], 
                 line.append("no score")
             else:
                 line.append(format_cell(*table.cell(row, column)))
+                if job.prefill_density is not None:
+                    line[-1] += f" prefill @{job.prefill_density:.3f}"
             line[-1] += marks.get((id(row), column), "")
         line.append(average_text(table, row, columns))
         body.append(line)
@@ -590,8 +609,9 @@ def overview_cells(table: Table) -> tuple[list[str], list[list[str]]]:
     return header, body
 
 
-LEGEND = ("cell = score @ measured density (score - dense score, same model, weights and subset; "
-          "blank where that dense result cannot be told); [^i]: older results of the cell "
+LEGEND = ("cell = score @ measured density of the question and answer tokens (score - dense score, "
+          "same model, weights and subset; blank where that dense result cannot be told), and "
+          "prefill @ measured prefill density where the job ran a sparse prefill method; [^i]: older results of the cell "
           "exist (note i); average over the row's finished cells, [n/N] when some are missing")
 
 
@@ -681,7 +701,8 @@ def counts(jobs: list[Job]) -> str:
 # --- files -------------------------------------------------------------------------------------
 
 LEADING_CSV = ["path", "status", "superseded", "superseded_by", "error", "finished", "density",
-               "compression", "dense_score", "score_vs_dense", "dense_path", "model_weights"]
+               "prefill_density", "compression", "dense_score", "score_vs_dense", "dense_path",
+               "model_weights"]
 
 
 def write_csv(jobs: list[Job], table: Table, path: Path) -> None:
@@ -694,7 +715,8 @@ def write_csv(jobs: list[Job], table: Table, path: Path) -> None:
         record: dict[str, Any] = {"path": job.relpath, "status": job.status,
                                   "error": job.error or "; ".join(job.unreadable)}
         if job.status == "done":
-            record.update(density=job.density, compression=job.compression, finished=job.finished,
+            record.update(density=job.density, prefill_density=job.prefill_density,
+                          compression=job.compression, finished=job.finished,
                           model_weights=job.weights, superseded=False)
             if id(job) in where:
                 row, column = where[id(job)]
@@ -938,7 +960,8 @@ def write_json(jobs: list[Job], table: Table, root: Path, path: Path) -> None:
                     score, density, diff = table.cell(row, column)
                     cells[table.column_labels[column]] = {
                         "status": job.status, "path": job.relpath, "score": score,
-                        "density": density, "score_vs_dense": diff}
+                        "density": density, "prefill_density": job.prefill_density,
+                        "score_vs_dense": diff}
             rows.append({"model": row.model, "sparse": row.label, "method": row.method,
                          "cells": cells, "average": numbers(row, columns)})
         benchmarks[benchmark] = {"columns": [table.column_labels[c] for c in columns], "rows": rows}

@@ -19,6 +19,7 @@ from sa_bench.attention.prefill import (  # noqa: E402
     Pattern,
     attend,
     attend_flex,
+    attend_gather,
     attend_reference,
     causal_pairs,
     computed_pairs,
@@ -26,6 +27,7 @@ from sa_bench.attention.prefill import (  # noqa: E402
 from sa_bench.attention.prefill_methods import (  # noqa: E402
     AShape,
     BlockSparse,
+    FlexPrefill,
     TriShape,
     VerticalSlash,
     XAttention,
@@ -48,11 +50,14 @@ METHODS = {
     "block_sparse": {"_target_": "sa_bench.attention.prefill_methods.BlockSparse", "block": 16, "top_k": 4},
     "xattention": {"_target_": "sa_bench.attention.prefill_methods.XAttention", "stride": 4,
                    "threshold": 0.6, "block": 32},
+    "flexprefill": {"_target_": "sa_bench.attention.prefill_methods.FlexPrefill", "alpha": 0.05,
+                    "approximation": 32, "min_budget": 4, "keep_last": 4, "block": 16},
 }
 FULL = {  # settings that compute every causal pair
     "vertical_slash": {**METHODS["vertical_slash"], "vertical_size": 4096, "slash_size": 4096},
     "a_shape": {**METHODS["a_shape"], "n_local": 4096},
     "block_sparse": {**METHODS["block_sparse"], "top_k": 4096},
+    "flexprefill": {**METHODS["flexprefill"], "min_budget": 4096},
 }
 
 
@@ -63,7 +68,8 @@ def brute_force(pattern: Pattern, query, key, value, scaling):
     pos, keys = torch.arange(kv - q, kv), torch.arange(kv)
     allowed = pattern.blocks[:, :, pos // pattern.block - pattern.first_block][..., keys // pattern.block]
     if pattern.columns is not None:
-        cols = torch.zeros(b, h, kv, dtype=torch.bool).scatter_(-1, pattern.columns, True)
+        width = max(kv, int(pattern.columns.max()) + 1)  # a position >= kv: an unused slot
+        cols = torch.zeros(b, h, width, dtype=torch.bool).scatter_(-1, pattern.columns, True)[..., :kv]
         allowed = allowed | cols[:, :, None, :]
     allowed = allowed & (keys[None, :] <= pos[:, None])
     g = h // key.shape[1]
@@ -94,6 +100,11 @@ def test_reference_kernel_equals_masked_dense_attention(start, kv, block, column
     out, _ = attend_reference(pattern, query, key, value, 0.3)
     ref, pairs = brute_force(pattern, query, key, value, 0.3)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    # the CPU kernel (fused SDPA per head group, LSE merge): also heads with no key at all
+    torch.testing.assert_close(attend_gather(pattern, query, key, value, 0.3), ref, atol=1e-5, rtol=1e-5)
+    for slack, group in ((0.0, 1), (1.0, 3)):  # every head alone / groups padded to their maximum
+        torch.testing.assert_close(attend_gather(pattern, query, key, value, 0.3, slack, group), ref,
+                                   atol=1e-5, rtol=1e-5)
     assert torch.equal(computed_pairs(pattern, kv), pairs)
     assert causal_pairs(start, kv) == int(torch.ones(kv, kv).tril()[start:].sum())
 
@@ -105,9 +116,10 @@ def test_method_patterns_run_exactly_and_sparsely(name, start):
     query, key, value = qkv(1, 4, 2, kv - start, kv, seed=start)
     method = SparseMethod.from_config({"name": name, "prefill": METHODS[name]}).prefill
     pattern = method.pattern(query, key, start)
-    out = attend(pattern, query, key, value, 0.25, "reference")
     ref, pairs = brute_force(pattern, query, key, value, 0.25)
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    for kernel in ("reference", "gather", "auto"):
+        out = attend(pattern, query, key, value, 0.25, kernel)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     density = float(pairs.sum() / (4 * causal_pairs(start, kv)))
     assert 0.05 < density < 0.9, density
 
@@ -258,3 +270,27 @@ def test_prefill_and_decode_methods_run_end_to_end(tmp_path):
         heads = attention["prefill_density_per_head"]
         assert len(heads) == 2 and all(len(row) == 4 and all(0 < d < 1 for d in row) for row in heads)
         assert (path.parent / "done.json").exists()
+
+
+def test_flexprefill_sizes_adapt_per_head():
+    kv = 300
+    query, key, value = qkv(1, 4, 2, kv, kv, seed=5)
+    query[:, 0] *= 8  # a peaked head needs fewer columns to cover alpha than a flat one
+    fp = FlexPrefill(alpha=0.5, approximation=32, min_budget=2, keep_first=4, keep_last=4, block=16)
+    columns, offsets = fp.estimate(query, key, 0)
+    used = (columns < kv).sum(-1)[0]
+    assert used.min() < used.max() and used.min() >= 4
+    for hd in range(4):
+        c = columns[0, hd][columns[0, hd] < kv]
+        assert set(range(4)) <= set(c.tolist()) and len(set(c.tolist())) == len(c)
+        assert set(range(4)) <= set(offsets[0, hd].tolist())
+    # the cover count of one head by hand: scores of the last 32 queries, mean over rows
+    s = (query[0, 1, -32:] @ key[0, 0].T / 16 ** 0.5).masked_fill(
+        torch.arange(kv)[None, :] > torch.arange(kv - 32, kv)[:, None], float("-inf")).softmax(-1)
+    sorted_mean = s.mean(0).sort(descending=True).values.cumsum(0)
+    assert int(used[1]) == max(2, int((sorted_mean <= 0.5).sum()) + 1)
+    pattern = fp.pattern(query, key, 0)
+    out = attend(pattern, query, key, value, 0.25)
+    ref, pairs = brute_force(pattern, query, key, value, 0.25)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert torch.equal(computed_pairs(pattern, kv), pairs)

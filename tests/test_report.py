@@ -59,8 +59,10 @@ def config(model: str, method: str, subset: str, maskers: dict | None = None) ->
 
 def write_job(root: Path, cfg: dict, *, score: float | None = None,
               density: list | None = None, decode: list | None = None,
-              error: str | None = None, partial: bool = False, key: str | None = None) -> Path:
-    """A job directory; `key` overrides the hashed key (a job from an older key scheme)."""
+              error: str | None = None, partial: bool = False, key: str | None = None,
+              prefill: list | None = None) -> Path:
+    """A job directory; `key` overrides the hashed key (a job from an older key scheme);
+    `prefill`: per-layer densities of a sparse prefill method."""
     path = root / job_relpath(cfg)
     if key is not None:
         path = path.parent / key
@@ -78,6 +80,9 @@ def write_job(root: Path, cfg: dict, *, score: float | None = None,
     stats = {"total_s": 1.5, "truncated_samples": 0,
              "attention": {"density": {"question": density or [], "decode": decode or []},
                            "notes": []}}
+    if prefill is not None:
+        stats["attention"]["density"]["prefill"] = prefill
+        stats["attention"]["prefill_density_per_head"] = [[v, v] for v in prefill]
     jobdir.write_json_atomic(path / jobdir.STATS, stats)
     jobdir.write_marker(path, key or job_key(cfg), {"score": score})
     return path
@@ -643,3 +648,26 @@ def test_formats_json_and_self_contained_html(mixed: Path, tmp_path: Path,
     assert all(base64.b64decode(i).startswith(b"\x89PNG") for i in images)
     assert "<td>85.0 @0.050 (-10.0)</td>" in page
     assert report.main([str(mixed), "--format", "pdf"]) == 2
+
+
+def test_prefill_density_beside_decode_density(tmp_path: Path) -> None:
+    """A job that ran a sparse prefill method shows its prefill density as a field of its own
+    (the table cell, CSV and JSON); the decode density stays the cell's density; a dense
+    prefill (no per-head prefill record) shows none."""
+    root = tmp_path / "outputs"
+    dense = write_job(root, config("m", "dense", "1k"), score=90.0)
+    write_job(root, config("m", "vertical_slash", "1k"), score=80.0, density=[1.0, 1.0],
+              decode=[0.5, 0.7], prefill=[0.1, 0.3])
+    assert report.measured_prefill_density(json.loads((dense / jobdir.STATS).read_text())) is None
+    out = tmp_path / "rep"
+    assert report.main([str(root), "--out", str(out), "--format", "md,csv,json"]) == 0
+    md = (out / "report.md").read_text()
+    assert "80.0 @1.000 (-10.0) prefill @0.200" in md and "90.0 @1.000 (+0.0) |" in md
+    with open(out / "results.csv") as f:
+        rows = {r["sparse.name"]: r for r in csv.DictReader(f)}
+    assert float(rows["vertical_slash"]["prefill_density"]) == pytest.approx(0.2)
+    assert rows["dense"]["prefill_density"] == ""
+    cells = {r["method"]: r["cells"]["passkey/1k"]
+             for r in json.loads((out / "report.json").read_text())["benchmarks"]["passkey"]["rows"]}
+    assert cells["vertical_slash"]["prefill_density"] == pytest.approx(0.2)
+    assert cells["vertical_slash"]["density"] == 1.0 and cells["dense"]["prefill_density"] is None

@@ -31,6 +31,26 @@ def _positions(start: int, kv: int, device) -> Tensor:
     return torch.arange(start, kv, device=device)
 
 
+def last_rows_sums(query: Tensor, key: Tensor, r: int) -> tuple[Tensor, Tensor]:
+    """The last r queries' causal softmax (scale 1/sqrt(d), float32) summed per key column and
+    per diagonal: ([b, H, kv], [b, H, kv], index t of the second = offset kv - 1 - t)."""
+    b, h, _, d = query.shape
+    hk, kv = key.shape[1], key.shape[2]
+    g = h // hk
+    pos = _positions(kv - r, kv, query.device)
+    keys = torch.arange(kv, device=query.device)
+    verticals, slashes = [], []
+    for j in range(hk):  # one kv head at a time: [g, r, kv] scores at most
+        s = grouped_scores(query[:, j * g:(j + 1) * g, -r:], key[:, j:j + 1]) * d ** -0.5
+        s = s.masked_fill(keys[None, :] > pos[:, None], float("-inf")).softmax(-1)
+        verticals.append(s.sum(-2))
+        # row i sits at position kv - r + i
+        padded = torch.nn.functional.pad(s, (r - 1, 0))  # [b, g, r, kv + r - 1]
+        w = padded.shape[-1]
+        slashes.append(padded.as_strided((b, g, r, kv), (g * r * w, r * w, w + 1, 1)).sum(-2))
+    return torch.cat(verticals, 1), torch.cat(slashes, 1)
+
+
 @dataclass
 class VerticalSlash(PrefillMethod):
     """MInference's vertical-slash pattern (https://arxiv.org/abs/2407.02490) with
@@ -59,25 +79,8 @@ class VerticalSlash(PrefillMethod):
 
     def estimate(self, query: Tensor, key: Tensor, start: int) -> tuple[Tensor, Tensor]:
         """(vertical columns [b, H, nv], diagonal offsets [b, H, ns]; 0 = the main diagonal)."""
-        b, h, q, _ = query.shape
-        hk, kv = key.shape[1], key.shape[2]
-        g = h // hk
-        r = min(self.last_q, q)
-        pos = _positions(kv - r, kv, query.device)
-        keys = torch.arange(kv, device=query.device)
-        scale = query.shape[-1] ** -0.5
-        verticals, slashes = [], []
-        for j in range(hk):  # one kv head at a time: [g, r, kv] scores at most
-            s = grouped_scores(query[:, j * g:(j + 1) * g, -r:], key[:, j:j + 1]) * scale
-            s = s.masked_fill(keys[None, :] > pos[:, None], float("-inf")).softmax(-1)
-            verticals.append(s.sum(-2))
-            # row i sits at position kv - r + i; index t of the sum is offset kv - 1 - t
-            padded = torch.nn.functional.pad(s, (r - 1, 0))  # [b, g, r, kv + r - 1]
-            w = padded.shape[-1]
-            diag = padded.as_strided((b, g, r, kv), (g * r * w, r * w, w + 1, 1))
-            slashes.append(diag.sum(-2))
-        vertical = torch.cat(verticals, 1)
-        slash = torch.cat(slashes, 1)
+        kv = key.shape[2]
+        vertical, slash = last_rows_sums(query, key, min(self.last_q, query.shape[2]))
         vertical[..., :self.keep_first] = float("inf")
         slash[..., kv - self.keep_last:] = float("inf")
         columns = vertical.topk(min(self.vertical_size, kv), -1).indices
@@ -278,3 +281,70 @@ class XAttention(PrefillMethod):
         blocks = torch.zeros_like(scores, dtype=torch.bool)
         blocks.scatter_(-1, order, take)
         return Pattern(self.block, start, blocks & causal_blocks(start, kv, self.block, dev))
+
+
+def _cover(x: Tensor, alpha: float) -> Tensor:
+    """long [...]: how many of the largest entries of x (a distribution over the last dim) it
+    takes to cover `alpha` of it: 1 + the count whose running sum (descending) is <= alpha."""
+    return (x.sort(-1, descending=True).values.cumsum(-1) <= alpha).sum(-1) + 1
+
+
+@dataclass
+class FlexPrefill(PrefillMethod):
+    """FlexPrefill (https://arxiv.org/abs/2502.20766) as sparse-frontier runs it
+    (PiotrNawrot/sparse-frontier@31d86c170248865183d6569c491d47f71cdd9d53,
+    sparse_frontier/modelling/attention/efficient_prefilling.py `FlexPrefill`,
+    configs/attention/flexprefill.yaml: alpha 0.65, approximation_size 512, min_budget 512): a
+    vertical-slash pattern whose sizes adapt per head. The last `approximation` queries of the
+    chunk (scaled by 1/sqrt(d)) score every key, causally, softmaxed in float32; the columns'
+    mean over those rows and the diagonals' sums divided by `approximation` are two
+    distributions; each head keeps the fewest columns and diagonals that cover `alpha` of them
+    (the count whose descending running sum stays <= alpha, plus one), at least `min_budget`;
+    the first `keep_first` columns and the `keep_last` nearest diagonals always (the reference's
+    4 and 64, forced after the counts are taken). Diagonals become the `block`-sized key blocks
+    that hold them (the reference runs MInference's vertical-slash kernel, blocks of 64).
+
+    Not here: bytedance/FlexPrefill's own selection (query-aware vs vertical-slash per head by
+    a JS-divergence test, tau; block-pooled estimation with gamma; MInference's gamma 0.9 /
+    tau 0.1 / block 128 parameter set), whose estimation is a Triton kernel."""
+
+    alpha: float = 0.65
+    approximation: int = 512
+    min_budget: int = 512
+    keep_first: int = 4
+    keep_last: int = 64
+    block: int = 64
+    kernel: Kernel = "auto"
+
+    def __post_init__(self) -> None:
+        self._check_block()
+        check_range(self.alpha, "alpha", 0.0, 1.0, low_open=True)
+        check_range(self.approximation, "approximation", 1)
+        check_range(self.min_budget, "min_budget", 1)
+        check_range(self.keep_first, "keep_first", 0)
+        check_range(self.keep_last, "keep_last", 0)
+
+    def estimate(self, query: Tensor, key: Tensor, start: int) -> tuple[Tensor, Tensor]:
+        """(columns [b, H, nv], diagonal offsets [b, H, ns]): per head its own counts; a head
+        with fewer columns than the widest pads with `kv` (an unused slot), with fewer
+        diagonals by repeating its first (the blocks are a union)."""
+        kv = key.shape[2]
+        r = min(self.approximation, query.shape[2])
+        vertical, slash = last_rows_sums(query, key, r)
+        vertical, slash = vertical / r, slash / r  # the reference's mean over rows; sums / r
+        n_v = _cover(vertical, self.alpha).clamp(min=self.min_budget, max=kv)  # [b, H]
+        n_s = _cover(slash, self.alpha).clamp(min=self.min_budget, max=kv)
+        vertical[..., :self.keep_first] = float("inf")
+        slash[..., kv - self.keep_last:] = float("inf")
+        top_v = vertical.topk(int(n_v.max()), -1).indices
+        top_s = slash.topk(int(n_s.max()), -1).indices
+        rank = torch.arange(top_v.shape[-1], device=query.device)
+        columns = torch.where(rank < n_v[..., None], top_v, kv)
+        rank = torch.arange(top_s.shape[-1], device=query.device)
+        offsets = (kv - 1) - torch.where(rank < n_s[..., None], top_s, top_s[..., :1])
+        return columns, offsets
+
+    def pattern(self, query: Tensor, key: Tensor, start: int) -> Pattern:
+        columns, offsets = self.estimate(query, key, start)
+        return Pattern(self.block, start, diagonal_blocks(offsets, start, key.shape[2], self.block),
+                       columns)
