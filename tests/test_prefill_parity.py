@@ -43,9 +43,3 @@ def test_flexprefill_equals_sparse_frontier(case):
     columns, offsets = method.estimate(case["query"], case["key"], 0)
     assert [c - {kv} for c in as_sets(columns[0])] == as_sets(case["flexprefill"]["columns"])
     assert as_sets(offsets[0]) == as_sets(case["flexprefill"]["offsets"])
-
-
-@pytest.mark.skip(reason="MInference's and XAttention's estimation, sparse-frontier's block_sparse "
-                  "(_build_block_index): fixtures not made yet (see tests/fixtures/prefill/README.md)")
-def test_other_references():  # pragma: no cover
-    pass
