@@ -10,7 +10,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from sa_bench.config import ConfigError
 from sa_bench.launch import jobdir
-from sa_bench.launch.callbacks import LockHandle
 from sa_bench.launch.identity import job_relpath, local_inputs
 from sa_bench.launch.jobdir import Status
 from sa_bench.models.identity import weights_identity
@@ -23,8 +22,8 @@ class IdentityMismatch(ConfigError):
 def run_job(cfg: DictConfig) -> dict[str, Any]:
     """Validate, check identity, lock, lease, evaluate; on failure leave `error.txt`, re-raise.
 
-    Returns {"status": Status.DONE | "skipped" | "busy", ...}. A done result carries the job's
-    lock (`LockHandle`): the completion-marker callback writes the marker, then releases it.
+    Returns {"status": Status.DONE | "skipped" | "busy", ...}. A done result carries its begun
+    `JobDir` (holding the cell's lock): the completion-marker callback finishes it.
     """
     from hydra.core.hydra_config import HydraConfig
 
@@ -43,34 +42,20 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
         path.mkdir(parents=True, exist_ok=True)
         (path / jobdir.ERROR).write_text(traceback.format_exc())
         raise
-    key = relpath.rsplit("/", 1)[1]
-    lock = jobdir.JobLock(path)
-    if not lock.try_acquire():
-        return {"status": "busy", "dir": str(path)}
-    if jobdir.is_done(path, key) and not spec.overwrite:
-        lock.release()
-        return {"status": "skipped", "dir": str(path)}
-    handle = LockHandle(lock)
-    if spec.overwrite:
-        jobdir.clear_results(path)
-    (path / jobdir.ERROR).unlink(missing_ok=True)
-    (path / jobdir.MARKER).unlink(missing_ok=True)
-    jobdir.mark_running(path)
+    job = jobdir.JobDir(path, relpath.rsplit("/", 1)[1])
+    refused = job.begin(spec.overwrite)
+    if refused is not None:
+        return {"status": refused, "dir": str(path)}
     try:
         (path / jobdir.CONFIG).write_text(OmegaConf.to_yaml(container))
         summary = evaluate_leased(spec, path, weights)
     except KeyboardInterrupt:
-        handle.release()
+        job.release()
         raise  # interrupted, not failed: the cell stays unfinished and resumes next time
     except BaseException:
-        try:
-            (path / jobdir.ERROR).write_text(traceback.format_exc())
-        finally:  # even when error.txt cannot be written (a full disk), free the cell
-            handle.release()
+        job.fail(traceback.format_exc())
         raise
-    finally:
-        (path / jobdir.RUNNING).unlink(missing_ok=True)
-    return {"status": Status.DONE, "dir": str(path), "key": key, "summary": summary, "lock": handle}
+    return {"status": Status.DONE, "dir": str(path), "summary": summary, "job": job}
 
 
 def check_identity(handed: str | None, relpath: str, path: Path, output_root: Path) -> None:

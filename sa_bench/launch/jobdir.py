@@ -231,3 +231,67 @@ class JobLock:
             fcntl.flock(self._fd, fcntl.LOCK_UN)  # also when a forked child still has a copy
             os.close(self._fd)
             self._fd = None
+
+
+class JobDir:
+    """One cell's directory as its job sees it: every write of its state files goes through
+    here. `begin` takes the cell (per-job lock; results cleared on overwrite; the old marker
+    and error removed; running.json written), then exactly one of `finish` (the marker, last)
+    or `fail` (error.txt) or `release` (interrupted) ends it and drops the lock.
+
+    A begun JobDir travels to the completion callback in the job's return value (no module
+    global holds it); if it is pickled on the way (a launcher without the callback) or
+    dropped, its lock is released, so it can never outlive the job.
+    """
+
+    def __init__(self, path: Path, key: str) -> None:
+        self.path = path
+        self.key = key
+        self._lock: JobLock | None = None
+
+    def status(self) -> Status:
+        return status(self.path, self.key)
+
+    def begin(self, overwrite: bool) -> str | None:
+        """Take the cell; None when taken, else why not: "busy" (another process holds it)
+        or "skipped" (finished, and no overwrite)."""
+        lock = JobLock(self.path)
+        if not lock.try_acquire():
+            return "busy"
+        if not overwrite and is_done(self.path, self.key):
+            lock.release()
+            return "skipped"
+        self._lock = lock
+        if overwrite:
+            clear_results(self.path)
+        (self.path / ERROR).unlink(missing_ok=True)
+        (self.path / MARKER).unlink(missing_ok=True)
+        mark_running(self.path)
+        return None
+
+    def finish(self, summary: dict | None) -> None:
+        """Write the completion marker (the result files are complete), then release."""
+        try:
+            write_marker(self.path, self.key, summary)
+        finally:
+            self.release()
+
+    def fail(self, text: str) -> None:
+        """Leave the traceback in error.txt and release, even when it cannot be written."""
+        try:
+            (self.path / ERROR).write_text(text)
+        finally:
+            self.release()
+
+    def release(self) -> None:
+        (self.path / RUNNING).unlink(missing_ok=True)
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def __reduce__(self) -> tuple:
+        self.release()
+        return (JobDir, (self.path, self.key))
+
+    def __del__(self) -> None:
+        self.release()
