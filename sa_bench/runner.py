@@ -75,16 +75,23 @@ def evaluate(spec: JobSpec, path: Path, lease: Lease, weights: str | None = None
     from transformers.utils import logging as hf_logging
 
     from sa_bench.attention.dense import resolve_implementation
-    from sa_bench.models.loading import load_model
+    from sa_bench.models.loading import go_offline, hub_offline, load_model, load_tokenizer
 
     hf_logging.disable_progress_bar()  # one bar per job would drown the sweep's own progress
     torch.manual_seed(spec.seed)
     started = time.time()
     reset_peak_memory(lease.torch_devices)  # a reused worker would report an earlier job's peak
+    bench = spec.benchmark
+    if spec.model.source() == "hub" and hub_offline():
+        go_offline()  # no retries: an uncached tokenizer fails at once (the fallback has one)
+    try:  # the data first (a bad row is named before the weights load), with the tokenizer alone
+        samples = unique_ids(bench.load(load_tokenizer(spec.model)))
+    except OSError:  # the hub's tokenizer is out of reach: the model's offline fallback has one
+        samples = None
     model, tokenizer = load_model(spec.model, lease.torch_devices)
     loaded = time.time()
-    bench = spec.benchmark
-    samples = unique_ids(bench.load(tokenizer))
+    if samples is None:
+        samples = unique_ids(bench.load(tokenizer))
     if not samples:
         raise ValueError(f"benchmark {bench.name}/{bench.subset}: no samples were loaded")
     max_new = spec.max_new_tokens or bench.max_new_tokens()

@@ -94,3 +94,29 @@ def test_missing_local_data_names_the_files(tmp_path):
                         f"benchmark.data_dir={tmp_path / 'nothing'}", root=tmp_path / "out")
     assert proc.returncode == 1
     assert "qasper" in proc.stdout and str(tmp_path / "nothing") in proc.stdout
+
+
+def test_a_torn_data_line_is_named_before_the_model_loads(tmp_path, monkeypatch):
+    """The data is read with the tokenizer alone: a bad line stops the job before the weights
+    load (which takes minutes for an 8B model)."""
+    import shutil
+
+    from sa_bench.benchmarks.data import BadRowError
+    from sa_bench.models import loading
+
+    data = tmp_path / "data"
+    shutil.copytree(FIXTURES / "longbench", data)
+    lines = (data / "hotpotqa.jsonl").read_text().splitlines()
+    lines.insert(1, '{"input": "a", "cont')
+    (data / "hotpotqa.jsonl").write_text("\n".join(lines) + "\n")
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the data was checked")
+
+    monkeypatch.setattr(loading, "load_model", no_model)
+    benchmark = {**conf("benchmark", "longbench"), "subset": "hotpotqa", "data_dir": str(data)}
+    cfg = {"model": conf("model", "tiny"), "sparse": conf("sparse", "dense"),
+           "benchmark": benchmark, "pool": {"devices": "cpu"}, "seed": 0,
+           "max_new_tokens": 6, "overwrite": False, "plan": False, "output_root": str(tmp_path)}
+    with pytest.raises(BadRowError, match=r"hotpotqa.jsonl: line 2"):
+        evaluate(JobSpec.from_dict(cfg), tmp_path / "out", Lease(devices=[], simulated=False))
