@@ -433,3 +433,26 @@ def test_wrapper_config_errors_name_the_key():
     critical = OmegaConf.to_container(OmegaConf.load(ROOT / "conf/sparse/criticalkv.yaml"))
     with pytest.raises(ConfigError, match=r"sparse\.compression\.first_stage_ratio"):
         SparseMethod.from_config({**critical, "compression": {**critical["compression"], "first_stage_ratio": 1.5}})
+
+
+def test_qfilter_scores_keys_by_its_local_filters_and_is_refused_without_them(tiny, install, tmp_path):
+    from safetensors.torch import save_file
+
+    model, _, ids = tiny
+    cfg = OmegaConf.to_container(OmegaConf.load(ROOT / "conf/sparse/knorm.yaml"))
+    press = {"_target_": "sa_bench.attention.presses.QFilter", "compression_ratio": 0.5}
+    with pytest.raises(ConfigError, match=r"sparse\.compression\.filters: missing: kvpress downloads"):
+        SparseMethod.from_config({**cfg, "compression": press})
+    with pytest.raises(ConfigError, match=r"sparse\.compression\.filters: 'nthngdy/x_qfilt' is neither"):
+        SparseMethod.from_config({**cfg, "compression": {**press, "filters": "nthngdy/x_qfilt"}})
+    layers, hk, d = len(model.model.layers), model.config.num_key_value_heads, model.config.head_dim
+    filters = torch.randn(layers, hk, d)
+    save_file({"q_filters": filters}, str(tmp_path / "qf.safetensors"))
+    method = SparseMethod.from_config({**cfg, "compression": {**press, "filters": str(tmp_path / "qf.safetensors")}})
+    install(method, model)
+    cache, n = prefilled(model, method, ids)
+    keys = [e.keys.clone() for e in cache.layers]
+    method.compress(cache, "context")
+    for layer, k in enumerate(keys):
+        want = (-(filters[layer][None, :, None] * k).sum(-1)).topk(kept_count(n, 0.5), -1).indices.sort(-1).values
+        assert torch.equal(method.compressor.kept[layer][0], want)
