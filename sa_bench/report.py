@@ -113,6 +113,22 @@ class Job:
         return measured_compression(self.stats)
 
     @property
+    def kv_read(self) -> float | None:
+        """The fraction of the KV cache a step reads: decode density times the fraction a press
+        kept (1 - achieved compression ratio); a masker alone: its density; a press alone: the
+        fraction kept."""
+        density = self.density
+        if density is None:
+            return None
+        return density * (1.0 - (self.compression or 0.0))
+
+    @property
+    def compression_or_none(self) -> float | None:
+        """The achieved compression ratio; 0 for the dense method, None for a method that
+        compresses nothing (it has no point on the compression axis)."""
+        return self.compression if self.compression is not None else (0.0 if self.method == DENSE else None)
+
+    @property
     def prefill_density(self) -> float | None:
         return measured_prefill_density(self.stats)
 
@@ -409,6 +425,13 @@ class Table:
         score, ref = job.score, self.dense_score(row, column, job)
         diff = score - ref if score is not None and ref is not None else None
         return score, job.density, diff
+
+    def mean_of(self, row: Row, columns: list[Column], attr: str) -> float | None:
+        """The mean of a finished job's `attr` (a `Job` property) over the row's cells among
+        `columns` that have a score."""
+        jobs = [row.cells.get(c) for c in columns]
+        return _mean(getattr(j, attr) for j in jobs
+                     if j is not None and j.status == "done" and j.score is not None)
 
     def average(self, row: Row, columns: list[Column] | None = None
                 ) -> tuple[float | None, float | None, float | None, int]:
@@ -780,10 +803,33 @@ def _groups(columns: list[Column]) -> dict[str, list[Column]]:
     return out
 
 
-def plot_panels(table: Table, benchmark: str) -> list[Panel]:
+@dataclass(frozen=True)
+class Axis:
+    """An x-axis of the plots: the `Job` property plotted, its label, log scale, file suffix."""
+
+    attr: str
+    label: str
+    log: bool
+    suffix: str
+
+
+AXES = {
+    "density": Axis("density", "measured attention density (log)", True, ""),
+    "compression": Axis("compression_or_none", "achieved KV compression ratio (kvpress's leaderboard view)",
+                        False, "_compression"),
+    "kv_read": Axis("kv_read", "fraction of the KV cache read: density x (1 - compression) (log)",
+                    True, "_kv_read"),
+}
+"""Score against: measured density; the compression ratio (presses and dense only); the
+fraction of the KV cache read, where decode-time and compression methods share one axis."""
+
+
+def plot_panels(table: Table, benchmark: str, axis: str = "density") -> list[Panel]:
     """One panel per model and benchmark parameter group (a RULER length, ...): one curve per
     method through its parameter sweep. A point averages the row's scores over the subsets
-    every row of the panel has; where they share none, over its own (marked)."""
+    every row of the panel has; where they share none, over its own (marked). `axis`: a key of
+    `AXES` (a point's `density` holds that axis's value)."""
+    x_axis = AXES[axis]
     panels = []
     for group, columns in sorted(_groups(table.columns_of(benchmark)).items()):
         for model in sorted({r.model for r in table.rows}):
@@ -795,8 +841,9 @@ def plot_panels(table: Table, benchmark: str) -> list[Panel]:
             shared = [c for c in columns if all(c in scored[id(r)] for r in rows)]
             curves: dict[str, list[Point]] = {}
             for row in rows:
-                score, density, _, n = table.average(row, shared or scored[id(row)])
-                if score is not None and density is not None and density > 0:
+                score, _, _, n = table.average(row, shared or scored[id(row)])
+                density = table.mean_of(row, shared or scored[id(row)], x_axis.attr)
+                if score is not None and density is not None and (density > 0 or not x_axis.log):
                     curves.setdefault(row.method, []).append(
                         Point(row.label, density, score, n, bool(shared)))
             for points in curves.values():
@@ -815,13 +862,17 @@ def pareto_front(points: list[Point]) -> list[Point]:
     return front
 
 
-def plot_figure(table: Table, benchmark: str) -> Any:
-    """Score against measured density (log axis) for one benchmark: a panel per model and
-    benchmark parameter group, a curve per method, the Pareto front in gray; None if nothing
-    can be drawn."""
+def plot_figure(table: Table, benchmark: str, axis: str = "density") -> Any:
+    """Score against measured density (log axis; or another of `AXES`) for one benchmark: a
+    panel per model and benchmark parameter group, a curve per method, the Pareto front in gray
+    (not on the compression axis, where higher is smaller); None if nothing can be drawn (on
+    the compression axis: no press was run)."""
     from matplotlib.figure import Figure
 
-    panels = plot_panels(table, benchmark)
+    x_axis = AXES[axis]
+    panels = plot_panels(table, benchmark, axis)
+    if axis == "compression":
+        panels = [p for p in panels if set(p.curves) - {DENSE}]
     if not panels:
         return None
     families = sorted({r.method for r in table.rows} - {DENSE})
@@ -833,6 +884,9 @@ def plot_figure(table: Table, benchmark: str) -> Any:
             xs, ys = [p.density for p in points], [p.score for p in points]
             if method == DENSE:
                 ax.axhline(ys[0], color="gray", linestyle="--", linewidth=1)
+                if not x_axis.log:  # the compression axis: dense sits at 0
+                    ax.plot(xs, ys, "k*", markersize=10, label=method)
+                    continue
                 ax.plot(xs, ys, "k*", markersize=10, label=method)
                 continue
             ax.plot(xs, ys, color=colors[method], label=method)
@@ -842,12 +896,15 @@ def plot_figure(table: Table, benchmark: str) -> Any:
                 if not p.shared:
                     ax.annotate(f"[{p.n}/{len(panel.columns)}]", (p.density, p.score),
                                 fontsize="x-small", xytext=(3, 3), textcoords="offset points")
-        front = pareto_front([p for ps in panel.curves.values() for p in ps])
-        ax.step([p.density for p in front], [p.score for p in front], where="post",
-                color="gray", alpha=0.4, linewidth=3, label="Pareto front")
-        ax.set_xscale("log")
+        if x_axis.log:
+            front = pareto_front([p for ps in panel.curves.values() for p in ps])
+            ax.step([p.density for p in front], [p.score for p in front], where="post",
+                    color="gray", alpha=0.4, linewidth=3, label="Pareto front")
+            ax.set_xscale("log")
+        else:
+            ax.set_xlim(-0.02, 1.0)
         ax.set_title(panel.title, fontsize="small")
-        ax.set_xlabel("measured attention density (log)")
+        ax.set_xlabel(x_axis.label)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize="small")
     axes[0].set_ylabel(f"{benchmark} score")
@@ -855,14 +912,21 @@ def plot_figure(table: Table, benchmark: str) -> Any:
 
 
 def write_plots(table: Table, out_dir: Path) -> list[Path]:
-    """`plot_<benchmark>.png` for each benchmark with something to draw (`plot_figure`)."""
+    """`plot_<benchmark>.png` (score against density) for each benchmark with something to
+    draw (`plot_figure`); where a press ran, beside it `plot_<benchmark>_compression.png`
+    (score against compression ratio) and `plot_<benchmark>_kv_read.png` (every method
+    against the fraction of the KV cache read)."""
     written = []
     for benchmark in table.benchmarks:
-        fig = plot_figure(table, benchmark)
-        if fig is not None:
-            path = out_dir / f"plot_{sanitize(benchmark)}.png"
-            fig.savefig(path, dpi=100)
-            written.append(path)
+        compressed = any(job.compression is not None for row in table.rows
+                         for column in table.columns_of(benchmark)
+                         if (job := row.cells.get(column)) is not None)
+        for axis in ("density", "compression", "kv_read") if compressed else ("density",):
+            fig = plot_figure(table, benchmark, axis)
+            if fig is not None:
+                path = out_dir / f"plot_{sanitize(benchmark)}{AXES[axis].suffix}.png"
+                fig.savefig(path, dpi=100)
+                written.append(path)
     return written
 
 

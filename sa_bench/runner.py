@@ -306,7 +306,9 @@ def _answer(model: Any, method: Any, cache: Any, question_ids: list[int], max_ne
             kwargs["position_ids"] = torch.arange(position[0], position[0] + len(ids),
                                                   device=device).unsqueeze(0)
             position[0] += len(ids)
-        return model(input_ids=torch.tensor([ids], device=device), **kwargs).logits
+        logits = model(input_ids=torch.tensor([ids], device=device), **kwargs).logits
+        method.step(cache, len(ids))  # a press compressing while decoding (kvpress DecodingPress)
+        return logits
 
     method.set_phase("question")
     with torch.inference_mode():

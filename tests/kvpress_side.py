@@ -10,6 +10,7 @@ complement of the positions it masks), written to OUT_DIR/kept.json.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from importlib.metadata import version
@@ -37,7 +38,37 @@ def presses(ratio: float) -> dict:
         "keydiff": p.KeyDiffPress(ratio),
         "lagkv": p.LagKVPress(ratio),
         "adakv": p.AdaKVPress(p.SnapKVPress(), alpha_safeguard=0.2),
+        "criticalkv": p.CriticalKVPress(p.SnapKVPress(ratio)),
+        "critical_adakv": p.CriticalAdaKVPress(p.SnapKVPress(ratio)),
+        "composed": p.ComposedPress([p.SnapKVPress(ratio), p.KnormPress(COMPOSED_SECOND)]),
     }
+
+
+COMPOSED_SECOND = 0.2
+"""The second press's ratio in the composition (conf/sparse/composed.yaml's KNorm)."""
+DECODING = dict(compression_interval=4, target_size=200)
+"""DecodingPress over KnormPress: compressed after the 4th pass while answering."""
+
+
+def decoding_kept(model, ids, steps) -> list[list[list[int]]]:
+    """The positions DecodingPress keeps when a question and 3 tokens are fed after the
+    context (its compression comes after the 4th pass), against the same passes uncompressed."""
+    caches = []
+    for press in (None, p_decoding()):
+        cache = prefill(model, ids)
+        pos = ids.shape[1]
+        with torch.no_grad(), (press(model) if press is not None else contextlib.nullcontext()):
+            for step in steps:
+                t = torch.tensor([step])
+                model(t, past_key_values=cache, position_ids=torch.arange(pos, pos + len(step))[None])
+                pos += len(step)
+        caches.append(cache)
+    assert caches[1].layers[0].keys.shape[2] == DECODING["target_size"]
+    return kept_positions(caches[0], caches[1], model)
+
+
+def p_decoding():
+    return kvpress.DecodingPress(base_press=kvpress.KnormPress(), **DECODING)
 
 
 def prefill(model, ids, press=None) -> DynamicCache:
@@ -78,6 +109,8 @@ def main(out: Path) -> None:
     torch.manual_seed(0)
     ids = torch.randint(0, 256, (1, N))
     result["ids"] = ids[0].tolist()
+    steps = [[5, 9, 11, 13, 2], [17], [23], [31]]
+    result["decoding"] = {"steps": steps, **DECODING, "kept": {}}
     for arch in ("llama", "qwen2", "mistral"):
         # sa_bench refuses sliding-window cache layers (Mistral's default, 4096: wider than
         # the prompt, so the same attention) for compression
@@ -93,13 +126,15 @@ def main(out: Path) -> None:
                 for name, press in presses(ratio).items():
                     if (name == "observed_attention") != (impl == "eager"):
                         continue  # observed attention reads eager weights; AdaKV refuses eager
-                    if name == "adakv":
+                    if name in ("adakv", "critical_adakv"):
                         press.compression_ratio = ratio
                     for attn in (layer.self_attn for layer in model.model.layers):
                         attn.masked_key_indices = None
                     cache = prefill(model, ids, press)
                     kept = kept_positions(full, cache, model)
                     result["kept"].setdefault(arch, {}).setdefault(name, {})[str(ratio)] = kept
+            if impl == "sdpa":
+                result["decoding"]["kept"][arch] = decoding_kept(model, ids, steps)
     (out / "kept.json").write_text(json.dumps(result))
 
 

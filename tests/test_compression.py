@@ -23,6 +23,9 @@ from tests.conftest import ROOT, run_sa_bench
 CPU = torch.device("cpu")
 PRESSES = sorted(p.stem for p in (ROOT / "conf/sparse").glob("*.yaml")
                  if "compression:" in p.read_text())
+RATIO_PRESSES = [p for p in PRESSES if p not in ("composed", "decoding")]
+"""Presses swept by `compression_ratio` (a composition derives its own; decoding has a target size)."""
+HEAD_WISE = ("adakv", "critical_adakv")
 
 
 @pytest.fixture(scope="module")
@@ -47,10 +50,11 @@ def prefilled(model, method, ids, chunk=64):
 
 def test_every_config_with_compression_is_a_press_listed_here():
     assert {"random", "knorm", "streaming_llm", "snapkv", "pyramidkv", "tova", "observed_attention",
-            "expected_attention", "keydiff", "lagkv", "adakv"} <= set(PRESSES)
+            "expected_attention", "keydiff", "lagkv", "adakv", "criticalkv", "critical_adakv",
+            "composed", "decoding"} <= set(PRESSES)
 
 
-@pytest.mark.parametrize("name", PRESSES)
+@pytest.mark.parametrize("name", RATIO_PRESSES)
 @pytest.mark.parametrize("ratio", [0.25, 0.5, 0.75])
 def test_compressed_cache_holds_the_budget_per_head(tiny, install, name, ratio):
     model, _, ids = tiny
@@ -65,7 +69,7 @@ def test_compressed_cache_holds_the_budget_per_head(tiny, install, name, ratio):
     stats = method.stats()["compression"]
     for layer, entry in enumerate(cache.layers):
         idx, valid = method.compressor.kept[layer]
-        if name == "adakv":  # head-wise: the layer's total, over a buffer of the largest head
+        if name in HEAD_WISE:  # head-wise: the layer's total, over a buffer of the largest head
             assert int(valid.sum()) == hk * want
             assert entry.keys.shape[2] == int(valid.sum(-1).max()) < n
             assert stats["kept_per_head"][layer] == [round(int(c) / n, 6) for c in valid.sum(-1)[0]]
@@ -99,7 +103,8 @@ def restricted_attention(kept: dict, n: int):
     return attend
 
 
-@pytest.mark.parametrize("name", ["snapkv", "adakv", "expected_attention", "pyramidkv"])
+@pytest.mark.parametrize("name", ["snapkv", "adakv", "expected_attention", "pyramidkv", "criticalkv",
+                                  "critical_adakv", "composed"])
 def test_decoding_from_the_compressed_cache_is_dense_attention_over_the_kept_positions(tiny, install, name):
     from transformers import AttentionInterface
 
@@ -277,3 +282,177 @@ def test_dense_layers_are_not_compressed(tiny, install):
     tokens = _answer(model, method, cache, tok(" the key is #", add_special_tokens=False).input_ids,
                      4, set(), CPU, start=n)
     assert len(tokens) == 4 and method.stats()["compression"]["kept_per_layer"][1] is None
+
+
+# --- wrappers: CriticalKV, CriticalAdaKV, composition, compression while decoding ---------------
+
+def test_value_projection_norm_is_the_l1_norm_of_each_head_output(tiny, install):
+    from sa_bench.attention.wrappers import value_projection_norm
+
+    model, _, ids = tiny
+    method = method_of("criticalkv", compression_ratio=0.5)
+    install(method, model)
+    cache, _ = prefilled(model, method, ids)
+    layer = 1
+    values = cache.layers[layer].values
+    weight = model.model.layers[layer].self_attn.o_proj.weight.detach()
+    obs = method.compressor.observation(layer, cache.layers[layer].keys, values)
+    heads, (hk, d) = weight.shape[1] // values.shape[-1], values.shape[1::2]
+    brute = torch.stack([torch.stack([
+        (values[0, h // (heads // hk)] @ weight[:, h * d:(h + 1) * d].T).abs().sum(-1)
+        for h in range(g * heads // hk, (g + 1) * heads // hk)]).mean(0) for g in range(hk)])
+    torch.testing.assert_close(value_projection_norm(obs)[0], brute, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("ratio", [0.25, 0.75])
+def test_criticalkv_keeps_the_first_stage_then_the_rescored_best(tiny, install, ratio):
+    from sa_bench.attention.wrappers import value_projection_norm
+
+    model, _, ids = tiny
+    method = method_of("criticalkv", compression_ratio=ratio)
+    install(method, model)
+    cache, n = prefilled(model, method, ids)
+    obs = [method.compressor.observation(i, e.keys, e.values) for i, e in enumerate(cache.layers)]
+    method.compress(cache, "context")
+    k, first = kept_count(n, ratio), int((1 - ratio) * n * 0.5)
+    for layer, o in enumerate(obs):
+        base = method.press.press.score(o)
+        rescored = (base + 1e-4) * value_projection_norm(o)
+        idx, _ = method.compressor.kept[layer]
+        for h in range(idx.shape[1]):
+            stage1 = set(base[0, h].topk(first).indices.tolist())
+            rest = [i for i in rescored[0, h].argsort(descending=True).tolist() if i not in stage1]
+            assert set(idx[0, h].tolist()) == stage1 | set(rest[:k - first])
+
+
+def test_critical_adakv_spends_the_layer_budget_head_wise(tiny, install):
+    model, _, ids = tiny
+    method = method_of("critical_adakv", compression_ratio=0.75)
+    install(method, model)
+    cache, n = prefilled(model, method, ids)
+    method.compress(cache, "context")
+    k = kept_count(n, 0.75)
+    for layer in range(len(cache.layers)):
+        _, valid = method.compressor.kept[layer]
+        per_head = valid.sum(-1)[0]
+        assert int(per_head.sum()) == valid.shape[1] * k and int(per_head.min()) >= int(k * 0.2)
+    assert method.stats()["compression"]["kv_bytes_after"] < method.stats()["compression"]["kv_bytes_before"]
+
+
+def test_composed_applies_each_press_to_what_the_previous_kept(tiny, install):
+    model, _, ids = tiny
+    method = method_of("composed")
+    assert method.press.compression_ratio == pytest.approx(0.6)
+    install(method, model)
+    cache, n = prefilled(model, method, ids)
+    obs = [method.compressor.observation(i, e.keys, e.values) for i, e in enumerate(cache.layers)]
+    method.compress(cache, "context")
+    snap, knorm = method.press.presses
+    for layer, o in enumerate(obs):
+        first, _ = snap.keep(o)
+        keys = o.keys.gather(2, first.unsqueeze(-1).expand(-1, -1, -1, o.keys.shape[-1]))
+        second = (-keys.norm(dim=-1)).topk(kept_count(first.shape[-1], 0.2), -1).indices.sort(-1).values
+        idx, _ = method.compressor.kept[layer]
+        assert torch.equal(idx, first.gather(-1, second))
+        assert cache.layers[layer].keys.shape[2] == kept_count(kept_count(n, 0.5), 0.2)
+
+
+def test_decoding_compresses_every_interval_and_decodes_as_dense_over_the_kept(tiny, install):
+    from transformers import AttentionInterface
+
+    model, tok, ids = tiny
+    method = method_of("decoding", target_size=200, compression_interval=4)
+    install(method, model)
+    cache, n = prefilled(model, method, ids)
+    method.compress(cache, "context")
+    assert cache.layers[0].keys.shape[2] == n  # the context is not compressed after its prefill
+    question = tok(" the key is #", add_special_tokens=False).input_ids
+    steps = [question, [17], [23], [31], [5], [9]]  # compressed after the 4th pass
+    ours, pos, lengths = [], n, []
+    method.set_phase("question")
+    with torch.inference_mode():
+        for step in steps:
+            ours.append(model(input_ids=torch.tensor([step]), **_with_cache(model, cache),
+                              position_ids=torch.arange(pos, pos + len(step))[None]).logits)
+            pos += len(step)
+            method.step(cache, len(step))
+            method.set_phase("decode")
+            lengths.append(cache.layers[0].keys.shape[2])
+    n1 = n + len(question) + 3
+    assert lengths == [n + len(question), n1 - 2, n1 - 1, 200, 201, 202]
+    assert method.stats()["compression"]["compressions"] == 1
+    kept = dict(method.compressor.kept)
+    full, _ = prefilled(model, method, ids)
+    previous = model.config._attn_implementation
+    AttentionInterface.register("test_restricted", restricted_attention(kept, n1))
+    try:
+        with torch.inference_mode():
+            for step, logits in zip(steps[:4], ours, strict=False):
+                ref = model(input_ids=torch.tensor([step]), **_with_cache(model, full)).logits
+                torch.testing.assert_close(logits, ref, atol=2e-5, rtol=1e-4)
+            model.set_attn_implementation("test_restricted")
+            for step, logits in zip(steps[4:], ours[4:], strict=True):
+                ref = model(input_ids=torch.tensor([step]), **_with_cache(model, full)).logits
+                torch.testing.assert_close(logits, ref, atol=2e-5, rtol=1e-4)
+    finally:
+        model.set_attn_implementation(previous)
+        AttentionInterface._global_mapping.pop("test_restricted", None)
+
+
+def test_decoding_restores_the_cache_and_its_step_count_after_each_answer(tiny, install):
+    model, tok, ids = tiny
+    method = method_of("decoding", target_size=150, compression_interval=3)
+    install(method, model)
+    cache, n = prefilled(model, method, ids)
+    saved = method.snapshot(cache)
+    question = tok(" the key is #", add_special_tokens=False).input_ids
+    first = _answer(model, method, cache, question, 7, set(), CPU, start=n)
+    method.restore(cache, saved)
+    assert cache.layers[0].keys.shape[2] == n and method.compressor.steps == 0
+    assert _answer(model, method, cache, question, 7, set(), CPU, start=n) == first
+    assert method.stats()["compression"]["compressions"] == 4  # after passes 3 and 6, twice
+
+
+def test_wrapper_config_errors_name_the_key():
+    base = OmegaConf.to_container(OmegaConf.load(ROOT / "conf/sparse/decoding.yaml"))
+    snap = {"_target_": "sa_bench.attention.presses.SnapKV", "window_size": 64}
+    with pytest.raises(ConfigError, match=r"sparse\.compression\.press: SnapKV reads the last 64"):
+        SparseMethod.from_config({**base, "compression": {**base["compression"], "press": snap,
+                                                          "compression_interval": 16}})
+    expected = {"_target_": "sa_bench.attention.presses.ExpectedAttention"}
+    with pytest.raises(ConfigError, match=r"sparse\.compression\.press: ExpectedAttention is not supported"):
+        SparseMethod.from_config({**base, "compression": {**base["compression"], "press": expected}})
+    composed = OmegaConf.to_container(OmegaConf.load(ROOT / "conf/sparse/composed.yaml"))
+    with pytest.raises(ConfigError, match=r"sparse\.compression\.compression_ratio: derived"):
+        SparseMethod.from_config({**composed, "compression": {**composed["compression"], "compression_ratio": 0.3}})
+    ada = OmegaConf.to_container(OmegaConf.load(ROOT / "conf/sparse/adakv.yaml"))["compression"]
+    ada["press"] = {**ada["press"]}
+    with pytest.raises(ConfigError, match=r"sparse\.compression\.presses\[1\]: AdaKV does not compose"):
+        SparseMethod.from_config({**composed, "compression": {**composed["compression"], "presses": [
+            composed["compression"]["presses"][0], {**ada, "compression_ratio": 0.5}]}})
+    critical = OmegaConf.to_container(OmegaConf.load(ROOT / "conf/sparse/criticalkv.yaml"))
+    with pytest.raises(ConfigError, match=r"sparse\.compression\.first_stage_ratio"):
+        SparseMethod.from_config({**critical, "compression": {**critical["compression"], "first_stage_ratio": 1.5}})
+
+
+def test_qfilter_scores_keys_by_its_local_filters_and_is_refused_without_them(tiny, install, tmp_path):
+    from safetensors.torch import save_file
+
+    model, _, ids = tiny
+    cfg = OmegaConf.to_container(OmegaConf.load(ROOT / "conf/sparse/knorm.yaml"))
+    press = {"_target_": "sa_bench.attention.presses.QFilter", "compression_ratio": 0.5}
+    with pytest.raises(ConfigError, match=r"sparse\.compression\.filters: missing: kvpress downloads"):
+        SparseMethod.from_config({**cfg, "compression": press})
+    with pytest.raises(ConfigError, match=r"sparse\.compression\.filters: 'nthngdy/x_qfilt' is neither"):
+        SparseMethod.from_config({**cfg, "compression": {**press, "filters": "nthngdy/x_qfilt"}})
+    layers, hk, d = len(model.model.layers), model.config.num_key_value_heads, model.config.head_dim
+    filters = torch.randn(layers, hk, d)
+    save_file({"q_filters": filters}, str(tmp_path / "qf.safetensors"))
+    method = SparseMethod.from_config({**cfg, "compression": {**press, "filters": str(tmp_path / "qf.safetensors")}})
+    install(method, model)
+    cache, n = prefilled(model, method, ids)
+    keys = [e.keys.clone() for e in cache.layers]
+    method.compress(cache, "context")
+    for layer, k in enumerate(keys):
+        want = (-(filters[layer][None, :, None] * k).sum(-1)).topk(kept_count(n, 0.5), -1).indices.sort(-1).values
+        assert torch.equal(method.compressor.kept[layer][0], want)

@@ -60,7 +60,7 @@ def config(model: str, method: str, subset: str, maskers: dict | None = None) ->
 def write_job(root: Path, cfg: dict, *, score: float | None = None,
               density: list | None = None, decode: list | None = None,
               error: str | None = None, partial: bool = False, key: str | None = None,
-              prefill: list | None = None) -> Path:
+              prefill: list | None = None, compression: float | None = None) -> Path:
     """A job directory; `key` overrides the hashed key (a job from an older key scheme);
     `prefill`: per-layer densities of a sparse prefill method."""
     path = root / job_relpath(cfg)
@@ -80,6 +80,8 @@ def write_job(root: Path, cfg: dict, *, score: float | None = None,
     stats = {"total_s": 1.5, "truncated_samples": 0,
              "attention": {"density": {"question": density or [], "decode": decode or []},
                            "notes": []}}
+    if compression is not None:  # a press's achieved ratio
+        stats["attention"]["compression"] = {"achieved_ratio": compression}
     if prefill is not None:
         stats["attention"]["density"]["prefill"] = prefill
         stats["attention"]["prefill_density_per_head"] = [[v, v] for v in prefill]
@@ -671,3 +673,43 @@ def test_prefill_density_beside_decode_density(tmp_path: Path) -> None:
              for r in json.loads((out / "report.json").read_text())["benchmarks"]["passkey"]["rows"]}
     assert cells["vertical_slash"]["prefill_density"] == pytest.approx(0.2)
     assert cells["vertical_slash"]["density"] == 1.0 and cells["dense"]["prefill_density"] is None
+
+
+# --- issue 18: compression methods on the compression axis and the KV-read axis -----------------
+
+def test_compression_and_kv_read_axes(tmp_path: Path) -> None:
+    write_job(tmp_path, config("m", "dense", "1k"), score=90.0, density=[1.0])
+    write_job(tmp_path, config("m", "oracle_topk", "1k", TOPK), score=70.0, density=[0.1])
+    for ratio, score in ((0.5, 80.0), (0.75, 60.0)):
+        cfg = config("m", "snapkv", "1k")
+        cfg["sparse"]["compression"] = {"_target_": "x.SnapKV", "compression_ratio": ratio}
+        write_job(tmp_path, cfg, score=score, density=[1.0], compression=ratio)
+    cfg = config("m", "snapkv_quest", "1k", TOPK)
+    cfg["sparse"]["compression"] = {"_target_": "x.SnapKV", "compression_ratio": 0.5}
+    write_job(tmp_path, cfg, score=50.0, density=[0.2], compression=0.5)
+    table = report.build_table(report.read_jobs(tmp_path))
+
+    [panel] = report.plot_panels(table, "passkey", "compression")
+    points = {m: [(p.density, p.score) for p in ps] for m, ps in panel.curves.items()}
+    # the leaderboard's view: presses at their achieved ratio, dense at 0, maskers alone absent
+    assert points == {"dense": [(0.0, 90.0)], "snapkv": [(0.5, 80.0), (0.75, 60.0)],
+                      "snapkv_quest": [(0.5, 50.0)]}
+    [panel] = report.plot_panels(table, "passkey", "kv_read")
+    points = {m: [(round(p.density, 6), p.score) for p in ps] for m, ps in panel.curves.items()}
+    # masker: its density; press: 1 - achieved ratio; both: the product
+    assert points == {"dense": [(1.0, 90.0)], "oracle_topk": [(0.1, 70.0)],
+                      "snapkv": [(0.25, 60.0), (0.5, 80.0)], "snapkv_quest": [(0.1, 50.0)]}
+    fig = report.plot_figure(table, "passkey", "compression")
+    assert fig.axes[0].get_xscale() == "linear" and "compression ratio" in fig.axes[0].get_xlabel()
+    assert report.plot_figure(table, "passkey", "kv_read").axes[0].get_xscale() == "log"
+
+    out = tmp_path / "report"
+    assert report.main([str(tmp_path), "--out", str(out)]) == 0
+    assert {p.name for p in out.glob("plot_*.png")} == {
+        "plot_passkey.png", "plot_passkey_compression.png", "plot_passkey_kv_read.png"}
+
+
+def test_no_compression_plot_without_a_press(tree: Path, tmp_path: Path) -> None:
+    table = report.build_table(report.read_jobs(tree))
+    assert report.plot_figure(table, "passkey", "compression") is None
+    assert [p.name for p in report.write_plots(table, tmp_path)] == ["plot_passkey.png"]

@@ -76,6 +76,8 @@ class Observation:
     n_observed: int = 0  # positions prefilled (context, plus question if query-aware)
     rope: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None
     """positions [m] -> (cos, sin) [m, d] of the model's rotary embedding."""
+    out_weight: Tensor | None = None
+    """The layer's output projection weight [hidden, H * d] (CriticalKV's value projection)."""
 
 
 @dataclass
@@ -100,6 +102,17 @@ class Press:
     def stats_from(self) -> int | None:
         """First position whose pre-RoPE query enters the query statistics (None: none)."""
         return None
+
+    @property
+    def stage(self) -> str:
+        """When the press compresses: after the context's prefill ("context"), after the
+        question ("question", query-aware) or every N steps while answering ("decode")."""
+        return "question" if self.query_aware else "context"
+
+    def due(self, steps: int, q: int) -> bool:
+        """Whether to compress after `steps` forward passes while answering, the last of `q`
+        tokens (only presses of stage "decode")."""
+        return False
 
     def window(self) -> int:
         return self.query_window
@@ -193,14 +206,19 @@ class AdaKV(Wrapper):
         chosen = scores.flatten(1).topk(hk * k, -1).indices  # [b, Hk * k] over every head
         kept = torch.zeros(b, hk * n, dtype=torch.bool, device=scores.device)
         kept.scatter_(-1, chosen, True)
-        kept = kept.view(b, hk, n)
-        lengths = kept.sum(-1)  # [b, Hk]
-        width = int(lengths.max())
-        # kept positions first (ascending), then padding: sort by (not kept, position)
-        order = (~kept).long() * n + torch.arange(n, device=kept.device)
-        idx = order.sort(-1).values[..., :width] % n
-        valid = torch.arange(width, device=kept.device) < lengths.unsqueeze(-1)
-        return torch.where(valid, idx, 0), valid
+        return head_wise_layout(kept.view(b, hk, n))
+
+
+def head_wise_layout(kept: Tensor) -> tuple[Tensor, Tensor]:
+    """A head-wise selection [b, Hk, n] (bool) -> (positions [b, Hk, L], validity [b, Hk, L]):
+    each head's kept positions first (ascending), then padding, L the largest head's count."""
+    n = kept.shape[-1]
+    width = int(kept.sum(-1).max())
+    # kept positions first (ascending), then padding: sort by (not kept, position)
+    order = (~kept).long() * n + torch.arange(n, device=kept.device)
+    idx = order.sort(-1).values[..., :width] % n
+    valid = torch.arange(width, device=kept.device) < kept.sum(-1).unsqueeze(-1)
+    return torch.where(valid, idx, 0), valid
 
 
 @dataclass
@@ -289,9 +307,15 @@ class Compressor:
         self.after: list[int] = []
         self.head_before: list[list[int]] = []
         self.head_after: list[list[int]] = []
+        self.out_weights: dict[int, Tensor] = {}
+        """Per layer the attention's output projection weight (presses that read it)."""
+        self.steps = 0
+        """Forward passes since the last compression while answering (`Decoding`)."""
 
     def prepare(self, model: Any, n_layers: int) -> None:
         self.n_layers = n_layers
+        self.out_weights = {m.layer_idx: m.o_proj.weight.detach() for m in model.modules()
+                            if isinstance(getattr(m, "layer_idx", None), int) and hasattr(m, "o_proj")}
         self.before, self.after = [0] * n_layers, [0] * n_layers
         self.head_before, self.head_after = [[] for _ in range(n_layers)], [[] for _ in range(n_layers)]
         rotary = next((m for m in model.modules() if type(m).__name__.endswith("RotaryEmbedding")), None)
@@ -310,9 +334,26 @@ class Compressor:
         self.records.clear()
         self.valid.clear()
         self.compressed = False
+        self.steps = 0
 
     def recording(self, phase: str) -> bool:
+        if self.press.stage == "decode":  # the queries since the last compression
+            return phase != "prefill"
         return not self.compressed and (phase == "prefill" or (phase == "question" and self.press.query_aware))
+
+    def step(self, cache: Any, q: int, skip: set[int] | frozenset[int] = frozenset()) -> bool:
+        """After a forward pass of `q` tokens while answering: compress if the press
+        compresses during decoding and its interval has passed (kvpress's DecodingPress: every
+        `compression_interval` passes, or at once when `q` reaches the target). -> compressed."""
+        if self.press.stage != "decode":
+            return False
+        self.steps += 1
+        if not self.press.due(self.steps, q):
+            return False
+        self.compress(cache, skip)
+        self.steps = 0
+        self.records.clear()  # kvpress clears its buffer of hidden states after compressing
+        return True
 
     # --- recording ---------------------------------------------------------------------------
 
@@ -349,7 +390,7 @@ class Compressor:
             mean = rec.s1 / rec.count
             cov = rec.s2 / rec.count - mean.unsqueeze(-1) * mean.unsqueeze(-2)
         return Observation(layer, self.n_layers, keys, values, rec.scaling, rec.queries, rec.sums,
-                           mean, cov, rec.positions, self.rope)
+                           mean, cov, rec.positions, self.rope, self.out_weights.get(layer))
 
     # --- compressing -------------------------------------------------------------------------
 

@@ -212,23 +212,30 @@ class SparseMethod:
     def compress(self, cache, stage: Literal["context", "question"]) -> None:
         """Compress `cache` if the press compresses at this stage: after the context's prefill
         (`query_aware: false`) or after the question (`query_aware: true`)."""
-        if self.press is None or self.press.query_aware != (stage == "question"):
+        if self.press is None or self.press.stage != stage:
             return
         self.compressor.compress(cache, set(self.config.dense_layers))
         for masker in self.maskers.values():
             masker.reset()  # features of keys that moved or went
 
+    def step(self, cache, q: int) -> None:
+        """After each forward pass of `q` tokens while answering (question, then each
+        generated token): a press that compresses while decoding may compress here."""
+        if self.compressor is not None and self.compressor.step(cache, q, set(self.config.dense_layers)):
+            for masker in self.maskers.values():
+                masker.reset()
+
     def snapshot(self, cache) -> tuple:
         """What `restore` needs to put `cache` and the recorded state back as they are now."""
         c = self.compressor
-        return snapshot(cache), dict(c.records), dict(c.valid), c.compressed
+        return snapshot(cache), dict(c.records), dict(c.valid), c.compressed, c.steps
 
     def restore(self, cache, saved: tuple) -> None:
         c = self.compressor
-        tensors, records, valid, compressed = saved
+        tensors, records, valid, compressed, c.steps = saved
         restore(cache, tensors)
         c.records, c.valid, c.compressed = dict(records), dict(valid), compressed
-        if self.press.query_aware:  # the cache went back to before its compression
+        if self.press.stage != "context":  # the cache went back to before its compression
             for masker in self.maskers.values():
                 masker.reset()
 

@@ -7,7 +7,8 @@ kvpress."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
 from sa_bench.attention.compression import Observation, Press
@@ -256,3 +257,52 @@ class LagKV(Press):
         ref, cur = x[:, :, 1:], x[:, :, :-1]
         low, high = ref.amin(-2, keepdim=True), ref.amax(-2, keepdim=True)
         return ((cur - low) / (high - low)).std(dim=-1).softmax(-1)
+
+
+@dataclass
+class QFilter(Press):
+    """Q-Filters (https://arxiv.org/abs/2503.02812): learned per-layer, per-kv-head filter
+    vectors; score = -<filter, key> (kvpress QFilterPress). kvpress downloads the filters from
+    the Hub (`nthngdy/<model>_qfilt`); sa_bench runs offline, so `filters` names a local
+    `.safetensors` file holding `q_filters` [layers, Hk, d] (what that repository ships as
+    model.safetensors) or a Hub repository id already in the local Hugging Face cache; anything
+    else is refused at validation. The file's content is part of the job key."""
+
+    filters: str = ""
+    file_locators: ClassVar[tuple[str, ...]] = ("filters",)
+    _file: Path | None = field(init=False, default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._file = _filters_file(self.filters)
+        self._loaded: Tensor | None = None
+
+    def score(self, obs: Observation) -> Tensor:
+        if self._loaded is None:
+            from safetensors.torch import load_file
+
+            self._loaded = load_file(str(self._file))["q_filters"]
+        if self._loaded.shape[0] <= obs.layer or self._loaded.shape[1:] != obs.keys.shape[1::2]:
+            raise ValueError(f"Q-filters {self._file}: shape {tuple(self._loaded.shape)} does not fit layer "
+                             f"{obs.layer} with keys {tuple(obs.keys.shape)}")
+        q_filter = self._loaded[obs.layer][None, :, None].to(obs.keys.device, torch.float32)
+        return -(q_filter * obs.keys.float()).sum(-1)
+
+
+def _filters_file(filters: str) -> Path:
+    hint = ("kvpress downloads Q-filters from the Hub (nthngdy/<model>_qfilt); give a local "
+            ".safetensors file with q_filters [layers, kv heads, head dim], or the id of a Hub "
+            "repository already in the local Hugging Face cache")
+    if not filters:
+        raise ConfigError(f"filters: missing: {hint}")
+    path = Path(filters).expanduser()
+    if path.is_file():
+        return path.resolve()
+    if "/" in filters and not path.exists():
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(filters, "model.safetensors")
+        if isinstance(cached, str):
+            return Path(cached)
+    raise ConfigError(f"filters: {filters!r} is neither a local file nor in the local Hugging Face "
+                      f"cache (sa_bench runs offline): {hint}")

@@ -19,6 +19,13 @@ spent in attention during prefill (a sparse prefill's estimation included) with 
 the `dense` method's in the same run, and the measured prefill density. Sparse prefill:
 
     python -m sa_bench.perf.scale --tokens 8192 --methods dense vertical_slash block_sparse xattention
+
+KV-cache compression (a press compresses once after the prefill, `--ratio` sets its
+compression_ratio): the KV bytes kept after compression over before, the decode step's ratio
+to the `dense` method's, and the compression's seconds (scoring + gather) with its ratio to the
+prefill:
+
+    python -m sa_bench.perf.scale --tokens 16384 --ratio 0.75 --methods dense snapkv knorm expected_attention
 """
 
 from __future__ import annotations
@@ -171,7 +178,10 @@ def run_one(args: argparse.Namespace, method_name: str, tokens: int) -> dict[str
 
     layers, heads, kv_heads, head_dim = model_shapes(model.config)
     files = model_files(Path(tempfile.mkdtemp()), heads, kv_heads, head_dim, layers)
-    method = SparseMethod.from_config(method_config(method_name, files))
+    config = method_config(method_name, files)
+    if args.ratio is not None and "compression_ratio" in (config.get("compression") or {}):
+        config["compression"]["compression_ratio"] = args.ratio
+    method = SparseMethod.from_config(config)
     implementation = resolve_implementation("auto", device, model.dtype)
     attention_s = [0.0]
     timed_attention = method.attention
@@ -188,13 +198,22 @@ def run_one(args: argparse.Namespace, method_name: str, tokens: int) -> dict[str
         cache, n_ctx, prefill = _prefill(model, method, tuple(context), device, args.chunk)
         prefill_attention = attention_s[0]  # the answers below run through the wrapper too
         density = method.stats()["density"]["prefill"]
+        kv_before = sum(e.keys.nbytes + e.values.nbytes for e in cache.layers)
+        t0 = time.perf_counter()
+        method.compress(cache, "context")  # a press: once, after the context's prefill
+        _synchronize(device)
+        compress_s = time.perf_counter() - t0
+        kv_after = sum(e.keys.nbytes + e.values.nbytes for e in cache.layers)
+        saved = method.snapshot(cache) if method.compresses else None
         timed = _timed_answers(
-            lambda n: _answer(model, method, cache, question, n, set(), device),
-            lambda: _rewind(cache, n_ctx), device, args.new)
+            lambda n: _answer(model, method, cache, question, n, set(), device, start=n_ctx),
+            (lambda: method.restore(cache, saved)) if saved else (lambda: _rewind(cache, n_ctx)),
+            device, args.new)
         peak = memory.peak_above_start()
     values = [d for d in density if d is not None]
     return {"prefill_s": prefill, **timed, "peak_bytes": peak, "prefill_attention_s": prefill_attention,
-            "prefill_density": sum(values) / len(values) if values else -1.0}
+            "prefill_density": sum(values) / len(values) if values else -1.0,
+            "kv_kept": kv_after / kv_before, "compress_s": compress_s}
 
 
 def _timed_answers(answer, rewind, device, new: int) -> dict[str, float]:
@@ -219,6 +238,8 @@ def _child(args: argparse.Namespace, method: str, tokens: int) -> dict[str, floa
            "--shape", args.shape, "--layers", str(args.layers), "--device", args.device,
            "--dtype", args.dtype, "--threads", str(args.threads), "--question", str(args.question),
            "--new", str(args.new), "--chunk", str(args.chunk or 0), "--repeat", "1"]
+    if args.ratio is not None:
+        cmd += ["--ratio", str(args.ratio)]
     if args.vocab:
         cmd += ["--vocab", str(args.vocab)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -262,6 +283,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeat", type=int, default=1,
                         help="measure plain and every method this many times, alternately; "
                              "each figure is the minimum")
+    parser.add_argument("--ratio", type=float, default=None,
+                        help="compression_ratio of the methods that compress the KV cache")
     parser.add_argument("--child", nargs=2, metavar=("METHOD", "TOKENS"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
@@ -278,8 +301,9 @@ def main(argv: list[str] | None = None) -> None:
           f"{args.threads} thread(s); question {args.question} tokens, {args.new} new tokens, "
           f"prefill chunk {args.chunk}; plain = transformers sdpa loop, one-pass prefill", flush=True)
     print("\n| tokens | method | prefill s | ratio | answer s | ratio | decode ms/token | "
-          "peak MiB above weights | ratio | prefill attention s | ratio to dense | prefill density |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "peak MiB above weights | ratio | prefill attention s | ratio to dense | prefill density | "
+          "decode ratio to dense | KV kept | compression s | ratio to prefill |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for tokens in args.tokens:
         results: dict[str, list[dict[str, Any]]] = {name: [] for name in ["plain", *methods]}
         for _ in range(args.repeat):
@@ -290,11 +314,14 @@ def main(argv: list[str] | None = None) -> None:
         dense = dict(rows).get("dense", {"error": "not run"})
         for name, r in rows:
             if "error" in r:
-                print(f"| {tokens} | {name} | failed: {r['error']} ||||||||||", flush=True)
+                print(f"| {tokens} | {name} | failed: {r['error']} ||||||||||||||", flush=True)
                 continue
             mib = r["peak_bytes"] / 2**20
             attention = (f"{r['prefill_attention_s']:.2f} | {_ratio(r, dense, 'prefill_attention_s')} | "
-                         f"{r['prefill_density']:.3f}" if "prefill_attention_s" in r else "- | - | -")
+                         f"{r['prefill_density']:.3f} | {_ratio(r, dense, 'decode_ms')} | "
+                         f"{r['kv_kept']:.3f} | {r['compress_s']:.3f} | "
+                         f"{r['compress_s'] / r['prefill_s']:.3f}x"
+                         if "prefill_attention_s" in r else "- | - | - | - | - | - | -")
             print(f"| {tokens} | {name} | {r['prefill_s']:.2f} | {_ratio(r, base, 'prefill_s')} | "
                   f"{r['answer_s']:.2f} | {_ratio(r, base, 'answer_s')} | "
                   f"{r['decode_ms']:.1f} | {mib:.0f} | {_ratio(r, base, 'peak_bytes')} | "
