@@ -61,16 +61,23 @@ def activation(name: str) -> Callable[[Tensor], Tensor]:
 # --- signatures ----------------------------------------------------------------------------
 
 
+SIGNATURE_BLOCK_BYTES = 64 * 2**20
+"""Key signatures are computed for blocks of keys whose widest temporary (the keys expanded per
+hash head, an MLP activation, the bits before packing) stays under this: the first sparse call
+at 128k keys hashes the whole context (~1 GiB per temporary in one piece)."""
+
+
 def pack_signs(x: Tensor) -> Tensor:
     """Signs of x [..., bits] (x >= 0 -> bit 1) packed into int32 words [..., ceil(bits / 32)]."""
     bits = x.shape[-1]
     words = -(-bits // 32)
-    b = (x >= 0).to(torch.int64)
+    b = (x >= 0).to(torch.int32)
     if words * 32 != bits:
         b = F.pad(b, (0, words * 32 - bits))
     b = b.view(*x.shape[:-1], words, 32)
-    shifts = torch.arange(32, device=x.device, dtype=torch.int64)
-    return (b << shifts).sum(-1).to(torch.int32)  # values >= 2^31 wrap to negative int32
+    shifts = torch.arange(32, device=x.device, dtype=torch.int32)
+    # bit 31 shifts to -2^31: the distinct powers sum without carries, as their bitwise or
+    return b.bitwise_left_shift_(shifts).sum(-1, dtype=torch.int32)
 
 
 def popcount32_(x: Tensor, tmp: Tensor | None = None) -> Tensor:
@@ -131,10 +138,31 @@ class _SignatureTopK(TopKMasker):
     def _signs(self, side: str, ctx: Context, x: Tensor) -> Tensor:  # pragma: no cover
         raise NotImplementedError
 
+    def _key_width(self, ctx: Context) -> int:  # pragma: no cover
+        """Values per key of the widest temporary of `_signs("key")`: hash heads x the widest
+        layer (input included)."""
+        raise NotImplementedError
+
+    def key_signatures(self, ctx: Context, key: Tensor) -> Tensor:
+        """Packed signatures [b, Hs, n, words] of keys [b, Hk, n, d], in blocks of keys with no
+        temporary above `SIGNATURE_BLOCK_BYTES` (8 bytes per value counted: float32 and the
+        int32 bits with their shifted copy)."""
+        b, _, n, _ = key.shape
+        rows = max(1, SIGNATURE_BLOCK_BYTES // (b * self._key_width(ctx) * 8))
+        if rows >= n:
+            return pack_signs(self._signs("key", ctx, key))
+        out = None
+        for r0 in range(0, n, rows):
+            part = pack_signs(self._signs("key", ctx, key[:, :, r0:r0 + rows]))
+            if out is None:
+                out = part.new_empty(*part.shape[:2], n, part.shape[-1])
+            out[:, :, r0:r0 + part.shape[2]] = part
+        return out
+
     def _differing_bits(self, ctx: Context) -> Tensor:
         """popcount(sig(q) xor sig(k)) per query head and key, int32 [b, H, q, kv]."""
         ks = self._sigs.get(ctx.layer, ctx.key, ctx.query.shape[2],
-                            lambda k: pack_signs(self._signs("key", ctx, k)))
+                            lambda k: self.key_signatures(ctx, k))
         qs = pack_signs(self._signs("query", ctx, ctx.grouped(ctx.query)))
         if "_buffers" not in vars(self):  # reused each call: fresh multi-MB temporaries fault in
             self._buffers = (Workspace(), Workspace())
@@ -400,6 +428,10 @@ class HashAttention(_SignatureTopK):
         return [f"hashattn: learned signatures from {self._path} ({self._w.bits} bits, "
                 f"{self._w.hash_heads} hash heads)"]
 
+    def _key_width(self, ctx: Context) -> int:
+        mlp = self._w.layers[ctx.layer]["key"]
+        return self._w.hash_heads * max(ctx.key.shape[-1], *(w.shape[-1] for w, _ in mlp))
+
     def _signs(self, side: str, ctx: Context, x: Tensor) -> Tensor:
         if self._w is None:
             raise RuntimeError("HashAttention used before prepare() loaded its weights")
@@ -429,6 +461,9 @@ class RandomProjectionTopK(_SignatureTopK):
     @property
     def _bits(self) -> int:
         return self.bits
+
+    def _key_width(self, ctx: Context) -> int:
+        return ctx.key.shape[1] * max(ctx.key.shape[-1], self.bits)
 
     def _signs(self, side: str, ctx: Context, x: Tensor) -> Tensor:
         r = self._proj.get(ctx.layer)
