@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 from sa_bench.attention.files import method_file, model_shapes
 from sa_bench.attention.gather import Workspace
 from sa_bench.attention.masker import TopKMasker
+from sa_bench.attention.ops import reads_free
 from sa_bench.attention.selection import Context, KeyCache
 from sa_bench.config import ConfigError, Size, check_range
 from sa_bench.lazy import F, torch
@@ -75,9 +76,30 @@ def pack_signs(x: Tensor) -> Tensor:
     if words * 32 != bits:
         b = F.pad(b, (0, words * 32 - bits))
     b = b.view(*x.shape[:-1], words, 32)
-    shifts = torch.arange(32, device=x.device, dtype=torch.int32)
+    shifts = _constant("shifts", x.device, lambda: torch.arange(32, device=x.device, dtype=torch.int32))
     # bit 31 shifts to -2^31: the distinct powers sum without carries, as their bitwise or
     return b.bitwise_left_shift_(shifts).sum(-1, dtype=torch.int32)
+
+
+_CONSTANTS: dict = {}
+
+
+def _constant(name: str, device, make) -> Tensor:
+    """A small constant tensor made once per device (a launch per call saved on a GPU)."""
+    key = (name, str(device))
+    value = _CONSTANTS.get(key)
+    if value is None:
+        value = _CONSTANTS[key] = make()
+    return value
+
+
+def popcount32_table(x: Tensor) -> Tensor:
+    """Set bits of each int32 -> int32, by a 256-entry table over its 4 bytes: three kernels
+    where the SWAR steps of `popcount32_` launch thirteen (a GPU at batch 1 pays per launch;
+    on CPU the in-place SWAR is faster)."""
+    table = _constant("popcount", x.device, lambda: torch.tensor(
+        [bin(i).count("1") for i in range(256)], dtype=torch.uint8, device=x.device))
+    return table[x.contiguous().view(torch.uint8).long()].view(*x.shape, 4).sum(-1, dtype=torch.int32)
 
 
 def popcount32_(x: Tensor, tmp: Tensor | None = None) -> Tensor:
@@ -106,6 +128,11 @@ def differing_bits(qs: Tensor, ks: Tensor, buffers: tuple[Workspace, Workspace] 
     """popcount(q xor k) of packed signatures -> int32 [b, Hs, r, kv] (see signature_scores).
     `buffers`: reused for the result and the temporary (a view of the first is returned)."""
     shape = (*qs.shape[:3], ks.shape[2])
+    if not reads_free(qs.device):
+        diff = popcount32_table(ks[:, :, None, :, 0] ^ qs[..., 0, None])
+        for w in range(1, qs.shape[-1]):
+            diff.add_(popcount32_table(ks[:, :, None, :, w] ^ qs[..., w, None]))
+        return diff
     out, tmp = ((ws.take(math.prod(shape), 1, ks).view(shape) for ws in buffers) if buffers
                 else (None, None))
     diff = popcount32_(torch.bitwise_xor(ks[:, :, None, :, 0], qs[..., 0, None], out=out), tmp)
@@ -337,11 +364,13 @@ class HashWeights:
         then no-ops)."""
         act = activation(self.activation)
         mlp = self.layers[layer][side] if mlp is None else mlp
-        for i, (w, b) in enumerate(mlp):
-            x = torch.matmul(x, w.to(x.dtype)) + b.to(x.dtype)[None, :, None, :]
+        bsz, hh, n, _ = x.shape
+        x = x.transpose(0, 1).reshape(hh, bsz * n, x.shape[-1])  # a view at batch 1
+        for i, (w, b) in enumerate(mlp):  # one kernel per linear: x W + b
+            x = torch.baddbmm(b.to(x.dtype).unsqueeze(1), x, w.to(x.dtype))
             if i < len(mlp) - 1:
                 x = act(x)
-        return x
+        return x.view(hh, bsz, n, x.shape[-1]).transpose(0, 1)
 
     def to(self, device) -> HashWeights:
         return HashWeights([{s: [(w.to(device), b.to(device)) for w, b in mlp] for s, mlp in lay.items()}
