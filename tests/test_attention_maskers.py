@@ -530,9 +530,12 @@ def test_perf_command_times_real_decoding_steps(capsys):
     assert {"SDPA grouped (baseline)", "SDPA enable_gqa (reference)", "streaming", "quest",
             "quest/kv"} == set(rows) - {"method"}  # streaming has no per_kv_head masker
     assert "1.00x" in rows["SDPA grouped (baseline)"]
-    ops = {name: int(row.split("|")[-2]) for name, row in rows.items() if name != "method"}
+    ops = {name: int(row.split("|")[-4]) for name, row in rows.items() if name != "method"}
     # sink + local read slices of the cache: a few calls, as dense; quest's index lists many
     assert ops["SDPA grouped (baseline)"] < ops["streaming"] and 4 * ops["streaming"] < ops["quest"]
+    launches = {name: int(row.split("|")[-3]) for name, row in rows.items() if name != "method"}
+    syncs = {name: int(row.split("|")[-2]) for name, row in rows.items() if name != "method"}
+    assert launches["streaming"] <= 4 and launches["quest"] <= 50 and syncs["quest"] == 0
 
 
 @pytest.mark.gpu

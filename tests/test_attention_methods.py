@@ -503,3 +503,46 @@ def test_magicpig_memory_per_1k_tokens_at_128k_on_meta():
     kept_shapes = {tuple(t.order.shape) for t in tables} | {tuple(t.starts.shape) for t in tables}
     temporary = max(n for n, shape in alloc.made if shape not in kept_shapes)
     assert temporary < 100e6, temporary
+
+
+def test_hashattn_first_call_memory_at_128k_on_meta():
+    """The first sparse call hashes the whole context: Llama-3.1-8B shapes (32 query / 8 kv
+    heads, head dim 128, bf16), 131072 keys, weights per query head with the published MLP
+    128-128-32. Signatures are built in blocks: the largest temporary is 16 MiB (was 1 GiB
+    each for the keys expanded per head, every MLP activation, the int64 bits and their
+    shifted copy, measured the same way), and what a layer keeps is 128 KiB per 1k tokens (one int32 word per key and
+    query head)."""
+    from sa_bench.attention import hashattn
+
+    kv, h, hk, d = 131072, 32, 8, 128
+    masker = HashAttention.__new__(HashAttention)
+    masker._w, masker._placed = HashWeights.init(1, h, d, bits=32, hidden=(128, 128)), {}
+    key = torch.empty(1, hk, kv, d, dtype=torch.bfloat16, device="meta")
+    ctx = context(torch.empty(1, h, 1, d, dtype=torch.bfloat16, device="meta"), key)
+    with _Allocations() as alloc:
+        sigs = masker.key_signatures(ctx, key)
+    assert tuple(sigs.shape) == (1, h, kv, 1) and sigs.dtype == torch.int32
+    per_1k = sigs.numel() * sigs.element_size() / (kv / 1000)
+    assert per_1k == 128_000  # x 32 layers: 4 MB per 1k tokens, 0.5 GiB at 128k
+    temporary = max(n for n, shape in alloc.made if shape != tuple(sigs.shape))
+    assert temporary <= hashattn.SIGNATURE_BLOCK_BYTES, temporary
+    assert temporary == 16 * 2**20  # 2048-key blocks: keys per head and activations in bf16
+
+
+@pytest.mark.parametrize("cls", ["hash", "projection"])
+def test_key_signatures_in_blocks_equal_one_piece(monkeypatch, cls):
+    from sa_bench.attention import hashattn
+
+    g = torch.Generator().manual_seed(3)
+    h, hk, d, kv = 4, 2, 16, 37
+    if cls == "hash":
+        masker = HashAttention.__new__(HashAttention)
+        masker._w, masker._placed = HashWeights.init(1, h, d, bits=40, hidden=(24,)), {}
+    else:
+        masker = RandomProjectionTopK(bits=40)
+    key = torch.randn(1, hk, kv, d, generator=g)
+    ctx = context(torch.randn(1, h, 1, d, generator=g), key)
+    whole = masker.key_signatures(ctx, key)
+    monkeypatch.setattr(hashattn, "SIGNATURE_BLOCK_BYTES", 5 * masker._key_width(ctx) * 8)
+    blocks = masker.key_signatures(ctx, key)
+    assert whole.shape[-1] == 2 and torch.equal(blocks, whole)

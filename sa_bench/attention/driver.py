@@ -54,16 +54,17 @@ def attend_blocks(maskers, query: Tensor, key: Tensor, value: Tensor, attention_
                   scaling: float, layer: int, generator: torch.Generator | None,
                   workspace: Workspace, budget_bytes: int,
                   costs: GatherCosts = CPU_GATHER,
-                  sinks: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                  sinks: Tensor | None = None) -> tuple[Tensor, Tensor | float]:
     """Sparse attention of every query row, the rows in blocks (`row_blocks`) so that no
     per-call tensor outgrows `budget_bytes` (a question of thousands of rows over 128k keys).
     A block of rows sees the keys up to its last row's position only (causal masks; a mask
     that lets a row see a later key is refused). Returns (output [b, H, q, d], the sum over
-    rows and heads of the attended fraction of each row's keys). `costs`: see `GatherCosts`.
+    rows and heads of the attended fraction of each row's keys: a float when known without
+    reading the selection, else a tensor on the device). `costs`: see `GatherCosts`.
     `sinks`: learned per-head sink logits [H] that enter every row's softmax (GPT-OSS)."""
     b, h, q, _ = query.shape
     kv = key.shape[2]
-    outs, density = [], torch.zeros((), device=query.device)
+    outs, density = [], 0.0
     for r0, r1 in row_blocks(b, h, q, kv, budget_bytes):
         end = kv - q + r1
         mask = attention_mask
@@ -75,13 +76,23 @@ def attend_blocks(maskers, query: Tensor, key: Tensor, value: Tensor, attention_
                                  "later key")
             mask = mask[..., :end]
         k, v = (key, value) if end == kv else (key[:, :, :end], value[:, :, :end])
-        allowed = allowed_from_mask(mask, b, r1 - r0, end, query.device)
+        if mask is None and r1 - r0 == 1:  # one row seeing every key: made once per device
+            allowed = workspace.true().expand(b, 1, 1, end)
+        else:
+            allowed = allowed_from_mask(mask, b, r1 - r0, end, query.device)
         ctx = Context(query[:, :, r0:r1], k, scaling, layer, allowed, generator, costs=costs,
-                      value=v, sinks=sinks)
+                      value=v, sinks=sinks, causal=mask is None, workspace=workspace)
         spans, ranged = decode_spans(maskers, r1 - r0, end, mask)
-        sel = Selection.of_spans(spans, b, h, r1 - r0, query.device)
+        sel = Selection.of_range_spans(spans, b, h, r1 - r0, workspace)
         for masker in list(maskers)[ranged:]:
             sel = masker.select(ctx, sel.indexed())
         outs.append(sparse_attention(ctx, v, sel, workspace))
-        density = density + (sel.count().float() / ctx.n_keys.clamp(min=1).float()).sum()
+        n, known = ctx.uniform_keys, sel.known_count
+        if n is not None and known is not None:  # no tensor read or made
+            term = b * h * (r1 - r0) * min(known, n) / max(n, 1)
+        elif n is not None:  # the valid entries counted at once, the division by the host
+            term = (sel.valid.sum() if sel.dense is None else sel.count().sum()) * (1.0 / max(n, 1))
+        else:
+            term = (sel.count().float() / ctx.n_keys.clamp(min=1).float()).sum()
+        density = term if isinstance(density, float) and density == 0.0 else density + term
     return (outs[0] if len(outs) == 1 else torch.cat(outs, 2)), density

@@ -40,16 +40,46 @@ GPU's operator calls."""
 
 class Workspace:
     """A reusable buffer for gathered keys: a fresh 50 MB allocation per decode step costs
-    more in page faults than the gather itself on CPU."""
+    more in page faults than the gather itself on CPU. Also the constants of a device's sparse
+    calls, made once and sliced per call (an `arange` of key positions, a zero, an all-true
+    mask, the row offsets of `flat_rows`): at batch 1 a GPU pays a launch for each one made."""
 
-    def __init__(self) -> None:
+    def __init__(self, device=None) -> None:
         self.buf: Tensor | None = None
+        self.device = device
+        self._arange: Tensor | None = None
+        self._const: dict = {}
 
     def take(self, n: int, d: int, like: Tensor) -> Tensor:
         buf = self.buf
         if buf is None or buf.numel() < n * d or buf.dtype != like.dtype or buf.device != like.device:
             buf = self.buf = like.new_empty(max(n * d, 1))
         return buf[: n * d].view(n, d)
+
+    def arange(self, n: int) -> Tensor:
+        """[0, n) as int64 on the device: a view of one arange grown (doubled) as needed."""
+        if self._arange is None or self._arange.shape[0] < n:
+            have = 0 if self._arange is None else self._arange.shape[0]
+            self._arange = torch.arange(max(n, 2 * have, 1024), device=self.device)
+        return self._arange[:n]
+
+    def _cached(self, key, make) -> Tensor:
+        value = self._const.get(key)
+        if value is None:
+            value = self._const[key] = make()
+        return value
+
+    def zero(self) -> Tensor:
+        """A float32 0 (expand it)."""
+        return self._cached("zero", lambda: torch.zeros((), device=self.device))
+
+    def true(self) -> Tensor:
+        """A bool True (expand it)."""
+        return self._cached("true", lambda: torch.ones((), dtype=torch.bool, device=self.device))
+
+    def head_rows(self, b: int, h: int, groups: int) -> tuple[Tensor, Tensor]:
+        """The kv head of each query head [1, H, 1, 1] and the batch index [b, 1, 1, 1]."""
+        return self._cached(("rows", b, h, groups), lambda: row_indices(b, h, groups, self.device))
 
 
 def key_rows(x: Tensor) -> tuple[Tensor, int, int]:
@@ -66,12 +96,22 @@ def key_rows(x: Tensor) -> tuple[Tensor, int, int]:
     return x.contiguous().view(-1, d), hk * kv, kv
 
 
-def flat_rows(idx: Tensor, groups: int, r0: int, r1: int) -> Tensor:
-    """Key indices [b, H, q, n] (each < kv) -> indices into `key_rows` with row strides r0, r1."""
+def row_indices(b: int, h: int, groups: int, device) -> tuple[Tensor, Tensor]:
+    """The kv head of each query head [1, H, 1, 1] and the batch index [b, 1, 1, 1]."""
+    heads = (torch.arange(h, device=device) // groups).view(1, h, 1, 1)
+    return heads, torch.arange(b, device=device).view(b, 1, 1, 1)
+
+
+def flat_rows(idx: Tensor, groups: int, r0: int, r1: int, workspace: Workspace | None = None) -> Tensor:
+    """Key indices [b, H, q, n] (each < kv) -> indices into `key_rows` with row strides r0, r1
+    (the head and batch indices from `workspace` when given: made once; one add at batch 1)."""
     b, h = idx.shape[:2]
-    heads = torch.arange(h, device=idx.device) // groups
-    base = torch.arange(b, device=idx.device)[:, None] * r0 + heads[None, :] * r1
-    return idx + base[:, :, None, None]
+    if workspace is not None and workspace.device == idx.device:
+        heads, batch = workspace.head_rows(b, h, groups)
+    else:
+        heads, batch = row_indices(b, h, groups, idx.device)
+    out = torch.add(idx, heads, alpha=r1)
+    return out.add_(batch, alpha=r0) if b > 1 else out
 
 
 def take_rows(rows: Tensor, idx: Tensor) -> Tensor:

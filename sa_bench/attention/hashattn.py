@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 from sa_bench.attention.files import method_file, model_shapes
 from sa_bench.attention.gather import Workspace
 from sa_bench.attention.masker import TopKMasker
+from sa_bench.attention.ops import reads_free
 from sa_bench.attention.selection import Context, KeyCache
 from sa_bench.config import ConfigError, Size, check_range
 from sa_bench.lazy import F, torch
@@ -61,16 +62,44 @@ def activation(name: str) -> Callable[[Tensor], Tensor]:
 # --- signatures ----------------------------------------------------------------------------
 
 
+SIGNATURE_BLOCK_BYTES = 64 * 2**20
+"""Key signatures are computed for blocks of keys whose widest temporary (the keys expanded per
+hash head, an MLP activation, the bits before packing) stays under this: the first sparse call
+at 128k keys hashes the whole context (~1 GiB per temporary in one piece)."""
+
+
 def pack_signs(x: Tensor) -> Tensor:
     """Signs of x [..., bits] (x >= 0 -> bit 1) packed into int32 words [..., ceil(bits / 32)]."""
     bits = x.shape[-1]
     words = -(-bits // 32)
-    b = (x >= 0).to(torch.int64)
+    b = (x >= 0).to(torch.int32)
     if words * 32 != bits:
         b = F.pad(b, (0, words * 32 - bits))
     b = b.view(*x.shape[:-1], words, 32)
-    shifts = torch.arange(32, device=x.device, dtype=torch.int64)
-    return (b << shifts).sum(-1).to(torch.int32)  # values >= 2^31 wrap to negative int32
+    shifts = _constant("shifts", x.device, lambda: torch.arange(32, device=x.device, dtype=torch.int32))
+    # bit 31 shifts to -2^31: the distinct powers sum without carries, as their bitwise or
+    return b.bitwise_left_shift_(shifts).sum(-1, dtype=torch.int32)
+
+
+_CONSTANTS: dict = {}
+
+
+def _constant(name: str, device, make) -> Tensor:
+    """A small constant tensor made once per device (a launch per call saved on a GPU)."""
+    key = (name, str(device))
+    value = _CONSTANTS.get(key)
+    if value is None:
+        value = _CONSTANTS[key] = make()
+    return value
+
+
+def popcount32_table(x: Tensor) -> Tensor:
+    """Set bits of each int32 -> int32, by a 256-entry table over its 4 bytes: three kernels
+    where the SWAR steps of `popcount32_` launch thirteen (a GPU at batch 1 pays per launch;
+    on CPU the in-place SWAR is faster)."""
+    table = _constant("popcount", x.device, lambda: torch.tensor(
+        [bin(i).count("1") for i in range(256)], dtype=torch.uint8, device=x.device))
+    return table[x.contiguous().view(torch.uint8).long()].view(*x.shape, 4).sum(-1, dtype=torch.int32)
 
 
 def popcount32_(x: Tensor, tmp: Tensor | None = None) -> Tensor:
@@ -99,6 +128,11 @@ def differing_bits(qs: Tensor, ks: Tensor, buffers: tuple[Workspace, Workspace] 
     """popcount(q xor k) of packed signatures -> int32 [b, Hs, r, kv] (see signature_scores).
     `buffers`: reused for the result and the temporary (a view of the first is returned)."""
     shape = (*qs.shape[:3], ks.shape[2])
+    if not reads_free(qs.device):
+        diff = popcount32_table(ks[:, :, None, :, 0] ^ qs[..., 0, None])
+        for w in range(1, qs.shape[-1]):
+            diff.add_(popcount32_table(ks[:, :, None, :, w] ^ qs[..., w, None]))
+        return diff
     out, tmp = ((ws.take(math.prod(shape), 1, ks).view(shape) for ws in buffers) if buffers
                 else (None, None))
     diff = popcount32_(torch.bitwise_xor(ks[:, :, None, :, 0], qs[..., 0, None], out=out), tmp)
@@ -131,10 +165,31 @@ class _SignatureTopK(TopKMasker):
     def _signs(self, side: str, ctx: Context, x: Tensor) -> Tensor:  # pragma: no cover
         raise NotImplementedError
 
+    def _key_width(self, ctx: Context) -> int:  # pragma: no cover
+        """Values per key of the widest temporary of `_signs("key")`: hash heads x the widest
+        layer (input included)."""
+        raise NotImplementedError
+
+    def key_signatures(self, ctx: Context, key: Tensor) -> Tensor:
+        """Packed signatures [b, Hs, n, words] of keys [b, Hk, n, d], in blocks of keys with no
+        temporary above `SIGNATURE_BLOCK_BYTES` (8 bytes per value counted: float32 and the
+        int32 bits with their shifted copy)."""
+        b, _, n, _ = key.shape
+        rows = max(1, SIGNATURE_BLOCK_BYTES // (b * self._key_width(ctx) * 8))
+        if rows >= n:
+            return pack_signs(self._signs("key", ctx, key))
+        out = None
+        for r0 in range(0, n, rows):
+            part = pack_signs(self._signs("key", ctx, key[:, :, r0:r0 + rows]))
+            if out is None:
+                out = part.new_empty(*part.shape[:2], n, part.shape[-1])
+            out[:, :, r0:r0 + part.shape[2]] = part
+        return out
+
     def _differing_bits(self, ctx: Context) -> Tensor:
         """popcount(sig(q) xor sig(k)) per query head and key, int32 [b, H, q, kv]."""
         ks = self._sigs.get(ctx.layer, ctx.key, ctx.query.shape[2],
-                            lambda k: pack_signs(self._signs("key", ctx, k)))
+                            lambda k: self.key_signatures(ctx, k))
         qs = pack_signs(self._signs("query", ctx, ctx.grouped(ctx.query)))
         if "_buffers" not in vars(self):  # reused each call: fresh multi-MB temporaries fault in
             self._buffers = (Workspace(), Workspace())
@@ -309,11 +364,13 @@ class HashWeights:
         then no-ops)."""
         act = activation(self.activation)
         mlp = self.layers[layer][side] if mlp is None else mlp
-        for i, (w, b) in enumerate(mlp):
-            x = torch.matmul(x, w.to(x.dtype)) + b.to(x.dtype)[None, :, None, :]
+        bsz, hh, n, _ = x.shape
+        x = x.transpose(0, 1).reshape(hh, bsz * n, x.shape[-1])  # a view at batch 1
+        for i, (w, b) in enumerate(mlp):  # one kernel per linear: x W + b
+            x = torch.baddbmm(b.to(x.dtype).unsqueeze(1), x, w.to(x.dtype))
             if i < len(mlp) - 1:
                 x = act(x)
-        return x
+        return x.view(hh, bsz, n, x.shape[-1]).transpose(0, 1)
 
     def to(self, device) -> HashWeights:
         return HashWeights([{s: [(w.to(device), b.to(device)) for w, b in mlp] for s, mlp in lay.items()}
@@ -400,6 +457,10 @@ class HashAttention(_SignatureTopK):
         return [f"hashattn: learned signatures from {self._path} ({self._w.bits} bits, "
                 f"{self._w.hash_heads} hash heads)"]
 
+    def _key_width(self, ctx: Context) -> int:
+        mlp = self._w.layers[ctx.layer]["key"]
+        return self._w.hash_heads * max(ctx.key.shape[-1], *(w.shape[-1] for w, _ in mlp))
+
     def _signs(self, side: str, ctx: Context, x: Tensor) -> Tensor:
         if self._w is None:
             raise RuntimeError("HashAttention used before prepare() loaded its weights")
@@ -429,6 +490,9 @@ class RandomProjectionTopK(_SignatureTopK):
     @property
     def _bits(self) -> int:
         return self.bits
+
+    def _key_width(self, ctx: Context) -> int:
+        return ctx.key.shape[1] * max(ctx.key.shape[-1], self.bits)
 
     def _signs(self, side: str, ctx: Context, x: Tensor) -> Tensor:
         r = self._proj.get(ctx.layer)

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from sa_bench.attention.dense import softmax_with_sinks
 from sa_bench.attention.gather import Workspace, flat_rows, key_rows, take_rows
-from sa_bench.attention.ops import NEG_INF, float_matmul
+from sa_bench.attention.ops import NEG_INF, float_matmul, reads_free
 from sa_bench.attention.selection import Context, Selection
 from sa_bench.lazy import F, torch
 
@@ -46,15 +46,30 @@ def sparse_attention(ctx: Context, value: Tensor, sel: Selection, workspace: Wor
     if ctx.full_scores is None and rows * score_cost > hk * kv + 5 * h * q * kv / d:
         ctx.scores()
     if rows * costs.value <= hk * kv + 5 * h * q * kv * 3 / d:
-        idx = sel.idx.clamp(max=kv - 1)
-        s = ctx.scores_at(idx, workspace)
-        p = softmax_with_sinks(s + sel.logw, ctx.sink_rows()).nan_to_num_(0.0)
+        idx = sel.idx if sel.exact else sel.idx.clamp(max=kv - 1)
+        s = ctx.scores_at(idx, workspace, clamped=True)
+        if sel.exact:  # weights 1, no padding: no NaN row (n >= 1)
+            p = softmax_with_sinks(s, ctx.sink_rows())
+        else:
+            p = softmax_with_sinks(s + sel.logw, ctx.sink_rows()).nan_to_num_(0.0)
         v_rows, r0, r1 = key_rows(value)
-        flat = flat_rows(idx, ctx.groups, r0, r1)
-        out = F.embedding_bag(flat.reshape(-1, n), v_rows,
-                              per_sample_weights=p.to(value.dtype).reshape(-1, n), mode="sum")
-        return out.view(b, h, q, d).to(dtype)
+        flat = flat_rows(idx, ctx.groups, r0, r1, workspace)
+        return value_gather(v_rows, flat, p).view(b, h, q, d).to(dtype)
     return _bias_attention(ctx, value, sel, workspace)
+
+
+def value_gather(v_rows: Tensor, flat: Tensor, p: Tensor) -> Tensor:
+    """sum_j p[..., j] v_rows[flat[..., j]] for flat, p [..., n] -> [prod(...), d] (values'
+    dtype). CPU: `embedding_bag` (reads only the selected rows, no gathered copy). Elsewhere
+    (CUDA): `index_select` into one [rows, n, d] tensor and a batched matmul with p - CUDA's
+    embedding_bag kernel walks each bag's n rows serially in one thread block per bag (4096
+    bags of ~13k rows at 128k keys), the batched matmul reads them in parallel."""
+    n, d = flat.shape[-1], v_rows.shape[-1]
+    weights = p.to(v_rows.dtype).reshape(-1, n)
+    if reads_free(v_rows.device):
+        return F.embedding_bag(flat.reshape(-1, n), v_rows, per_sample_weights=weights, mode="sum")
+    rows = torch.index_select(v_rows, 0, flat.reshape(-1)).view(-1, n, d)
+    return torch.bmm(weights.unsqueeze(1), rows).squeeze(1)
 
 
 def _bias_attention(ctx: Context, value: Tensor, sel: Selection, workspace: Workspace) -> Tensor:
@@ -87,21 +102,24 @@ def shared_attention(ctx: Context, value: Tensor, sel: Selection) -> Tensor:
     b, h, q, n = sel.idx.shape
     hk, g, d, kv = ctx.key.shape[1], ctx.groups, ctx.key.shape[-1], ctx.kv
     rows = b * hk * q
-    idx = sel.of_kv_heads(g).idx.clamp(max=kv - 1)  # [b, Hk, q, n]
+    idx = sel.of_kv_heads(g).idx  # [b, Hk, q, n]
+    if not sel.exact:
+        idx = idx.clamp(max=kv - 1)
 
     def per_group(x: Tensor) -> Tensor:  # [b, H, q, f] -> [b * Hk * q, g, f]
         return x.unflatten(1, (hk, g)).transpose(2, 3).reshape(rows, g, x.shape[-1])
 
     k_rows, k0, k1 = key_rows(ctx.key)
     v_rows, v0, v1 = key_rows(value)
-    k_flat = flat_rows(idx, 1, k0, k1).reshape(rows, n)
-    v_flat = flat_rows(idx, 1, v0, v1).reshape(rows, n)
+    k_flat = flat_rows(idx, 1, k0, k1, ctx.workspace).reshape(rows, n)
+    v_flat = k_flat if (v0, v1) == (k0, k1) else flat_rows(idx, 1, v0, v1, ctx.workspace).reshape(rows, n)
     query = per_group(ctx.query).to(ctx.key.dtype)
     logw = per_group(sel.logw)
     sinks = ctx.sink_rows()
     if sinks is not None:
         sinks = per_group(sinks.expand(b, h, q, 1))  # [rows, g, 1]
-    known = None if ctx.full_scores is None else per_group(ctx.full_scores.gather(-1, sel.idx.clamp(max=kv - 1)))
+    taken = sel.idx if sel.exact else sel.idx.clamp(max=kv - 1)
+    known = None if ctx.full_scores is None else per_group(ctx.full_scores.gather(-1, taken))
     if ctx.costs.row_loop(ctx.key.device, rows):  # one kv head and query row at a time: gathers stay in cache
         out = torch.empty(rows, g, d, dtype=value.dtype)
         for r in range(rows):
@@ -116,6 +134,9 @@ def shared_attention(ctx: Context, value: Tensor, sel: Selection) -> Tensor:
         if known is None:
             keys = torch.index_select(k_rows, 0, k_flat.reshape(-1)).view(rows, n, d)
             known = float_matmul(query, keys.transpose(1, 2)).mul_(ctx.scaling)
-        p = softmax_with_sinks(known + logw, sinks).nan_to_num_(0.0).to(value.dtype)
+        if sel.exact:
+            p = softmax_with_sinks(known, sinks).to(value.dtype)
+        else:
+            p = softmax_with_sinks(known + logw, sinks).nan_to_num_(0.0).to(value.dtype)
         out = torch.matmul(p, torch.index_select(v_rows, 0, v_flat.reshape(-1)).view(rows, n, d))
     return out.view(b, hk, q, g, d).transpose(2, 3).reshape(b, h, q, d).to(ctx.query.dtype)

@@ -73,27 +73,37 @@ class TopKMasker(Masker):
         return ctx.group_max(self.score(ctx))
 
     def select(self, ctx: Context, sel: Selection) -> Selection:
-        k, kmax = ctx.budget(self.heavy_size), ctx.budget_max(self.heavy_size)
+        k, kmax = ctx.row_budget(self.heavy_size), ctx.budget_max(self.heavy_size)
+        finite = candidates_known(ctx, sel)
         if self.per_kv_head:
-            return self._select_per_kv_head(ctx, sel, k, kmax)
+            return self._select_per_kv_head(ctx, sel, k, kmax, finite)
         scores = self.score(ctx)
         if scores is not ctx.full_scores:
-            idx, valid = top_rows(ctx.without(scores, sel, inplace=True), k, kmax)
+            idx, valid = top_rows(ctx.without(scores, sel, inplace=True), k, kmax, finite)
             return sel.add(idx, valid, 0.0, ctx.kv)
         # the shared exact scores, masked in place (no copy): keys a row may not see stay -inf,
         # the selected keys' scores are put back
-        taken = sel.idx.clamp(max=ctx.kv - 1)
+        taken = sel.idx if sel.exact else sel.idx.clamp(max=ctx.kv - 1)
         kept = scores.gather(-1, taken)
-        idx, valid = top_rows(ctx.without(scores, sel, inplace=True), k, kmax)
+        idx, valid = top_rows(ctx.without(scores, sel, inplace=True), k, kmax, finite)
         scores.scatter_(-1, taken, kept)
         return sel.add(idx, valid, 0.0, ctx.kv)
 
-    def _select_per_kv_head(self, ctx: Context, sel: Selection, k: Tensor, kmax: int) -> Selection:
+    def _select_per_kv_head(self, ctx: Context, sel: Selection, k: Tensor | int, kmax: int,
+                            finite: int | None) -> Selection:
         g = ctx.groups  # the selection so far is shared (checked at build): one head per group
         scores = ctx.without(self.group_score(ctx), sel.of_kv_heads(g), inplace=True)
-        idx, valid = top_rows(scores, k, kmax)
-        return sel.add(idx.repeat_interleave(g, 1), valid.repeat_interleave(g, 1), 0.0, ctx.kv,
-                       shared=True)
+        idx, valid = top_rows(scores, k, kmax, finite)
+        if valid is not None:
+            valid = valid.repeat_interleave(g, 1)
+        return sel.add(idx.repeat_interleave(g, 1), valid, 0.0, ctx.kv, shared=True)
+
+
+def candidates_known(ctx: Context, sel: Selection) -> int | None:
+    """The candidates of every row (keys it may see, not selected) when known without reading
+    tensors (`Context.uniform_keys`, `Selection.known_count`), else None."""
+    n, taken = ctx.uniform_keys, sel.known_count
+    return None if n is None or taken is None else n - taken
 
 
 def draw_candidates(ctx: Context, sel: Selection, m: Tensor, mmax: int) -> tuple[Tensor, Tensor]:

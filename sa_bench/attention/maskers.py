@@ -181,10 +181,12 @@ class Quest(Masker):
         q = ctx.query
         score = ctx.score_with(torch.cat([q.clamp(min=0), q.clamp(max=0)], -1), stats).float()
         n_pages = score.shape[-1]
-        start = torch.arange(n_pages, device=q.device) * p
-        lo = first_allowed(ctx.allowed).unsqueeze(-1)  # pages outside the row's keys: -inf
-        seen = (start + p > lo) & (start <= ctx.positions[:, None])
-        score = score.masked_fill_(~seen, NEG_INF)
+        uniform = ctx.uniform_keys is not None  # every page seen (decode): all scores finite
+        if not uniform:
+            start = torch.arange(n_pages, device=q.device) * p
+            lo = first_allowed(ctx.allowed).unsqueeze(-1)  # pages outside the row's keys: -inf
+            seen = (start + p > lo) & (start <= ctx.positions[:, None])
+            score = score.masked_fill_(~seen, NEG_INF)
         # enough pages for the budget plus already selected keys and two partly seen pages
         take = min(n_pages, -(-(bmax + sel.idx.shape[-1]) // p) + 2)
         if self.per_kv_head:
@@ -192,11 +194,18 @@ class Quest(Masker):
         vals, top = score.topk(take, -1, sorted=True)
         if self.per_kv_head:
             vals, top = vals.repeat_interleave(ctx.groups, 1), top.repeat_interleave(ctx.groups, 1)
-        keys = (top.unsqueeze(-1) * p + torch.arange(p, device=q.device)).flatten(-2)
-        ok = (vals > NEG_INF).repeat_interleave(p, -1) & (keys < kv)
+        offsets = torch.arange(p, device=q.device) if ctx.workspace is None else ctx.workspace.arange(p)
+        keys = torch.add(offsets, top.unsqueeze(-1), alpha=p).flatten(-2)
+        ok = keys < kv
+        if not uniform:
+            ok &= (vals > NEG_INF).repeat_interleave(p, -1)
         keys = keys.clamp(max=kv - 1)
-        ok &= ctx.allowed.expand(*keys.shape[:3], kv).gather(-1, keys) & ~sel.contains(keys, kv)
-        ok &= ok.cumsum(-1) <= ctx.budget(self.heavy_size).unsqueeze(-1)
+        if not ctx.all_allowed:
+            ok &= ctx.allowed.expand(*keys.shape[:3], kv).gather(-1, keys)
+        if sel.idx.shape[-1]:
+            ok &= ~sel.contains(keys, kv)
+        budget = ctx.row_budget(self.heavy_size)
+        ok &= ok.cumsum(-1, dtype=torch.int32) <= (budget if isinstance(budget, int) else budget.unsqueeze(-1))
         return sel.add(keys, ok, 0.0, kv, shared=self.per_kv_head)
 
 

@@ -51,26 +51,62 @@ class SparseConfig:
 
 
 class _Meter:
-    """Running sums per (phase, layer), kept on the device until `stats()`."""
+    """Running sums per (phase, layer). Tensor totals stay on their device: they are queued
+    and summed `FLUSH` at a time with one stack and one index_add_ (no launch per layer and
+    call, no sync), and read only by `table()`."""
+
+    FLUSH = 256
 
     def __init__(self) -> None:
         self.sums: dict[tuple[str, int], list] = {}
+        self._slots: dict[tuple[str, int], int] = {}
+        self._pending: list[tuple[int, torch.Tensor]] = []
+        self._device_sums: dict = {}  # device -> float64 sums per slot
 
     def add(self, phase: str, layer: int, total: torch.Tensor | float, count: int) -> None:
         entry = self.sums.setdefault((phase, layer), [0.0, 0])
-        entry[0] = entry[0] + total
         entry[1] += count
+        if isinstance(total, (int, float)):
+            entry[0] += total
+            return
+        slot = self._slots.setdefault((phase, layer), len(self._slots))
+        self._pending.append((slot, total))
+        if len(self._pending) >= self.FLUSH:
+            self._flush()
+
+    def _flush(self) -> None:
+        by_device: dict = {}
+        for slot, total in self._pending:
+            by_device.setdefault(total.device, ([], []))
+            by_device[total.device][0].append(slot)
+            by_device[total.device][1].append(total.reshape(()))
+        self._pending = []
+        for device, (slots, totals) in by_device.items():
+            acc = self._device_sums.get(device)
+            if acc is None or acc.shape[0] < len(self._slots):
+                grown = torch.zeros(len(self._slots) + 64, dtype=torch.float64, device=device)
+                if acc is not None:
+                    grown[: acc.shape[0]] = acc
+                acc = self._device_sums[device] = grown
+            acc.index_add_(0, torch.tensor(slots, device=device), torch.stack(totals).double())
+
+    def total(self, key: tuple[str, int]) -> float:
+        self._flush()
+        value = self.sums.get(key, (0.0, 0))[0]
+        slot = self._slots.get(key)
+        if slot is not None:
+            value += sum(float(acc[slot]) for acc in self._device_sums.values() if acc.shape[0] > slot)
+        return value
 
     def table(self, layers: int) -> dict[str, list[float | None]]:
         out = {}
         for phase in PHASES:
             row = []
             for layer in range(layers):
-                total, count = self.sums.get((phase, layer), (0.0, 0))
-                row.append(round(float(total) / count, 6) if count else None)
+                count = self.sums.get((phase, layer), (0.0, 0))[1]
+                row.append(round(self.total((phase, layer)) / count, 6) if count else None)
             out[phase] = row
         return out
-
 
 class SparseMethod:
     """Maskers applied in order; the model's own dense kernel where the phase or layer is not sparse."""
@@ -332,7 +368,7 @@ class SparseMethod:
         if entry is None:
             seed = self.config.seed + 7919 * (device.index or 0)
             entry = self._devices[device] = (torch.Generator(device=device).manual_seed(seed),
-                                             Workspace())
+                                             Workspace(device))
         return entry
 
     def _sparse_prefill(self, module, query, key, value, attention_mask, scaling: float):

@@ -3,6 +3,8 @@ bool rows, the keys a mask allows, sampling weights."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from sa_bench.lazy import torch
@@ -11,14 +13,46 @@ if TYPE_CHECKING:
     from torch import Tensor
 
 NEG_INF = float("-inf")
+_ACCELERATOR_PATHS: list[bool] = []
 
 
-def top_rows(scores: Tensor, k: Tensor, kmax: int | None = None) -> tuple[Tensor, Tensor]:
+def reads_free(device) -> bool:
+    """Whether reading a tensor's values on the host costs nothing (CPU); on an accelerator a
+    read is a device sync, and the code takes a path without one. `accelerator_paths()` makes
+    CPU take those paths too (operator and sync counts, tests)."""
+    return device.type == "cpu" and not _ACCELERATOR_PATHS
+
+
+@contextmanager
+def accelerator_paths() -> Iterator[None]:
+    """Within the block, CPU tensors take the paths an accelerator takes (`reads_free` False)."""
+    _ACCELERATOR_PATHS.append(True)
+    try:
+        yield
+    finally:
+        _ACCELERATOR_PATHS.pop()
+
+
+def top_rows(scores: Tensor, k: Tensor | int, kmax: int | None = None,
+             finite: int | None = None) -> tuple[Tensor, Tensor | None]:
     """Per row, the k[row] highest finite entries of `scores` [b, H, q, kv].
 
-    k broadcasts to [b, H, q]; `kmax` is an upper bound of k (read from k when None, a
-    device sync). Returns (idx, valid) of shape [b, H, q, kmax].
+    k broadcasts to [b, H, q] (an int: the same for every row); `kmax` is an upper bound of k
+    (read from k when None, a device sync). Returns (idx, valid) of shape [b, H, q, kmax].
+    `finite`: a lower bound, known without reading them, of the finite entries of every row;
+    with an int k <= finite every entry is valid and `valid` is None (nothing computed).
     """
+    if isinstance(k, int):
+        kmax = min(k, scores.shape[-1])
+        if kmax == 0:
+            empty = scores.new_zeros(*scores.shape[:3], 0)
+            return empty.long(), empty.bool()
+        idx = scores.topk(kmax, dim=-1, sorted=False).indices if not (
+            reads_free(scores.device) and scores.dtype == torch.float32) else \
+            ordered_ints(scores).topk(kmax, dim=-1, sorted=False).indices
+        if finite is not None and kmax <= finite:
+            return idx, None
+        return idx, scores.gather(-1, idx) > NEG_INF
     k = k.expand(scores.shape[:3])
     if kmax is None:
         kmax = int(k.max()) if k.numel() else 0
@@ -27,8 +61,8 @@ def top_rows(scores: Tensor, k: Tensor, kmax: int | None = None) -> tuple[Tensor
         empty = scores.new_zeros(*scores.shape[:3], 0)
         return empty.long(), empty.bool()
     # on CPU reading k is free; on an accelerator sorting avoids a sync
-    uniform = scores.device.type == "cpu" and bool((k == kmax).all())
-    if scores.device.type == "cpu" and scores.dtype == torch.float32:
+    uniform = reads_free(scores.device) and bool((k == kmax).all())
+    if reads_free(scores.device) and scores.dtype == torch.float32:
         idx = ordered_ints(scores).topk(kmax, dim=-1, sorted=not uniform).indices
         valid = scores.gather(-1, idx) > NEG_INF
     else:

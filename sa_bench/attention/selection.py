@@ -26,7 +26,7 @@ from sa_bench.attention.gather import (
     key_rows,
     take_rows,
 )
-from sa_bench.attention.ops import NEG_INF, compact, count_true, float_matmul
+from sa_bench.attention.ops import NEG_INF, compact, count_true, float_matmul, reads_free
 from sa_bench.config import Size
 from sa_bench.lazy import torch
 
@@ -47,6 +47,9 @@ class Selection:
     """More keys (weight 1), as a bool [b, H, q, kv] mask disjoint from the entries: a large
     selection (oracle top-p on flat attention) without index lists. Maskers never see it (they
     get `indexed()`); `sparse_attention` uses it as a bias when that is cheaper."""
+    exact: bool = False
+    """Known without reading it: every entry is a distinct key < kv with weight 1 (no padding,
+    logw 0): each row holds `idx.shape[-1]` keys; kernels skip the weights and padding."""
 
     @classmethod
     def empty(cls, b: int, h: int, q: int, device) -> Selection:
@@ -61,23 +64,49 @@ class Selection:
             return cls.empty(b, h, q, device)
         idx = torch.cat([torch.arange(start, stop, device=device) for start, stop in spans])
         shape = (b, h, q, idx.shape[0])
-        return cls(idx.expand(shape), torch.zeros((), device=device).expand(shape))
+        return cls(idx.expand(shape), torch.zeros((), device=device).expand(shape), exact=True)
+
+    @classmethod
+    def of_range_spans(cls, spans: list[tuple[int, int]], b: int, h: int, q: int,
+                       workspace: Workspace) -> Selection:
+        """`of_spans` from the workspace's cached arange and zero (one cat, or none)."""
+        if not spans:
+            return cls.empty(b, h, q, workspace.device)
+        ar = workspace.arange(spans[-1][1])
+        parts = [ar[start:stop] for start, stop in spans]
+        idx = parts[0] if len(parts) == 1 else torch.cat(parts)
+        shape = (b, h, q, idx.shape[0])
+        return cls(idx.expand(shape), workspace.zero().expand(shape), exact=True)
 
     @property
     def valid(self) -> Tensor:
         return self.logw > NEG_INF
 
-    def add(self, idx: Tensor, valid: Tensor, logw: Tensor | float, kv: int,
+    def add(self, idx: Tensor, valid: Tensor | None, logw: Tensor | float, kv: int,
             shared: bool = False) -> Selection:
         """Append `idx` (broadcast to [b, H, q, m]); invalid entries become padding. `shared`:
-        the added entries are equal for the query heads of a kv head."""
+        the added entries are equal for the query heads of a kv head. `valid` None: every
+        entry is valid (a key < kv not selected before), known without reading them."""
         shape = (*self.idx.shape[:3], idx.shape[-1])
-        idx, valid = idx.expand(shape), valid.expand(shape)
+        if valid is None:
+            zero = isinstance(logw, float) and logw == 0.0
+            if zero:
+                logw = self.logw.new_zeros(())
+            logw = torch.as_tensor(logw, dtype=torch.float32, device=idx.device).expand(shape)
+            return Selection(torch.cat([self.idx, idx.expand(shape)], -1),
+                             torch.cat([self.logw, logw], -1), self.shared and shared,
+                             exact=self.exact and zero)
+        valid = valid.expand(shape)
         logw = torch.as_tensor(logw, dtype=torch.float32, device=idx.device).expand(shape)
         idx = torch.where(valid, idx, kv)
         logw = torch.where(valid, logw, NEG_INF)
         return Selection(torch.cat([self.idx, idx], -1), torch.cat([self.logw, logw], -1),
                          self.shared and shared)
+
+    @property
+    def known_count(self) -> int | None:
+        """Keys selected per row when known without reading them (`exact`), else None."""
+        return self.idx.shape[-1] if self.exact and self.dense is None else None
 
     def count(self) -> Tensor:
         """Keys selected per row, [b, H, q] (computed once)."""
@@ -96,7 +125,8 @@ class Selection:
     def of_kv_heads(self, groups: int) -> Selection:
         """The entries of the first query head of each kv head, [b, Hk, q, n]: a shared
         selection's entries for each kv head."""
-        return Selection(self.idx[:, ::groups], self.logw[:, ::groups], self.shared)
+        return Selection(self.idx[:, ::groups], self.logw[:, ::groups], self.shared,
+                         exact=self.exact)
 
     def contains(self, idx: Tensor, kv: int | None = None) -> Tensor:
         """Whether each candidate in `idx` [b, 1|H, q, m] is already selected -> [b, H, q, m].
@@ -192,6 +222,17 @@ class Context:
     sinks: Tensor | None = None
     """Learned sink logits per query head [H] (GPT-OSS): one more softmax column that attends
     to nothing, whatever keys are selected (`sparse_attention`); maskers do not see it."""
+    causal: bool = False
+    """`allowed` is plain causality (the call had no mask): what a row sees is known without
+    reading it."""
+    workspace: Workspace | None = None
+    """The device's buffers and constants (`Workspace`), when the call has them."""
+
+    @property
+    def uniform_keys(self) -> int | None:
+        """The keys every row may see when that is one number known without reading the mask
+        (one query row, no mask: decode), else None."""
+        return self.kv if self.causal and self.query.shape[2] == 1 else None
 
     def sink_rows(self) -> Tensor | None:
         """`sinks` as float32 [1, H, 1, 1] (broadcasts over rows of scores), or None."""
@@ -209,7 +250,9 @@ class Context:
     def n_keys(self) -> Tensor:
         """Keys each query row may see, [b, 1, q] (long)."""
         if not hasattr(self, "_n_keys"):
-            self._n_keys = count_true(self.allowed)
+            n = self.uniform_keys
+            self._n_keys = (count_true(self.allowed) if n is None else
+                            torch.full((self.query.shape[0], 1, 1), n, device=self.key.device))
         return self._n_keys
 
     def budget(self, size: Size) -> Tensor:
@@ -219,6 +262,11 @@ class Context:
             return torch.round(n.double() * size).long()
         return n.clamp(max=int(size))
 
+    def row_budget(self, size: Size) -> Tensor | int:
+        """`budget(size)`, as an int when every row has the same (`uniform_keys`): no tensor."""
+        n = self.uniform_keys
+        return self.budget(size) if n is None else size_of(size, n)
+
     def budget_max(self, size: Size) -> int:
         """An upper bound of `budget(size)` known without reading the mask (no device sync)."""
         return size_of(size, self.kv)
@@ -227,6 +275,8 @@ class Context:
     def positions(self) -> Tensor:
         """Key position of each query row, [q] (row i sits at kv - q + i)."""
         q = self.query.shape[2]
+        if self.workspace is not None:
+            return self.workspace.arange(self.kv)[self.kv - q:]
         return torch.arange(self.kv - q, self.kv, device=self.key.device)
 
     def grouped(self, x: Tensor) -> Tensor:
@@ -246,9 +296,12 @@ class Context:
     def score_with(self, qf: Tensor, kf: Tensor) -> Tensor:
         """qf [b, H, q, f] . kf [b, Hk, kv, f] -> float32 [b, H, q, kv] (GQA without repeating
         keys; float32 scores from half-precision inputs, see `float_matmul`)."""
-        # keys as the left operand: about 2x faster on CPU than q @ k^T for few query rows
+        # keys as the left operand: about 2x faster on CPU than q @ k^T for few query rows;
+        # on an accelerator q @ k^T, whose output needs no copy to become [b, H, q, kv]
         if kf.dtype != qf.dtype:
             qf = qf.to(kf.dtype)
+        if not reads_free(kf.device):
+            return self.ungrouped(float_matmul(self.grouped(qf), kf.transpose(-1, -2)))
         return self.ungrouped(float_matmul(kf, self.grouped(qf).transpose(-1, -2)).transpose(-1, -2))
 
     def scores(self) -> Tensor:
@@ -257,7 +310,7 @@ class Context:
             self.full_scores = self.score_with(self.query, self.key).mul_(self.scaling)
         return self.full_scores
 
-    def scores_at(self, idx: Tensor, workspace: Workspace | None = None) -> Tensor:
+    def scores_at(self, idx: Tensor, workspace: Workspace | None = None, clamped: bool = False) -> Tensor:
         """Exact scores of the keys `idx` [b, H, q, n] (any index < kv), float32: taken from
         `full_scores` when a masker computed them, else from the gathered keys only.
 
@@ -265,13 +318,14 @@ class Context:
         (`take_rows`) into a buffer that stays in cache
         for the product with q, ~1.6x the cost of streaming the keys (a batched gather and bmm
         is ~6x, the gathered rows leave the cache between the two)."""
-        idx = idx.clamp(max=self.kv - 1)
+        if not clamped:
+            idx = idx.clamp(max=self.kv - 1)
         if self.full_scores is not None:
             return self.full_scores.gather(-1, idx)
         b, h, q, n = idx.shape
         d = self.key.shape[-1]
         rows, r0, r1 = key_rows(self.key)
-        flat = flat_rows(idx, self.groups, r0, r1).reshape(b * h * q, n)
+        flat = flat_rows(idx, self.groups, r0, r1, self.workspace).reshape(b * h * q, n)
         query = self.query.reshape(b * h * q, d).to(self.key.dtype)
         if self.costs.row_loop(self.key.device, b * h * q):
             out = torch.empty(b * h * q, n, dtype=torch.float32)
@@ -298,7 +352,8 @@ class Context:
         """Every row may see every key (decode without padding); known on CPU only (reading
         it elsewhere would sync), else False."""
         if not hasattr(self, "_all_allowed"):
-            self._all_allowed = self.key.device.type == "cpu" and bool(self.allowed.all())
+            self._all_allowed = self.uniform_keys is not None or (
+                reads_free(self.key.device) and bool(self.allowed.all()))
         return self._all_allowed
 
     def without(self, scores: Tensor, sel: Selection, inplace: bool = False) -> Tensor:
@@ -308,7 +363,9 @@ class Context:
             scores = scores.clone()
         if not self.all_allowed:
             scores.masked_fill_(~self.allowed, NEG_INF)
-        if sel.idx.shape[-1]:  # padding entries (index kv) leave the last key as it is
+        if sel.exact and sel.idx.shape[-1]:  # no padding: -inf on every entry
+            scores.scatter_(-1, sel.idx, NEG_INF)
+        elif sel.idx.shape[-1]:  # padding entries (index kv) leave the last key as it is
             fill = torch.where(sel.valid, NEG_INF, float("inf")).to(scores.dtype)
             scores.scatter_reduce_(-1, sel.idx.clamp(max=self.kv - 1), fill, reduce="amin")
         return scores

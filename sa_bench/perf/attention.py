@@ -16,7 +16,8 @@ load changes hit all of them. Prints median milliseconds and the median of the p
 ratios to the baseline as a markdown table, with the fraction of its keys a query head
 attends and the operator calls of one decode call (`ops/call`, views included, on the batched
 paths a GPU takes): at batch 1 a GPU pays a kernel launch of a few microseconds for most of
-them, whatever the bytes read.
+them, whatever the bytes read; and `launches` / `syncs` of that call as `sa_bench.perf.counts`
+counts them with the accelerator's branches forced (non-view operators, host reads).
 """
 
 from __future__ import annotations
@@ -117,9 +118,10 @@ def ops_per_call(fn, *fn_args) -> int:
         e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")))
 
 
-def run_size(kv: int, names: list[str], args, device, dtype) -> dict[str, tuple[float, float, float, int]]:
+def run_size(kv: int, names: list[str], args, device, dtype) -> dict[str, tuple]:
     """{name: (median ms, median ratio to the baseline, fraction of the keys each query head
-    attended, operator calls of the last step)} over `args.steps` decode steps."""
+    attended, operator calls of the last step, (launches, syncs) of the last step)} over
+    `args.steps` decode steps."""
     h, hk, d = args.heads, args.kv_heads, args.head_dim
     g = torch.Generator().manual_seed(kv)
     n0 = kv + 3
@@ -158,8 +160,18 @@ def run_size(kv: int, names: list[str], args, device, dtype) -> dict[str, tuple[
     for method in methods.values():  # counted on the batched paths a GPU takes (no row loops)
         method.gather_costs = BATCHED_GATHER
     ops = {name: ops_per_call(fn, *fn_args) for name, (fn, fn_args) in calls.items()}  # untimed
+    work = {name: launches_and_syncs(fn, *fn_args) for name, (fn, fn_args) in calls.items()}
     return {name: (statistics.median(t) * 1e3, statistics.median(x / y for x, y in zip(t, base, strict=True)),
-                   attended.get(name, 1.0), ops[name]) for name, t in times.items()}
+                   attended.get(name, 1.0), ops[name], work[name]) for name, t in times.items()}
+
+
+def launches_and_syncs(fn, *fn_args) -> tuple[int, int]:
+    """Kernel launches and host syncs of `fn(*fn_args)` (`sa_bench.perf.counts`)."""
+    from sa_bench.perf.counts import device_work
+
+    with device_work() as work:
+        fn(*fn_args)
+    return work.launches, work.syncs
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -195,14 +207,17 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\n{args.device} {args.dtype}, {args.threads} thread(s), {args.steps} steps per size; "
           f"ratio = median over steps of method / grouped SDPA in the same step; attended = "
           f"mean fraction of its keys a query head attends ({args.keys[-1] // 1024}k); ops/call = "
-          f"operator calls of one decode call on the batched (GPU) paths\n")
-    print("| method | " + " | ".join(f"{kv // 1024}k keys" for kv in args.keys) + " | attended | ops/call |")
-    print("|---" * (len(args.keys) + 3) + "|")
+          f"operator calls of one decode call on the batched (GPU) paths; launches / syncs = "
+          f"non-view operators and host reads of that call, the accelerator's branches forced\n")
+    print("| method | " + " | ".join(f"{kv // 1024}k keys" for kv in args.keys)
+          + " | attended | ops/call | launches | syncs |")
+    print("|---" * (len(args.keys) + 5) + "|")
     labels = {"sdpa": "SDPA grouped (baseline)", "sdpa_gqa": "SDPA enable_gqa (reference)"}
     for name in ["sdpa", "sdpa_gqa", *names]:
         cells = [f"{results[kv][name][1]:.2f}x ({results[kv][name][0]:.2f} ms)" for kv in args.keys]
         cells.append(f"{100 * results[args.keys[-1]][name][2]:.1f}%")
         cells.append(str(results[args.keys[-1]][name][3]))
+        cells.extend(str(n) for n in results[args.keys[-1]][name][4])
         print(f"| {labels.get(name, name)} | " + " | ".join(cells) + " |")
 
 

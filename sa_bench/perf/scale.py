@@ -83,8 +83,13 @@ def build_model(shape: str, layers: int, vocab: int | None, device: str, dtype: 
     config = config_cls(num_hidden_layers=layers, **spec)
     config._attn_implementation = attn_implementation
     torch.manual_seed(0)
-    with torch.device(device):
-        model = model_cls(config).to(getattr(torch, dtype))
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(getattr(torch, dtype))  # made in its dtype on its device: an 8B
+    try:  # model built in float32 first would need 32 GB before the cast
+        with torch.device(device):
+            model = model_cls(config)
+    finally:
+        torch.set_default_dtype(previous)
     return model.eval()
 
 
@@ -306,26 +311,32 @@ def main(argv: list[str] | None = None) -> None:
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for tokens in args.tokens:
         results: dict[str, list[dict[str, Any]]] = {name: [] for name in ["plain", *methods]}
-        for _ in range(args.repeat):
+        for i in range(args.repeat):  # each run's row printed as it ends (a timeout keeps them)
             for name in results:
                 results[name].append(_child(args, name, tokens))
-        rows = [(name, _best(runs)) for name, runs in results.items()]
-        base = rows[0][1]
-        dense = dict(rows).get("dense", {"error": "not run"})
-        for name, r in rows:
-            if "error" in r:
-                print(f"| {tokens} | {name} | failed: {r['error']} ||||||||||||||", flush=True)
-                continue
-            mib = r["peak_bytes"] / 2**20
-            attention = (f"{r['prefill_attention_s']:.2f} | {_ratio(r, dense, 'prefill_attention_s')} | "
-                         f"{r['prefill_density']:.3f} | {_ratio(r, dense, 'decode_ms')} | "
-                         f"{r['kv_kept']:.3f} | {r['compress_s']:.3f} | "
-                         f"{r['compress_s'] / r['prefill_s']:.3f}x"
-                         if "prefill_attention_s" in r else "- | - | - | - | - | - | -")
-            print(f"| {tokens} | {name} | {r['prefill_s']:.2f} | {_ratio(r, base, 'prefill_s')} | "
-                  f"{r['answer_s']:.2f} | {_ratio(r, base, 'answer_s')} | "
-                  f"{r['decode_ms']:.1f} | {mib:.0f} | {_ratio(r, base, 'peak_bytes')} | "
-                  f"{attention} |", flush=True)
+                label = name if args.repeat == 1 else f"{name} (run {i + 1})"
+                _print_row(tokens, label, results[name][-1], results["plain"][-1],
+                           (results.get("dense") or [{"error": "not run"}])[-1])
+        if args.repeat > 1:
+            rows = [(name, _best(runs)) for name, runs in results.items()]
+            for name, r in rows:
+                _print_row(tokens, f"{name} (best)", r, rows[0][1], dict(rows).get("dense", {"error": "not run"}))
+
+
+def _print_row(tokens: int, name: str, r: dict[str, Any], base: dict[str, Any], dense: dict[str, Any]) -> None:
+    if "error" in r:
+        print(f"| {tokens} | {name} | failed: {r['error']} ||||||||||||||", flush=True)
+        return
+    mib = r["peak_bytes"] / 2**20
+    attention = (f"{r['prefill_attention_s']:.2f} | {_ratio(r, dense, 'prefill_attention_s')} | "
+                 f"{r['prefill_density']:.3f} | {_ratio(r, dense, 'decode_ms')} | "
+                 f"{r['kv_kept']:.3f} | {r['compress_s']:.3f} | "
+                 f"{r['compress_s'] / r['prefill_s']:.3f}x"
+                 if "prefill_attention_s" in r else "- | - | - | - | - | - | -")
+    print(f"| {tokens} | {name} | {r['prefill_s']:.2f} | {_ratio(r, base, 'prefill_s')} | "
+          f"{r['answer_s']:.2f} | {_ratio(r, base, 'answer_s')} | "
+          f"{r['decode_ms']:.1f} | {mib:.0f} | {_ratio(r, base, 'peak_bytes')} | "
+          f"{attention} |", flush=True)
 
 
 if __name__ == "__main__":
