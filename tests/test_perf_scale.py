@@ -12,9 +12,12 @@ def test_scale_command_prints_every_method(capsys):
     assert [row.split("|")[2].strip() for row in rows] == [
         "plain", "dense", "streaming", "quest", "block_sparse", "quest/kv"]  # only quest has a per_kv_head masker
     assert "failed" not in out
-    # three ratios to plain; the methods' prefill attention also as a ratio to dense's
-    assert [row.count("x |") for row in rows] == [3, 4, 4, 4, 4, 4]
-    density = {row.split("|")[2].strip(): float(row.split("|")[-2]) for row in rows[1:]}
+    # three ratios to plain; the methods' prefill attention and decode step also as ratios to
+    # dense's, and their compression time as a ratio to their prefill
+    assert [row.count("x |") for row in rows] == [3, 6, 6, 6, 6, 6]
+    header = next(line for line in out.splitlines() if line.startswith("| tokens |")).split("|")
+    column = [h.strip() for h in header].index("prefill density")
+    density = {row.split("|")[2].strip(): float(row.split("|")[column]) for row in rows[1:]}
     assert density["dense"] == 1.0 and density["quest"] == 1.0  # prefill dense
     assert density["block_sparse"] == 1.0  # 19 key blocks of 16, top 64 kept: every one
 
