@@ -197,8 +197,10 @@ def test_finished_job_with_unreadable_config_is_listed_by_the_report(tmp_path, f
     assert (f"unfinished  {rel}: finished, but since then result files went missing or changed: "
             "config.yaml (the next sweep reruns it)") in proc.stdout
     assert rel in (out / "report.md").read_text()
-    # a marker from before result files were recorded vouches for the cell: listed as such
-    jobdir.write_json_atomic(victim / jobdir.MARKER, {"key": victim.name, "finished": 1.0})
+    # a marker that does not list config.yaml vouches for the cell: listed as such
+    marker = jobdir.read_json(victim / jobdir.MARKER)
+    marker["files"].pop(jobdir.CONFIG)
+    jobdir.write_json_atomic(victim / jobdir.MARKER, marker)
     proc = subprocess.run([sys.executable, "-m", "sa_bench.report", str(out), "--no-plots"],
                           capture_output=True, text=True, env={**os.environ, **env()})
     assert (f"no config   {rel}: finished (score 100) but config.yaml is missing or unreadable"
