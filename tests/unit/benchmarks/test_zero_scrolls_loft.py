@@ -4,7 +4,6 @@ by running the official code (each fixture says which code and commit)."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import yaml
@@ -16,10 +15,9 @@ from sa_bench.benchmarks.loft import extract_answers, score_output
 from sa_bench.benchmarks.zero_scrolls import score_outputs
 from sa_bench.config import ConfigError
 from sa_bench.models.prompting import build_request
-from tests.test_benchmarks import byte_tokenizer, make  # noqa: F401 - byte_tokenizer: a fixture
+from tests.conftest import FIXTURES, ROOT
+from tests.unit.benchmarks.test_benchmarks import byte_tokenizer, make  # noqa: F401 - byte_tokenizer: a fixture
 
-ROOT = Path(__file__).resolve().parents[1]
-FIXTURES = Path(__file__).parent / "fixtures"
 ZS_PARITY = json.loads((FIXTURES / "zero_scrolls" / "metric_parity.json").read_text())["cases"]
 LOFT_OFFICIAL = json.loads((FIXTURES / "loft" / "official_outputs.json").read_text())
 

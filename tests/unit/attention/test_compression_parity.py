@@ -2,7 +2,7 @@
 kvpress's on the same tiny random Llama, Qwen2 and Mistral models (GQA) and prompt, at ratios 0.25 / 0.5 / 0.75.
 
 kvpress pins transformers < 5.3, so it runs in its own venv (made once, cached under
-~/.cache/sa_bench/kvpress-venv), where tests/kvpress_side.py writes the model and kvpress's
+~/.cache/sa_bench/kvpress-venv), where tests/unit/attention/kvpress_side.py writes the model and kvpress's
 kept positions; this side loads that model with transformers 5 and compares. Skipped, with
 the reason shown, when the venv cannot be built (no package index, no disk)."""
 
@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 from sa_bench.attention import SparseMethod
 from sa_bench.runner import _prefill
 from tests.conftest import ROOT
-from tests.test_launchers import skip_with_reason
+from tests.e2e.test_launchers import skip_with_reason
 
 KVPRESS = "kvpress==0.5.4"
 """The kvpress release compared (its source: github.com/NVIDIA/kvpress, tag v0.5.4)."""
@@ -54,7 +54,7 @@ def kvpress_python() -> Path:
 def theirs(tmp_path_factory) -> tuple[Path, dict]:
     python = kvpress_python()
     out = tmp_path_factory.mktemp("kvpress")
-    proc = subprocess.run([str(python), str(ROOT / "tests" / "kvpress_side.py"), str(out)],
+    proc = subprocess.run([str(python), str(Path(__file__).with_name("kvpress_side.py")), str(out)],
                           capture_output=True, text=True, timeout=900,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]

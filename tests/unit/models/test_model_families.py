@@ -21,7 +21,7 @@ import transformers as tf
 from sa_bench.attention import SparseMethod
 from sa_bench.config import ConfigError
 from tests.conftest import run_sa_bench
-from tests.test_attention_hook import ids, load, run_protocol
+from tests.unit.attention.test_attention_hook import ids, load, run_protocol
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)

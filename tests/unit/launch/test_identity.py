@@ -14,9 +14,9 @@ from sa_bench.launch.identity import Inputs, job_key, job_relpath, sanitize
 from sa_bench.models import loading
 from sa_bench.models.identity import weights_identity
 from sa_bench.spec import JobSpec
+from tests.conftest import DATA, FIXTURES, ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
-LEGACY = ROOT / "tests" / "data" / "legacy_v1"
+LEGACY = DATA / "legacy_v1"
 
 CFG = {
     "model": {"name": "tiny", "pretrained": "embedded:tiny-retrieval", "dtype": "float32",
@@ -332,7 +332,7 @@ def test_file_hashes_are_cached_by_path_size_mtime_and_inode(tmp_path):
 # --- benchmark data ---------------------------------------------------------------------------
 
 def test_data_fingerprint_follows_file_content_not_mtime(tmp_path):
-    shutil.copytree(ROOT / "tests" / "fixtures" / "longbench", tmp_path / "data")
+    shutil.copytree(FIXTURES / "longbench", tmp_path / "data")
     file = tmp_path / "data" / "hotpotqa.jsonl"
     bench = JobSpec.from_dict(longbench_cfg(tmp_path / "data")).benchmark
     first = data_fingerprint(bench, FingerprintCache())
@@ -365,7 +365,7 @@ def test_job_refuses_a_cell_computed_differently(tmp_path, sa_bench_cli):
 def test_two_data_sets_are_two_cells_and_both_are_kept(tmp_path, sa_bench_cli):
     """Alternating two data folders with the same file names keeps both results."""
     first, second = tmp_path / "a", tmp_path / "b"
-    shutil.copytree(ROOT / "tests" / "fixtures" / "longbench", first)
+    shutil.copytree(FIXTURES / "longbench", first)
     shutil.copytree(first, second)
     rows = (second / "hotpotqa.jsonl").read_text().splitlines()
     (second / "hotpotqa.jsonl").write_text("\n".join(reversed(rows)) + "\n")  # other order
@@ -391,7 +391,7 @@ def test_the_file_a_loader_reads_decides_the_data_identity(tmp_path):
     """`hotpotqa.jsonl` added beside `hotpotqa.json`: the loader reads the other file now."""
     data = tmp_path / "data"
     data.mkdir()
-    rows = (ROOT / "tests" / "fixtures" / "longbench" / "hotpotqa.jsonl").read_text()
+    rows = (FIXTURES / "longbench" / "hotpotqa.jsonl").read_text()
     (data / "hotpotqa.json").write_text("[" + ",".join(rows.splitlines()) + "]")
     before = key(longbench_cfg(data))
     (data / "trec.jsonl").write_text("{}\n")  # another subset's file: not read
@@ -467,7 +467,7 @@ def test_a_patched_copy_of_a_stock_class_gives_another_directory(tmp_path, sa_be
 
 def test_a_large_data_file_edited_in_the_middle_gives_another_directory(tmp_path, sa_bench_cli):
     data = tmp_path / "data"
-    shutil.copytree(ROOT / "tests" / "fixtures" / "longbench", data)
+    shutil.copytree(FIXTURES / "longbench", data)
     file = data / "hotpotqa.jsonl"
     rows = file.read_text().splitlines()
     padded = [json.dumps({**json.loads(rows[0]), "pad": "x" * (6 << 20)})] + rows[1:]

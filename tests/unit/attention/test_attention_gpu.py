@@ -10,12 +10,14 @@ import pytest
 import torch
 import yaml
 
+from tests.conftest import ROOT
+
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
 ]
 
-CONF = os.path.join(os.path.dirname(__file__), "..", "conf", "sparse")
+CONF = str(ROOT / "conf" / "sparse")
 SMALL = dict(hidden_size=256, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
              intermediate_size=512, vocab_size=300)
 

@@ -26,6 +26,7 @@ from transformers import (  # noqa: E402
 from sa_bench.attention import SparseMethod  # noqa: E402
 from sa_bench.attention.maskers import Local, Sink  # noqa: E402
 from sa_bench.config import ConfigError  # noqa: E402
+from tests.conftest import ROOT  # noqa: E402
 
 SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              intermediate_size=128, vocab_size=300)
@@ -34,7 +35,7 @@ ARCHS = {
     "qwen2": (Qwen2Config, Qwen2ForCausalLM),
     "mistral": (MistralConfig, MistralForCausalLM),
 }
-CONF = os.path.join(os.path.dirname(__file__), "..", "conf", "sparse")
+CONF = str(ROOT / "conf" / "sparse")
 
 
 def make(arch="llama", seed=0):

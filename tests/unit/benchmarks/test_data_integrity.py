@@ -8,6 +8,7 @@ import pytest
 from sa_bench.benchmarks.base import Sample, unique_ids
 from sa_bench.benchmarks.data import BadRowError, check_rows
 from sa_bench.runner import read_predictions
+from tests.conftest import FIXTURES, ROOT
 
 
 def sample(i: str, answer: str = "a") -> Sample:
@@ -64,14 +65,13 @@ def test_garbage_line_in_predictions_names_file_and_line(tmp_path):
 
 
 def _bench(name: str, **overrides):
-    from pathlib import Path
 
     import yaml
 
     from sa_bench.benchmarks.base import Benchmark
     from sa_bench.config import build_target
 
-    conf = Path(__file__).resolve().parents[1] / "conf" / "benchmark" / f"{name}.yaml"
+    conf = ROOT / "conf" / "benchmark" / f"{name}.yaml"
     return build_target({**yaml.safe_load(conf.read_text()), **overrides}, "benchmark", Benchmark)
 
 
@@ -79,9 +79,8 @@ def _bench(name: str, **overrides):
 def test_a_torn_line_in_a_data_file_is_named_once_with_file_and_line(tmp_path, capfd, caplog, where):
     """`{"input": "a", "cont` as the 3rd line: one BadRowError naming the file and line 3
     (not the json module's `line 1 column 14`), and no `datasets` log of it on the way."""
-    from pathlib import Path
 
-    fixtures = Path(__file__).resolve().parent / "fixtures" / "longbench"
+    fixtures = FIXTURES / "longbench"
     lines = (fixtures / "hotpotqa.jsonl").read_text().splitlines()
     lines.insert(2, '{"input": "a", "cont')
     file = tmp_path / "hotpotqa.jsonl"

@@ -9,7 +9,6 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
@@ -18,8 +17,8 @@ from sa_bench.config import ConfigError, build
 from sa_bench.models.loading import ModelConfig, embedded_dir, load_model, load_tokenizer
 from sa_bench.models.prompting import build_request, truncate_middle
 from sa_bench.models.smollm2_offline import converted_dir
+from tests.conftest import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 MODEL_CONFS = sorted((ROOT / "conf" / "model").glob("*.yaml"))
 TINY = {"name": "tiny", "pretrained": "embedded:tiny-retrieval"}
 

@@ -1,7 +1,6 @@
 """Every benchmark end to end through the job runner, on its fixtures, with the embedded model."""
 
 import json
-from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
@@ -9,9 +8,7 @@ from omegaconf import OmegaConf
 from sa_bench.launch.pool import Lease
 from sa_bench.runner import evaluate
 from sa_bench.spec import JobSpec
-from tests.conftest import ROOT, run_sa_bench
-
-FIXTURES = Path(__file__).parent / "fixtures"
+from tests.conftest import FIXTURES, ROOT, run_sa_bench
 
 
 def conf(group: str, name: str) -> dict:

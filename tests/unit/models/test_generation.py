@@ -3,8 +3,6 @@ applied at every greedy step exactly as transformers applies them, part of the j
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 import yaml
@@ -13,8 +11,7 @@ from transformers import MinNewTokensLengthLogitsProcessor, RepetitionPenaltyLog
 
 from sa_bench.benchmarks.base import Benchmark, Generation, next_token
 from sa_bench.config import ConfigError, build_target
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import ROOT
 
 
 def bench_yaml(name: str) -> dict:

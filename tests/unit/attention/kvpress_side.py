@@ -1,4 +1,4 @@
-"""Run inside the kvpress venv (transformers < 5.3) by tests/test_compression_parity.py.
+"""Run inside the kvpress venv (transformers < 5.3) by tests/unit/attention/test_compression_parity.py.
 
     python kvpress_side.py OUT_DIR
 

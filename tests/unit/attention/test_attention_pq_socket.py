@@ -7,7 +7,6 @@ import json
 import math
 import os
 import types
-from pathlib import Path
 
 import pytest
 import torch
@@ -24,8 +23,8 @@ from sa_bench.attention.pqcache import PQCache, kmeans  # noqa: E402
 from sa_bench.attention.selection import Context, Selection  # noqa: E402
 from sa_bench.attention.socket_topk import Socket  # noqa: E402
 from sa_bench.config import ConfigError  # noqa: E402
-from tests.conftest import run_sa_bench  # noqa: E402
-from tests.test_attention_maskers import check_topk, dense_out, row_sets, tensors  # noqa: E402
+from tests.conftest import FIXTURES, run_sa_bench  # noqa: E402
+from tests.unit.attention.test_attention_maskers import check_topk, dense_out, row_sets, tensors  # noqa: E402
 
 
 def run(maskers, query, key, value, layer=0):
@@ -275,7 +274,7 @@ def test_perf_command_times_both(capsys):
 
 # --- parity with sparse-attention-hub ---------------------------------------------------------
 
-HUB = Path(__file__).parent / "fixtures" / "hub" / "pq_socket.safetensors"
+HUB = FIXTURES / "hub" / "pq_socket.safetensors"
 """Inputs and the hub's selections, written by running its maskers (see fixtures/hub/README.md)."""
 
 

@@ -12,9 +12,7 @@ import yaml
 from sa_bench.benchmarks.base import Benchmark
 from sa_bench.benchmarks.data import DataNotFoundError, split_prompt
 from sa_bench.config import ConfigError, build_target
-
-ROOT = Path(__file__).resolve().parents[1]
-FIXTURES = Path(__file__).parent / "fixtures"
+from tests.conftest import FIXTURES, ROOT
 
 
 def make(config: str, **overrides: Any) -> Any:

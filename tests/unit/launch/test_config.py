@@ -4,6 +4,7 @@ from typing import Literal
 import pytest
 
 from sa_bench.config import ConfigError, Size, build, build_target, check_range
+from tests.conftest import ROOT
 
 
 @dataclass
@@ -49,12 +50,12 @@ def test_build_errors_name_the_key(data, message):
 
 
 def test_build_target_imports_and_checks_base():
-    obj = build_target({"_target_": "tests.test_config.Inner", "size": 3}, "k", Inner)
+    obj = build_target({"_target_": "tests.unit.launch.test_config.Inner", "size": 3}, "k", Inner)
     assert isinstance(obj, Inner) and obj.size == 3
     with pytest.raises(ConfigError, match="k._target_: cannot import module"):
         build_target({"_target_": "no_such_module.X"}, "k")
     with pytest.raises(ConfigError, match="is not a Inner subclass"):
-        build_target({"_target_": "tests.test_config.Outer", "name": "x"}, "k", Inner)
+        build_target({"_target_": "tests.unit.launch.test_config.Outer", "name": "x"}, "k", Inner)
 
 
 @dataclass
@@ -130,14 +131,13 @@ def test_every_model_option_is_in_every_model_yaml():
     """Each ModelConfig field is a key of each conf/model/*.yaml, so `model.<option>=...` works
     without Hydra's `+` (as the README writes it)."""
     import dataclasses
-    from pathlib import Path
 
     import yaml
 
     from sa_bench.models.loading import ModelConfig
 
     fields = [f.name for f in dataclasses.fields(ModelConfig)]
-    files = sorted((Path(__file__).resolve().parents[1] / "conf" / "model").glob("*.yaml"))
+    files = sorted((ROOT / "conf" / "model").glob("*.yaml"))
     assert len(files) >= 2
     for file in files:
         data = yaml.safe_load(file.read_text())

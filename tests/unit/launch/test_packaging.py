@@ -6,13 +6,11 @@ import shutil
 import subprocess
 import sys
 import zipfile
-from pathlib import Path
 
 import pytest
 
 from sa_bench.launch.hydra_app import CONF_DIR
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.conftest import ROOT
 
 
 def test_config_tree_is_found_through_the_package():

@@ -4,7 +4,6 @@ the reference's own estimation functions (tests/fixtures/prefill/README.md says 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,9 +12,10 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
 
 from sa_bench.attention.prefill_methods import FlexPrefill, VerticalSlash  # noqa: E402
+from tests.conftest import FIXTURES  # noqa: E402
 
-FIXTURES = Path(__file__).parent / "fixtures" / "prefill"
-SPARSE_FRONTIER = torch.load(FIXTURES / "sparse_frontier.pt")
+PREFILL = FIXTURES / "prefill"
+SPARSE_FRONTIER = torch.load(PREFILL / "sparse_frontier.pt")
 CASES = SPARSE_FRONTIER["cases"]
 
 

@@ -16,9 +16,7 @@ import yaml
 
 from sa_bench import migrate
 from sa_bench.launch import jobdir
-from tests.conftest import ROOT, run_sa_bench
-
-DATA = ROOT / "tests" / "data"
+from tests.conftest import DATA, ROOT, run_sa_bench
 
 
 def tree(tmp_path: Path, name: str) -> Path:

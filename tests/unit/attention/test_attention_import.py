@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.conftest import ROOT
 
 # In a fresh interpreter: every conf/sparse/*.yaml through SparseMethod.from_config (the
 # model's ${model.pretrained} is the embedded model, which ships the hashattn and double
