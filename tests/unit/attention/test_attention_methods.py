@@ -208,6 +208,7 @@ def test_model_without_files_is_refused_naming_the_command():
             "_target_": "sa_bench.attention.double_sparsity.DoubleSparsity", "model": "org/m"}}})
 
 
+@pytest.mark.e2e  # starts `python -m sa_bench` in a subprocess
 def test_sweep_refuses_hashattn_for_a_model_without_weights_before_any_job(tmp_path):
     proc = run_sa_bench("model=llama3.1-8b,tiny", "sparse=hashattn", "benchmark.n_samples=1",
                         root=tmp_path / "out")
@@ -332,6 +333,7 @@ def test_inclusion_probability_at_two_collisions_matches_simulation():
     del g
 
 
+@pytest.mark.e2e  # starts `python -m sa_bench` in a subprocess
 def test_online_calibration_is_recorded_in_stats_json(tmp_path):
     proc = run_sa_bench("sparse=double_sparsity", "sparse.maskers.ds.calibration=online",
                         "benchmark.n_samples=1", "benchmark.subsets=[1k]", root=tmp_path / "out", check=True)

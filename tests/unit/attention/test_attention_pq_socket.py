@@ -249,6 +249,7 @@ def test_pq_group_factor_must_divide_the_head_dimension():
     PQCache(pq_group_factor=4).prepare(config, "sparse.maskers.pq")
 
 
+@pytest.mark.e2e  # starts `python -m sa_bench` in a subprocess
 @pytest.mark.parametrize("method", ["pqcache", "socket"])
 def test_end_to_end_on_the_embedded_model(tmp_path, method):
     out = tmp_path / "out"

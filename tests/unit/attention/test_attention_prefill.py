@@ -252,6 +252,7 @@ def test_flex_attention_with_columns_on_gpu():
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.e2e  # starts `python -m sa_bench` in a subprocess
 def test_prefill_and_decode_methods_run_end_to_end(tmp_path):
     out = tmp_path / "out"
     run_sa_bench("sparse=vertical_slash_quest", "benchmark.n_samples=2", "model.prefill_chunk=512",

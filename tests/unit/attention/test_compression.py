@@ -224,6 +224,7 @@ def test_config_errors_name_the_key():
         SparseMethod.from_config({**cfg, "maskers": quest["maskers"]})
 
 
+@pytest.mark.e2e  # starts `python -m sa_bench` in a subprocess
 def test_a_ratio_sweep_gives_one_directory_per_ratio_and_resumes(tmp_path):
     out = tmp_path / "out"
     args = ["sparse=snapkv", "sparse.compression.compression_ratio=0.25,0.5",

@@ -352,6 +352,7 @@ def longbench_cfg(data: Path) -> dict:
 
 # --- the job checks the identity it is handed; changed data is rerun --------------------------
 
+@pytest.mark.e2e  # starts `python -m sa_bench` in a subprocess
 def test_job_refuses_a_cell_computed_differently(tmp_path, sa_bench_cli):
     out = tmp_path / "out"
     wrong = "tiny/dense/passkey/1k/000000000000"
@@ -362,6 +363,7 @@ def test_job_refuses_a_cell_computed_differently(tmp_path, sa_bench_cli):
     assert not (out / wrong / jobdir.PREDICTIONS).exists()  # refused before any work
 
 
+@pytest.mark.e2e  # starts `python -m sa_bench` in a subprocess
 def test_two_data_sets_are_two_cells_and_both_are_kept(tmp_path, sa_bench_cli):
     """Alternating two data folders with the same file names keeps both results."""
     first, second = tmp_path / "a", tmp_path / "b"
@@ -439,6 +441,7 @@ def planned(sa_bench_cli, out: Path, *args: str, env: dict | None = None) -> lis
     return [line.split()[1] for line in proc.stdout.splitlines()[1:] if line.strip().startswith("pending")]
 
 
+@pytest.mark.e2e  # starts `python -m sa_bench` in a subprocess
 def test_masker_order_gives_another_directory(tmp_path, sa_bench_cli):
     out = tmp_path / "out"
     stock = planned(sa_bench_cli, out, "sparse=oracle_topk", "benchmark.subsets=[1k]")
@@ -447,6 +450,7 @@ def test_masker_order_gives_another_directory(tmp_path, sa_bench_cli):
     assert len(stock) == len(moved) == 1 and stock != moved
 
 
+@pytest.mark.e2e  # starts `python -m sa_bench` in a subprocess
 def test_a_patched_copy_of_a_stock_class_gives_another_directory(tmp_path, sa_bench_cli):
     user = tmp_path / "user"
     user.mkdir()
@@ -465,6 +469,7 @@ def test_a_patched_copy_of_a_stock_class_gives_another_directory(tmp_path, sa_be
     assert patched != stock
 
 
+@pytest.mark.e2e  # starts `python -m sa_bench` in a subprocess
 def test_a_large_data_file_edited_in_the_middle_gives_another_directory(tmp_path, sa_bench_cli):
     data = tmp_path / "data"
     shutil.copytree(FIXTURES / "longbench", data)

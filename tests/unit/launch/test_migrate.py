@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from sa_bench import migrate
@@ -29,6 +30,7 @@ def cells(root: Path) -> list[Path]:
     return sorted(p.parent for p in root.rglob(jobdir.MARKER))
 
 
+@pytest.mark.e2e  # starts `python -m sa_bench` in a subprocess
 def test_scheme_2_tree_is_moved_to_todays_keys_and_found_done(tmp_path):
     out = tree(tmp_path, "legacy_v2")
     before = cells(out)
@@ -53,6 +55,7 @@ def test_scheme_2_tree_is_moved_to_todays_keys_and_found_done(tmp_path):
     assert again == ([], [])  # nothing left to move
 
 
+@pytest.mark.e2e  # starts `python -m sa_bench` in a subprocess
 def test_scheme_1_tree_is_moved_too(tmp_path):
     out = tree(tmp_path, "legacy_v1")
     moved, left = migrate.migrate(out)

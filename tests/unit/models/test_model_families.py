@@ -237,6 +237,7 @@ def test_dense_layers_must_be_attention_layers():
 
 # --- (c) end to end ---------------------------------------------------------------------------
 
+@pytest.mark.e2e  # starts `python -m sa_bench` in a subprocess
 def test_jobs_run_end_to_end_for_every_family(tmp_path):
     """One sweep over a local copy of each tiny model (the embedded byte tokenizer, vocab 260),
     dense and a sparse method, 2 passkey samples of 1k tokens: prefill in chunks, question and

@@ -206,6 +206,7 @@ def test_truncation_each_offline_tokenizer(budget):
 
 # --- SmolLM2 offline, end to end (slow) ---------------------------------------------------
 
+@pytest.mark.e2e  # starts `python -m sa_bench` in a subprocess
 @pytest.mark.slow
 def test_smollm2_offline_passkey(tmp_path):
     if not (converted_dir() / "config.json").is_file():

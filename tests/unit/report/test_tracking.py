@@ -74,6 +74,7 @@ def cell_runs(root: Path) -> list:
     return client.search_runs([experiment.experiment_id], "tags.`sa_bench.kind` = 'cell'")
 
 
+@pytest.mark.e2e  # starts `python -m sa_bench` in a subprocess
 @needs_mlflow
 def test_a_sweep_logs_one_run_per_cell_read_back_by_mlflow(tracked) -> None:
     from mlflow.tracking import MlflowClient
@@ -106,6 +107,7 @@ def test_a_sweep_logs_one_run_per_cell_read_back_by_mlflow(tracked) -> None:
     assert {"report/plot_probe.png", "report/report.html", "report/report.md"} <= report
 
 
+@pytest.mark.e2e  # starts `python -m sa_bench` in a subprocess
 @needs_mlflow
 def test_a_rerun_logs_nothing_new(tracked, monkeypatch) -> None:
     root, args, _ = tracked
@@ -119,6 +121,7 @@ def test_a_rerun_logs_nothing_new(tracked, monkeypatch) -> None:
     assert sorted(r.info.run_id for r in cell_runs(root)) == before
 
 
+@pytest.mark.e2e  # starts `python -m sa_bench` in a subprocess
 @needs_mlflow
 def test_a_deliberate_rerun_is_a_new_run_and_a_broken_store_fails_no_cell(
         tracked, tmp_path, monkeypatch) -> None:
@@ -140,6 +143,7 @@ def test_a_deliberate_rerun_is_a_new_run_and_a_broken_store_fails_no_cell(
     assert "python -m sa_bench.tracking" in run.stdout
 
 
+@pytest.mark.e2e  # starts `python -m sa_bench` in a subprocess
 @pytest.mark.skipif(importlib.util.find_spec("wandb") is None,
                     reason="wandb is not installed (pip install 'sa_bench[wandb]')")
 def test_wandb_offline_logs_each_cell_once(tracked, tmp_path, monkeypatch) -> None:
