@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT, run_sa_bench
+from tests.e2e.conftest import probe_args
 from tests.e2e_support import write_probe_config
 
 JOB_FILES = ["predictions.jsonl", "metrics.json", "config.yaml", "stats.json", "env.json", "done.json"]
@@ -37,10 +38,12 @@ def snapshot(dirs):
     return {str(d / f): (d / f).stat().st_mtime_ns for d in dirs for f in JOB_FILES if (d / f).exists()}
 
 
-def test_fresh_then_resumed_sweep(tmp_path, probe):
-    out = tmp_path / "out"
-    first = run_sa_bench(*probe, root=out, env=env(), check=True)
+def test_fresh_then_resumed_sweep(tmp_path, probe_conf, finished_sweep):
+    shared, first = finished_sweep  # the probe sweep, run fresh once per session
     assert "2 jobs: 0 done (skipped), 2 to run" in first.stdout
+    out = tmp_path / "out"  # the rerun works on a copy: the session's tree is only read
+    shutil.copytree(shared, out, ignore=shutil.ignore_patterns(".sa_bench"))
+    probe = probe_args(probe_conf)
     dirs = job_dirs(out)
     assert [d.relative_to(out).parts[:4] for d in dirs] == [
         ("tiny", "dense", "probe", "1k"), ("tiny", "dense", "probe", "2k")]
@@ -54,7 +57,7 @@ def test_fresh_then_resumed_sweep(tmp_path, probe):
         assert env_info["torch"] and env_info["transformers"] and env_info["device"] == "cpu"
         metrics = json.loads((d / "metrics.json").read_text())
         assert 0 <= metrics["score"] <= 100
-        assert f"{metrics['score']:7.2f}  {d}" in first.stdout
+        assert f"{metrics['score']:7.2f}  {shared / d.relative_to(out)}" in first.stdout
     before = snapshot(dirs)
     second = run_sa_bench(*probe, root=out, env=env(), check=True)
     assert "2 jobs: 2 done (skipped), 0 to run" in second.stdout

@@ -18,6 +18,7 @@ import pytest
 
 from sa_bench.launch import jobdir
 from tests.conftest import ROOT, run_sa_bench
+from tests.e2e.conftest import probe_args
 from tests.e2e_support import write_probe_config
 
 
@@ -25,23 +26,16 @@ def env(**extra: str) -> dict:
     return {"PYTHONPATH": str(ROOT), **extra}
 
 
-@pytest.fixture(scope="module")
-def conf(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("userconf")
-    write_probe_config(folder)
-    return folder
+@pytest.fixture
+def conf(probe_conf) -> Path:
+    return probe_conf
 
 
-def probe_args(conf: Path) -> list[str]:
-    return [f"hydra.searchpath=[file://{conf}]", "benchmark=probe"]
-
-
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory, conf) -> Path:
-    """An output root holding the probe sweep (2 cells), finished."""
-    out = tmp_path_factory.mktemp("finished") / "out"
-    run_sa_bench(*probe_args(conf), root=out, env=env(), check=True)
-    return out
+@pytest.fixture
+def finished(finished_sweep) -> Path:
+    """An output root holding the probe sweep (2 cells), finished: the session's (tests/e2e/conftest.py),
+    which every test here copies before changing anything."""
+    return finished_sweep[0]
 
 
 def copy_of(finished: Path, tmp_path: Path) -> Path:
