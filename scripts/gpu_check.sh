@@ -15,7 +15,7 @@
 # new (rows, keys) shape, i.e. every decode token.
 # Each step has its own time limit, so the whole run ends within 9.5 minutes (run it with a
 # 600 s limit); logs go to
-# $1 (default: $OUT, else /tmp/sa_bench-gpu). The Hydra sweep on GPUs (tests/test_gpu_sweep.py)
+# $1 (default: $OUT, else /tmp/sa_bench-gpu). The Hydra sweep on GPUs (tests/e2e/test_gpu_sweep.py)
 # needs hydra-core, omegaconf, hydra-joblib-launcher and datasets (carried as wheels, see the
 # device notes): it runs last, only when they import.
 #
@@ -73,7 +73,7 @@ for name, q, mask in (("decode", 1, None), ("masked chunk", 256, True)):
 print("peak MiB", torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else "-")
 PY
 step gpu_tests 90 "$py" -m pytest -q -rs -p no:cacheprovider -m gpu \
-  tests/test_attention_gpu.py tests/test_attention_maskers.py
+  tests/unit/attention/test_attention_gpu.py tests/unit/attention/test_attention_maskers.py
 step perf_attention 100 "$py" -m sa_bench.perf.attention --keys "${keys[@]}" --steps 5 --per-kv-head \
   "${device[@]}"
 step perf_scale 150 "$py" -m sa_bench.perf.scale "${shape[@]}" --tokens "${tokens[@]}" \
@@ -81,7 +81,7 @@ step perf_scale 150 "$py" -m sa_bench.perf.scale "${shape[@]}" --tokens "${token
 step perf_scale_128k 150 "$py" -m sa_bench.perf.scale "${shape[@]}" --tokens "${long[@]}" \
   --methods dense streaming oracle_topk quest "${device[@]}"
 if "$py" -c "import hydra, omegaconf, datasets, hydra_plugins.hydra_joblib_launcher" 2>/dev/null; then
-  step gpu_sweep 120 "$py" -m pytest -q -rs -p no:cacheprovider -m gpu tests/test_gpu_sweep.py
+  step gpu_sweep 120 "$py" -m pytest -q -rs -p no:cacheprovider -m gpu tests/e2e/test_gpu_sweep.py
 else
   echo "== gpu_sweep: skipped (hydra, omegaconf, datasets or the joblib launcher missing)"
 fi

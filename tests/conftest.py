@@ -10,6 +10,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 ROOT = Path(__file__).resolve().parent.parent
+TESTS = ROOT / "tests"
+FIXTURES = TESTS / "fixtures"  # benchmark rows in official formats, reference outputs
+DATA = TESTS / "data"  # result trees of earlier key schemes
 
 
 def pytest_collection_modifyitems(config, items):

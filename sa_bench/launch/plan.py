@@ -4,7 +4,7 @@ Hydra composes a config in about 0.13 s, so composing every cell of a 500-cell s
 learn that it is finished would cost a minute. Here a config is composed once per distinct
 combination of config-group choices (model × sparse × benchmark, usually a handful); every
 other override is a plain value applied to a copy of that composed dict, as Hydra applies it
-(tests/test_plan.py checks this against Hydra's own composition). Benchmarks expand into one
+(tests/unit/launch/test_plan.py checks this against Hydra's own composition). Benchmarks expand into one
 cell per subset. `identify` then validates every cell and computes its directory, once; the
 cell's job gets it as `cell=<model>/<sparse>/<benchmark>/<subset>/<key>` and checks it.
 """

@@ -1,0 +1,142 @@
+"""Run inside the kvpress venv (transformers < 5.3) by tests/unit/attention/test_compression_parity.py.
+
+    python kvpress_side.py OUT_DIR
+
+Makes tiny random Llama, Qwen2 and Mistral models with GQA (saved to OUT_DIR/<arch>,
+loadable by transformers 5), a random prompt, and for each press and ratio the positions kvpress keeps per layer and kv head
+(recovered by matching the compressed keys against the uncompressed ones; AdaKV: the
+complement of the positions it masks), written to OUT_DIR/kept.json.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from importlib.metadata import version
+from pathlib import Path
+
+import kvpress
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
+
+RATIOS = [0.25, 0.5, 0.75]
+N = 300  # (1 - r) * N is whole for every ratio: kvpress's int() and our ceil agree
+
+
+def presses(ratio: float) -> dict:
+    p = kvpress
+    return {
+        "random": p.RandomPress(ratio, seed=0),
+        "knorm": p.KnormPress(ratio),
+        "streaming_llm": p.StreamingLLMPress(ratio),
+        "snapkv": p.SnapKVPress(ratio),
+        "pyramidkv": p.PyramidKVPress(ratio),
+        "tova": p.TOVAPress(ratio),
+        "observed_attention": p.ObservedAttentionPress(ratio),
+        "expected_attention": p.ExpectedAttentionPress(ratio),
+        "keydiff": p.KeyDiffPress(ratio),
+        "lagkv": p.LagKVPress(ratio),
+        "adakv": p.AdaKVPress(p.SnapKVPress(), alpha_safeguard=0.2),
+        "criticalkv": p.CriticalKVPress(p.SnapKVPress(ratio)),
+        "critical_adakv": p.CriticalAdaKVPress(p.SnapKVPress(ratio)),
+        "composed": p.ComposedPress([p.SnapKVPress(ratio), p.KnormPress(COMPOSED_SECOND)]),
+    }
+
+
+COMPOSED_SECOND = 0.2
+"""The second press's ratio in the composition (conf/sparse/composed.yaml's KNorm)."""
+DECODING = dict(compression_interval=4, target_size=200)
+"""DecodingPress over KnormPress: compressed after the 4th pass while answering."""
+
+
+def decoding_kept(model, ids, steps) -> list[list[list[int]]]:
+    """The positions DecodingPress keeps when a question and 3 tokens are fed after the
+    context (its compression comes after the 4th pass), against the same passes uncompressed."""
+    caches = []
+    for press in (None, p_decoding()):
+        cache = prefill(model, ids)
+        pos = ids.shape[1]
+        with torch.no_grad(), (press(model) if press is not None else contextlib.nullcontext()):
+            for step in steps:
+                t = torch.tensor([step])
+                model(t, past_key_values=cache, position_ids=torch.arange(pos, pos + len(step))[None])
+                pos += len(step)
+        caches.append(cache)
+    assert caches[1].layers[0].keys.shape[2] == DECODING["target_size"]
+    return kept_positions(caches[0], caches[1], model)
+
+
+def p_decoding():
+    return kvpress.DecodingPress(base_press=kvpress.KnormPress(), **DECODING)
+
+
+def prefill(model, ids, press=None) -> DynamicCache:
+    cache = DynamicCache()
+    with torch.no_grad():
+        if press is None:
+            model(ids, past_key_values=cache)
+        else:
+            with press(model):
+                model(ids, past_key_values=cache)
+    return cache
+
+
+def kept_positions(full: DynamicCache, cache: DynamicCache, model) -> list[list[list[int]]]:
+    out = []
+    for layer, (before, after) in enumerate(zip(full.layers, cache.layers, strict=True)):
+        attn = model.model.layers[layer].self_attn
+        masked = getattr(attn, "masked_key_indices", None)
+        heads = []
+        for h in range(before.keys.shape[1]):
+            if masked is not None:  # AdaKV masks: kept = not masked
+                _, hs, ss = masked
+                gone = set(ss[hs == h].tolist())
+                heads.append([i for i in range(before.keys.shape[2]) if i not in gone])
+            else:
+                d = torch.cdist(after.keys[0, h], before.keys[0, h])
+                heads.append(sorted(d.argmin(-1).tolist()))
+        out.append(heads)
+    return out
+
+
+def main(out: Path) -> None:
+    shape = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                 max_position_embeddings=2048, rope_theta=10000.0)
+    result: dict = {"kvpress": version("kvpress"), "transformers": version("transformers"),
+                    "n": N, "kept": {}}
+    torch.manual_seed(0)
+    ids = torch.randint(0, 256, (1, N))
+    result["ids"] = ids[0].tolist()
+    steps = [[5, 9, 11, 13, 2], [17], [23], [31]]
+    result["decoding"] = {"steps": steps, **DECODING, "kept": {}}
+    for arch in ("llama", "qwen2", "mistral"):
+        # sa_bench refuses sliding-window cache layers (Mistral's default, 4096: wider than
+        # the prompt, so the same attention) for compression
+        config = AutoConfig.for_model(arch, **shape, **({"sliding_window": None} if arch == "mistral" else {}))
+        for impl in ("sdpa", "eager"):
+            torch.manual_seed(0)
+            model = AutoModelForCausalLM.from_config(config).eval()
+            model.set_attn_implementation(impl)
+            if impl == "sdpa":
+                model.save_pretrained(out / arch)
+            full = prefill(model, ids)
+            for ratio in RATIOS:
+                for name, press in presses(ratio).items():
+                    if (name == "observed_attention") != (impl == "eager"):
+                        continue  # observed attention reads eager weights; AdaKV refuses eager
+                    if name in ("adakv", "critical_adakv"):
+                        press.compression_ratio = ratio
+                    for attn in (layer.self_attn for layer in model.model.layers):
+                        attn.masked_key_indices = None
+                    cache = prefill(model, ids, press)
+                    kept = kept_positions(full, cache, model)
+                    result["kept"].setdefault(arch, {}).setdefault(name, {})[str(ratio)] = kept
+            if impl == "sdpa":
+                result["decoding"]["kept"][arch] = decoding_kept(model, ids, steps)
+    (out / "kept.json").write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))

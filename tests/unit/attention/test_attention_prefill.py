@@ -1,0 +1,297 @@
+"""Sparse prefill: the kernels against brute-force masked attention, the density count, chunked
+estimation, full density == dense, and a prefill + decode job end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
+
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from sa_bench.attention import SparseMethod  # noqa: E402
+from sa_bench.attention.prefill import (  # noqa: E402
+    Pattern,
+    attend,
+    attend_flex,
+    attend_gather,
+    attend_reference,
+    causal_pairs,
+    computed_pairs,
+)
+from sa_bench.attention.prefill_methods import (  # noqa: E402
+    AShape,
+    BlockSparse,
+    FlexPrefill,
+    TriShape,
+    VerticalSlash,
+    XAttention,
+)
+from sa_bench.config import ConfigError  # noqa: E402
+from sa_bench.runner import _prefill, _with_cache  # noqa: E402
+from tests.conftest import run_sa_bench  # noqa: E402
+
+SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             intermediate_size=128, vocab_size=300)
+
+# small settings that are really sparse at a few hundred tokens
+METHODS = {
+    "vertical_slash": {"_target_": "sa_bench.attention.prefill_methods.VerticalSlash",
+                       "vertical_size": 24, "slash_size": 16, "last_q": 32, "keep_last": 4, "block": 16},
+    "a_shape": {"_target_": "sa_bench.attention.prefill_methods.AShape", "n_init": 8, "n_local": 48,
+                "block": 16},
+    "tri_shape": {"_target_": "sa_bench.attention.prefill_methods.TriShape", "n_init": 8,
+                  "n_local": 48, "n_last": 20, "block": 16},
+    "block_sparse": {"_target_": "sa_bench.attention.prefill_methods.BlockSparse", "block": 16, "top_k": 4},
+    "xattention": {"_target_": "sa_bench.attention.prefill_methods.XAttention", "stride": 4,
+                   "threshold": 0.6, "block": 32},
+    "flexprefill": {"_target_": "sa_bench.attention.prefill_methods.FlexPrefill", "alpha": 0.05,
+                    "approximation": 32, "min_budget": 4, "keep_last": 4, "block": 16},
+}
+FULL = {  # settings that compute every causal pair
+    "vertical_slash": {**METHODS["vertical_slash"], "vertical_size": 4096, "slash_size": 4096},
+    "a_shape": {**METHODS["a_shape"], "n_local": 4096},
+    "block_sparse": {**METHODS["block_sparse"], "top_k": 4096},
+    "flexprefill": {**METHODS["flexprefill"], "min_budget": 4096},
+}
+
+
+def brute_force(pattern: Pattern, query, key, value, scaling):
+    """Masked dense attention over the pattern's pairs, and the pairs per head."""
+    b, h, q, _ = query.shape
+    kv = key.shape[2]
+    pos, keys = torch.arange(kv - q, kv), torch.arange(kv)
+    allowed = pattern.blocks[:, :, pos // pattern.block - pattern.first_block][..., keys // pattern.block]
+    if pattern.columns is not None:
+        width = max(kv, int(pattern.columns.max()) + 1)  # a position >= kv: an unused slot
+        cols = torch.zeros(b, h, width, dtype=torch.bool).scatter_(-1, pattern.columns, True)[..., :kv]
+        allowed = allowed | cols[:, :, None, :]
+    allowed = allowed & (keys[None, :] <= pos[:, None])
+    g = h // key.shape[1]
+    s = query @ key.repeat_interleave(g, 1).transpose(-1, -2) * scaling
+    p = s.masked_fill(~allowed, float("-inf")).softmax(-1).nan_to_num(0.0)
+    return p @ value.repeat_interleave(g, 1), allowed.sum((-1, -2)).double()
+
+
+def random_pattern(b, h, start, kv, block, columns, gen):
+    first, nk = start // block, -(-kv // block)
+    blocks = torch.rand(b, h, nk - first, nk, generator=gen) < 0.3
+    cols = torch.rand(b, h, kv, generator=gen).argsort(-1)[..., :columns] if columns else None
+    return Pattern(block, start, blocks, cols)
+
+
+def qkv(b, h, hk, q, kv, d=16, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(b, h, q, d, generator=gen), torch.randn(b, hk, kv, d, generator=gen),
+            torch.randn(b, hk, kv, d, generator=gen))
+
+
+@pytest.mark.parametrize("start,kv,block,columns", [
+    (0, 203, 16, 0), (0, 203, 16, 7), (77, 203, 16, 7), (64, 300, 32, 0), (150, 151, 16, 3)])
+def test_reference_kernel_equals_masked_dense_attention(start, kv, block, columns):
+    gen = torch.Generator().manual_seed(kv + start)
+    query, key, value = qkv(2, 4, 2, kv - start, kv)
+    pattern = random_pattern(2, 4, start, kv, block, columns, gen)
+    out, _ = attend_reference(pattern, query, key, value, 0.3)
+    ref, pairs = brute_force(pattern, query, key, value, 0.3)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    # the CPU kernel (fused SDPA per head group, LSE merge): also heads with no key at all
+    torch.testing.assert_close(attend_gather(pattern, query, key, value, 0.3), ref, atol=1e-5, rtol=1e-5)
+    for slack, group in ((0.0, 1), (1.0, 3)):  # every head alone / groups padded to their maximum
+        torch.testing.assert_close(attend_gather(pattern, query, key, value, 0.3, slack, group), ref,
+                                   atol=1e-5, rtol=1e-5)
+    assert torch.equal(computed_pairs(pattern, kv), pairs)
+    assert causal_pairs(start, kv) == int(torch.ones(kv, kv).tril()[start:].sum())
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+@pytest.mark.parametrize("start", [0, 70])
+def test_method_patterns_run_exactly_and_sparsely(name, start):
+    kv = 333
+    query, key, value = qkv(1, 4, 2, kv - start, kv, seed=start)
+    method = SparseMethod.from_config({"name": name, "prefill": METHODS[name]}).prefill
+    pattern = method.pattern(query, key, start)
+    ref, pairs = brute_force(pattern, query, key, value, 0.25)
+    for kernel in ("reference", "gather", "auto"):
+        out = attend(pattern, query, key, value, 0.25, kernel)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    density = float(pairs.sum() / (4 * causal_pairs(start, kv)))
+    assert 0.05 < density < 0.9, density
+
+
+def test_method_specific_choices():
+    kv = 320
+    query, key, _ = qkv(1, 4, 2, kv, kv, seed=3)
+    vs = VerticalSlash(vertical_size=24, slash_size=16, last_q=32, keep_first=4, keep_last=4, block=16)
+    columns, offsets = vs.estimate(query, key, 0)
+    assert columns.shape == (1, 4, 24) and offsets.shape == (1, 4, 16)
+    assert all(set(range(4)) <= set(c.tolist()) for c in columns[0])  # first columns kept
+    assert all(set(range(4)) <= set(o.tolist()) for o in offsets[0])  # nearest diagonals kept
+    pattern = vs.pattern(query, key, 0)
+    nq = pattern.blocks.shape[-2]
+    assert pattern.blocks[..., torch.arange(nq), torch.arange(nq)].all()  # offset 0: own block
+    bs = BlockSparse(block=16, top_k=5).pattern(query, key, 0)
+    assert (bs.blocks.sum(-1) <= 5).all() and bs.blocks[..., 0].all()
+    assert bs.blocks[..., torch.arange(nq), torch.arange(nq)].all()
+    xa = XAttention(stride=4, threshold=0.5, block=32)
+    scores = xa.block_scores(query, key, 0)
+    torch.testing.assert_close(scores.sum(-1), torch.full(scores.shape[:-1], 32 / 4.0))  # softmax rows
+    blocks = xa.pattern(query, key, 0).blocks
+    assert blocks[..., 0].all()
+    assert blocks[..., torch.arange(10), torch.arange(10)].all()
+    kept = (scores * blocks).sum(-1) / scores.sum(-1)
+    more = XAttention(stride=4, threshold=0.9, block=32).pattern(query, key, 0).blocks
+    assert (more.sum(-1) >= blocks.sum(-1)).all() and (more.sum() > blocks.sum())
+    assert (kept > 0).all()
+    tri = TriShape(n_init=8, n_local=48, n_last=20, block=16).pattern(query, key, 0).blocks
+    a = AShape(n_init=8, n_local=48, block=16).pattern(query, key, 0).blocks
+    assert torch.equal(tri[..., :-2, :], a[..., :-2, :]) and tri[..., -1, :].all()
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(**SMALL)).eval()
+
+
+def prefill_logits(model, method, ids, chunk):
+    with method.installed(model, "sdpa"):
+        method.reset()
+        cache, _, _ = _prefill(model, method, tuple(ids), torch.device("cpu"), chunk)
+        with torch.inference_mode():
+            method.set_phase("question")
+            logits = model(input_ids=torch.tensor([[5, 6, 7]]), **_with_cache(model, cache)).logits
+    return cache, logits
+
+
+@pytest.mark.parametrize("name", sorted(FULL))
+@pytest.mark.parametrize("chunk", [None, 96])
+def test_full_density_settings_give_the_dense_prefill(name, chunk):
+    model = tiny_model()
+    ids = torch.randint(0, 300, (250,), generator=torch.Generator().manual_seed(1)).tolist()
+    dense = SparseMethod.from_config({"name": "dense"})
+    sparse = SparseMethod.from_config({"name": name, "prefill": FULL[name]})
+    cache_d, logits_d = prefill_logits(model, dense, ids, chunk)
+    cache_s, logits_s = prefill_logits(model, sparse, ids, chunk)
+    for layer in range(2):
+        torch.testing.assert_close(cache_s.layers[layer].keys, cache_d.layers[layer].keys, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(cache_s.layers[layer].values, cache_d.layers[layer].values, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits_s, logits_d, atol=1e-4, rtol=1e-4)
+    stats = sparse.stats()
+    assert stats["density"]["prefill"] == [1.0, 1.0]
+    assert stats["density"]["question"] == [1.0, 1.0]  # phase question: the prefill method
+    assert stats["prefill_estimated_on"] == ("prompt" if chunk is None else "chunk")
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_chunked_estimation_never_reads_a_later_query(name):
+    """Two prompts that share their first two chunks: the patterns and outputs of those chunks
+    are the same whatever follows (and one pass estimates differently)."""
+    model = tiny_model()
+    gen = torch.Generator().manual_seed(2)
+    head = torch.randint(0, 300, (192,), generator=gen).tolist()
+    tails = [torch.randint(0, 300, (100,), generator=gen).tolist() for _ in range(2)]
+    runs = []
+    for tail in tails:
+        method = SparseMethod.from_config({"name": name, "prefill": METHODS[name]})
+        seen = []
+        estimate = method.prefill.pattern
+
+        def record(query, key, start, estimate=estimate, seen=seen):
+            pattern = estimate(query, key, start)
+            seen.append((start, pattern.blocks.clone(),
+                         None if pattern.columns is None else pattern.columns.clone()))
+            return pattern
+
+        method.prefill.pattern = record
+        cache, _ = prefill_logits(model, method, head + tail, 96)
+        runs.append((seen, cache.layers[0].keys.clone(), cache.layers[1].keys.clone()))
+    (a, a0, a1), (b, b0, b1) = runs
+    early = [i for i, entry in enumerate(a) if entry[0] < 192]
+    assert len(early) == 4 and a[len(early)][0] == 192  # two chunks x two layers, then later
+    for i in early:
+        assert a[i][0] == b[i][0] and torch.equal(a[i][1], b[i][1])
+        assert (a[i][2] is None) == (b[i][2] is None)
+        if a[i][2] is not None:
+            assert torch.equal(a[i][2], b[i][2])
+    assert torch.equal(a0[:, :, :192], b0[:, :, :192]) and torch.equal(a1[:, :, :192], b1[:, :, :192])
+    assert not torch.equal(a1[:, :, 192:], b1[:, :, 192:])
+
+
+def test_config_errors_name_the_prefill_key():
+    with pytest.raises(ConfigError, match=r"sparse\.prefill\.top_k: expected a value >= 3"):
+        SparseMethod.from_config({"name": "x", "prefill": {**METHODS["block_sparse"], "top_k": 1}})
+    with pytest.raises(ConfigError, match=r"sparse\.prefill\._target_: .* not a PrefillMethod"):
+        SparseMethod.from_config({"name": "x", "prefill": {"_target_": "sa_bench.attention.maskers.Sink"}})
+    with pytest.raises(ConfigError, match=r"sparse\.prefill\.block: expected a multiple of stride"):
+        SparseMethod.from_config({"name": "x", "prefill": {**METHODS["xattention"], "block": 30}})
+
+
+def test_flex_attention_block_mask_equals_masked_dense_on_cpu():
+    """FlexAttention compiled with inductor's C++ backend (one compile, ~20 s here)."""
+    gen = torch.Generator().manual_seed(5)
+    query, key, value = qkv(1, 4, 2, 130, 250)
+    pattern = random_pattern(1, 4, 120, 250, 32, 0, gen)
+    out = attend_flex(pattern, query, key, value, 0.3)
+    ref, _ = brute_force(pattern, query, key, value, 0.3)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.gpu
+def test_flex_attention_with_columns_on_gpu():
+    gen = torch.Generator().manual_seed(6)
+    query, key, value = (t.cuda() for t in qkv(1, 4, 2, 300, 700))
+    pattern = random_pattern(1, 4, 400, 700, 64, 20, gen)
+    pattern = Pattern(64, 400, pattern.blocks.cuda(), pattern.columns.cuda())
+    out = attend_flex(pattern, query, key, value, 0.3)
+    ref, _ = attend_reference(pattern, query, key, value, 0.3)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.e2e  # starts `python -m sa_bench` in a subprocess
+def test_prefill_and_decode_methods_run_end_to_end(tmp_path):
+    out = tmp_path / "out"
+    run_sa_bench("sparse=vertical_slash_quest", "benchmark.n_samples=2", "model.prefill_chunk=512",
+                 "sparse.prefill.vertical_size=32", "sparse.prefill.slash_size=32",
+                 "sparse.prefill.last_q=64", "sparse.prefill.keep_last=16", "sparse.prefill.block=16",
+                 root=out, check=True)
+    stats_files = sorted(out.glob("tiny/vertical_slash_quest/passkey/*/*/stats.json"))
+    assert len(stats_files) == 2
+    for path in stats_files:
+        attention = json.loads(path.read_text())["attention"]
+        density = attention["density"]
+        assert all(0.05 < d < 0.5 for d in density["prefill"]), density
+        assert all(0 < d < 0.5 for d in density["decode"]), density
+        assert density["question"] == [1.0, 1.0]  # phase: decode
+        assert attention["prefill_estimated_on"] == "chunk"
+        heads = attention["prefill_density_per_head"]
+        assert len(heads) == 2 and all(len(row) == 4 and all(0 < d < 1 for d in row) for row in heads)
+        assert (path.parent / "done.json").exists()
+
+
+def test_flexprefill_sizes_adapt_per_head():
+    kv = 300
+    query, key, value = qkv(1, 4, 2, kv, kv, seed=5)
+    query[:, 0] *= 8  # a peaked head needs fewer columns to cover alpha than a flat one
+    fp = FlexPrefill(alpha=0.5, approximation=32, min_budget=2, keep_first=4, keep_last=4, block=16)
+    columns, offsets = fp.estimate(query, key, 0)
+    used = (columns < kv).sum(-1)[0]
+    assert used.min() < used.max() and used.min() >= 4
+    for hd in range(4):
+        c = columns[0, hd][columns[0, hd] < kv]
+        assert set(range(4)) <= set(c.tolist()) and len(set(c.tolist())) == len(c)
+        assert set(range(4)) <= set(offsets[0, hd].tolist())
+    # the cover count of one head by hand: scores of the last 32 queries, mean over rows
+    s = (query[0, 1, -32:] @ key[0, 0].T / 16 ** 0.5).masked_fill(
+        torch.arange(kv)[None, :] > torch.arange(kv - 32, kv)[:, None], float("-inf")).softmax(-1)
+    sorted_mean = s.mean(0).sort(descending=True).values.cumsum(0)
+    assert int(used[1]) == max(2, int((sorted_mean <= 0.5).sum()) + 1)
+    pattern = fp.pattern(query, key, 0)
+    out = attend(pattern, query, key, value, 0.25)
+    ref, pairs = brute_force(pattern, query, key, value, 0.25)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert torch.equal(computed_pairs(pattern, kv), pairs)

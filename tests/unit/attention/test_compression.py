@@ -1,0 +1,459 @@
+"""KV-cache compression (sa_bench.attention.compression): budgets, the physical shrink,
+decoding from the compressed cache against a brute-force reference, restoring after an
+answer, query awareness, composition with Quest, and a ratio sweep that resumes."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from sa_bench import report
+from sa_bench.attention import SparseMethod
+from sa_bench.attention.compression import kept_count
+from sa_bench.config import ConfigError
+from sa_bench.models.loading import ModelConfig, load_model
+from sa_bench.runner import _answer, _prefill, _with_cache
+from tests.conftest import ROOT, run_sa_bench
+
+CPU = torch.device("cpu")
+PRESSES = sorted(p.stem for p in (ROOT / "conf/sparse").glob("*.yaml")
+                 if "compression:" in p.read_text())
+RATIO_PRESSES = [p for p in PRESSES if p not in ("composed", "decoding")]
+"""Presses swept by `compression_ratio` (a composition derives its own; decoding has a target size)."""
+HEAD_WISE = ("adakv", "critical_adakv")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    model, tok = load_model(ModelConfig(name="tiny", pretrained="embedded:tiny-retrieval"), [])
+    text = "the river town woke slowly, boats knocked at the pier; the key is #48213. " * 5
+    return model, tok, tok(text).input_ids[:330]
+
+
+def method_of(name: str, **compression) -> SparseMethod:
+    cfg = OmegaConf.to_container(OmegaConf.load(ROOT / f"conf/sparse/{name}.yaml"))
+    cfg["compression"].update(compression)
+    return SparseMethod.from_config(cfg)
+
+
+def prefilled(model, method, ids, chunk=64):
+    method.reset()
+    cache, n, _ = _prefill(model, method, tuple(ids), CPU, chunk)
+    return cache, n
+
+
+def test_every_config_with_compression_is_a_press_listed_here():
+    assert {"random", "knorm", "streaming_llm", "snapkv", "pyramidkv", "tova", "observed_attention",
+            "expected_attention", "keydiff", "lagkv", "adakv", "criticalkv", "critical_adakv",
+            "composed", "decoding"} <= set(PRESSES)
+
+
+@pytest.mark.parametrize("name", RATIO_PRESSES)
+@pytest.mark.parametrize("ratio", [0.25, 0.5, 0.75])
+def test_compressed_cache_holds_the_budget_per_head(tiny, install, name, ratio):
+    model, _, ids = tiny
+    method = method_of(name, compression_ratio=ratio)
+    install(method, model)
+    cache, n = prefilled(model, method, ids)
+    before = [(e.keys.clone(), e.values.clone()) for e in cache.layers]
+    method.compress(cache, "context")
+    n_layers, hk = len(cache.layers), cache.layers[0].keys.shape[1]
+    want = kept_count(n, ratio)
+    assert want == math.ceil((1 - ratio) * n)
+    stats = method.stats()["compression"]
+    for layer, entry in enumerate(cache.layers):
+        idx, valid = method.compressor.kept[layer]
+        if name in HEAD_WISE:  # head-wise: the layer's total, over a buffer of the largest head
+            assert int(valid.sum()) == hk * want
+            assert entry.keys.shape[2] == int(valid.sum(-1).max()) < n
+            assert stats["kept_per_head"][layer] == [round(int(c) / n, 6) for c in valid.sum(-1)[0]]
+        else:
+            budget = method.press.budget(n, layer, n_layers)
+            assert entry.keys.shape[2] == budget == (want if name != "pyramidkv" else budget)
+            assert valid is None
+        assert entry.keys.is_contiguous() and entry.values.shape == entry.keys.shape
+        ok = valid if valid is not None else torch.ones_like(idx, dtype=torch.bool)
+        assert bool((idx[..., 1:] > idx[..., :-1])[ok[..., 1:]].all())  # ascending, distinct
+        gathered = before[layer][0].gather(2, idx.unsqueeze(-1).expand(-1, -1, -1, entry.keys.shape[-1]))
+        assert torch.equal(entry.keys[ok], gathered[ok])  # kept keys keep their rotated values
+    assert stats["kv_bytes_after"] < stats["kv_bytes_before"]
+    assert stats["compressions"] == 1 and stats["scoring_s"] >= 0
+
+
+def restricted_attention(kept: dict, n: int):
+    """Brute force: eager attention in which key j < n of kv head h counts only if kept."""
+    def attend(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+        idx, valid = kept[module.layer_idx]
+        b, h, q, _ = query.shape
+        hk, kv = key.shape[1], key.shape[2]
+        ok = valid if valid is not None else torch.ones_like(idx, dtype=torch.bool)
+        allow = torch.ones(b, hk, kv, dtype=torch.bool)
+        allow[..., :n] = torch.zeros(b, hk, n, dtype=torch.long).scatter_add(-1, idx, ok.long()) > 0
+        causal = torch.arange(kv)[None, :] <= (kv - q + torch.arange(q))[:, None]
+        mask = allow.repeat_interleave(h // hk, 1)[:, :, None, :] & causal
+        k, v = key.repeat_interleave(h // hk, 1), value.repeat_interleave(h // hk, 1)
+        w = (query @ k.transpose(-1, -2) * scaling).masked_fill(~mask, float("-inf")).softmax(-1)
+        return (w @ v).transpose(1, 2), None
+    return attend
+
+
+@pytest.mark.parametrize("name", ["snapkv", "adakv", "expected_attention", "pyramidkv", "criticalkv",
+                                  "critical_adakv", "composed"])
+def test_decoding_from_the_compressed_cache_is_dense_attention_over_the_kept_positions(tiny, install, name):
+    from transformers import AttentionInterface
+
+    model, tok, ids = tiny
+    question = tok(" the key is #", add_special_tokens=False).input_ids
+    method = method_of(name, compression_ratio=0.6)
+    install(method, model)
+    cache, n = prefilled(model, method, ids)
+    method.compress(cache, "context")
+    kept = dict(method.compressor.kept)
+    steps = [question, [17], [23]]
+    ours, pos = [], n
+    with torch.inference_mode():
+        for step in steps:  # the true positions go on after n, the cache holds fewer
+            ours.append(model(input_ids=torch.tensor([step]), **_with_cache(model, cache),
+                              position_ids=torch.arange(pos, pos + len(step))[None]).logits)
+            pos += len(step)
+    full, _ = prefilled(model, method, ids)  # uncompressed, then the brute-force reference
+    AttentionInterface.register("test_restricted", restricted_attention(kept, n))
+    previous = model.config._attn_implementation
+    try:
+        model.set_attn_implementation("test_restricted")
+        with torch.inference_mode():
+            for step, logits in zip(steps, ours, strict=True):
+                ref = model(input_ids=torch.tensor([step]), **_with_cache(model, full)).logits
+                torch.testing.assert_close(logits, ref, atol=2e-5, rtol=1e-4)
+    finally:
+        model.set_attn_implementation(previous)
+        AttentionInterface._global_mapping.pop("test_restricted", None)
+
+
+@pytest.mark.parametrize("query_aware", [False, True])
+def test_restoring_after_an_answer_leaves_the_cache_bit_identical(tiny, install, query_aware):
+    model, tok, ids = tiny
+    method = method_of("snapkv", compression_ratio=0.5, query_aware=query_aware)
+    install(method, model)
+    cache, n = prefilled(model, method, ids)
+    method.compress(cache, "context")
+    saved = method.snapshot(cache)
+    copy = [(e.keys.clone(), e.values.clone()) for e in cache.layers]
+    answers = []
+    for q in [" the key is #", " so the key is #", " the key is #"]:
+        answers.append(_answer(model, method, cache, tok(q, add_special_tokens=False).input_ids,
+                               6, set(), CPU, start=n))
+        method.restore(cache, saved)
+        for entry, (k, v) in zip(cache.layers, copy, strict=True):
+            assert torch.equal(entry.keys, k) and torch.equal(entry.values, v)
+    assert answers[0] == answers[2]  # the same question from the restored cache
+    assert method.stats()["compression"]["compressions"] == (3 if query_aware else 1)
+
+
+def test_query_aware_changes_what_is_kept_only_through_the_question(tiny, install):
+    model, tok, ids = tiny
+    question = tok(" the key is #", add_special_tokens=False).input_ids
+    aware = method_of("snapkv", compression_ratio=0.5, query_aware=True)
+    install(aware, model)
+    cache, n = prefilled(model, aware, ids)
+    aware.compress(cache, "context")  # not at this stage: the cache stays whole
+    assert cache.get_seq_length() == n
+    _answer(model, aware, cache, question, 1, set(), CPU, start=n)
+    with_question = {k: v[0].clone() for k, v in aware.compressor.kept.items()}
+    plain = method_of("snapkv", compression_ratio=0.5)
+    install(plain, model)
+    joined, m = prefilled(model, plain, ids + question)  # context and question as one context
+    plain.compress(joined, "context")
+    assert m == n + len(question)
+    for layer, idx in plain.compressor.kept.items():
+        assert torch.equal(idx[0], with_question[layer])
+    context_only, _ = prefilled(model, plain, ids)
+    plain.compress(context_only, "context")
+    assert any(not torch.equal(plain.compressor.kept[i][0], with_question[i]) for i in with_question)
+
+
+@pytest.mark.parametrize("name", ["snapkv", "observed_attention", "expected_attention", "tova"])
+def test_recorded_statistics_do_not_depend_on_the_prefill_chunk(tiny, install, name):
+    model, _, ids = tiny
+    kept = []
+    for chunk in (None, 64, 100):
+        method = method_of(name, compression_ratio=0.5)
+        install(method, model)
+        cache, _ = prefilled(model, method, ids, chunk)
+        method.compress(cache, "context")
+        kept.append([method.compressor.kept[i][0] for i in range(len(cache.layers))])
+    assert all(torch.equal(a, b) for other in kept[1:] for a, b in zip(kept[0], other, strict=True))
+
+
+def test_compression_then_quest_is_quest_over_the_kept_positions(tiny, install):
+    model, tok, ids = tiny
+    question = tok(" the key is #", add_special_tokens=False).input_ids
+    both = method_of("snapkv_quest", compression_ratio=0.5)
+    install(both, model)
+    cache, n = prefilled(model, both, ids)
+    both.compress(cache, "context")
+    kept = dict(both.compressor.kept)
+    ours = _answer(model, both, cache, question, 8, set(), CPU, start=n)
+    quest = OmegaConf.to_container(OmegaConf.load(ROOT / "conf/sparse/quest.yaml"))
+    only = SparseMethod.from_config(quest)
+    install(only, model)
+    full, _ = prefilled(model, only, ids)
+    for layer, entry in enumerate(full.layers):  # the kept positions, gathered by hand
+        take = kept[layer][0].unsqueeze(-1).expand(-1, -1, -1, entry.keys.shape[-1])
+        entry.keys, entry.values = entry.keys.gather(2, take), entry.values.gather(2, take)
+    assert ours == _answer(model, only, full, question, 8, set(), CPU, start=n)
+    assert both.stats()["density"]["decode"][0] < 1.0  # Quest was active on the compressed cache
+
+
+def test_config_errors_name_the_key():
+    cfg = OmegaConf.to_container(OmegaConf.load(ROOT / "conf/sparse/adakv.yaml"))
+    bad = {**cfg, "compression": {**cfg["compression"], "compression_ratio": 1.0}}
+    with pytest.raises(ConfigError, match=r"sparse\.compression\.compression_ratio"):
+        SparseMethod.from_config(bad)
+    inner = {**cfg["compression"], "press": {**cfg["compression"]["press"], "compression_ratio": 0.3}}
+    with pytest.raises(ConfigError, match=r"sparse\.compression\.press: set compression_ratio"):
+        SparseMethod.from_config({**cfg, "compression": inner})
+    quest = OmegaConf.to_container(OmegaConf.load(ROOT / "conf/sparse/quest.yaml"))
+    with pytest.raises(ConfigError, match="head-wise press"):
+        SparseMethod.from_config({**cfg, "maskers": quest["maskers"]})
+
+
+@pytest.mark.e2e  # starts `python -m sa_bench` in a subprocess
+def test_a_ratio_sweep_gives_one_directory_per_ratio_and_resumes(tmp_path):
+    out = tmp_path / "out"
+    args = ["sparse=snapkv", "sparse.compression.compression_ratio=0.25,0.5",
+            "benchmark.n_samples=2", "benchmark.subsets=[1k]"]
+    first = run_sa_bench(*args, root=out, env={"PYTHONPATH": str(ROOT)}, check=True)
+    assert "2 jobs: 0 done (skipped), 2 to run" in first.stdout
+    dirs = sorted(p.parent for p in out.rglob("done.json"))
+    assert len(dirs) == 2 and all(d.relative_to(out).parts[1:4] == ("snapkv", "passkey", "1k") for d in dirs)
+    ratios = set()
+    for d in dirs:
+        stats = json.loads((d / "stats.json").read_text())["attention"]["compression"]
+        ratios.add(stats["compression_ratio"])
+        assert stats["kv_bytes_after"] < stats["kv_bytes_before"] and stats["compressions"] >= 1
+    assert ratios == {0.25, 0.5}
+    jobs = report.read_jobs(out)  # the report reads the compression achieved, as a CSV column
+    report.write_csv(jobs, report.build_table(jobs), tmp_path / "results.csv")
+    with open(tmp_path / "results.csv", newline="") as f:
+        column = sorted(round(float(r["compression"]), 2) for r in csv.DictReader(f))
+    assert column == [0.25, 0.5]
+    marks = {d: (d / "done.json").stat().st_mtime_ns for d in dirs}
+    second = run_sa_bench(*args, root=out, env={"PYTHONPATH": str(ROOT)}, check=True)
+    assert "2 jobs: 2 done (skipped), 0 to run" in second.stdout
+    assert marks == {d: (d / "done.json").stat().st_mtime_ns for d in dirs}
+
+
+@pytest.mark.parametrize("ratio", [0.25, 0.5])
+def test_chunk_compresses_each_chunk_on_its_own(tiny, install, ratio):
+    model, _, ids = tiny
+    method = method_of("chunk", compression_ratio=ratio, chunk_length=100)
+    install(method, model)
+    cache, n = prefilled(model, method, ids)
+    keys = cache.layers[0].keys.clone()
+    method.compress(cache, "context")
+    idx = method.compressor.kept[0][0]
+    for start in range(0, n, 100):
+        size = min(100, n - start)
+        inside = idx[(idx >= start) & (idx < start + size)].view(1, keys.shape[1], -1)
+        assert inside.shape[-1] == math.ceil((1 - ratio) * size)
+        norms = keys[:, :, start:start + size].norm(dim=-1)  # KNorm: the smallest norms of the chunk
+        want = (-norms).topk(inside.shape[-1], -1).indices.sort(-1).values + start
+        assert torch.equal(inside, want)
+    with pytest.raises(ConfigError, match="Chunk takes presses that score keys and values only"):
+        method_of("chunk", press={"_target_": "sa_bench.attention.presses.SnapKV"})
+
+
+def test_dense_layers_are_not_compressed(tiny, install):
+    model, tok, ids = tiny
+    method = method_of("snapkv", compression_ratio=0.5)
+    method.config.dense_layers = [1]
+    install(method, model)
+    cache, n = prefilled(model, method, ids)
+    keys = cache.layers[1].keys.clone()
+    method.compress(cache, "context")
+    assert cache.layers[0].keys.shape[2] == kept_count(n, 0.5) and set(method.compressor.kept) == {0}
+    assert torch.equal(cache.layers[1].keys, keys)
+    tokens = _answer(model, method, cache, tok(" the key is #", add_special_tokens=False).input_ids,
+                     4, set(), CPU, start=n)
+    assert len(tokens) == 4 and method.stats()["compression"]["kept_per_layer"][1] is None
+
+
+# --- wrappers: CriticalKV, CriticalAdaKV, composition, compression while decoding ---------------
+
+def test_value_projection_norm_is_the_l1_norm_of_each_head_output(tiny, install):
+    from sa_bench.attention.wrappers import value_projection_norm
+
+    model, _, ids = tiny
+    method = method_of("criticalkv", compression_ratio=0.5)
+    install(method, model)
+    cache, _ = prefilled(model, method, ids)
+    layer = 1
+    values = cache.layers[layer].values
+    weight = model.model.layers[layer].self_attn.o_proj.weight.detach()
+    obs = method.compressor.observation(layer, cache.layers[layer].keys, values)
+    heads, (hk, d) = weight.shape[1] // values.shape[-1], values.shape[1::2]
+    brute = torch.stack([torch.stack([
+        (values[0, h // (heads // hk)] @ weight[:, h * d:(h + 1) * d].T).abs().sum(-1)
+        for h in range(g * heads // hk, (g + 1) * heads // hk)]).mean(0) for g in range(hk)])
+    torch.testing.assert_close(value_projection_norm(obs)[0], brute, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("ratio", [0.25, 0.75])
+def test_criticalkv_keeps_the_first_stage_then_the_rescored_best(tiny, install, ratio):
+    from sa_bench.attention.wrappers import value_projection_norm
+
+    model, _, ids = tiny
+    method = method_of("criticalkv", compression_ratio=ratio)
+    install(method, model)
+    cache, n = prefilled(model, method, ids)
+    obs = [method.compressor.observation(i, e.keys, e.values) for i, e in enumerate(cache.layers)]
+    method.compress(cache, "context")
+    k, first = kept_count(n, ratio), int((1 - ratio) * n * 0.5)
+    for layer, o in enumerate(obs):
+        base = method.press.press.score(o)
+        rescored = (base + 1e-4) * value_projection_norm(o)
+        idx, _ = method.compressor.kept[layer]
+        for h in range(idx.shape[1]):
+            stage1 = set(base[0, h].topk(first).indices.tolist())
+            rest = [i for i in rescored[0, h].argsort(descending=True).tolist() if i not in stage1]
+            assert set(idx[0, h].tolist()) == stage1 | set(rest[:k - first])
+
+
+def test_critical_adakv_spends_the_layer_budget_head_wise(tiny, install):
+    model, _, ids = tiny
+    method = method_of("critical_adakv", compression_ratio=0.75)
+    install(method, model)
+    cache, n = prefilled(model, method, ids)
+    method.compress(cache, "context")
+    k = kept_count(n, 0.75)
+    for layer in range(len(cache.layers)):
+        _, valid = method.compressor.kept[layer]
+        per_head = valid.sum(-1)[0]
+        assert int(per_head.sum()) == valid.shape[1] * k and int(per_head.min()) >= int(k * 0.2)
+    assert method.stats()["compression"]["kv_bytes_after"] < method.stats()["compression"]["kv_bytes_before"]
+
+
+def test_composed_applies_each_press_to_what_the_previous_kept(tiny, install):
+    model, _, ids = tiny
+    method = method_of("composed")
+    assert method.press.compression_ratio == pytest.approx(0.6)
+    install(method, model)
+    cache, n = prefilled(model, method, ids)
+    obs = [method.compressor.observation(i, e.keys, e.values) for i, e in enumerate(cache.layers)]
+    method.compress(cache, "context")
+    snap, knorm = method.press.presses
+    for layer, o in enumerate(obs):
+        first, _ = snap.keep(o)
+        keys = o.keys.gather(2, first.unsqueeze(-1).expand(-1, -1, -1, o.keys.shape[-1]))
+        second = (-keys.norm(dim=-1)).topk(kept_count(first.shape[-1], 0.2), -1).indices.sort(-1).values
+        idx, _ = method.compressor.kept[layer]
+        assert torch.equal(idx, first.gather(-1, second))
+        assert cache.layers[layer].keys.shape[2] == kept_count(kept_count(n, 0.5), 0.2)
+
+
+def test_decoding_compresses_every_interval_and_decodes_as_dense_over_the_kept(tiny, install):
+    from transformers import AttentionInterface
+
+    model, tok, ids = tiny
+    method = method_of("decoding", target_size=200, compression_interval=4)
+    install(method, model)
+    cache, n = prefilled(model, method, ids)
+    method.compress(cache, "context")
+    assert cache.layers[0].keys.shape[2] == n  # the context is not compressed after its prefill
+    question = tok(" the key is #", add_special_tokens=False).input_ids
+    steps = [question, [17], [23], [31], [5], [9]]  # compressed after the 4th pass
+    ours, pos, lengths = [], n, []
+    method.set_phase("question")
+    with torch.inference_mode():
+        for step in steps:
+            ours.append(model(input_ids=torch.tensor([step]), **_with_cache(model, cache),
+                              position_ids=torch.arange(pos, pos + len(step))[None]).logits)
+            pos += len(step)
+            method.step(cache, len(step))
+            method.set_phase("decode")
+            lengths.append(cache.layers[0].keys.shape[2])
+    n1 = n + len(question) + 3
+    assert lengths == [n + len(question), n1 - 2, n1 - 1, 200, 201, 202]
+    assert method.stats()["compression"]["compressions"] == 1
+    kept = dict(method.compressor.kept)
+    full, _ = prefilled(model, method, ids)
+    previous = model.config._attn_implementation
+    AttentionInterface.register("test_restricted", restricted_attention(kept, n1))
+    try:
+        with torch.inference_mode():
+            for step, logits in zip(steps[:4], ours, strict=False):
+                ref = model(input_ids=torch.tensor([step]), **_with_cache(model, full)).logits
+                torch.testing.assert_close(logits, ref, atol=2e-5, rtol=1e-4)
+            model.set_attn_implementation("test_restricted")
+            for step, logits in zip(steps[4:], ours[4:], strict=True):
+                ref = model(input_ids=torch.tensor([step]), **_with_cache(model, full)).logits
+                torch.testing.assert_close(logits, ref, atol=2e-5, rtol=1e-4)
+    finally:
+        model.set_attn_implementation(previous)
+        AttentionInterface._global_mapping.pop("test_restricted", None)
+
+
+def test_decoding_restores_the_cache_and_its_step_count_after_each_answer(tiny, install):
+    model, tok, ids = tiny
+    method = method_of("decoding", target_size=150, compression_interval=3)
+    install(method, model)
+    cache, n = prefilled(model, method, ids)
+    saved = method.snapshot(cache)
+    question = tok(" the key is #", add_special_tokens=False).input_ids
+    first = _answer(model, method, cache, question, 7, set(), CPU, start=n)
+    method.restore(cache, saved)
+    assert cache.layers[0].keys.shape[2] == n and method.compressor.steps == 0
+    assert _answer(model, method, cache, question, 7, set(), CPU, start=n) == first
+    assert method.stats()["compression"]["compressions"] == 4  # after passes 3 and 6, twice
+
+
+def test_wrapper_config_errors_name_the_key():
+    base = OmegaConf.to_container(OmegaConf.load(ROOT / "conf/sparse/decoding.yaml"))
+    snap = {"_target_": "sa_bench.attention.presses.SnapKV", "window_size": 64}
+    with pytest.raises(ConfigError, match=r"sparse\.compression\.press: SnapKV reads the last 64"):
+        SparseMethod.from_config({**base, "compression": {**base["compression"], "press": snap,
+                                                          "compression_interval": 16}})
+    expected = {"_target_": "sa_bench.attention.presses.ExpectedAttention"}
+    with pytest.raises(ConfigError, match=r"sparse\.compression\.press: ExpectedAttention is not supported"):
+        SparseMethod.from_config({**base, "compression": {**base["compression"], "press": expected}})
+    composed = OmegaConf.to_container(OmegaConf.load(ROOT / "conf/sparse/composed.yaml"))
+    with pytest.raises(ConfigError, match=r"sparse\.compression\.compression_ratio: derived"):
+        SparseMethod.from_config({**composed, "compression": {**composed["compression"], "compression_ratio": 0.3}})
+    ada = OmegaConf.to_container(OmegaConf.load(ROOT / "conf/sparse/adakv.yaml"))["compression"]
+    ada["press"] = {**ada["press"]}
+    with pytest.raises(ConfigError, match=r"sparse\.compression\.presses\[1\]: AdaKV does not compose"):
+        SparseMethod.from_config({**composed, "compression": {**composed["compression"], "presses": [
+            composed["compression"]["presses"][0], {**ada, "compression_ratio": 0.5}]}})
+    critical = OmegaConf.to_container(OmegaConf.load(ROOT / "conf/sparse/criticalkv.yaml"))
+    with pytest.raises(ConfigError, match=r"sparse\.compression\.first_stage_ratio"):
+        SparseMethod.from_config({**critical, "compression": {**critical["compression"], "first_stage_ratio": 1.5}})
+
+
+def test_qfilter_scores_keys_by_its_local_filters_and_is_refused_without_them(tiny, install, tmp_path):
+    from safetensors.torch import save_file
+
+    model, _, ids = tiny
+    cfg = OmegaConf.to_container(OmegaConf.load(ROOT / "conf/sparse/knorm.yaml"))
+    press = {"_target_": "sa_bench.attention.presses.QFilter", "compression_ratio": 0.5}
+    with pytest.raises(ConfigError, match=r"sparse\.compression\.filters: missing: kvpress downloads"):
+        SparseMethod.from_config({**cfg, "compression": press})
+    with pytest.raises(ConfigError, match=r"sparse\.compression\.filters: 'nthngdy/x_qfilt' is neither"):
+        SparseMethod.from_config({**cfg, "compression": {**press, "filters": "nthngdy/x_qfilt"}})
+    layers, hk, d = len(model.model.layers), model.config.num_key_value_heads, model.config.head_dim
+    filters = torch.randn(layers, hk, d)
+    save_file({"q_filters": filters}, str(tmp_path / "qf.safetensors"))
+    method = SparseMethod.from_config({**cfg, "compression": {**press, "filters": str(tmp_path / "qf.safetensors")}})
+    install(method, model)
+    cache, n = prefilled(model, method, ids)
+    keys = [e.keys.clone() for e in cache.layers]
+    method.compress(cache, "context")
+    for layer, k in enumerate(keys):
+        want = (-(filters[layer][None, :, None] * k).sum(-1)).topk(kept_count(n, 0.5), -1).indices.sort(-1).values
+        assert torch.equal(method.compressor.kept[layer][0], want)

@@ -1,0 +1,139 @@
+"""Parity with NVIDIA kvpress: the positions each press keeps per layer and kv head equal
+kvpress's on the same tiny random Llama, Qwen2 and Mistral models (GQA) and prompt, at ratios 0.25 / 0.5 / 0.75.
+
+kvpress pins transformers < 5.3, so it runs in its own venv (made once, cached under
+~/.cache/sa_bench/kvpress-venv), where tests/unit/attention/kvpress_side.py writes the model and kvpress's
+kept positions; this side loads that model with transformers 5 and compares. Skipped, with
+the reason shown, when the venv cannot be built (no package index, no disk)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from sa_bench.attention import SparseMethod
+from sa_bench.runner import _prefill
+from tests.conftest import ROOT
+from tests.e2e.test_launchers import skip_with_reason
+
+KVPRESS = "kvpress==0.5.4"
+"""The kvpress release compared (its source: github.com/NVIDIA/kvpress, tag v0.5.4)."""
+VENV = Path(os.environ.get("SA_BENCH_KVPRESS_VENV", Path.home() / ".cache" / "sa_bench" / "kvpress-venv"))
+
+
+def kvpress_python() -> Path:
+    """The kvpress venv's python, made (torch as here, kvpress with its own pins) if missing."""
+    python = VENV / "bin" / "python"
+    check = f"import importlib.metadata as m; assert m.version('kvpress') == '{KVPRESS.split('==')[1]}'"
+    if python.exists() and subprocess.run([str(python), "-c", check], capture_output=True).returncode == 0:
+        return python
+    torch_pin = f"torch=={torch.__version__.split('+')[0]}"
+    start = time.monotonic()
+    try:
+        subprocess.run([sys.executable, "-m", "venv", "--clear", str(VENV)], check=True,
+                       capture_output=True, timeout=120)
+        proc = subprocess.run([str(python), "-m", "pip", "install", "-q", torch_pin, KVPRESS],
+                              capture_output=True, text=True, timeout=1200)
+    except (subprocess.SubprocessError, OSError) as exc:
+        skip_with_reason(f"could not create the kvpress venv in {VENV}: {exc}")
+    if proc.returncode != 0:
+        skip_with_reason(f"pip install {KVPRESS} into {VENV} failed: {proc.stderr.strip()[-800:]}")
+    print(f"\nkvpress venv {VENV} made in {time.monotonic() - start:.0f}s", flush=True)
+    return python
+
+
+@pytest.fixture(scope="module")
+def theirs(tmp_path_factory) -> tuple[Path, dict]:
+    python = kvpress_python()
+    out = tmp_path_factory.mktemp("kvpress")
+    proc = subprocess.run([str(python), str(Path(__file__).with_name("kvpress_side.py")), str(out)],
+                          capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, json.loads((out / "kept.json").read_text())
+
+
+def ours(model, ids: list[int], name: str, ratio: float) -> list[list[list[int]]]:
+    cfg = OmegaConf.to_container(OmegaConf.load(ROOT / f"conf/sparse/{name}.yaml"))
+    if name == "composed":  # the ratio of its first press (SnapKV); then KNorm's 0.2
+        cfg["compression"]["presses"][0]["compression_ratio"] = ratio
+    else:
+        cfg["compression"]["compression_ratio"] = ratio
+    method = SparseMethod.from_config(cfg)
+    with method.installed(model):
+        method.reset()
+        cache, _, _ = _prefill(model, method, tuple(ids), torch.device("cpu"))
+        method.compress(cache, "context")
+        out = []
+        for layer in range(len(cache.layers)):
+            idx, valid = method.compressor.kept[layer]
+            ok = valid if valid is not None else torch.ones_like(idx, dtype=torch.bool)
+            out.append([sorted(idx[0, h][ok[0, h]].tolist()) for h in range(idx.shape[1])])
+    return out
+
+
+@pytest.mark.kvpress
+def test_kept_positions_equal_kvpress(theirs):
+    from transformers import AutoModelForCausalLM
+
+    out, data = theirs
+    assert data["kvpress"] == KVPRESS.split("==")[1]
+    differ = []
+    for arch, presses in sorted(data["kept"].items()):
+        model = AutoModelForCausalLM.from_pretrained(out / arch, dtype=torch.float32).eval()
+        assert set(presses) >= {"random", "knorm", "streaming_llm", "snapkv", "pyramidkv", "tova",
+                                "observed_attention", "expected_attention", "keydiff", "lagkv",
+                                "adakv", "criticalkv", "critical_adakv", "composed"}
+        for name, by_ratio in sorted(presses.items()):
+            for ratio, kept in by_ratio.items():
+                mine = ours(model, data["ids"], name, float(ratio))
+                for layer, (a, b) in enumerate(zip(mine, kept, strict=True)):
+                    for head, (x, y) in enumerate(zip(a, b, strict=True)):
+                        kept = data["n"] * (1 - float(ratio)) * (0.8 if name == "composed" else 1)
+                        assert len(set(y)) == len(y) and (name in ("adakv", "critical_adakv", "pyramidkv")
+                                                          or len(y) == round(kept))
+                        if x != y:
+                            differ.append(f"{arch} {name} r={ratio} layer {layer} head {head}: "
+                                          f"{len(set(x) ^ set(y))} positions differ")
+    assert set(data["kept"]) == {"llama", "qwen2", "mistral"}
+    assert not differ, "\n".join(differ)
+
+
+@pytest.mark.kvpress
+def test_decoding_keeps_what_kvpress_decoding_press_keeps(theirs):
+    """kvpress DecodingPress over KnormPress (interval 4, target 200): the positions kept after
+    a question and three tokens are fed after the context, per layer and kv head."""
+    from transformers import AutoModelForCausalLM
+
+    from sa_bench.runner import _with_cache
+
+    out, data = theirs
+    dec = data["decoding"]
+    assert set(dec["kept"]) == {"llama", "qwen2", "mistral"}
+    cfg = OmegaConf.to_container(OmegaConf.load(ROOT / "conf/sparse/decoding.yaml"))
+    cfg["compression"].update(compression_interval=dec["compression_interval"], target_size=dec["target_size"])
+    for arch, kept in sorted(dec["kept"].items()):
+        model = AutoModelForCausalLM.from_pretrained(out / arch, dtype=torch.float32).eval()
+        method = SparseMethod.from_config(cfg)
+        with method.installed(model), torch.inference_mode():
+            method.reset()
+            cache, pos, _ = _prefill(model, method, tuple(data["ids"]), torch.device("cpu"))
+            method.set_phase("question")
+            for step in dec["steps"]:
+                model(input_ids=torch.tensor([step]), **_with_cache(model, cache),
+                      position_ids=torch.arange(pos, pos + len(step))[None])
+                pos += len(step)
+                method.step(cache, len(step))
+                method.set_phase("decode")
+            assert method.stats()["compression"]["compressions"] == 1
+            for layer, heads in enumerate(kept):
+                idx, _ = method.compressor.kept[layer]
+                assert [sorted(idx[0, h].tolist()) for h in range(idx.shape[1])] == heads, (arch, layer)
