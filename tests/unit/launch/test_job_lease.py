@@ -119,11 +119,13 @@ def test_each_job_resets_the_peak_before_loading(monkeypatch, tmp_path):
 
     import sa_bench.models.loading as loading
     monkeypatch.setattr(loading, "load_model", load_model)
-    spec = SimpleNamespace(seed=0, model=None)
+    monkeypatch.setattr(loading, "load_tokenizer", lambda model: events.append("tokenizer"))
+    spec = SimpleNamespace(seed=0, model=SimpleNamespace(source=lambda: "embedded"),
+                           benchmark=SimpleNamespace(load=lambda tokenizer: []))
     for _ in range(2):
         with pytest.raises(RuntimeError, match="stop here"):
             runner.evaluate(spec, tmp_path, SimpleNamespace(torch_devices=[1, 2]))
-    assert events == [("reset", [1, 2]), "load", ("reset", [1, 2]), "load"]
+    assert events == [("reset", [1, 2]), "tokenizer", "load", ("reset", [1, 2]), "tokenizer", "load"]
 
 
 def test_cpu_peak_is_this_jobs():
