@@ -184,15 +184,18 @@ class BlockSparse(PrefillMethod):
     `_build_block_index`; configs/attention/block_sparse.yaml: chunk_size 16, top_chunks 64):
     query and key blocks of `block` positions are mean-pooled, each query block keeps the
     `top_k` causal key blocks with the highest pooled dot product, the first block, its own
-    and the one before it always."""
+    and the one before it always. `keep_local: false` is MInference's own `_build_block_index`
+    (minference/ops/block_sparse_flash_attention.py; block 64, top_k 100 in its kernel): the
+    `top_k` highest causal blocks, none forced."""
 
     block: int = 16
     top_k: int = 64
+    keep_local: bool = True
     kernel: Kernel = "auto"
 
     def __post_init__(self) -> None:
         self._check_block()
-        check_range(self.top_k, "top_k", 3)
+        check_range(self.top_k, "top_k", 3 if self.keep_local else 1)
 
     def pattern(self, query: Tensor, key: Tensor, start: int) -> Pattern:
         kv = key.shape[2]
@@ -202,8 +205,9 @@ class BlockSparse(PrefillMethod):
         nq, nk = scores.shape[-2:]
         qb = torch.arange(nq, device=query.device)[:, None] + start // self.block
         kb = torch.arange(nk, device=query.device)[None, :]
-        forced = (kb == qb) | (kb == qb - 1) | (kb == 0)
-        scores = scores.masked_fill(forced, float("inf")).masked_fill(kb > qb, float("-inf"))
+        if self.keep_local:
+            scores = scores.masked_fill((kb == qb) | (kb == qb - 1) | (kb == 0), float("inf"))
+        scores = scores.masked_fill(kb > qb, float("-inf"))
         top = scores.topk(min(self.top_k, nk), -1)
         blocks = torch.zeros_like(scores, dtype=torch.bool)
         blocks.scatter_(-1, top.indices, top.values > float("-inf"))
@@ -217,8 +221,13 @@ class XAttention(PrefillMethod):
     reversed within each `stride` group against key rows in order, i.e. the sum of each
     stride x stride cell's antidiagonal), scaled by 1/(sqrt(d) * stride), causal at the
     stride level, softmaxed, summed into `block` x `block` block scores; each query block
-    keeps key block 0 and its own, then the others by decreasing score while the kept sum
-    stays below `threshold` of the row's total (the reference's cumulative test)."""
+    keeps its own key block and key block 0 (which counts in the running sum only when the
+    chunk does not start at block 0, as in the reference's mask), then the others by decreasing score while the sum before each
+    stays below `threshold` of the row's total (the reference's `cumulative_sum_without_self`,
+    which takes the best other block whatever its score). Parity: tests/test_prefill_parity.py
+    against `xattn_estimate(use_triton=False)`, one pass and chunked."""
+
+    key_version = 2  # selection fixed to the reference's (block 0, the sum before each block)
 
     stride: int = 8
     threshold: float = 0.9
@@ -265,21 +274,26 @@ class XAttention(PrefillMethod):
         dev = query.device
         qb = torch.arange(nq, device=dev)[:, None] + start // self.block
         kb = torch.arange(nk, device=dev)[None, :]
-        forced = ((kb == 0) | (kb == qb)).expand_as(scores)
+        # the reference forces key block 0 too, except in a chunk that starts at block 0: there
+        # its diagonal (`torch.eye` over the chunk's columns) overwrites column 0
+        first_kept = start // self.block > 0
+        forced = ((kb == qb) | ((kb == 0) & first_kept)).expand_as(scores)
         required = scores.sum(-1, keepdim=True) * self.threshold
         others = scores.masked_fill(forced, 0.0).sort(-1, descending=True).values
         n_forced = forced.sum(-1, keepdim=True)
         kept = scores.masked_fill(~forced, 0.0).sum(-1, keepdim=True)
-        # the reference's running sum before each position of [forced..., others...]: 0, the
-        # forced total, then the forced total plus the others up to and including the current
-        # one (its off-by-one with two forced blocks is kept)
-        running = torch.cat([torch.zeros_like(kept), kept, others], -1)[..., :nk].cumsum(-1)
+        # the reference's sum before each position of [forced..., others...] (its
+        # `cumulative_sum_without_self`): 0, 0, the forced total, then the forced total plus the
+        # others before the current one; with one forced block (query block 0) the best other
+        # is taken unconditionally, as there (it is never causal)
+        zero = torch.zeros_like(kept)
+        running = torch.cat([zero, zero, kept, others], -1)[..., :nk].cumsum(-1)
         order = torch.where(forced, 100000 * (1 + scores), scores).sort(-1, descending=True).indices
         take = running < required
-        take[..., :1] = True  # the forced blocks are kept whatever the sum
-        take |= torch.arange(nk, device=dev) < n_forced
+        take |= torch.arange(nk, device=dev) < n_forced  # the forced blocks whatever the sum
         blocks = torch.zeros_like(scores, dtype=torch.bool)
         blocks.scatter_(-1, order, take)
+        blocks[..., 0] = True  # the reference writes a position it does not take as block 0
         return Pattern(self.block, start, blocks & causal_blocks(start, kv, self.block, dev))
 
 
