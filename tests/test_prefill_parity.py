@@ -3,6 +3,7 @@ the reference's own estimation functions (tests/fixtures/prefill/README.md says 
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -122,3 +123,20 @@ def test_xattention_equals_reference(case, run):
         ref_scores = run["block_sums"][:, start // p["block"]:n_blocks(end, p["block"]), :scores.shape[-1]]
         torch.testing.assert_close(scores, ref_scores.float(), rtol=1e-4, atol=1e-5)
     assert torch.equal(torch.cat(rows, 1), run["mask"])
+
+
+@pytest.mark.parametrize("case", MINFERENCE["cases"], ids=kv_id)
+def test_best_pattern_file_equals_minference(case, tmp_path):
+    """MInference's per-head config file (its format; layer 1 used) read by `patterns`, with
+    conf/sparse/minference.yaml's settings: the same columns and diagonals per head."""
+    ref = case["best_pattern"]
+    file = tmp_path / "best_pattern.json"
+    file.write_text(json.dumps(ref["file"]))
+    method = VerticalSlash(vertical_size=1000, slash_size=6096, last_q=64, keep_first=30, keep_last=100,
+                           patterns=str(file))
+    kv = case["key"].shape[2]
+    columns, offsets = method.estimate(case["query"], case["key"], 0, layer=ref["layer"])
+    assert [c - {kv} for c in as_sets(columns[0])] == as_sets(ref["columns"])
+    assert as_sets(offsets[0]) == as_sets(ref["offsets"])
+    pattern = method.layer_pattern(case["query"], case["key"], 0, ref["layer"])
+    assert torch.equal(pattern.columns, columns)

@@ -84,6 +84,13 @@ class PrefillMethod:
     def pattern(self, query: Tensor, key: Tensor, start: int) -> Pattern:  # pragma: no cover
         raise NotImplementedError
 
+    def layer_pattern(self, query: Tensor, key: Tensor, start: int, layer: int) -> Pattern:
+        """`pattern` for decoder layer `layer` (methods with per-layer settings override it)."""
+        return self.pattern(query, key, start)
+
+    def prepare(self, model_config, key: str) -> None:
+        """Check the method against the model before any job runs (ConfigError naming `key`)."""
+
     def _check_block(self) -> None:
         if self.block < 1:
             raise ConfigError(f"block: expected an int >= 1, got {self.block}")
