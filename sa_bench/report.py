@@ -399,24 +399,42 @@ class Table:
         ref = self.reference(row, column, job)
         return ref.score if ref is not None else None
 
-    def cell(self, row: Row, column: Column, job: Job | None = None
+    def cell(self, row: Row, column: Column, job: Job | None = None, density: str = "decode"
              ) -> tuple[float | None, float | None, float | None]:
         """(score, density, score - dense score) of a finished job of the cell (default: the
-        one shown); Nones where unknown."""
+        one shown); Nones where unknown. `density`: `decode` (the question and answer tokens)
+        or `prefill` (a job without a sparse prefill method computed every pair: 1.0)."""
         job = job if job is not None else row.cells.get(column)
         if job is None or job.status != "done":
             return None, None, None
         score, ref = job.score, self.dense_score(row, column, job)
         diff = score - ref if score is not None and ref is not None else None
-        return score, job.density, diff
+        return score, job_density(job, density), diff
 
-    def average(self, row: Row, columns: list[Column] | None = None
+    def average(self, row: Row, columns: list[Column] | None = None, density: str = "decode"
                 ) -> tuple[float | None, float | None, float | None, int]:
         """Means over the row's finished cells among `columns`; the last value counts them."""
-        values = [self.cell(row, c) for c in (columns if columns is not None else self.columns)]
+        values = [self.cell(row, c, density=density)
+                  for c in (columns if columns is not None else self.columns)]
         values = [v for v in values if v[0] is not None]
         return (_mean(v[0] for v in values), _mean(v[1] for v in values),
                 _mean(v[2] for v in values), len(values))
+
+    def prefill_average(self, row: Row, columns: list[Column]) -> float | None:
+        """Mean prefill density over the row's scored cells among `columns` that ran a sparse
+        prefill method (None where none did)."""
+        return _mean(row.cells[c].prefill_density for c in columns
+                     if c in row.cells and self.cell(row, c)[0] is not None)
+
+
+DENSITIES = ("decode", "prefill")
+"""What the score-vs-density plot puts on its x axis (`--density`)."""
+
+
+def job_density(job: Job, density: str) -> float | None:
+    if density == "prefill":
+        return job.prefill_density if job.prefill_density is not None else 1.0
+    return job.density
 
 
 def _mean(values: Iterable[float | None]) -> float | None:
@@ -594,6 +612,9 @@ def table_cells(table: Table, benchmark: str | None = None) -> tuple[list[str], 
 def average_text(table: Table, row: Row, columns: list[Column]) -> str:
     score, density, diff, n = table.average(row, columns)
     text = format_cell(score, density, diff)
+    prefill = table.prefill_average(row, columns)
+    if text and prefill is not None:
+        text += f" prefill @{prefill:.3f}"
     return text + f" [{n}/{len(columns)}]" if text and n < len(columns) else text
 
 
@@ -780,10 +801,11 @@ def _groups(columns: list[Column]) -> dict[str, list[Column]]:
     return out
 
 
-def plot_panels(table: Table, benchmark: str) -> list[Panel]:
+def plot_panels(table: Table, benchmark: str, density: str = "decode") -> list[Panel]:
     """One panel per model and benchmark parameter group (a RULER length, ...): one curve per
     method through its parameter sweep. A point averages the row's scores over the subsets
-    every row of the panel has; where they share none, over its own (marked)."""
+    every row of the panel has; where they share none, over its own (marked). `density`:
+    which measured density is the x value (`job_density`)."""
     panels = []
     for group, columns in sorted(_groups(table.columns_of(benchmark)).items()):
         for model in sorted({r.model for r in table.rows}):
@@ -795,10 +817,10 @@ def plot_panels(table: Table, benchmark: str) -> list[Panel]:
             shared = [c for c in columns if all(c in scored[id(r)] for r in rows)]
             curves: dict[str, list[Point]] = {}
             for row in rows:
-                score, density, _, n = table.average(row, shared or scored[id(row)])
-                if score is not None and density is not None and density > 0:
+                score, x, _, n = table.average(row, shared or scored[id(row)], density)
+                if score is not None and x is not None and x > 0:
                     curves.setdefault(row.method, []).append(
-                        Point(row.label, density, score, n, bool(shared)))
+                        Point(row.label, x, score, n, bool(shared)))
             for points in curves.values():
                 points.sort(key=lambda p: (p.density, p.score))
             if curves:
@@ -815,13 +837,13 @@ def pareto_front(points: list[Point]) -> list[Point]:
     return front
 
 
-def plot_figure(table: Table, benchmark: str) -> Any:
+def plot_figure(table: Table, benchmark: str, density: str = "decode") -> Any:
     """Score against measured density (log axis) for one benchmark: a panel per model and
     benchmark parameter group, a curve per method, the Pareto front in gray; None if nothing
     can be drawn."""
     from matplotlib.figure import Figure
 
-    panels = plot_panels(table, benchmark)
+    panels = plot_panels(table, benchmark, density)
     if not panels:
         return None
     families = sorted({r.method for r in table.rows} - {DENSE})
@@ -847,18 +869,20 @@ def plot_figure(table: Table, benchmark: str) -> Any:
                 color="gray", alpha=0.4, linewidth=3, label="Pareto front")
         ax.set_xscale("log")
         ax.set_title(panel.title, fontsize="small")
-        ax.set_xlabel("measured attention density (log)")
+        ax.set_xlabel("measured prefill density (log)" if density == "prefill"
+                      else "measured attention density (log)")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize="small")
     axes[0].set_ylabel(f"{benchmark} score")
     return fig
 
 
-def write_plots(table: Table, out_dir: Path) -> list[Path]:
-    """`plot_<benchmark>.png` for each benchmark with something to draw (`plot_figure`)."""
+def write_plots(table: Table, out_dir: Path, density: str = "decode") -> list[Path]:
+    """`plot_<benchmark>.png` for each benchmark with something to draw (`plot_figure`; x:
+    the question/decode density, or with `density="prefill"` the prefill density)."""
     written = []
     for benchmark in table.benchmarks:
-        fig = plot_figure(table, benchmark)
+        fig = plot_figure(table, benchmark, density)
         if fig is not None:
             path = out_dir / f"plot_{sanitize(benchmark)}.png"
             fig.savefig(path, dpi=100)
@@ -946,6 +970,7 @@ def write_json(jobs: list[Job], table: Table, root: Path, path: Path) -> None:
     def numbers(row: Row, columns: list[Column]) -> dict[str, Any]:
         score, density, diff, n = table.average(row, columns)
         return {"score": score, "density": density, "score_vs_dense": diff, "cells": n,
+                "prefill_density": table.prefill_average(row, columns),
                 "of": len(columns)}
 
     benchmarks = {}
@@ -991,6 +1016,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=None,
                         help="where report.md, results.csv and the plots go (default: output_root)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    parser.add_argument("--density", choices=DENSITIES, default="decode",
+                        help="the plots' x axis: the question/decode density (default) or the "
+                             "prefill density (1.0 where the prefill was dense)")
     parser.add_argument("--format", action="append", metavar="md|csv|json|html",
                         type=lambda text: [f.strip() for f in text.split(",") if f.strip()],
                         help="which files to write, repeatable or comma-separated (default: "
@@ -1014,7 +1042,7 @@ def main(argv: list[str] | None = None) -> int:
     table = build_table(jobs)
     out: Path = args.out or root
     out.mkdir(parents=True, exist_ok=True)
-    plots = [] if args.no_plots else write_plots(table, out)
+    plots = [] if args.no_plots else write_plots(table, out, args.density)
     written = [out / FORMATS[f] for f in FORMATS if f in formats]
     for path in written:
         if path.name == "results.csv":

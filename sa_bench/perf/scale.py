@@ -19,6 +19,10 @@ spent in attention during prefill (a sparse prefill's estimation included) with 
 the `dense` method's in the same run, and the measured prefill density. Sparse prefill:
 
     python -m sa_bench.perf.scale --tokens 8192 --methods dense vertical_slash block_sparse xattention
+
+A method named `NAME:key=value,...` runs conf/sparse/NAME.yaml with those `prefill` settings
+(e.g. `block_sparse:top_k=26` for ~10% density at 8k tokens); docs/performance.md has the
+settings and the table at ~10% density.
 """
 
 from __future__ import annotations
@@ -171,7 +175,7 @@ def run_one(args: argparse.Namespace, method_name: str, tokens: int) -> dict[str
 
     layers, heads, kv_heads, head_dim = model_shapes(model.config)
     files = model_files(Path(tempfile.mkdtemp()), heads, kv_heads, head_dim, layers)
-    method = SparseMethod.from_config(method_config(method_name, files))
+    method = SparseMethod.from_config(with_prefill_settings(method_name, method_config, files))
     implementation = resolve_implementation("auto", device, model.dtype)
     attention_s = [0.0]
     timed_attention = method.attention
@@ -195,6 +199,21 @@ def run_one(args: argparse.Namespace, method_name: str, tokens: int) -> dict[str
     values = [d for d in density if d is not None]
     return {"prefill_s": prefill, **timed, "peak_bytes": peak, "prefill_attention_s": prefill_attention,
             "prefill_density": sum(values) / len(values) if values else -1.0}
+
+
+def with_prefill_settings(name: str, method_config, files: Path) -> dict:
+    """`NAME:key=value,key=value`: conf/sparse/NAME.yaml with those `prefill` values (YAML
+    scalars), e.g. `block_sparse:top_k=26` or `xattention:threshold=0.3` for a chosen density."""
+    import yaml
+
+    base, _, settings = name.partition(":")
+    config = method_config(base, files)
+    for item in filter(None, settings.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq or config.get("prefill") is None:
+            raise SystemExit(f"{name}: expected NAME:key=value,... on a method with a prefill section")
+        config["prefill"][key] = yaml.safe_load(value)
+    return config
 
 
 def _timed_answers(answer, rewind, device, new: int) -> dict[str, float]:
