@@ -105,6 +105,10 @@ def test_reference_kernel_equals_masked_dense_attention(start, kv, block, column
     for slack, group in ((0.0, 1), (1.0, 3)):  # every head alone / groups padded to their maximum
         torch.testing.assert_close(attend_gather(pattern, query, key, value, 0.3, slack, group), ref,
                                    atol=1e-5, rtol=1e-5)
+    # one query block per call / every query block in one call / groups cut by the key budget
+    for rows, key_rows in ((1, 1 << 17), (4096, 1 << 17), (64, 3 * block)):
+        torch.testing.assert_close(attend_gather(pattern, query, key, value, 0.3, rows=rows, key_rows=key_rows),
+                                   ref, atol=1e-5, rtol=1e-5)
     assert torch.equal(computed_pairs(pattern, kv), pairs)
     assert causal_pairs(start, kv) == int(torch.ones(kv, kv).tril()[start:].sum())
 

@@ -273,14 +273,18 @@ def _compiled_flex():
 
 
 def attend_gather(pattern: Pattern, query: Tensor, key: Tensor, value: Tensor, scaling: float,
-                  slack: float = 0.8, max_group: int = 16) -> Tensor:
-    """Exact block-sparse attention on the CPU's fused (flash) SDPA kernel, one query block at
-    a time. Per query block: the diagonal block of every head in one causal call; the other
-    selected key blocks (and the columns outside them) per group of heads with similar block
-    counts (sorted by count; a group pads to its largest count with masked blocks, and a head
-    joins while its count is >= `slack` x the group's), gathered by `index_select` of whole key
-    blocks; the two parts merged through their log-sum-exp. The mask is one row per head
-    ([heads, 1, keys]) except for the columns, so no [rows x keys] mask is built for blocks."""
+                  slack: float = 0.8, max_group: int = 256, rows: int = 256,
+                  key_rows: int = 1 << 17) -> Tensor:
+    """Exact block-sparse attention on the CPU's fused (flash) SDPA kernel. The query rows are
+    padded to whole grid blocks; the (query block, head) pairs of `rows // block` consecutive
+    query blocks are the "heads" of one call each (so blocks of 16 cost a few calls per 256
+    rows, not a few per block): the diagonal blocks of them all in one causal call, then the
+    other selected key blocks (and the columns outside them) per group of pairs with similar
+    block counts (sorted by count; a group pads to its largest count with masked blocks, a
+    pair joins while its count is >= `slack` x the group's, the group holds at most
+    `max_group` pairs and `key_rows` gathered keys), gathered by `index_select` of whole key
+    blocks; the parts merged through their log-sum-exp. Blocks need a per-key mask row only
+    ([pairs, 1, keys]); the columns a [pairs, block, columns] mask."""
     flash = _cpu_flash()
     b, h, q, d = query.shape
     hk, kv = key.shape[1], key.shape[2]
@@ -288,6 +292,8 @@ def attend_gather(pattern: Pattern, query: Tensor, key: Tensor, value: Tensor, s
     block, start, first = pattern.block, pattern.start, pattern.first_block
     dev, dtype = query.device, query.dtype
     nq, nk = pattern.blocks.shape[-2:]
+    front = start - first * block
+    qg = torch.nn.functional.pad(query, (0, 0, front, nq * block - front - q)).view(b, h, nq, block, d)
     pad = nk * block - kv
     kb = torch.nn.functional.pad(key, (0, 0, 0, pad)).reshape(b * hk * nk, block, d)
     vb = torch.nn.functional.pad(value, (0, 0, 0, pad)).reshape(b * hk * nk, block, d)
@@ -298,87 +304,90 @@ def attend_gather(pattern: Pattern, query: Tensor, key: Tensor, value: Tensor, s
     off = sel & (torch.arange(nk, device=dev)[None, :] < diag_kb[:, None])
     counts = off.sum(-1)  # [b, H, nq]
     order_all = torch.sort(off.to(torch.int8), dim=-1, descending=True, stable=True).indices
-    counts_l = counts.tolist()
     has_cols = pattern.columns is not None and pattern.columns.shape[-1] > 0
+    heads_kv = torch.arange(h, device=dev) // g
     if has_cols:
         cols = pattern.columns  # a slot >= kv stays masked: it is > every row
         nc = cols.shape[-1]
-        kvh_all = torch.arange(h, device=dev) // g
         safe = cols.clamp(max=kv - 1)
-        kc = key[torch.arange(b, device=dev)[:, None, None], kvh_all[None, :, None], safe]  # [b, H, nc, d]
-        vc = value[torch.arange(b, device=dev)[:, None, None], kvh_all[None, :, None], safe]
+        kc = key[torch.arange(b, device=dev)[:, None, None], heads_kv[None, :, None], safe]  # [b, H, nc, d]
+        vc = value[torch.arange(b, device=dev)[:, None, None], heads_kv[None, :, None], safe]
         col_in = sel.gather(-1, (safe // block).unsqueeze(-2).expand(b, h, nq, nc))  # [b, H, nq, nc]
-    heads_kv = torch.arange(h, device=dev) // g
     neg = float("-inf")
-    out = torch.empty_like(query)
-    for i in range(nq):
-        p0 = max(start, (first + i) * block)
-        p1 = min(kv, (first + i + 1) * block)
-        k0 = (first + i) * block
-        rows = torch.arange(p0, p1, device=dev)
+    causal = torch.zeros(block, block, dtype=dtype, device=dev).masked_fill_(
+        torch.ones(block, block, dtype=torch.bool, device=dev).triu(1), neg)
+    offsets = torch.arange(block, device=dev)
+    step = max(1, rows // block)
+    out = torch.empty(b, h, nq, block, d, dtype=dtype, device=dev)
+    for i0 in range(0, nq, step):
+        i1 = min(nq, i0 + step)
+        n_items = (i1 - i0) * h  # item t: query block i0 + t // h, head t % h
+        item_q = torch.arange(i0, i1, device=dev).repeat_interleave(h)
+        item_h = torch.arange(h, device=dev).repeat(i1 - i0)
         for bi in range(b):
-            qs = query[bi, :, p0 - start:p1 - start]  # [H, R, d]
-            # the diagonal block, every head in one call
-            kd = key[bi, :, k0:p1].index_select(0, heads_kv)
-            vd = value[bi, :, k0:p1].index_select(0, heads_kv)
-            mask_d = torch.zeros(1, p1 - p0, p1 - k0, dtype=dtype, device=dev).masked_fill_(
-                torch.arange(k0, p1, device=dev)[None, :] > rows[:, None], neg)
-            acc_o, acc_l = flash(qs[None], kd[None], vd[None], 0.0, False, attn_mask=mask_d[None], scale=scaling)
+            qs = qg[bi, :, i0:i1].transpose(0, 1).reshape(n_items, block, d)
+            base = (bi * hk + heads_kv[item_h]) * nk  # [items]
+            flat = base + item_q + first
+            acc_o, acc_l = flash(qs[None], kb.index_select(0, flat)[None], vb.index_select(0, flat)[None],
+                                 0.0, False, attn_mask=causal[None, None], scale=scaling)
             acc_o, acc_l = acc_o[0].float(), acc_l[0]
-            if not bool(diag[bi, :, i].all()):
-                acc_l = acc_l.masked_fill(~diag[bi, :, i, None], neg)
-            cnt = counts_l[bi]
-            by_count = sorted(range(h), key=lambda x: -cnt[x][i])
+            d_ok = diag[bi, :, i0:i1].transpose(0, 1).reshape(-1)
+            if not bool(d_ok.all()):
+                acc_l = acc_l.masked_fill(~d_ok[:, None], neg)
+            cnt_t = counts[bi, :, i0:i1].transpose(0, 1).reshape(-1)  # [items]
+            cnt = cnt_t.tolist()
+            by_count = sorted(range(n_items), key=lambda x: -cnt[x])
             j = 0
-            while j < h:
-                m = cnt[by_count[j]][i]
+            while j < n_items:
+                m = cnt[by_count[j]]
                 if m == 0 and not has_cols:
                     break
+                width = m * block + (nc if has_cols else 0)
                 e = j + 1
-                while e < h and e - j < max_group and cnt[by_count[e]][i] >= slack * m and (
-                        m > 0 or has_cols):
+                while (e < n_items and e - j < max_group and (e - j + 1) * width <= key_rows
+                       and cnt[by_count[e]] >= slack * m and (m > 0 or has_cols)):
                     e += 1
-                heads = torch.tensor(by_count[j:e], device=dev)
+                its = torch.tensor(by_count[j:e], device=dev)
                 n_g = e - j
+                iq, ih = item_q[its], item_h[its]
                 parts_k, parts_v, masks = [], [], []
+                short = None
                 if m:
-                    idx = order_all[bi, heads, i, :m]  # [G, m]
-                    flat = ((bi * hk + heads_kv[heads])[:, None] * nk + idx).reshape(-1)
+                    idx = order_all[bi, ih, iq, :m]  # [G, m]
+                    flat = (base[its][:, None] + idx).reshape(-1)
                     parts_k.append(kb.index_select(0, flat).view(n_g, m * block, d))
                     parts_v.append(vb.index_select(0, flat).view(n_g, m * block, d))
-                    short = torch.arange(m, device=dev)[None, :] >= counts[bi, heads, i][:, None]
-                    mask_b = torch.zeros(n_g, m, block, dtype=dtype, device=dev).masked_fill_(short[..., None], neg)
-                    masks.append(mask_b.view(n_g, 1, m * block).expand(n_g, p1 - p0, m * block))
+                    short = torch.arange(m, device=dev)[None, :] >= cnt_t[its][:, None]
+                    masks.append(torch.zeros(n_g, m, block, dtype=dtype, device=dev).masked_fill_(
+                        short[..., None], neg).view(n_g, 1, m * block))
                 if has_cols:
-                    parts_k.append(kc[bi, heads])
-                    parts_v.append(vc[bi, heads])
-                    c = cols[bi, heads]  # [G, nc]
-                    bad = col_in[bi, heads, i][:, None, :] | (c[:, None, :] > rows[None, :, None])
-                    masks.append(torch.zeros(n_g, p1 - p0, nc, dtype=dtype, device=dev).masked_fill_(bad, neg))
+                    parts_k.append(kc[bi, ih])
+                    parts_v.append(vc[bi, ih])
+                    rowpos = (iq + first)[:, None] * block + offsets  # [G, block]
+                    bad = col_in[bi, ih, iq][:, None, :] | (cols[bi, ih][:, None, :] > rowpos[:, :, None])
+                    masks.append(torch.zeros(n_g, block, nc, dtype=dtype, device=dev).masked_fill_(bad, neg))
                 ks = parts_k[0] if len(parts_k) == 1 else torch.cat(parts_k, 1)
                 vs = parts_v[0] if len(parts_v) == 1 else torch.cat(parts_v, 1)
-                if len(masks) == 1:
-                    mask = masks[0][:, :1] if m and not has_cols else masks[0]
+                if has_cols:
+                    mask = masks[-1] if not m else torch.cat([masks[0].expand(n_g, block, m * block), masks[1]], -1)
                 else:
-                    mask = torch.cat(masks, -1)
-                if m and not has_cols and not bool(short.any()):
-                    mask = None
-                o, lse = flash(qs[heads][None], ks[None], vs[None], 0.0, False,
+                    mask = None if not bool(short.any()) else masks[0]
+                o, lse = flash(qs[its][None], ks[None], vs[None], 0.0, False,
                                attn_mask=None if mask is None else mask[None], scale=scaling)
                 o, lse = o[0].float(), lse[0]
                 if has_cols:  # a row with every key masked gets lse 0 from the kernel
-                    empty = (counts[bi, heads, i] == 0)[:, None] & bad.all(-1)
+                    empty = (cnt_t[its] == 0)[:, None] & bad.all(-1)
                     lse = lse.masked_fill(empty, neg)
-                old_l = acc_l[heads]
+                old_l = acc_l[its]
                 both = torch.logaddexp(old_l, lse)
                 w1 = torch.exp(old_l - both).nan_to_num_(0.0)[..., None]
                 w2 = torch.exp(lse - both).nan_to_num_(0.0)[..., None]
-                acc_o[heads] = acc_o[heads].nan_to_num(0.0) * w1 + o.nan_to_num(0.0) * w2
-                acc_l[heads] = both
+                acc_o[its] = acc_o[its].nan_to_num(0.0) * w1 + o.nan_to_num(0.0) * w2
+                acc_l[its] = both
                 j = e
             acc_o = acc_o.masked_fill(torch.isneginf(acc_l)[..., None], 0.0)
-            out[bi, :, p0 - start:p1 - start] = acc_o.to(dtype)
-    return out
+            out[bi, :, i0:i1] = acc_o.view(i1 - i0, h, block, d).transpose(0, 1).to(dtype)
+    return out.view(b, h, nq * block, d)[:, :, front:front + q]
 
 
 def _cpu_flash():
