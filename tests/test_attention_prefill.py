@@ -106,9 +106,11 @@ def test_reference_kernel_equals_masked_dense_attention(start, kv, block, column
         torch.testing.assert_close(attend_gather(pattern, query, key, value, 0.3, slack, group), ref,
                                    atol=1e-5, rtol=1e-5)
     # one query block per call / every query block in one call / groups cut by the key budget
-    for rows, key_rows in ((1, 1 << 17), (4096, 1 << 17), (64, 3 * block)):
-        torch.testing.assert_close(attend_gather(pattern, query, key, value, 0.3, rows=rows, key_rows=key_rows),
-                                   ref, atol=1e-5, rtol=1e-5)
+    # columns once per query block / for every row at once
+    for rows, key_rows, column_rows in ((1, 1 << 17, 1), (4096, 1 << 17, 4096), (64, 3 * block, 256)):
+        out = attend_gather(pattern, query, key, value, 0.3, rows=rows, key_rows=key_rows,
+                            column_rows=column_rows)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     assert torch.equal(computed_pairs(pattern, kv), pairs)
     assert causal_pairs(start, kv) == int(torch.ones(kv, kv).tril()[start:].sum())
 

@@ -279,17 +279,18 @@ def _compiled_flex():
 
 def attend_gather(pattern: Pattern, query: Tensor, key: Tensor, value: Tensor, scaling: float,
                   slack: float = 0.8, max_group: int = 32, rows: int = 64,
-                  key_rows: int = 1 << 17) -> Tensor:
+                  key_rows: int = 1 << 17, column_rows: int = 256) -> Tensor:
     """Exact block-sparse attention on the CPU's fused (flash) SDPA kernel. The query rows are
     padded to whole grid blocks; the (query block, head) pairs of `rows // block` consecutive
-    query blocks are the "heads" of one call each (so blocks of 16 cost a few calls per 256
-    rows, not a few per block): the diagonal blocks of them all in one causal call, then the
-    other selected key blocks (and the columns outside them) per group of pairs with similar
-    block counts (sorted by count; a group pads to its largest count with masked blocks, a
-    pair joins while its count is >= `slack` x the group's, the group holds at most
-    `max_group` pairs and `key_rows` gathered keys), gathered by `index_select` of whole key
-    blocks; the parts merged through their log-sum-exp. Blocks need a per-key mask row only
-    ([pairs, 1, keys]); the columns a [pairs, block, columns] mask."""
+    query blocks are the "heads" of one call each (blocks of 16 cost a few calls per 64 rows,
+    not a few per block): the diagonal blocks of them all in one causal call, then the other
+    selected key blocks per group of pairs with similar block counts (sorted by count; a group
+    pads to its largest count with masked blocks, a pair joins while its count is >= `slack` x
+    the group's, the group holds at most `max_group` pairs and `key_rows` gathered keys),
+    gathered by `index_select` of whole key blocks. The columns outside the blocks run once per
+    `column_rows` rows for every head in one call (a head's columns are the same for all its
+    rows; a [heads, rows, columns] mask). The parts are merged through their log-sum-exp;
+    blocks need a per-key mask row only ([pairs, 1, keys])."""
     flash = _cpu_flash()
     b, h, q, d = query.shape
     hk, kv = key.shape[1], key.shape[2]
@@ -321,78 +322,87 @@ def attend_gather(pattern: Pattern, query: Tensor, key: Tensor, value: Tensor, s
     neg = float("-inf")
     causal = torch.zeros(block, block, dtype=dtype, device=dev).masked_fill_(
         torch.ones(block, block, dtype=torch.bool, device=dev).triu(1), neg)
-    offsets = torch.arange(block, device=dev)
     step = max(1, rows // block)
     out = torch.empty(b, h, nq, block, d, dtype=dtype, device=dev)
-    for i0 in range(0, nq, step):
-        i1 = min(nq, i0 + step)
-        n_items = (i1 - i0) * h  # item t: query block i0 + t // h, head t % h
-        item_q = torch.arange(i0, i1, device=dev).repeat_interleave(h)
-        item_h = torch.arange(h, device=dev).repeat(i1 - i0)
+    tile = max(step, (column_rows // block) // step * step)  # query blocks per columns pass
+    for t0 in range(0, nq, tile):
+        t1 = min(nq, t0 + tile)
         for bi in range(b):
-            qs = qg[bi, :, i0:i1].transpose(0, 1).reshape(n_items, block, d)
-            base = (bi * hk + heads_kv[item_h]) * nk  # [items]
-            flat = base + item_q + first
-            acc_o, acc_l = flash(qs[None], kb.index_select(0, flat)[None], vb.index_select(0, flat)[None],
-                                 0.0, False, attn_mask=causal[None, None], scale=scaling)
-            acc_o, acc_l = acc_o[0].float(), acc_l[0]
-            d_ok = diag[bi, :, i0:i1].transpose(0, 1).reshape(-1)
-            if not bool(d_ok.all()):
-                acc_l = acc_l.masked_fill(~d_ok[:, None], neg)
-            cnt_t = counts[bi, :, i0:i1].transpose(0, 1).reshape(-1)  # [items]
-            cnt = cnt_t.tolist()
-            by_count = sorted(range(n_items), key=lambda x: -cnt[x])
-            j = 0
-            while j < n_items:
-                m = cnt[by_count[j]]
-                if m == 0 and not has_cols:
-                    break
-                width = m * block + (nc if has_cols else 0)
-                e = j + 1
-                while (e < n_items and e - j < max_group and (e - j + 1) * width <= key_rows
-                       and cnt[by_count[e]] >= slack * m and (m > 0 or has_cols)):
-                    e += 1
-                its = torch.tensor(by_count[j:e], device=dev)
-                n_g = e - j
-                iq, ih = item_q[its], item_h[its]
-                parts_k, parts_v, masks = [], [], []
-                short = None
-                if m:
-                    idx = order_all[bi, ih, iq, :m]  # [G, m]
-                    flat = (base[its][:, None] + idx).reshape(-1)
-                    parts_k.append(kb.index_select(0, flat).view(n_g, m * block, d))
-                    parts_v.append(vb.index_select(0, flat).view(n_g, m * block, d))
-                    short = torch.arange(m, device=dev)[None, :] >= cnt_t[its][:, None]
-                    masks.append(torch.zeros(n_g, m, block, dtype=dtype, device=dev).masked_fill_(
-                        short[..., None], neg).view(n_g, 1, m * block))
+            if has_cols:  # every head's columns outside its blocks, for the tile's rows at once
+                rowpos = (first + t0) * block + torch.arange((t1 - t0) * block, device=dev)
+                bad = (col_in[bi, :, t0:t1].repeat_interleave(block, 1)
+                       | (cols[bi][:, None, :] > rowpos[None, :, None]))  # [H, rows, nc]
+                c_o, c_l = flash(qg[bi, :, t0:t1].reshape(1, h, -1, d), kc[bi][None], vc[bi][None], 0.0,
+                                 False, attn_mask=torch.zeros(1, h, *bad.shape[1:], dtype=dtype, device=dev)
+                                 .masked_fill_(bad[None], neg), scale=scaling)
+                c_l = c_l[0].masked_fill(bad.all(-1), neg)  # a row with no column: lse 0 from the kernel
+                c_o = c_o[0].float()
+            for i0 in range(t0, t1, step):
+                i1 = min(t1, i0 + step)
+                acc_o, acc_l = _gather_blocks(flash, qg, kb, vb, bi, i0, i1, first, nk, hk, heads_kv, diag,
+                                              counts, order_all, causal, scaling, slack, max_group, key_rows)
                 if has_cols:
-                    parts_k.append(kc[bi, ih])
-                    parts_v.append(vc[bi, ih])
-                    rowpos = (iq + first)[:, None] * block + offsets  # [G, block]
-                    bad = col_in[bi, ih, iq][:, None, :] | (cols[bi, ih][:, None, :] > rowpos[:, :, None])
-                    masks.append(torch.zeros(n_g, block, nc, dtype=dtype, device=dev).masked_fill_(bad, neg))
-                ks = parts_k[0] if len(parts_k) == 1 else torch.cat(parts_k, 1)
-                vs = parts_v[0] if len(parts_v) == 1 else torch.cat(parts_v, 1)
-                if has_cols:
-                    mask = masks[-1] if not m else torch.cat([masks[0].expand(n_g, block, m * block), masks[1]], -1)
-                else:
-                    mask = None if not bool(short.any()) else masks[0]
-                o, lse = flash(qs[its][None], ks[None], vs[None], 0.0, False,
-                               attn_mask=None if mask is None else mask[None], scale=scaling)
-                o, lse = o[0].float(), lse[0]
-                if has_cols:  # a row with every key masked gets lse 0 from the kernel
-                    empty = (cnt_t[its] == 0)[:, None] & bad.all(-1)
-                    lse = lse.masked_fill(empty, neg)
-                old_l = acc_l[its]
-                both = torch.logaddexp(old_l, lse)
-                w1 = torch.exp(old_l - both).nan_to_num_(0.0)[..., None]
-                w2 = torch.exp(lse - both).nan_to_num_(0.0)[..., None]
-                acc_o[its] = acc_o[its].nan_to_num(0.0) * w1 + o.nan_to_num(0.0) * w2
-                acc_l[its] = both
-                j = e
-            acc_o = acc_o.masked_fill(torch.isneginf(acc_l)[..., None], 0.0)
-            out[bi, :, i0:i1] = acc_o.view(i1 - i0, h, block, d).transpose(0, 1).to(dtype)
+                    rows_of = slice((i0 - t0) * block, (i1 - t0) * block)
+                    o2 = c_o[:, rows_of].reshape(h, i1 - i0, block, d).transpose(0, 1).reshape(-1, block, d)
+                    l2 = c_l[:, rows_of].reshape(h, i1 - i0, block).transpose(0, 1).reshape(-1, block)
+                    acc_o, acc_l = _merge(acc_o, acc_l, o2, l2)
+                acc_o = acc_o.masked_fill(torch.isneginf(acc_l)[..., None], 0.0)
+                out[bi, :, i0:i1] = acc_o.view(i1 - i0, h, block, d).transpose(0, 1).to(dtype)
     return out.view(b, h, nq * block, d)[:, :, front:front + q]
+
+
+def _merge(o1: Tensor, l1: Tensor, o2: Tensor, l2: Tensor) -> tuple[Tensor, Tensor]:
+    """Two softmax-normalised partial outputs merged through their log-sum-exps."""
+    both = torch.logaddexp(l1, l2)
+    w1 = torch.exp(l1 - both).nan_to_num_(0.0)[..., None]
+    w2 = torch.exp(l2 - both).nan_to_num_(0.0)[..., None]
+    return o1.nan_to_num(0.0) * w1 + o2.nan_to_num(0.0) * w2, both
+
+
+def _gather_blocks(flash, qg, kb, vb, bi, i0, i1, first, nk, hk, heads_kv, diag, counts, order_all,
+                   causal, scaling, slack, max_group, key_rows) -> tuple[Tensor, Tensor]:
+    """`attend_gather`'s block part for query blocks i0 .. i1 - 1 of batch row bi: (output
+    [items, block, d] float32, lse [items, block]), item t = query block i0 + t // H, head t % H."""
+    h, block, d = qg.shape[1], qg.shape[3], qg.shape[4]
+    dev, dtype = qg.device, qg.dtype
+    neg = float("-inf")
+    n_items = (i1 - i0) * h
+    item_q = torch.arange(i0, i1, device=dev).repeat_interleave(h)
+    item_h = torch.arange(h, device=dev).repeat(i1 - i0)
+    qs = qg[bi, :, i0:i1].transpose(0, 1).reshape(n_items, block, d)
+    base = (bi * hk + heads_kv[item_h]) * nk  # [items]
+    flat = base + item_q + first
+    acc_o, acc_l = flash(qs[None], kb.index_select(0, flat)[None], vb.index_select(0, flat)[None],
+                         0.0, False, attn_mask=causal[None, None], scale=scaling)
+    acc_o, acc_l = acc_o[0].float(), acc_l[0]
+    d_ok = diag[bi, :, i0:i1].transpose(0, 1).reshape(-1)
+    if not bool(d_ok.all()):
+        acc_l = acc_l.masked_fill(~d_ok[:, None], neg)
+    cnt_t = counts[bi, :, i0:i1].transpose(0, 1).reshape(-1)  # [items]
+    cnt = cnt_t.tolist()
+    by_count = sorted(range(n_items), key=lambda x: -cnt[x])
+    j = 0
+    while j < n_items and cnt[by_count[j]] > 0:
+        m = cnt[by_count[j]]
+        e = j + 1
+        while (e < n_items and e - j < max_group and (e - j + 1) * m * block <= key_rows
+               and cnt[by_count[e]] >= slack * m and cnt[by_count[e]] > 0):
+            e += 1
+        its = torch.tensor(by_count[j:e], device=dev)
+        n_g = e - j
+        idx = order_all[bi, item_h[its], item_q[its], :m]  # [G, m]
+        flat = (base[its][:, None] + idx).reshape(-1)
+        ks = kb.index_select(0, flat).view(n_g, m * block, d)
+        vs = vb.index_select(0, flat).view(n_g, m * block, d)
+        short = torch.arange(m, device=dev)[None, :] >= cnt_t[its][:, None]
+        mask = None
+        if bool(short.any()):
+            mask = torch.zeros(n_g, m, block, dtype=dtype, device=dev).masked_fill_(
+                short[..., None], neg).view(1, n_g, 1, m * block)
+        o, lse = flash(qs[its][None], ks[None], vs[None], 0.0, False, attn_mask=mask, scale=scaling)
+        acc_o[its], acc_l[its] = _merge(acc_o[its], acc_l[its], o[0].float(), lse[0])
+        j = e
+    return acc_o, acc_l
 
 
 def _cpu_flash():
