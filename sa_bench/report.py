@@ -415,16 +415,17 @@ class Table:
         ref = self.reference(row, column, job)
         return ref.score if ref is not None else None
 
-    def cell(self, row: Row, column: Column, job: Job | None = None
+    def cell(self, row: Row, column: Column, job: Job | None = None, density: str = "decode"
              ) -> tuple[float | None, float | None, float | None]:
         """(score, density, score - dense score) of a finished job of the cell (default: the
-        one shown); Nones where unknown."""
+        one shown); Nones where unknown. `density`: `decode` (the question and answer tokens)
+        or `prefill` (a job without a sparse prefill method computed every pair: 1.0)."""
         job = job if job is not None else row.cells.get(column)
         if job is None or job.status != "done":
             return None, None, None
         score, ref = job.score, self.dense_score(row, column, job)
         diff = score - ref if score is not None and ref is not None else None
-        return score, job.density, diff
+        return score, job_density(job, density), diff
 
     def mean_of(self, row: Row, columns: list[Column], attr: str) -> float | None:
         """The mean of a finished job's `attr` (a `Job` property) over the row's cells among
@@ -433,13 +434,30 @@ class Table:
         return _mean(getattr(j, attr) for j in jobs
                      if j is not None and j.status == "done" and j.score is not None)
 
-    def average(self, row: Row, columns: list[Column] | None = None
+    def average(self, row: Row, columns: list[Column] | None = None, density: str = "decode"
                 ) -> tuple[float | None, float | None, float | None, int]:
         """Means over the row's finished cells among `columns`; the last value counts them."""
-        values = [self.cell(row, c) for c in (columns if columns is not None else self.columns)]
+        values = [self.cell(row, c, density=density)
+                  for c in (columns if columns is not None else self.columns)]
         values = [v for v in values if v[0] is not None]
         return (_mean(v[0] for v in values), _mean(v[1] for v in values),
                 _mean(v[2] for v in values), len(values))
+
+    def prefill_average(self, row: Row, columns: list[Column]) -> float | None:
+        """Mean prefill density over the row's scored cells among `columns` that ran a sparse
+        prefill method (None where none did)."""
+        return _mean(row.cells[c].prefill_density for c in columns
+                     if c in row.cells and self.cell(row, c)[0] is not None)
+
+
+DENSITIES = ("decode", "prefill")
+"""What the score-vs-density plot puts on its x axis (`--density`)."""
+
+
+def job_density(job: Job, density: str) -> float | None:
+    if density == "prefill":
+        return job.prefill_density if job.prefill_density is not None else 1.0
+    return job.density
 
 
 def _mean(values: Iterable[float | None]) -> float | None:
@@ -617,6 +635,9 @@ def table_cells(table: Table, benchmark: str | None = None) -> tuple[list[str], 
 def average_text(table: Table, row: Row, columns: list[Column]) -> str:
     score, density, diff, n = table.average(row, columns)
     text = format_cell(score, density, diff)
+    prefill = table.prefill_average(row, columns)
+    if text and prefill is not None:
+        text += f" prefill @{prefill:.3f}"
     return text + f" [{n}/{len(columns)}]" if text and n < len(columns) else text
 
 
@@ -824,11 +845,13 @@ AXES = {
 fraction of the KV cache read, where decode-time and compression methods share one axis."""
 
 
-def plot_panels(table: Table, benchmark: str, axis: str = "density") -> list[Panel]:
+def plot_panels(table: Table, benchmark: str, axis: str = "density",
+                density: str = "decode") -> list[Panel]:
     """One panel per model and benchmark parameter group (a RULER length, ...): one curve per
     method through its parameter sweep. A point averages the row's scores over the subsets
     every row of the panel has; where they share none, over its own (marked). `axis`: a key of
-    `AXES` (a point's `density` holds that axis's value)."""
+    `AXES` (a point's `density` holds that axis's value); on the density axis, `density` says
+    which measured density (`job_density`: decode, or prefill)."""
     x_axis = AXES[axis]
     panels = []
     for group, columns in sorted(_groups(table.columns_of(benchmark)).items()):
@@ -841,11 +864,12 @@ def plot_panels(table: Table, benchmark: str, axis: str = "density") -> list[Pan
             shared = [c for c in columns if all(c in scored[id(r)] for r in rows)]
             curves: dict[str, list[Point]] = {}
             for row in rows:
-                score, _, _, n = table.average(row, shared or scored[id(row)])
-                density = table.mean_of(row, shared or scored[id(row)], x_axis.attr)
-                if score is not None and density is not None and (density > 0 or not x_axis.log):
+                score, x, _, n = table.average(row, shared or scored[id(row)], density)
+                if axis != "density":
+                    x = table.mean_of(row, shared or scored[id(row)], x_axis.attr)
+                if score is not None and x is not None and (x > 0 or not x_axis.log):
                     curves.setdefault(row.method, []).append(
-                        Point(row.label, density, score, n, bool(shared)))
+                        Point(row.label, x, score, n, bool(shared)))
             for points in curves.values():
                 points.sort(key=lambda p: (p.density, p.score))
             if curves:
@@ -862,7 +886,7 @@ def pareto_front(points: list[Point]) -> list[Point]:
     return front
 
 
-def plot_figure(table: Table, benchmark: str, axis: str = "density") -> Any:
+def plot_figure(table: Table, benchmark: str, axis: str = "density", density: str = "decode") -> Any:
     """Score against measured density (log axis; or another of `AXES`) for one benchmark: a
     panel per model and benchmark parameter group, a curve per method, the Pareto front in gray
     (not on the compression axis, where higher is smaller); None if nothing can be drawn (on
@@ -870,7 +894,7 @@ def plot_figure(table: Table, benchmark: str, axis: str = "density") -> Any:
     from matplotlib.figure import Figure
 
     x_axis = AXES[axis]
-    panels = plot_panels(table, benchmark, axis)
+    panels = plot_panels(table, benchmark, axis, density)
     if axis == "compression":
         panels = [p for p in panels if set(p.curves) - {DENSE}]
     if not panels:
@@ -904,25 +928,27 @@ def plot_figure(table: Table, benchmark: str, axis: str = "density") -> Any:
         else:
             ax.set_xlim(-0.02, 1.0)
         ax.set_title(panel.title, fontsize="small")
-        ax.set_xlabel(x_axis.label)
+        ax.set_xlabel("measured prefill density (log)" if axis == "density" and density == "prefill"
+                      else x_axis.label)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize="small")
     axes[0].set_ylabel(f"{benchmark} score")
     return fig
 
 
-def write_plots(table: Table, out_dir: Path) -> list[Path]:
+def write_plots(table: Table, out_dir: Path, density: str = "decode") -> list[Path]:
     """`plot_<benchmark>.png` (score against density) for each benchmark with something to
     draw (`plot_figure`); where a press ran, beside it `plot_<benchmark>_compression.png`
     (score against compression ratio) and `plot_<benchmark>_kv_read.png` (every method
-    against the fraction of the KV cache read)."""
+    against the fraction of the KV cache read). `density`: the density axis's measure (decode,
+    or prefill)."""
     written = []
     for benchmark in table.benchmarks:
         compressed = any(job.compression is not None for row in table.rows
                          for column in table.columns_of(benchmark)
                          if (job := row.cells.get(column)) is not None)
         for axis in ("density", "compression", "kv_read") if compressed else ("density",):
-            fig = plot_figure(table, benchmark, axis)
+            fig = plot_figure(table, benchmark, axis, density)
             if fig is not None:
                 path = out_dir / f"plot_{sanitize(benchmark)}{AXES[axis].suffix}.png"
                 fig.savefig(path, dpi=100)
@@ -1010,6 +1036,7 @@ def write_json(jobs: list[Job], table: Table, root: Path, path: Path) -> None:
     def numbers(row: Row, columns: list[Column]) -> dict[str, Any]:
         score, density, diff, n = table.average(row, columns)
         return {"score": score, "density": density, "score_vs_dense": diff, "cells": n,
+                "prefill_density": table.prefill_average(row, columns),
                 "of": len(columns)}
 
     benchmarks = {}
@@ -1055,6 +1082,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=None,
                         help="where report.md, results.csv and the plots go (default: output_root)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    parser.add_argument("--density", choices=DENSITIES, default="decode",
+                        help="the plots' x axis: the question/decode density (default) or the "
+                             "prefill density (1.0 where the prefill was dense)")
     parser.add_argument("--format", action="append", metavar="md|csv|json|html",
                         type=lambda text: [f.strip() for f in text.split(",") if f.strip()],
                         help="which files to write, repeatable or comma-separated (default: "
@@ -1078,7 +1108,7 @@ def main(argv: list[str] | None = None) -> int:
     table = build_table(jobs)
     out: Path = args.out or root
     out.mkdir(parents=True, exist_ok=True)
-    plots = [] if args.no_plots else write_plots(table, out)
+    plots = [] if args.no_plots else write_plots(table, out, args.density)
     written = [out / FORMATS[f] for f in FORMATS if f in formats]
     for path in written:
         if path.name == "results.csv":

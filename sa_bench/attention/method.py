@@ -203,6 +203,7 @@ class SparseMethod:
                                   f"not an attention layer ({kinds[layer][1]}): no method applies there")
         if self.prefill is not None:
             self._check_prefill(model, cfg, kinds)
+            self.prefill.prepare(model.config, "sparse.prefill")
         for name, masker in self.maskers.items():
             masker.prepare(model.config, f"sparse.maskers.{name}")
         if self.compressor is not None:
@@ -381,7 +382,7 @@ class SparseMethod:
             causal = allowed_from_mask(None, b, q, kv, query.device)
             if not torch.equal(allowed_from_mask(attention_mask, b, q, kv, query.device), causal):
                 raise ValueError("sparse prefill needs a plain causal mask (one unpadded prompt)")
-        pattern = self.prefill.pattern(query, key, kv - q)
+        pattern = self.prefill.layer_pattern(query, key, kv - q, layer)
         out = attend(pattern, query, key, value, scaling, self.prefill.kernel)
         computed = computed_pairs(pattern, kv).sum(0)  # [H]
         pairs = causal_pairs(kv - q, kv) * b

@@ -9,9 +9,12 @@ XAttention mit-han-lab/x-attention@e37988770b9d1bebd489eba011d615f35587ba08.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
+from sa_bench.attention.files import method_file, model_shapes
 from sa_bench.attention.prefill import (
     Kernel,
     Pattern,
@@ -60,7 +63,22 @@ class VerticalSlash(PrefillMethod):
     `keep_first` always), the sums along each diagonal choose `slash_size` diagonals (the
     `keep_last` nearest the main one always). Diagonals become the `block`-sized key blocks
     that hold them in each query block, columns stay index lists, as MInference's kernel does
-    (its diagonal ranges start at the diagonal rather than on the block grid)."""
+    (its diagonal ranges start at the diagonal rather than on the block grid).
+
+    `patterns`: optionally MInference's offline-searched per-head config (its
+    `minference/configs/*_best_pattern*.json`: a list over layers of {"<query head>": [type,
+    vertical_size, slash_size, score]}, read as `minference_prefill_kernel` reads it); its sizes
+    replace `vertical_size`/`slash_size` for the heads it names (the others keep these). Type
+    `vertical_and_slash` is estimated as above with at least `keep_first` columns and
+    `keep_last` diagonals (MInference's floors are 30 and 50 with 30 and 100 forced: below 100
+    it takes some of the forced diagonals by topk's tie order, here all of them); `stream_llm`
+    (its `streaming_forward(n_init=vertical_size, n_local=slash_size)`) is the first
+    vertical_size columns and the slash_size nearest diagonals; `block_sparse` is refused. With
+    MInference's own settings (conf/sparse/minference.yaml: last_q 64, keep_first 30, keep_last
+    100) the selections equal `minference_prefill_kernel`'s (tests/test_prefill_parity.py).
+    The file's content is in the job key; the path is not."""
+
+    file_locators = ("patterns",)  # the file is keyed by its content
 
     vertical_size: int = 512
     slash_size: int = 512
@@ -69,6 +87,8 @@ class VerticalSlash(PrefillMethod):
     keep_last: int = 64
     block: int = 64
     kernel: Kernel = "auto"
+    patterns: str | None = None
+    _patterns_path: Path | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self._check_block()
@@ -76,21 +96,110 @@ class VerticalSlash(PrefillMethod):
             check_range(getattr(self, name), name, 0 if name.startswith("keep") else 1)
         if self.keep_first > self.vertical_size or self.keep_last > self.slash_size:
             raise ConfigError("keep_first/keep_last: expected at most vertical_size/slash_size")
+        self._table: list[dict[int, tuple[str, int, int]]] | None = None
+        if self.patterns is not None:
+            self._patterns_path = method_file(self.patterns, None, "", "patterns",
+                                              "MInference best_pattern", "")
+            self._table = read_best_pattern(self._patterns_path, "patterns")
 
-    def estimate(self, query: Tensor, key: Tensor, start: int) -> tuple[Tensor, Tensor]:
-        """(vertical columns [b, H, nv], diagonal offsets [b, H, ns]; 0 = the main diagonal)."""
+    def prepare(self, model_config, key: str) -> None:
+        if self._table is None:
+            return
+        layers, heads, _, _ = model_shapes(model_config)
+        if len(self._table) != layers:
+            raise ConfigError(f"{key}.patterns: {self._patterns_path} has {len(self._table)} layers, "
+                              f"the model {layers}")
+        for i, layer in enumerate(self._table):
+            bad = [h for h in layer if h >= heads]
+            if bad:
+                raise ConfigError(f"{key}.patterns: layer {i} names head {bad[0]}, the model has "
+                                  f"{heads} query heads")
+
+    def head_sizes(self, layer: int, heads: int) -> tuple[list[int], list[int], list[bool]]:
+        """Per query head (vertical size, slash size, streaming) for `layer`."""
+        table = {} if self._table is None else self._table[layer]
+        sizes = [table.get(h, ("vertical_and_slash", self.vertical_size, self.slash_size))
+                 for h in range(heads)]
+        stream = [t == "stream_llm" for t, _, _ in sizes]
+        n_v = [v if st else max(v, self.keep_first) for (_, v, _), st in zip(sizes, stream, strict=True)]
+        n_s = [s if st else max(s, self.keep_last) for (_, _, s), st in zip(sizes, stream, strict=True)]
+        return n_v, n_s, stream
+
+    def estimate(self, query: Tensor, key: Tensor, start: int, layer: int | None = None
+                 ) -> tuple[Tensor, Tensor]:
+        """(vertical columns [b, H, nv], diagonal offsets [b, H, ns]; 0 = the main diagonal).
+        With a `patterns` file and `layer`, per-head counts (unused column slots hold `kv`)."""
         kv = key.shape[2]
         vertical, slash = last_rows_sums(query, key, min(self.last_q, query.shape[2]))
         vertical[..., :self.keep_first] = float("inf")
         slash[..., kv - self.keep_last:] = float("inf")
-        columns = vertical.topk(min(self.vertical_size, kv), -1).indices
-        offsets = (kv - 1) - slash.topk(min(self.slash_size, kv), -1).indices
-        return columns, offsets
+        if self._table is None or layer is None:
+            columns = vertical.topk(min(self.vertical_size, kv), -1).indices
+            offsets = (kv - 1) - slash.topk(min(self.slash_size, kv), -1).indices
+            return columns, offsets
+        n_v, n_s, stream = self.head_sizes(layer, query.shape[1])
+        dev = query.device
+        for h, st in enumerate(stream):
+            if st:  # the first n_v columns and the n_s nearest diagonals
+                vertical[:, h] = torch.where(torch.arange(kv, device=dev) < n_v[h], float("inf"), float("-inf"))
+                slash[:, h] = torch.where(torch.arange(kv, device=dev) >= kv - n_s[h], float("inf"), float("-inf"))
+        return ragged_top(vertical, slash, torch.tensor(n_v, device=dev).clamp(max=kv),
+                          torch.tensor(n_s, device=dev).clamp(max=kv))
 
     def pattern(self, query: Tensor, key: Tensor, start: int) -> Pattern:
-        columns, offsets = self.estimate(query, key, start)
+        return self._pattern(query, key, start, None)
+
+    def layer_pattern(self, query: Tensor, key: Tensor, start: int, layer: int) -> Pattern:
+        if self._table is None:
+            return self.pattern(query, key, start)
+        return self._pattern(query, key, start, layer)
+
+    def _pattern(self, query: Tensor, key: Tensor, start: int, layer: int | None) -> Pattern:
+        columns, offsets = self.estimate(query, key, start, layer)
         return Pattern(self.block, start, diagonal_blocks(offsets, start, key.shape[2], self.block),
                        columns)
+
+
+def read_best_pattern(path: Path, key: str) -> list[dict[int, tuple[str, int, int]]]:
+    """MInference's best_pattern JSON: [{"<head>": [type, vertical_size, slash_size, score]}, ...]
+    per layer -> per layer {head: (type, vertical_size, slash_size)}; ConfigError naming `key`."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{key}: cannot read {path} as JSON ({e})") from None
+    if not isinstance(data, list) or not all(isinstance(layer, dict) for layer in data):
+        raise ConfigError(f"{key}: {path} is not a MInference best_pattern file (expected a list "
+                          "over layers of {\"<head>\": [type, vertical_size, slash_size, score]})")
+    table = []
+    for i, layer in enumerate(data):
+        heads: dict[int, tuple[str, int, int]] = {}
+        for h, entry in layer.items():
+            where = f"{key}: {path} layer {i} head {h!r}"
+            if not (str(h).isdigit() and isinstance(entry, list) and len(entry) >= 3
+                    and isinstance(entry[1], int) and isinstance(entry[2], int)
+                    and entry[1] >= 1 and entry[2] >= 1):
+                raise ConfigError(f"{where}: expected [type, vertical_size >= 1, slash_size >= 1, score]")
+            if entry[0] not in ("vertical_and_slash", "stream_llm"):
+                raise ConfigError(f"{where}: pattern type {entry[0]!r} is not supported "
+                                  "(vertical_and_slash, stream_llm)")
+            heads[int(h)] = (entry[0], entry[1], entry[2])
+        table.append(heads)
+    return table
+
+
+def ragged_top(vertical: Tensor, slash: Tensor, n_v: Tensor, n_s: Tensor) -> tuple[Tensor, Tensor]:
+    """Per head its own counts n_v, n_s ([b, H] or [H]) of the top columns and diagonals of the
+    scores vertical, slash [b, H, kv]: (columns, offsets); a head with fewer columns than the
+    widest pads with `kv` (an unused slot), with fewer diagonals by repeating its first (the
+    blocks are a union)."""
+    kv = vertical.shape[-1]
+    top_v = vertical.topk(int(n_v.max()), -1).indices
+    top_s = slash.topk(int(n_s.max()), -1).indices
+    rank = torch.arange(top_v.shape[-1], device=vertical.device)
+    columns = torch.where(rank < n_v[..., None], top_v, kv)
+    rank = torch.arange(top_s.shape[-1], device=vertical.device)
+    offsets = (kv - 1) - torch.where(rank < n_s[..., None], top_s, top_s[..., :1])
+    return columns, offsets
 
 
 def diagonal_blocks(offsets: Tensor, start: int, kv: int, block: int) -> Tensor:
@@ -184,15 +293,18 @@ class BlockSparse(PrefillMethod):
     `_build_block_index`; configs/attention/block_sparse.yaml: chunk_size 16, top_chunks 64):
     query and key blocks of `block` positions are mean-pooled, each query block keeps the
     `top_k` causal key blocks with the highest pooled dot product, the first block, its own
-    and the one before it always."""
+    and the one before it always. `keep_local: false` is MInference's own `_build_block_index`
+    (minference/ops/block_sparse_flash_attention.py; block 64, top_k 100 in its kernel): the
+    `top_k` highest causal blocks, none forced."""
 
     block: int = 16
     top_k: int = 64
+    keep_local: bool = True
     kernel: Kernel = "auto"
 
     def __post_init__(self) -> None:
         self._check_block()
-        check_range(self.top_k, "top_k", 3)
+        check_range(self.top_k, "top_k", 3 if self.keep_local else 1)
 
     def pattern(self, query: Tensor, key: Tensor, start: int) -> Pattern:
         kv = key.shape[2]
@@ -202,8 +314,9 @@ class BlockSparse(PrefillMethod):
         nq, nk = scores.shape[-2:]
         qb = torch.arange(nq, device=query.device)[:, None] + start // self.block
         kb = torch.arange(nk, device=query.device)[None, :]
-        forced = (kb == qb) | (kb == qb - 1) | (kb == 0)
-        scores = scores.masked_fill(forced, float("inf")).masked_fill(kb > qb, float("-inf"))
+        if self.keep_local:
+            scores = scores.masked_fill((kb == qb) | (kb == qb - 1) | (kb == 0), float("inf"))
+        scores = scores.masked_fill(kb > qb, float("-inf"))
         top = scores.topk(min(self.top_k, nk), -1)
         blocks = torch.zeros_like(scores, dtype=torch.bool)
         blocks.scatter_(-1, top.indices, top.values > float("-inf"))
@@ -217,8 +330,13 @@ class XAttention(PrefillMethod):
     reversed within each `stride` group against key rows in order, i.e. the sum of each
     stride x stride cell's antidiagonal), scaled by 1/(sqrt(d) * stride), causal at the
     stride level, softmaxed, summed into `block` x `block` block scores; each query block
-    keeps key block 0 and its own, then the others by decreasing score while the kept sum
-    stays below `threshold` of the row's total (the reference's cumulative test)."""
+    keeps its own key block and key block 0 (which counts in the running sum only when the
+    chunk does not start at block 0, as in the reference's mask), then the others by decreasing score while the sum before each
+    stays below `threshold` of the row's total (the reference's `cumulative_sum_without_self`,
+    which takes the best other block whatever its score). Parity: tests/test_prefill_parity.py
+    against `xattn_estimate(use_triton=False)`, one pass and chunked."""
+
+    key_version = 2  # selection fixed to the reference's (block 0, the sum before each block)
 
     stride: int = 8
     threshold: float = 0.9
@@ -265,21 +383,26 @@ class XAttention(PrefillMethod):
         dev = query.device
         qb = torch.arange(nq, device=dev)[:, None] + start // self.block
         kb = torch.arange(nk, device=dev)[None, :]
-        forced = ((kb == 0) | (kb == qb)).expand_as(scores)
+        # the reference forces key block 0 too, except in a chunk that starts at block 0: there
+        # its diagonal (`torch.eye` over the chunk's columns) overwrites column 0
+        first_kept = start // self.block > 0
+        forced = ((kb == qb) | ((kb == 0) & first_kept)).expand_as(scores)
         required = scores.sum(-1, keepdim=True) * self.threshold
         others = scores.masked_fill(forced, 0.0).sort(-1, descending=True).values
         n_forced = forced.sum(-1, keepdim=True)
         kept = scores.masked_fill(~forced, 0.0).sum(-1, keepdim=True)
-        # the reference's running sum before each position of [forced..., others...]: 0, the
-        # forced total, then the forced total plus the others up to and including the current
-        # one (its off-by-one with two forced blocks is kept)
-        running = torch.cat([torch.zeros_like(kept), kept, others], -1)[..., :nk].cumsum(-1)
+        # the reference's sum before each position of [forced..., others...] (its
+        # `cumulative_sum_without_self`): 0, 0, the forced total, then the forced total plus the
+        # others before the current one; with one forced block (query block 0) the best other
+        # is taken unconditionally, as there (it is never causal)
+        zero = torch.zeros_like(kept)
+        running = torch.cat([zero, zero, kept, others], -1)[..., :nk].cumsum(-1)
         order = torch.where(forced, 100000 * (1 + scores), scores).sort(-1, descending=True).indices
         take = running < required
-        take[..., :1] = True  # the forced blocks are kept whatever the sum
-        take |= torch.arange(nk, device=dev) < n_forced
+        take |= torch.arange(nk, device=dev) < n_forced  # the forced blocks whatever the sum
         blocks = torch.zeros_like(scores, dtype=torch.bool)
         blocks.scatter_(-1, order, take)
+        blocks[..., 0] = True  # the reference writes a position it does not take as block 0
         return Pattern(self.block, start, blocks & causal_blocks(start, kv, self.block, dev))
 
 
@@ -336,13 +459,7 @@ class FlexPrefill(PrefillMethod):
         n_s = _cover(slash, self.alpha).clamp(min=self.min_budget, max=kv)
         vertical[..., :self.keep_first] = float("inf")
         slash[..., kv - self.keep_last:] = float("inf")
-        top_v = vertical.topk(int(n_v.max()), -1).indices
-        top_s = slash.topk(int(n_s.max()), -1).indices
-        rank = torch.arange(top_v.shape[-1], device=query.device)
-        columns = torch.where(rank < n_v[..., None], top_v, kv)
-        rank = torch.arange(top_s.shape[-1], device=query.device)
-        offsets = (kv - 1) - torch.where(rank < n_s[..., None], top_s, top_s[..., :1])
-        return columns, offsets
+        return ragged_top(vertical, slash, n_v, n_s)
 
     def pattern(self, query: Tensor, key: Tensor, start: int) -> Pattern:
         columns, offsets = self.estimate(query, key, start)

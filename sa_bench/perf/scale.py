@@ -26,6 +26,10 @@ to the `dense` method's, and the compression's seconds (scoring + gather) with i
 prefill:
 
     python -m sa_bench.perf.scale --tokens 16384 --ratio 0.75 --methods dense snapkv knorm expected_attention
+
+A method named `NAME:key=value,...` runs conf/sparse/NAME.yaml with those `prefill` settings
+(e.g. `block_sparse:top_k=26` for ~10% density at 8k tokens); docs/performance.md has the
+settings and the table at ~10% density.
 """
 
 from __future__ import annotations
@@ -183,7 +187,7 @@ def run_one(args: argparse.Namespace, method_name: str, tokens: int) -> dict[str
 
     layers, heads, kv_heads, head_dim = model_shapes(model.config)
     files = model_files(Path(tempfile.mkdtemp()), heads, kv_heads, head_dim, layers)
-    config = method_config(method_name, files)
+    config = with_prefill_settings(method_name, method_config, files)
     if args.ratio is not None and "compression_ratio" in (config.get("compression") or {}):
         config["compression"]["compression_ratio"] = args.ratio
     method = SparseMethod.from_config(config)
@@ -219,6 +223,21 @@ def run_one(args: argparse.Namespace, method_name: str, tokens: int) -> dict[str
     return {"prefill_s": prefill, **timed, "peak_bytes": peak, "prefill_attention_s": prefill_attention,
             "prefill_density": sum(values) / len(values) if values else -1.0,
             "kv_kept": kv_after / kv_before, "compress_s": compress_s}
+
+
+def with_prefill_settings(name: str, method_config, files: Path) -> dict:
+    """`NAME:key=value,key=value`: conf/sparse/NAME.yaml with those `prefill` values (YAML
+    scalars), e.g. `block_sparse:top_k=26` or `xattention:threshold=0.3` for a chosen density."""
+    import yaml
+
+    base, _, settings = name.partition(":")
+    config = method_config(base, files)
+    for item in filter(None, settings.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq or config.get("prefill") is None:
+            raise SystemExit(f"{name}: expected NAME:key=value,... on a method with a prefill section")
+        config["prefill"][key] = yaml.safe_load(value)
+    return config
 
 
 def _timed_answers(answer, rewind, device, new: int) -> dict[str, float]:

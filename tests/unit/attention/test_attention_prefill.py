@@ -105,6 +105,12 @@ def test_reference_kernel_equals_masked_dense_attention(start, kv, block, column
     for slack, group in ((0.0, 1), (1.0, 3)):  # every head alone / groups padded to their maximum
         torch.testing.assert_close(attend_gather(pattern, query, key, value, 0.3, slack, group), ref,
                                    atol=1e-5, rtol=1e-5)
+    # one query block per call / every query block in one call / groups cut by the key budget
+    # columns once per query block / for every row at once
+    for rows, key_rows, column_rows in ((1, 1 << 17, 1), (4096, 1 << 17, 4096), (64, 3 * block, 256)):
+        out = attend_gather(pattern, query, key, value, 0.3, rows=rows, key_rows=key_rows,
+                            column_rows=column_rows)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     assert torch.equal(computed_pairs(pattern, kv), pairs)
     assert causal_pairs(start, kv) == int(torch.ones(kv, kv).tril()[start:].sum())
 
@@ -295,3 +301,56 @@ def test_flexprefill_sizes_adapt_per_head():
     ref, pairs = brute_force(pattern, query, key, value, 0.25)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     assert torch.equal(computed_pairs(pattern, kv), pairs)
+
+
+def best_pattern_file(tmp_path, layers):
+    file = tmp_path / "best_pattern.json"
+    file.write_text(json.dumps(layers))
+    return str(file)
+
+
+def test_vertical_slash_per_head_patterns_from_a_minference_file(tmp_path):
+    """MInference's best_pattern format: per layer and query head [type, vertical, slash,
+    score]; heads it names use its sizes (stream_llm: first columns + nearest diagonals), the
+    others the config's; checked against the model's layers and heads."""
+    vs = {**METHODS["vertical_slash"], "keep_first": 2}
+    layers = [{"0": ["vertical_and_slash", 5, 8, 0.9], "3": ["stream_llm", 3, 20, 0.5]},
+              {"1": ["vertical_and_slash", 40, 30, 0.8]}]
+    method = SparseMethod.from_config({"name": "vs", "prefill": {**vs, "patterns": best_pattern_file(tmp_path, layers)}})
+    model = tiny_model()
+    query, key, _ = qkv(1, 4, 2, 200, 200, seed=5)
+    prefill = method.prefill
+    columns, offsets = prefill.estimate(query, key, 0, layer=0)
+    used = [(c < 200).sum().item() for c in columns[0]]
+    assert used == [5, 24, 24, 3]
+    assert set(columns[0, 3, :3].tolist()) == {0, 1, 2}
+    assert set(offsets[0, 3].tolist()) == set(range(20))
+    assert [len(set(o.tolist())) for o in offsets[0]] == [8, 16, 16, 20]
+    columns, offsets = prefill.estimate(query, key, 0, layer=1)
+    assert [(c < 200).sum().item() for c in columns[0]] == [24, 40, 24, 24]
+    plain, _ = VerticalSlash(**{k: v for k, v in vs.items() if k != "_target_"}).estimate(query, key, 0)
+    assert set(columns[0, 0].tolist()) - {200} == set(plain[0, 0].tolist())
+    ids = torch.randint(0, 300, (150,), generator=torch.Generator().manual_seed(1)).tolist()
+    prefill_logits(model, method, ids, 64)  # runs per layer through layer_pattern
+    heads = method.stats()["prefill_density_per_head"]
+    assert heads[0] != heads[1]
+
+
+def test_best_pattern_file_errors(tmp_path):
+    vs = METHODS["vertical_slash"]
+
+    def build(layers):
+        return SparseMethod.from_config({"name": "vs", "prefill": {**vs, "patterns": best_pattern_file(tmp_path, layers)}})
+
+    with pytest.raises(ConfigError, match=r"patterns: .* pattern type 'block_sparse' is not supported"):
+        build([{"0": ["block_sparse", 1, 1, 0.1]}])
+    with pytest.raises(ConfigError, match=r"patterns: .* expected \[type, vertical_size"):
+        build([{"0": ["vertical_and_slash", 0, 5, 0.1]}])
+    with pytest.raises(ConfigError, match=r"sparse\.prefill\.patterns: MInference best_pattern file not found"):
+        SparseMethod.from_config({"name": "vs", "prefill": {**vs, "patterns": str(tmp_path / "none.json")}})
+    model = tiny_model()
+    one_layer = build([{"0": ["vertical_and_slash", 5, 8, 0.9]}])
+    with pytest.raises(ConfigError, match=r"sparse\.prefill\.patterns: .* has 1 layers, the model 2"):
+        one_layer.prefill.prepare(model.config, "sparse.prefill")
+    with pytest.raises(ConfigError, match=r"names head 7, the model has 4 query heads"):
+        build([{}, {"7": ["vertical_and_slash", 5, 8, 0.9]}]).prefill.prepare(model.config, "sparse.prefill")

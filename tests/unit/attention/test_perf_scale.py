@@ -28,3 +28,19 @@ def test_model_has_the_named_shape():
     assert (attn.q_proj.out_features, attn.k_proj.out_features) == (4096, 1024)
     assert model.model.layers[0].mlp.gate_proj.out_features == 14336
     assert len(model.model.layers) == 1 and model.config.vocab_size == 1000
+
+
+def test_a_method_name_can_carry_prefill_settings(tmp_path):
+    """`NAME:key=value,...` (perf.scale's way to set a method's density): the YAML's prefill
+    section with those values, parsed as YAML scalars; refused on a method without one."""
+    import pytest
+
+    from sa_bench.perf.attention import method_config
+
+    config = scale.with_prefill_settings("block_sparse:block=64,top_k=7", method_config, tmp_path)
+    assert config["prefill"]["block"] == 64 and config["prefill"]["top_k"] == 7
+    assert scale.with_prefill_settings("xattention:threshold=0.08", method_config,
+                                       tmp_path)["prefill"]["threshold"] == 0.08
+    assert scale.with_prefill_settings("xattention", method_config, tmp_path)["prefill"]["threshold"] == 0.9
+    with pytest.raises(SystemExit, match="NAME:key=value"):
+        scale.with_prefill_settings("quest:heavy_size=0.1", method_config, tmp_path)

@@ -486,3 +486,28 @@ def test_a_large_data_file_edited_in_the_middle_gives_another_directory(tmp_path
     text[middle:middle + 1] = b"y"  # same size, one byte in the middle
     file.write_bytes(bytes(text))
     assert planned(sa_bench_cli, out, *args) != before
+
+
+def test_a_prefill_patterns_file_is_keyed_by_its_content(tmp_path):
+    """vertical_slash `patterns` (MInference best_pattern JSON): its content is in the key, not
+    its path; no file keeps the key of a config without the field."""
+    def vs(patterns=None):
+        cfg = copy.deepcopy(CFG)
+        prefill = {"_target_": "sa_bench.attention.prefill_methods.VerticalSlash"}
+        if patterns is not None:
+            prefill["patterns"] = patterns
+        cfg["sparse"] = {**cfg["sparse"], "maskers": {}, "prefill": prefill}
+        return cfg
+
+    layers = [{"0": ["vertical_and_slash", 100, 800, 0.9]}] * 2
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a, b = tmp_path / "a" / "p.json", tmp_path / "b" / "p.json"
+    a.write_text(json.dumps(layers))
+    b.write_text(json.dumps(layers))
+    plain = key(vs())
+    assert key(vs(None)) == plain
+    with_a = key(vs(str(a)))
+    assert with_a != plain and key(vs(str(b))) == with_a  # the same content elsewhere
+    a.write_text(json.dumps([{"0": ["vertical_and_slash", 100, 900, 0.9]}] * 2))
+    assert key(vs(str(a))) != with_a

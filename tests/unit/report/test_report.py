@@ -642,7 +642,7 @@ def test_formats_json_and_self_contained_html(mixed: Path, tmp_path: Path,
     assert sorted(data["benchmarks"]) == ["passkey", "ruler"]
     topk = next(r for r in data["benchmarks"]["passkey"]["rows"] if r["method"] == "oracle_topk")
     assert topk["average"] == {"score": 85.0, "density": 0.05, "score_vs_dense": -10.0,
-                               "cells": 2, "of": 2}
+                               "cells": 2, "of": 2, "prefill_density": None}
     assert topk["cells"]["passkey/1k"]["score"] == 90.0
     page = (out / "report.html").read_text()
     images = re.findall(r"src='data:image/png;base64,([^']+)'", page)
@@ -713,3 +713,38 @@ def test_no_compression_plot_without_a_press(tree: Path, tmp_path: Path) -> None
     table = report.build_table(report.read_jobs(tree))
     assert report.plot_figure(table, "passkey", "compression") is None
     assert [p.name for p in report.write_plots(table, tmp_path)] == ["plot_passkey.png"]
+
+
+def test_prefill_average_and_plot_by_prefill_density(tmp_path: Path) -> None:
+    """The average column carries the mean prefill density of the cells that have one; the
+    score-vs-density plot puts the prefill density on its x axis with `--density prefill`
+    (a dense prefill at 1.0), the question/decode density by default."""
+    root = tmp_path / "outputs"
+    write_job(root, config("m", "dense", "1k"), score=90.0)
+    write_job(root, config("m", "dense", "2k"), score=80.0)
+    write_job(root, config("m", "vertical_slash", "1k"), score=70.0, density=[0.5, 0.5],
+              prefill=[0.1, 0.3])
+    write_job(root, config("m", "vertical_slash", "2k"), score=60.0, density=[0.3, 0.3],
+              prefill=[0.4, 0.4])
+    write_job(root, config("m", "quest", "1k"), score=50.0, density=[0.2, 0.2])
+    write_job(root, config("m", "quest", "2k"), score=40.0, density=[0.2, 0.2])
+    table = report.build_table(report.read_jobs(root))
+    header, body = report.table_cells(table, "passkey")
+    rows = {line[1]: line for line in body}
+    assert rows["vertical_slash"][-1] == "65.0 @0.400 (-20.0) prefill @0.300"
+    assert "prefill" not in rows["quest"][-1] and "prefill" not in rows["dense"][-1]
+    decode = {m: [(p.density, p.score) for p in ps]
+              for m, ps in report.plot_panels(table, "passkey")[0].curves.items()}
+    assert decode["vertical_slash"] == [(pytest.approx(0.4), 65.0)]
+    prefill = {m: [(p.density, p.score) for p in ps]
+               for m, ps in report.plot_panels(table, "passkey", density="prefill")[0].curves.items()}
+    assert prefill == {"dense": [(1.0, 85.0)], "quest": [(1.0, 45.0)],
+                       "vertical_slash": [(pytest.approx(0.3), 65.0)]}
+    out = tmp_path / "rep"
+    assert report.main([str(root), "--out", str(out), "--format", "json", "--density", "prefill"]) == 0
+    assert (out / "plot_passkey.png").is_file()
+    avg = {r["method"]: r["average"] for r in json.loads((out / "report.json").read_text())["benchmarks"]["passkey"]["rows"]}
+    assert avg["vertical_slash"]["prefill_density"] == pytest.approx(0.3)
+    assert avg["dense"]["prefill_density"] is None
+    with pytest.raises(SystemExit):
+        report.main([str(root), "--density", "question"])
