@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+from sa_bench.attention.compression import kept_count
 from sa_bench.attention.gather import BATCHED_GATHER
 from sa_bench.attention.method import SparseMethod
 
@@ -73,11 +74,23 @@ KV_SUFFIX = "/kv"
 """A method name with this suffix: its maskers that have `per_kv_head` set it true."""
 
 
-def method_config(name: str, files: Path) -> dict:
+def method_config(name: str, files: Path, ratio: float | None = None, context: int | None = None) -> dict:
     """The `sparse` section of conf/sparse/<name>.yaml, its model files from `files`
-    (`<name>/kv`: with `per_kv_head: true` on every masker that has it)."""
+    (`<name>/kv`: with `per_kv_head: true` on every masker that has it). `ratio` sets a
+    compression press's `compression_ratio` (`compression_ratios` of a per-layer press, and a
+    decoding press's `target_size` to the kept count of a `context`-key cache); a press whose
+    ratios sit on the presses it composes keeps them."""
     base = name.removesuffix(KV_SUFFIX)
     data = yaml.safe_load((CONF / f"{base}.yaml").read_text().replace("${model.pretrained}", str(files)))
+    press = data.get("compression")
+    if ratio is not None and press is not None:
+        if "compression_ratios" in press:
+            press["compression_ratios"] = [ratio]
+        elif "target_size" in press:
+            if context is not None:
+                press["target_size"] = kept_count(context, ratio)
+        elif "compression_ratio" in press:
+            press["compression_ratio"] = ratio
     if name != base:
         for masker in data["maskers"].values():
             if _takes_per_kv_head(masker):
@@ -96,9 +109,9 @@ def with_per_kv_head(names: list[str]) -> list[str]:
         _takes_per_kv_head(m) for m in yaml.safe_load((CONF / f"{n}.yaml").read_text())["maskers"].values())]
 
 
-def load_method(name: str, args, files: Path) -> SparseMethod:
-    """`method_config(name, files)` on a 1-layer model of the timed shape."""
-    method = SparseMethod.from_config(method_config(name, files))
+def load_method(name: str, args, files: Path, context: int | None = None) -> SparseMethod:
+    """`method_config(name, files, args.ratio, context)` on a 1-layer model of the timed shape."""
+    method = SparseMethod.from_config(method_config(name, files, getattr(args, "ratio", None), context))
     method.num_layers = 1
     method.set_phase("decode")
     config = types.SimpleNamespace(num_hidden_layers=1, num_attention_heads=args.heads,
@@ -106,6 +119,54 @@ def load_method(name: str, args, files: Path) -> SparseMethod:
     for key, masker in method.maskers.items():
         masker.prepare(config, f"sparse.maskers.{key}")
     return method
+
+
+PREFILL_QUERIES = 64
+"""Queries of the context's end fed through a compression method's attention in prefill
+phase before it compresses (at least its press's window; SnapKV reads 64)."""
+
+
+def press_model(args) -> torch.nn.Module:
+    """What `Compressor.prepare` reads from a model, for a 1-layer model of the timed shape: a
+    Llama rotary embedding (presses that unrotate queries) and layer 0's output projection
+    (random; CriticalKV reads it)."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    hidden = args.heads * args.head_dim
+    config = LlamaConfig(hidden_size=hidden, num_attention_heads=args.heads,
+                         num_key_value_heads=args.kv_heads, head_dim=args.head_dim, num_hidden_layers=1)
+    model = torch.nn.Module()
+    model.rotary_emb = LlamaRotaryEmbedding(config)
+    model.attn = torch.nn.Module()
+    model.attn.layer_idx = 0
+    model.attn.o_proj = torch.nn.Linear(hidden, hidden, bias=False)
+    return model
+
+
+def compress_context(method: SparseMethod, args, module, query, key, value):
+    """A compression method's cache after the context, as a job builds it: the context's last
+    queries `query` [1, H, w, d] go through the method's attention in prefill phase (the
+    compressor records what its press reads: the last queries, their attention's column sums
+    and query statistics, here of these w rows only), then the press compresses a
+    DynamicCache of `key` / `value` at its stage (after the context; a query-aware press after
+    the question, here the same keys; a decoding press at once). -> (keys, values) kept."""
+    from transformers.cache_utils import DynamicCache
+
+    press, compressor = method.press, method.compressor
+    compressor.prepare(press_model(args), 1)
+    cache = DynamicCache()
+    cache.update(key, value, 0)
+    method.set_phase("decode" if press.stage == "decode" else "prefill")  # when it records
+    method.attention(module, query, key, value, None, args.head_dim**-0.5)
+    if press.stage == "decode":
+        compressor.compress(cache, set(method.config.dense_layers))
+        for masker in method.maskers.values():
+            masker.reset()
+    else:
+        method.compress(cache, press.stage)
+    method.set_phase("decode")
+    return cache.layers[0].keys, cache.layers[0].values
 
 
 def ops_per_call(fn, *fn_args) -> int:
@@ -120,8 +181,11 @@ def ops_per_call(fn, *fn_args) -> int:
 
 def run_size(kv: int, names: list[str], args, device, dtype) -> dict[str, tuple]:
     """{name: (median ms, median ratio to the baseline, fraction of the keys each query head
-    attended, operator calls of the last step, (launches, syncs) of the last step)} over
-    `args.steps` decode steps."""
+    attended, operator calls of the last step, (launches, syncs) of the last step, fraction
+    of the keys in its cache at the last step)} over `args.steps` decode steps. A compression
+    method (a `compression:` section) compresses its cache after the context
+    (`compress_context`) and decodes on it, growing by the same keys, while the baselines
+    read the full cache."""
     h, hk, d = args.heads, args.kv_heads, args.head_dim
     g = torch.Generator().manual_seed(kv)
     n0 = kv + 3
@@ -131,20 +195,29 @@ def run_size(kv: int, names: list[str], args, device, dtype) -> dict[str, tuple]
 
     key, value = rand(1, hk, n0 - 1, d), rand(1, hk, n0 - 1, d)
     module = types.SimpleNamespace(layer_idx=0, training=False)
-    methods = {name: load_method(name, args, args.files) for name in names}
-    for method in methods.values():  # the context: per-layer key caches built once
-        method.attention(module, rand(1, h, 1, d), key, value, None, d**-0.5)
+    methods = {name: load_method(name, args, args.files, n0 - 1) for name in names}
+    caches = {}  # compression methods: their compressed cache, grown by the same steps
+    for name, method in methods.items():  # the context: per-layer key caches built once
+        if method.compresses:
+            window = max(PREFILL_QUERIES, method.press.window())
+            caches[name] = compress_context(method, args, module, rand(1, h, min(window, n0 - 1), d), key, value)
+        else:
+            method.attention(module, rand(1, h, 1, d), key, value, None, d**-0.5)
 
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     times: dict[str, list[float]] = {name: [] for name in ["sdpa", "sdpa_gqa", *names]}
     for step in range(args.steps + 1):  # step 0 warms up and is not counted
-        key = torch.cat([key, rand(1, hk, 1, d)], 2)
-        value = torch.cat([value, rand(1, hk, 1, d)], 2)
+        new_key, new_value = rand(1, hk, 1, d), rand(1, hk, 1, d)
+        key = torch.cat([key, new_key], 2)
+        value = torch.cat([value, new_value], 2)
+        for name, (k, v) in caches.items():
+            caches[name] = torch.cat([k, new_key], 2), torch.cat([v, new_value], 2)
         query = rand(1, h, 1, d)
         calls = {"sdpa": (sdpa_grouped, (query, key, value)),
                  "sdpa_gqa": (sdpa_gqa, (query, key, value))}
         for name, method in methods.items():
-            calls[name] = (method.attention, (module, query, key, value, None, d**-0.5))
+            k, v = caches.get(name, (key, value))
+            calls[name] = (method.attention, (module, query, k, v, None, d**-0.5))
         order = list(calls)
         shift = step % len(order)
         for name in order[shift:] + order[:shift]:
@@ -157,12 +230,14 @@ def run_size(kv: int, names: list[str], args, device, dtype) -> dict[str, tuple]
                 times[name].append(time.perf_counter() - start)
     base = times["sdpa"]
     attended = {name: method.stats()["density"]["decode"][0] for name, method in methods.items()}
+    kept = {name: caches[name][0].shape[2] / key.shape[2] for name in caches}
     for method in methods.values():  # counted on the batched paths a GPU takes (no row loops)
         method.gather_costs = BATCHED_GATHER
     ops = {name: ops_per_call(fn, *fn_args) for name, (fn, fn_args) in calls.items()}  # untimed
     work = {name: launches_and_syncs(fn, *fn_args) for name, (fn, fn_args) in calls.items()}
     return {name: (statistics.median(t) * 1e3, statistics.median(x / y for x, y in zip(t, base, strict=True)),
-                   attended.get(name, 1.0), ops[name], work[name]) for name, t in times.items()}
+                   attended.get(name, 1.0), ops[name], work[name], kept.get(name, 1.0))
+            for name, t in times.items()}
 
 
 def launches_and_syncs(fn, *fn_args) -> tuple[int, int]:
@@ -182,6 +257,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--per-kv-head", action="store_true",
                         help="also time each method with a per_kv_head masker with it set true "
                              "(rows `<name>/kv`: one selection per kv head)")
+    parser.add_argument("--ratio", type=float, default=0.75,
+                        help="compression methods: the presses' compression_ratio (fraction of "
+                             "the context's keys removed)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
@@ -208,14 +286,17 @@ def main(argv: list[str] | None = None) -> None:
           f"ratio = median over steps of method / grouped SDPA in the same step; attended = "
           f"mean fraction of its keys a query head attends ({args.keys[-1] // 1024}k); ops/call = "
           f"operator calls of one decode call on the batched (GPU) paths; launches / syncs = "
-          f"non-view operators and host reads of that call, the accelerator's branches forced\n")
+          f"non-view operators and host reads of that call, the accelerator's branches forced; "
+          f"KV kept = keys in the method's cache over the full cache's at the last step "
+          f"(compression methods, --ratio {args.ratio}: attended is of the kept keys)\n")
     print("| method | " + " | ".join(f"{kv // 1024}k keys" for kv in args.keys)
-          + " | attended | ops/call | launches | syncs |")
-    print("|---" * (len(args.keys) + 5) + "|")
+          + " | attended | KV kept | ops/call | launches | syncs |")
+    print("|---" * (len(args.keys) + 6) + "|")
     labels = {"sdpa": "SDPA grouped (baseline)", "sdpa_gqa": "SDPA enable_gqa (reference)"}
     for name in ["sdpa", "sdpa_gqa", *names]:
         cells = [f"{results[kv][name][1]:.2f}x ({results[kv][name][0]:.2f} ms)" for kv in args.keys]
         cells.append(f"{100 * results[args.keys[-1]][name][2]:.1f}%")
+        cells.append(f"{results[args.keys[-1]][name][5]:.3f}")
         cells.append(str(results[args.keys[-1]][name][3]))
         cells.extend(str(n) for n in results[args.keys[-1]][name][4])
         print(f"| {labels.get(name, name)} | " + " | ".join(cells) + " |")

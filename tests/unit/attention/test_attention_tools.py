@@ -133,3 +133,16 @@ def test_capture_sees_causal_queries_and_keys_and_leaves_no_registration(tiny):
     assert "sa_bench_capture" not in AttentionInterface._global_mapping
     assert "sa_bench_capture" not in AttentionMaskInterface._global_mapping
     assert model.config._attn_implementation != "sa_bench_capture"
+
+
+def test_perf_attention_decodes_compression_methods_on_their_compressed_cache(capsys):
+    from sa_bench.perf.attention import main
+
+    main(["--keys", "400", "--steps", "2", "--methods", "knorm", "snapkv", "streaming", "--ratio", "0.75",
+          "--heads", "4", "--kv-heads", "2", "--head-dim", "16"])
+    header, *rows = [[c.strip() for c in line.split("|")[1:-1]] for line in capsys.readouterr().out.splitlines()
+                     if line.startswith("| ") and "---" not in line]
+    kept = {row[0]: float(row[header.index("KV kept")]) for row in rows}
+    # 403 context keys -> ceil(0.25 * 403) = 101 kept, then 3 appended (warm-up + 2 steps): 104 / 406
+    assert kept["knorm"] == kept["snapkv"] == pytest.approx(1 - 0.75, abs=0.01)
+    assert kept["SDPA grouped (baseline)"] == kept["streaming"] == 1.0  # decode masker: full cache
