@@ -1,7 +1,7 @@
 """Time real decoding steps of every method's attention, as a ratio to dense SDPA.
 
     python -m sa_bench.perf.attention [--keys 4096 16384 32768 65536] [--steps 4]
-        [--methods streaming quest ...] [--per-kv-head] [--device cuda --dtype bfloat16]
+        [--methods streaming quest ...] [--per-kv-head] [--ratio 0.75] [--device cuda --dtype bfloat16]
 
 Tensors have a real model's attention shape (32 query heads, 8 kv heads, head dim 128,
 batch 1). Decoding is simulated as in a job: every method first sees the context once (its
@@ -18,6 +18,12 @@ attends and the operator calls of one decode call (`ops/call`, views included, o
 paths a GPU takes): at batch 1 a GPU pays a kernel launch of a few microseconds for most of
 them, whatever the bytes read; and `launches` / `syncs` of that call as `sa_bench.perf.counts`
 counts them with the accelerator's branches forced (non-view operators, host reads).
+
+Compression methods (a `compression:` section) compress their cache once after the context,
+at `--ratio` (`compress_context`: the context's last 64 queries through the method's attention
+in prefill phase, so the press has the queries it reads, then `SparseMethod.compress`), and
+decode on the compressed cache while the baselines read the full one; `KV kept` is the
+fraction of the full cache's keys in the method's cache.
 """
 
 from __future__ import annotations
