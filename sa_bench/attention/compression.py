@@ -195,18 +195,25 @@ class AdaKV(Wrapper):
             raise ConfigError("press: AdaKV wraps a score-based press, not another head-wise one")
 
     def keep(self, obs: Observation) -> tuple[Tensor, Tensor | None]:
-        b, hk, n = obs.keys.shape[:3]
+        n = obs.keys.shape[2]
         k = self.budget(n, obs.layer, obs.n_layers)
         if k >= n:
             return Press.keep(self, obs)
-        scores = self.score(obs).float().clone()
-        safe = int(k * self.alpha_safeguard)
-        if safe:
-            scores.scatter_(-1, scores.topk(safe, -1).indices, torch.finfo(scores.dtype).max)
-        chosen = scores.flatten(1).topk(hk * k, -1).indices  # [b, Hk * k] over every head
-        kept = torch.zeros(b, hk * n, dtype=torch.bool, device=scores.device)
-        kept.scatter_(-1, chosen, True)
-        return head_wise_layout(kept.view(b, hk, n))
+        return head_wise_layout(adakv_kept(self.score(obs).float().clone(), k, self.alpha_safeguard))
+
+
+def adakv_kept(scores: Tensor, k: int, alpha_safeguard: float) -> Tensor:
+    """AdaKV's head-wise allocation of Hk * k positions: each head's best `alpha_safeguard`
+    share of k first (their scores raised to the float max, in place in `scores` [b, Hk, n]),
+    then the best scores of all heads together -> kept [b, Hk, n] (bool)."""
+    b, hk, n = scores.shape
+    safe = int(k * alpha_safeguard)
+    if safe:
+        scores.scatter_(-1, scores.topk(safe, -1).indices, torch.finfo(scores.dtype).max)
+    chosen = scores.flatten(1).topk(hk * k, -1).indices  # [b, Hk * k] over every head
+    kept = torch.zeros(b, hk * n, dtype=torch.bool, device=scores.device)
+    kept.scatter_(-1, chosen, True)
+    return kept.view(b, hk, n)
 
 
 def head_wise_layout(kept: Tensor) -> tuple[Tensor, Tensor]:

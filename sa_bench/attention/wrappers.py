@@ -14,6 +14,7 @@ from sa_bench.attention.compression import (
     Observation,
     Press,
     Wrapper,
+    adakv_kept,
     head_wise_layout,
 )
 from sa_bench.config import ConfigError, build_target
@@ -94,26 +95,24 @@ class CriticalAdaKV(Wrapper):
             raise ConfigError("press: CriticalAdaKV wraps a score-based press, not a head-wise one")
 
     def keep(self, obs: Observation) -> tuple[Tensor, Tensor | None]:
-        b, hk, n = obs.keys.shape[:3]
+        n = obs.keys.shape[2]
         k = self.budget(n, obs.layer, obs.n_layers)
         if k >= n:
             return Press.keep(self, obs)
         top = torch.finfo(torch.float32).max
         scores = self.press.score(obs).float().clone()
-        safe = int(k * self.alpha_safeguard)
-        if safe:
-            scores.scatter_(-1, scores.topk(safe, -1).indices, top)
-        chosen = scores.flatten(1).topk(hk * k, -1).indices
-        budgets = torch.zeros(b, hk, dtype=torch.long, device=scores.device)
-        budgets.scatter_add_(-1, chosen // n, torch.ones_like(chosen))
+        budgets = adakv_kept(scores, k, self.alpha_safeguard).sum(-1)  # per head, [b, Hk]
         first = (budgets * self.first_stage_ratio).long()  # kvpress: .to(int64), a floor
-        ranked = scores.argsort(-1, descending=True)
-        ranks = torch.empty_like(ranked).scatter_(-1, ranked, torch.arange(n, device=scores.device).expand_as(ranked))
-        scores = torch.where(ranks < first.unsqueeze(-1), top, scores)  # stage 1
+        scores = torch.where(_ranks(scores) < first.unsqueeze(-1), top, scores)  # stage 1
         stage2 = torch.where(scores == top, torch.inf, (scores + self.epsilon) * value_projection_norm(obs))
-        ranked = stage2.argsort(-1, descending=True)
-        ranks = torch.empty_like(ranked).scatter_(-1, ranked, torch.arange(n, device=scores.device).expand_as(ranked))
-        return head_wise_layout(ranks < budgets.unsqueeze(-1))
+        return head_wise_layout(_ranks(stage2) < budgets.unsqueeze(-1))
+
+
+def _ranks(scores: Tensor) -> Tensor:
+    """Each position's place in its row by descending score (0 = best), [b, Hk, n]."""
+    ranked = scores.argsort(-1, descending=True)
+    order = torch.arange(scores.shape[-1], device=scores.device).expand_as(ranked)
+    return torch.empty_like(ranked).scatter_(-1, ranked, order)
 
 
 @dataclass
