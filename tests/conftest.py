@@ -69,3 +69,33 @@ def install():
             return stack.enter_context(method.installed(model, implementation))
 
         yield put
+
+
+def skip_with_reason(reason: str) -> None:
+    """Skip visibly: the reason also goes to the log (a reference or cluster that cannot run)."""
+    print(f"\nSKIPPED: {reason}", flush=True)
+    pytest.skip(reason)
+
+
+def build_venv(venv: Path, what: str, packages: list[str], timeout: float) -> Path:
+    """A fresh venv at `venv` with torch pinned to this one's version and `packages`
+    (another project's pins in their own environment); skips visibly when it cannot be made.
+    Returns its python."""
+    import time
+
+    import torch
+
+    python = venv / "bin" / "python"
+    start = time.monotonic()
+    try:
+        subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True,
+                       capture_output=True, timeout=120)
+        proc = subprocess.run([str(python), "-m", "pip", "install", "-q",
+                               f"torch=={torch.__version__.split('+')[0]}", *packages],
+                              capture_output=True, text=True, timeout=timeout)
+    except (subprocess.SubprocessError, OSError) as exc:
+        skip_with_reason(f"could not create the {what} venv in {venv}: {exc}")
+    if proc.returncode != 0:
+        skip_with_reason(f"pip install {what} into {venv} failed: {proc.stderr.strip()[-800:]}")
+    print(f"\n{what} venv {venv} made in {time.monotonic() - start:.0f}s", flush=True)
+    return python

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from sa_bench.launch.pool import PoolConfig, lease
-from tests.conftest import ROOT, run_sa_bench
+from tests.conftest import ROOT, build_venv, run_sa_bench, skip_with_reason
 from tests.e2e_support import write_probe_config
 
 JOB_FILES = ["predictions.jsonl", "metrics.json", "config.yaml", "stats.json", "env.json", "done.json"]
@@ -121,11 +121,6 @@ def check_sweep_results(out: Path, gpus: set[str]) -> None:
         assert not list(d.rglob(".submitit")), "submitit files inside a job directory"
 
 
-def skip_with_reason(reason: str) -> None:
-    print(f"\nSKIPPED: {reason}", flush=True)
-    pytest.skip(reason)
-
-
 # ---------------------------------------------------------------- SLURM
 
 def ensure_extra(name: str, module: str) -> None:
@@ -225,21 +220,8 @@ def ray_python() -> Path:
         capture_output=True).returncode == 0
     if ok:
         return python
-    import torch
-
-    torch_pin = f"torch=={torch.__version__.split('+')[0]}"
-    start = time.monotonic()
-    try:
-        subprocess.run([sys.executable, "-m", "venv", "--clear", str(RAY_VENV)], check=True,
-                       capture_output=True, timeout=120)
-        proc = subprocess.run([str(python), "-m", "pip", "install", "-q", torch_pin,
-                               "-e", f"{ROOT}[ray]"], capture_output=True, text=True, timeout=900)
-    except (subprocess.SubprocessError, OSError) as exc:
-        skip_with_reason(f"could not create the Ray venv in {RAY_VENV}: {exc}")
-    if proc.returncode != 0:
-        skip_with_reason(f"pip install sa_bench[ray] into {RAY_VENV} failed: {proc.stderr.strip()[-800:]}")
+    build_venv(RAY_VENV, "sa_bench[ray]", ["-e", f"{ROOT}[ray]"], timeout=900)
     stamp.write_text(pyproject)
-    print(f"\nRay venv {RAY_VENV} made in {time.monotonic() - start:.0f}s", flush=True)
     return python
 
 

@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -21,8 +19,7 @@ from omegaconf import OmegaConf
 
 from sa_bench.attention import SparseMethod
 from sa_bench.runner import _prefill
-from tests.conftest import ROOT
-from tests.e2e.test_launchers import skip_with_reason
+from tests.conftest import ROOT, build_venv
 
 KVPRESS = "kvpress==0.5.4"
 """The kvpress release compared (its source: github.com/NVIDIA/kvpress, tag v0.5.4)."""
@@ -35,19 +32,7 @@ def kvpress_python() -> Path:
     check = f"import importlib.metadata as m; assert m.version('kvpress') == '{KVPRESS.split('==')[1]}'"
     if python.exists() and subprocess.run([str(python), "-c", check], capture_output=True).returncode == 0:
         return python
-    torch_pin = f"torch=={torch.__version__.split('+')[0]}"
-    start = time.monotonic()
-    try:
-        subprocess.run([sys.executable, "-m", "venv", "--clear", str(VENV)], check=True,
-                       capture_output=True, timeout=120)
-        proc = subprocess.run([str(python), "-m", "pip", "install", "-q", torch_pin, KVPRESS],
-                              capture_output=True, text=True, timeout=1200)
-    except (subprocess.SubprocessError, OSError) as exc:
-        skip_with_reason(f"could not create the kvpress venv in {VENV}: {exc}")
-    if proc.returncode != 0:
-        skip_with_reason(f"pip install {KVPRESS} into {VENV} failed: {proc.stderr.strip()[-800:]}")
-    print(f"\nkvpress venv {VENV} made in {time.monotonic() - start:.0f}s", flush=True)
-    return python
+    return build_venv(VENV, KVPRESS, [KVPRESS], timeout=1200)
 
 
 @pytest.fixture(scope="module")
