@@ -12,7 +12,6 @@ import torch
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
 
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from sa_bench.attention import SparseMethod  # noqa: E402
 from sa_bench.attention.prefill import (  # noqa: E402
@@ -35,9 +34,7 @@ from sa_bench.attention.prefill_methods import (  # noqa: E402
 from sa_bench.config import ConfigError  # noqa: E402
 from sa_bench.runner import _prefill, _with_cache  # noqa: E402
 from tests.conftest import run_sa_bench  # noqa: E402
-
-SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-             intermediate_size=128, vocab_size=300)
+from tests.unit.attention.test_attention_hook import make  # noqa: E402
 
 # small settings that are really sparse at a few hundred tokens
 METHODS = {
@@ -159,11 +156,6 @@ def test_method_specific_choices():
     assert torch.equal(tri[..., :-2, :], a[..., :-2, :]) and tri[..., -1, :].all()
 
 
-def tiny_model(seed=0):
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(**SMALL)).eval()
-
-
 def prefill_logits(model, method, ids, chunk):
     with method.installed(model, "sdpa"):
         method.reset()
@@ -177,7 +169,7 @@ def prefill_logits(model, method, ids, chunk):
 @pytest.mark.parametrize("name", sorted(FULL))
 @pytest.mark.parametrize("chunk", [None, 96])
 def test_full_density_settings_give_the_dense_prefill(name, chunk):
-    model = tiny_model()
+    model = make()[0]
     ids = torch.randint(0, 300, (250,), generator=torch.Generator().manual_seed(1)).tolist()
     dense = SparseMethod.from_config({"name": "dense"})
     sparse = SparseMethod.from_config({"name": name, "prefill": FULL[name]})
@@ -197,7 +189,7 @@ def test_full_density_settings_give_the_dense_prefill(name, chunk):
 def test_chunked_estimation_never_reads_a_later_query(name):
     """Two prompts that share their first two chunks: the patterns and outputs of those chunks
     are the same whatever follows (and one pass estimates differently)."""
-    model = tiny_model()
+    model = make()[0]
     gen = torch.Generator().manual_seed(2)
     head = torch.randint(0, 300, (192,), generator=gen).tolist()
     tails = [torch.randint(0, 300, (100,), generator=gen).tolist() for _ in range(2)]
@@ -317,7 +309,7 @@ def test_vertical_slash_per_head_patterns_from_a_minference_file(tmp_path):
     layers = [{"0": ["vertical_and_slash", 5, 8, 0.9], "3": ["stream_llm", 3, 20, 0.5]},
               {"1": ["vertical_and_slash", 40, 30, 0.8]}]
     method = SparseMethod.from_config({"name": "vs", "prefill": {**vs, "patterns": best_pattern_file(tmp_path, layers)}})
-    model = tiny_model()
+    model = make()[0]
     query, key, _ = qkv(1, 4, 2, 200, 200, seed=5)
     prefill = method.prefill
     columns, offsets = prefill.estimate(query, key, 0, layer=0)
@@ -348,7 +340,7 @@ def test_best_pattern_file_errors(tmp_path):
         build([{"0": ["vertical_and_slash", 0, 5, 0.1]}])
     with pytest.raises(ConfigError, match=r"sparse\.prefill\.patterns: MInference best_pattern file not found"):
         SparseMethod.from_config({"name": "vs", "prefill": {**vs, "patterns": str(tmp_path / "none.json")}})
-    model = tiny_model()
+    model = make()[0]
     one_layer = build([{"0": ["vertical_and_slash", 5, 8, 0.9]}])
     with pytest.raises(ConfigError, match=r"sparse\.prefill\.patterns: .* has 1 layers, the model 2"):
         one_layer.prefill.prepare(model.config, "sparse.prefill")
