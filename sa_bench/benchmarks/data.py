@@ -219,13 +219,17 @@ def hub_file(repo_id: str, filename: str) -> Path:
 
 
 def hub_zip_member(repo_id: str, archive: str, member: str) -> list[dict[str, Any]]:
-    """Rows of `member` (jsonl) inside the zip `archive` of a hub dataset repository,
-    extracted once next to the cached archive."""
+    """Rows of the jsonl file inside the zip `archive` of a hub dataset repository whose path
+    is `member` or ends with `/member` (archives differ in their top folder), extracted once
+    next to the cached archive."""
     zip_path = hub_file(repo_id, archive)
-    target = zip_path.parent / (zip_path.name + ".extracted") / member
-    if not target.is_file():
-        with zipfile.ZipFile(zip_path) as zf:
-            zf.extract(member, target.parents[len(Path(member).parts) - 1])
+    with zipfile.ZipFile(zip_path) as zf:
+        name = next((n for n in zf.namelist() if n == member or n.endswith("/" + member)), None)
+        if name is None:
+            raise FileNotFoundError(f"{zip_path}: no {member} inside")
+        target = zip_path.parent / (zip_path.name + ".extracted") / name
+        if not target.is_file():
+            zf.extract(name, target.parents[len(Path(name).parts) - 1])
     return read_rows(target)
 
 

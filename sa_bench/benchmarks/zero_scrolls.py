@@ -23,7 +23,6 @@ book_sum_sort (see `metrics.scrolls_*`).
 
 from __future__ import annotations
 
-import zipfile
 from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +30,7 @@ from typing import Any, ClassVar
 
 from sa_bench.benchmarks import metrics
 from sa_bench.benchmarks.base import Benchmark, Sample
-from sa_bench.benchmarks.data import files_found, hub_file, load_rows, read_rows
+from sa_bench.benchmarks.data import files_found, hub_zip_member, load_rows
 
 HUB_ID = "tau/zero_scrolls"
 SPLIT = "validation"
@@ -66,20 +65,6 @@ HOW_TO_GET = (
 )
 
 
-def hub_rows(subset: str) -> list[dict[str, Any]]:
-    """The validation rows of one task from the hub's `<task>.zip`, extracted once next to
-    the cached archive."""
-    archive = hub_file(HUB_ID, f"{subset}.zip")
-    with zipfile.ZipFile(archive) as zf:
-        member = next((n for n in zf.namelist() if n.endswith(f"{SPLIT}.jsonl")), None)
-        if member is None:
-            raise FileNotFoundError(f"{archive}: no {SPLIT}.jsonl inside")
-        target = archive.parent / (archive.name + ".extracted") / member
-        if not target.is_file():
-            zf.extract(member, target.parents[len(Path(member).parts) - 1])
-    return read_rows(target)
-
-
 def score_outputs(subset: str, predictions: list[str], references: list[list[str]]) -> dict[str, Any]:
     """The official figures of one task: {"score": ..., and the ROUGE types for summaries}."""
     if METRIC[subset] == "rouge":
@@ -109,7 +94,7 @@ class ZeroScrolls(Benchmark):
         rows = load_rows(
             benchmark=self.name, subset=self.subset, data_dir=self.data_dir,
             data_files=self.data_files, names=self._names(),
-            hub=lambda: hub_rows(self.subset), hub_id=f"{HUB_ID} {self.subset}.zip:{SPLIT}.jsonl",
+            hub=lambda: hub_zip_member(HUB_ID, f"{self.subset}.zip", f"{SPLIT}.jsonl"), hub_id=f"{HUB_ID} {self.subset}.zip:{SPLIT}.jsonl",
             how_to_get=HOW_TO_GET, fields=ROW_FIELDS,
         )  # fmt: skip
         samples: dict[str, Sample] = {}

@@ -165,3 +165,26 @@ def test_loft_a_bad_row_is_named(tmp_path):
     bench = make("loft", subset="nq_32k", data_dir=str(tmp_path))
     with pytest.raises(BadRowError, match=rf"^{target / 'test_queries.jsonl'}: row 2: field 'answers' should be list"):
         bench.load(None)
+
+
+def test_zero_scrolls_reads_the_hub_archive_without_a_data_dir(tmp_path, monkeypatch):
+    """The hub path: `<task>.zip` holding `<task>/validation.jsonl` beside the answerless test
+    split, read once and extracted next to the archive (the download itself is replaced)."""
+    import zipfile
+
+    from sa_bench.benchmarks import data
+
+    official = FIXTURES / "zero_scrolls" / "qasper" / "validation.jsonl"
+    archive = tmp_path / "qasper.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("qasper/test.jsonl", '{"id": "t", "input": "x", "output": null}\n')
+        zf.write(official, "qasper/validation.jsonl")
+    asked = []
+    monkeypatch.setattr(data, "hub_file", lambda repo, name: asked.append((repo, name)) or archive)
+    from_hub = make("zero_scrolls", subset="qasper").load(None)
+    from_dir = make("zero_scrolls", subset="qasper", data_dir=str(FIXTURES / "zero_scrolls")).load(None)
+    assert asked == [("tau/zero_scrolls", "qasper.zip")]
+    assert [(s.id, s.context, s.question, s.answers) for s in from_hub] == [
+        (s.id, s.context, s.question, s.answers) for s in from_dir]
+    assert (tmp_path / "qasper.zip.extracted" / "qasper" / "validation.jsonl").is_file()
+    assert not (tmp_path / "qasper.zip.extracted" / "qasper" / "test.jsonl").exists()
