@@ -154,11 +154,21 @@ BYTEDANCE = torch.load(PREFILL / "flexprefill_bytedance.pt")
 
 
 def bytedance_runs():
-    qk = {"xattention.pt": XATTENTION}[BYTEDANCE["qk_from"]]["cases"]
-    return [pytest.param(qk[case["source_case"]], run, id=f"{kv_id(qk[case['source_case']])}-"
-                         f"b{run['params']['block']}-g{run['params']['gamma']}-t{run['params']['tau']}-"
-                         f"m{run['params']['min_budget']}")
-            for case in BYTEDANCE["cases"] for run in case["runs"]]
+    """Per fixture case its Q/K (xattention.pt's random ones by index, or the embedded model's
+    layer, float16 -> float32 as the reference ran them) and each parameter set."""
+    params = []
+    for case in BYTEDANCE["cases"]:
+        if "source_case" in case:
+            qk = XATTENTION["cases"][case["source_case"]]
+            where = kv_id(qk)
+        else:
+            qk = {"query": case["query"].float(), "key": case["key"].float()}
+            where = f"embedded-layer{case['embedded_layer']}"
+        for run in case["runs"]:
+            p = run["params"]
+            params.append(pytest.param(qk, run, id=f"{where}-b{p['block']}-g{p['gamma']}-t{p['tau']}-"
+                                       f"m{p['min_budget']}-M{p['max_budget']}"))
+    return params
 
 
 @pytest.mark.parametrize(("case", "run"), bytedance_runs())
