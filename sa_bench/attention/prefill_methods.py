@@ -586,7 +586,8 @@ class FlexPrefillBytedance(PrefillMethod):
         blocks = (columns[:, :, None, :] | diagonals[:, :, (qb - kb).clamp(min=0)]) & causal
         if aware.any():
             bi, hi = aware.nonzero(as_tuple=True)
-            mean_q = _block_means(query, start, block)[bi, hi] * d ** -0.5  # [n, nq, d]
+            # [n, nq, d] and [n, nk, d]: the query-aware heads' block means only
+            mean_q = _block_means(query[bi, hi][None], start, block)[0] * d ** -0.5
             mean_k = _block_means(key, 0, block)[bi, hi // (h // key.shape[1])]
             scores = (mean_q @ mean_k.transpose(-1, -2)).masked_fill(~causal, float("-inf"))
             scores = scores.softmax(-1).flatten(1)
