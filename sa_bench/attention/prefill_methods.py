@@ -525,8 +525,8 @@ class FlexPrefillBytedance(PrefillMethod):
     As the reference, a prompt of at most max(2 block, ceil(min_budget / block) block) keys is
     computed dense. The reference takes a whole prompt (its query and key lengths are equal);
     with chunked prefill the chunk's queries and query blocks stand for the prompt's, against
-    every key so far. Parity: tests/test_prefill_parity.py (the reference's selection run on
-    the same Q/K; one pass). MInference (microsoft/MInference@fb56c91, `flexprefill_forward`)
+    every key so far. Parity: tests/unit/attention/test_prefill_parity.py (the reference's
+    selection on the same Q/K, random and the embedded model's; one pass). MInference (microsoft/MInference@fb56c91, `flexprefill_forward`)
     runs the same code with gamma 0.9, tau 0.1, block 128 and no min_budget (= min_budget 1
     here); it passes the block size in `gqa_interleave`'s place, harmless there because it
     repeats the kv heads first."""
