@@ -4,7 +4,8 @@ Each is a dataclass of its YAML keys and a `pattern` function; every estimate re
 chunk's queries and the keys so far only. References (read, not copied):
 MInference microsoft/MInference@fb56c917f618e8645f1cfc37535afd7424d78f0d,
 sparse-frontier PiotrNawrot/sparse-frontier@31d86c170248865183d6569c491d47f71cdd9d53,
-XAttention mit-han-lab/x-attention@e37988770b9d1bebd489eba011d615f35587ba08.
+XAttention mit-han-lab/x-attention@e37988770b9d1bebd489eba011d615f35587ba08,
+FlexPrefill bytedance/FlexPrefill@a24b27bf117fd6ad4ba34b0db82c598e7786fd59.
 """
 
 from __future__ import annotations
@@ -427,9 +428,8 @@ class FlexPrefill(PrefillMethod):
     4 and 64, forced after the counts are taken). Diagonals become the `block`-sized key blocks
     that hold them (the reference runs MInference's vertical-slash kernel, blocks of 64).
 
-    Not here: bytedance/FlexPrefill's own selection (query-aware vs vertical-slash per head by
-    a JS-divergence test, tau; block-pooled estimation with gamma; MInference's gamma 0.9 /
-    tau 0.1 / block 128 parameter set), whose estimation is a Triton kernel."""
+    The authors' own selection (query-aware heads, gamma, tau, block 128) is
+    `FlexPrefillBytedance` (conf/sparse/flexprefill_bytedance.yaml)."""
 
     alpha: float = 0.65
     approximation: int = 512
@@ -465,3 +465,133 @@ class FlexPrefill(PrefillMethod):
         columns, offsets = self.estimate(query, key, start)
         return Pattern(self.block, start, diagonal_blocks(offsets, start, key.shape[2], self.block),
                        columns)
+
+
+def _block_sums(x: Tensor, block: int) -> Tensor:
+    """[..., n] -> [..., ceil(n / block)]: sums over consecutive `block` entries (last one short)."""
+    n = x.shape[-1]
+    x = torch.nn.functional.pad(x, (0, n_blocks(n, block) * block - n))
+    return x.view(*x.shape[:-1], -1, block).sum(-1)
+
+
+def _block_means(x: Tensor, first_pos: int, block: int) -> Tensor:
+    """[b, h, n, d] rows at positions first_pos.. -> [b, h, blocks, d] float32: each grid
+    block's mean over its rows that are present."""
+    n = x.shape[2]
+    edges = torch.arange(first_pos // block, n_blocks(first_pos + n, block) + 1, device=x.device) * block
+    edges = edges.clamp(min=first_pos, max=first_pos + n)
+    return _pooled(x, first_pos, block) * (block / (edges[1:] - edges[:-1]))[:, None]
+
+
+def _sqrt_js(p: Tensor, q: Tensor) -> Tensor:
+    """Square root of the Jensen-Shannon divergence of distributions p, q over the last dim."""
+    m = (p + q) / 2
+    return (0.5 * (p * (p / m).log()).sum(-1) + 0.5 * (q * (q / m).log()).sum(-1)).sqrt()
+
+
+def _top_mask(scores: Tensor, counts: Tensor) -> Tensor:
+    """bool like scores [b, H, n]: each head's `counts` [b, H] highest entries."""
+    top = scores.topk(min(int(counts.max()), scores.shape[-1]), -1).indices
+    keep = torch.arange(top.shape[-1], device=scores.device) < counts[..., None]
+    return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top, keep)
+
+
+@dataclass
+class FlexPrefillBytedance(PrefillMethod):
+    """FlexPrefill as its authors define it (https://arxiv.org/abs/2502.20766;
+    bytedance/FlexPrefill@a24b27bf117fd6ad4ba34b0db82c598e7786fd59,
+    flex_prefill/ops/flex_prefill_attention.py `flex_prefill_attention`, `get_active_blocks`;
+    defaults of flex_prefill/modules/patch.py: gamma 0.9, tau 0.1, min_budget 1024, max_budget
+    none, block 128). Everything is on the `block` grid; per head:
+
+    - the chunk's last `block` queries (scaled by 1/sqrt(d)) score every key, causally,
+      softmaxed in float32: the columns' mean and the diagonals' sums / rows (as `FlexPrefill`)
+      are two distributions over keys and diagonals, summed per block;
+    - query-aware test: the softmax over key blocks of those queries' mean against each key
+      block's mean key, compared with the block-summed column distribution; a head whose
+      square-root Jensen-Shannon divergence is below `tau` is query-aware;
+    - every head keeps the key blocks of its top vertical blocks (every query block) and its
+      top block diagonals (query block i + s, key block i). Counts: the fewest keys
+      (diagonals) covering `gamma` of the distribution (the count whose descending running
+      sum stays <= gamma, plus one), // 128 + 1 (the reference's literal 128, whatever the
+      block), clamped to [ceil(min_budget / block), ceil(max_budget / block)]; a query-aware
+      head takes ceil(min_budget / block) of each. Key block 0 and the main block diagonal
+      always;
+    - a query-aware head adds the blocks of its pooled estimate: each query block's mean query
+      (its rows in the chunk) against each key block's mean key, causal, softmaxed per query
+      block; over all the chunk's query blocks together the largest while their running sum
+      stays <= gamma x the number of query blocks.
+
+    As the reference, a prompt of at most max(2 block, ceil(min_budget / block) block) keys is
+    computed dense. The reference takes a whole prompt (its query and key lengths are equal);
+    with chunked prefill the chunk's queries and query blocks stand for the prompt's, against
+    every key so far. Parity: tests/unit/attention/test_prefill_parity.py (the reference's
+    selection on the same Q/K, random and the embedded model's; one pass). MInference (microsoft/MInference@fb56c91, `flexprefill_forward`)
+    runs the same code with gamma 0.9, tau 0.1, block 128 and no min_budget (= min_budget 1
+    here); it passes the block size in `gqa_interleave`'s place, harmless there because it
+    repeats the kv heads first."""
+
+    gamma: float = 0.9
+    tau: float = 0.1
+    min_budget: int = 1024
+    max_budget: int | None = None
+    block: int = 128
+    kernel: Kernel = "auto"
+
+    def __post_init__(self) -> None:
+        self._check_block()
+        check_range(self.gamma, "gamma", 0.0, 1.0, low_open=True)
+        check_range(self.tau, "tau", 0.0, 1.0)
+        check_range(self.min_budget, "min_budget", 1)
+        if self.max_budget is not None:
+            check_range(self.max_budget, "max_budget", 1)
+
+    def is_dense(self, kv: int) -> bool:
+        """The reference's fallback: too few keys for a sparse pass."""
+        return kv <= max(2 * self.block, n_blocks(self.min_budget, self.block) * self.block)
+
+    def estimate(self, query: Tensor, key: Tensor, start: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(vertical key blocks [b, H, nk], block diagonals [b, H, nk] (index = offset),
+        query-aware heads [b, H], their divergence [b, H])."""
+        d = query.shape[-1]
+        kv, block = key.shape[2], self.block
+        nk = n_blocks(kv, block)
+        r = min(block, query.shape[2])
+        vertical, slash = last_rows_sums(query, key, r)
+        vertical, slash = vertical / r, slash / r
+        low = n_blocks(self.min_budget, block)
+        high = nk if self.max_budget is None else min(n_blocks(self.max_budget, block), nk)
+        n_v = (_cover(vertical, self.gamma) // 128 + 1).clamp(min=low).clamp(max=high)
+        n_s = (_cover(slash, self.gamma) // 128 + 1).clamp(min=low).clamp(max=high)
+        vertical, slash = _block_sums(vertical, block), _block_sums(slash, block)
+        mean_q = query[:, :, -r:].float().mean(2, keepdim=True) * d ** -0.5
+        pooled = grouped_scores(mean_q, _block_means(key, 0, block))[:, :, 0].softmax(-1)
+        divergence = _sqrt_js(pooled, vertical)
+        aware = divergence < self.tau
+        n_v, n_s = n_v.masked_fill(aware, low), n_s.masked_fill(aware, low)
+        vertical[..., 0] = float("inf")
+        slash[..., -1] = float("inf")  # slash block j holds offsets nk - 1 - j
+        return _top_mask(vertical, n_v), _top_mask(slash, n_s).flip(-1), aware, divergence
+
+    def pattern(self, query: Tensor, key: Tensor, start: int) -> Pattern:
+        b, h, _, d = query.shape
+        kv, block = key.shape[2], self.block
+        causal = causal_blocks(start, kv, block, query.device)  # [nq, nk]
+        if self.is_dense(kv):
+            return Pattern(block, start, causal.expand(b, h, -1, -1))
+        columns, diagonals, aware, _ = self.estimate(query, key, start)
+        nq, nk = causal.shape
+        qb = torch.arange(nq, device=query.device)[:, None] + start // block
+        kb = torch.arange(nk, device=query.device)[None, :]
+        blocks = (columns[:, :, None, :] | diagonals[:, :, (qb - kb).clamp(min=0)]) & causal
+        if aware.any():
+            bi, hi = aware.nonzero(as_tuple=True)
+            # [n, nq, d] and [n, nk, d]: the query-aware heads' block means only
+            mean_q = _block_means(query[bi, hi][None], start, block)[0] * d ** -0.5
+            mean_k = _block_means(key, 0, block)[bi, hi // (h // key.shape[1])]
+            scores = (mean_q @ mean_k.transpose(-1, -2)).masked_fill(~causal, float("-inf"))
+            scores = scores.softmax(-1).flatten(1)
+            ranked, order = scores.sort(-1, descending=True)
+            keep = ranked.cumsum(-1) <= self.gamma * nq
+            blocks[bi, hi] |= torch.zeros_like(keep).scatter_(-1, order, keep).view(-1, nq, nk)
+        return Pattern(block, start, blocks)

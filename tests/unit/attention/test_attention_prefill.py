@@ -27,6 +27,7 @@ from sa_bench.attention.prefill_methods import (  # noqa: E402
     AShape,
     BlockSparse,
     FlexPrefill,
+    FlexPrefillBytedance,
     TriShape,
     VerticalSlash,
     XAttention,
@@ -49,12 +50,15 @@ METHODS = {
                    "threshold": 0.6, "block": 32},
     "flexprefill": {"_target_": "sa_bench.attention.prefill_methods.FlexPrefill", "alpha": 0.05,
                     "approximation": 32, "min_budget": 4, "keep_last": 4, "block": 16},
+    "flexprefill_bytedance": {"_target_": "sa_bench.attention.prefill_methods.FlexPrefillBytedance",
+                              "gamma": 0.9, "tau": 0.15, "min_budget": 16, "block": 16},
 }
 FULL = {  # settings that compute every causal pair
     "vertical_slash": {**METHODS["vertical_slash"], "vertical_size": 4096, "slash_size": 4096},
     "a_shape": {**METHODS["a_shape"], "n_local": 4096},
     "block_sparse": {**METHODS["block_sparse"], "top_k": 4096},
     "flexprefill": {**METHODS["flexprefill"], "min_budget": 4096},
+    "flexprefill_bytedance": {**METHODS["flexprefill_bytedance"], "min_budget": 4096},  # dense fallback
 }
 
 
@@ -225,6 +229,10 @@ def test_config_errors_name_the_prefill_key():
         SparseMethod.from_config({"name": "x", "prefill": {**METHODS["block_sparse"], "top_k": 1}})
     with pytest.raises(ConfigError, match=r"sparse\.prefill\._target_: .* not a PrefillMethod"):
         SparseMethod.from_config({"name": "x", "prefill": {"_target_": "sa_bench.attention.maskers.Sink"}})
+    with pytest.raises(ConfigError, match=r"sparse\.prefill\.max_budget: expected a value >= 1, got 0"):
+        SparseMethod.from_config({"name": "x", "prefill": {**METHODS["flexprefill_bytedance"], "max_budget": 0}})
+    with pytest.raises(ConfigError, match=r"sparse\.prefill\.gamma: expected a value > 0.0"):
+        SparseMethod.from_config({"name": "x", "prefill": {**METHODS["flexprefill_bytedance"], "gamma": 0.0}})
     with pytest.raises(ConfigError, match=r"sparse\.prefill\.block: expected a multiple of stride"):
         SparseMethod.from_config({"name": "x", "prefill": {**METHODS["xattention"], "block": 30}})
 
@@ -293,6 +301,60 @@ def test_flexprefill_sizes_adapt_per_head():
     ref, pairs = brute_force(pattern, query, key, value, 0.25)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     assert torch.equal(computed_pairs(pattern, kv), pairs)
+
+
+def test_flexprefill_bytedance_heads_budgets_and_chunks():
+    """Query-aware heads (tau) take the minimum vertical-slash budget plus their pooled blocks,
+    the others the cover counts of the last block's attention; max_budget caps; short prompts
+    are dense; a chunk estimated from the same last queries has one pass's blocks."""
+    kv, block = 300, 16
+    query, key, value = qkv(1, 4, 2, kv, kv, seed=5)
+    query[:, 0] *= 8
+    none = FlexPrefillBytedance(gamma=0.9, tau=0.0, min_budget=16, block=block)
+    columns, diagonals, aware, divergence = none.estimate(query, key, 0)
+    assert not aware.any() and (divergence > 0).all()
+    nq = -(-kv // block)
+    # the cover count of head 1 by hand: the last 16 queries' softmax, mean over rows
+    s = (query[0, 1, -16:] @ key[0, 0].T / 16 ** 0.5).masked_fill(
+        torch.arange(kv)[None, :] > torch.arange(kv - 16, kv)[:, None], float("-inf")).softmax(-1)
+    covering = int((s.mean(0).sort(descending=True).values.cumsum(0) <= 0.9).sum()) + 1
+    assert int(columns[0, 1].sum()) == max(1, covering // 128 + 1)
+    assert columns[..., 0].all() and diagonals[..., 0].all()  # key block 0, the main diagonal
+    blocks = none.pattern(query, key, 0).blocks
+    assert blocks[..., 0].all() and blocks[..., torch.arange(nq), torch.arange(nq)].all()
+    expected = (columns[:, :, None, :] | diagonals[:, :, (torch.arange(nq)[:, None] - torch.arange(nq)).clamp(min=0)])
+    assert torch.equal(blocks, expected & torch.ones(nq, nq, dtype=torch.bool).tril())
+
+    every = FlexPrefillBytedance(gamma=0.9, tau=1.0, min_budget=16, block=block)
+    columns, diagonals, aware, _ = every.estimate(query, key, 0)
+    assert aware.all() and (columns.sum(-1) == 1).all() and (diagonals.sum(-1) == 1).all()
+    blocks = every.pattern(query, key, 0).blocks
+    assert (blocks.sum((-1, -2)) > 2 * nq).all()  # more than key block 0 and the diagonal
+    pattern = every.pattern(query, key, 0)
+    torch.testing.assert_close(attend(pattern, query, key, value, 0.25),
+                               brute_force(pattern, query, key, value, 0.25)[0], atol=1e-5, rtol=1e-5)
+
+    capped = FlexPrefillBytedance(gamma=0.99, tau=0.0, min_budget=16, max_budget=32, block=block)
+    columns, diagonals, _, _ = capped.estimate(query, key, 0)
+    assert (columns.sum(-1) <= 2).all() and (diagonals.sum(-1) <= 2).all()
+
+    assert none.is_dense(32) and not none.is_dense(33)  # max(2 blocks, min_budget)
+    short = none.pattern(query[:, :, :32], key[:, :, :32], 0).blocks
+    assert torch.equal(short, torch.ones(1, 4, 2, 2, dtype=torch.bool).tril())
+
+    start = 100  # mid-block: the chunk's last queries are one pass's, so are its blocks
+    chunk = none.pattern(query[:, :, start:], key, start)
+    assert torch.equal(chunk.blocks, none.pattern(query, key, 0).blocks[:, :, start // block:])
+
+
+@pytest.mark.gpu
+def test_flexprefill_bytedance_pattern_on_gpu_equals_cpu():
+    query, key, _ = qkv(1, 4, 2, 300, 300, seed=5)
+    method = FlexPrefillBytedance(gamma=0.9, tau=0.15, min_budget=16, block=16)
+    for start in (0, 100):
+        cpu = method.pattern(query[:, :, start:], key, start).blocks
+        gpu = method.pattern(query[:, :, start:].cuda(), key.cuda(), start).blocks
+        assert torch.equal(cpu, gpu.cpu())
 
 
 def best_pattern_file(tmp_path, layers):

@@ -12,8 +12,14 @@ import torch
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
 
-from sa_bench.attention.prefill import n_blocks  # noqa: E402
-from sa_bench.attention.prefill_methods import BlockSparse, FlexPrefill, VerticalSlash, XAttention  # noqa: E402
+from sa_bench.attention.prefill import causal_blocks, n_blocks  # noqa: E402
+from sa_bench.attention.prefill_methods import (  # noqa: E402
+    BlockSparse,
+    FlexPrefill,
+    FlexPrefillBytedance,
+    VerticalSlash,
+    XAttention,
+)
 from tests.conftest import FIXTURES  # noqa: E402
 
 PREFILL = FIXTURES / "prefill"
@@ -140,3 +146,46 @@ def test_best_pattern_file_equals_minference(case, tmp_path):
     assert as_sets(offsets[0]) == as_sets(ref["offsets"])
     pattern = method.layer_pattern(case["query"], case["key"], 0, ref["layer"])
     assert torch.equal(pattern.columns, columns)
+
+
+# --- bytedance/FlexPrefill's own selection ------------------------------------------------
+
+BYTEDANCE = torch.load(PREFILL / "flexprefill_bytedance.pt")
+
+
+def bytedance_runs():
+    """Per fixture case its Q/K (xattention.pt's random ones by index, or the embedded model's
+    layer, float16 -> float32 as the reference ran them) and each parameter set."""
+    params = []
+    for case in BYTEDANCE["cases"]:
+        if "source_case" in case:
+            qk = XATTENTION["cases"][case["source_case"]]
+            where = kv_id(qk)
+        else:
+            qk = {"query": case["query"].float(), "key": case["key"].float()}
+            where = f"embedded-layer{case['embedded_layer']}"
+        for run in case["runs"]:
+            p = run["params"]
+            params.append(pytest.param(qk, run, id=f"{where}-b{p['block']}-g{p['gamma']}-t{p['tau']}-"
+                                       f"m{p['min_budget']}-M{p['max_budget']}"))
+    return params
+
+
+@pytest.mark.parametrize(("case", "run"), bytedance_runs())
+def test_flexprefill_bytedance_equals_reference(case, run):
+    """`flex_prefill_attention`'s choice on the same Q/K: dense for short prompts, else the
+    same query-aware heads (square-root JS divergence < tau) and the same blocks per head."""
+    p = run["params"]
+    method = FlexPrefillBytedance(gamma=p["gamma"], tau=p["tau"], min_budget=p["min_budget"] or 1,
+                                  max_budget=p["max_budget"], block=p["block"])
+    q, k = case["query"], case["key"]
+    n = k.shape[2]
+    blocks = method.pattern(q, k, 0).blocks[0]
+    if run["dense"]:
+        assert method.is_dense(n)
+        assert torch.equal(blocks, causal_blocks(0, n, p["block"], "cpu").expand(4, -1, -1))
+        return
+    _, _, aware, divergence = method.estimate(q, k, 0)
+    torch.testing.assert_close(divergence[0], run["js"], rtol=1e-5, atol=1e-6)
+    assert torch.equal(aware[0], run["js"] < p["tau"])
+    assert torch.equal(blocks, run["blocks"])
