@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from sa_bench.attention.compression import (
     ROW_BLOCK_BYTES,
     Observation,
-    Press,
     PerLayer,
+    Press,
     Wrapper,
     adakv_kept,
     head_wise_layout,
