@@ -413,6 +413,61 @@ def test_decoding_compresses_every_interval_and_decodes_as_dense_over_the_kept(t
         AttentionInterface._global_mapping.pop("test_restricted", None)
 
 
+def test_decoding_over_observed_attention_reads_the_attention_of_the_passes_since_compression(tiny, install):
+    """Decoding over ObservedAttention: the kept positions are the best of the attention the
+    four passes paid each key (eager brute force on the uncompressed cache), each key divided
+    by the rows that could see it, averaged over a kv head's query heads."""
+    from transformers import AttentionInterface
+
+    model, tok, ids = tiny
+    press = {"_target_": "sa_bench.attention.presses.ObservedAttention"}
+    method = method_of("decoding", target_size=200, compression_interval=4, press=press)
+    install(method, model)
+    question = tok(" the key is #", add_special_tokens=False).input_ids
+    steps = [question, [17], [23], [31]]
+
+    def feed(cache, n, step_done=lambda q: None):
+        pos = n
+        with torch.inference_mode():
+            for step in steps:
+                model(input_ids=torch.tensor([step]), **_with_cache(model, cache),
+                      position_ids=torch.arange(pos, pos + len(step))[None])
+                pos += len(step)
+                step_done(len(step))
+
+    cache, n = prefilled(model, method, ids)
+    method.set_phase("question")
+    feed(cache, n, lambda q: (method.step(cache, q), method.set_phase("decode")))
+    assert method.stats()["compression"]["compressions"] == 1
+    full, _ = prefilled(model, method, ids)
+    sums: dict[int, list] = {}
+
+    def recording(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+        h, q, kv, g = query.shape[1], query.shape[2], key.shape[2], query.shape[1] // key.shape[1]
+        causal = torch.arange(kv)[None, :] <= (kv - q + torch.arange(q))[:, None]
+        w = (query @ key.repeat_interleave(g, 1).transpose(-1, -2) * scaling).masked_fill(~causal, float("-inf"))
+        w = w.softmax(-1)
+        sums.setdefault(module.layer_idx, []).append(w.sum(2))
+        return (w @ value.repeat_interleave(g, 1)).transpose(1, 2), None
+
+    previous = model.config._attn_implementation
+    AttentionInterface.register("test_recording", recording)
+    try:
+        model.set_attn_implementation("test_recording")
+        feed(full, n)
+    finally:
+        model.set_attn_implementation(previous)
+        AttentionInterface._global_mapping.pop("test_recording", None)
+    n1, rows = n + len(question) + 3, len(question) + 3
+    for layer, parts in sums.items():
+        total = sum(torch.nn.functional.pad(p, (0, n1 - p.shape[-1])) for p in parts)
+        scores = total / torch.arange(n1, 0, -1).clamp(max=rows)
+        hk = cache.layers[layer].keys.shape[1]
+        scores = scores.view(1, hk, -1, n1).mean(2)
+        want = scores.topk(200, -1).indices.sort(-1).values
+        assert torch.equal(method.compressor.kept[layer][0], want), layer
+
+
 def test_decoding_restores_the_cache_and_its_step_count_after_each_answer(tiny, install):
     model, tok, ids = tiny
     method = method_of("decoding", target_size=150, compression_interval=3)
