@@ -225,7 +225,8 @@ def adakv_kept(scores: Tensor, k: int, alpha_safeguard: float) -> Tensor:
 
 def head_wise_layout(kept: Tensor) -> tuple[Tensor, Tensor]:
     """A head-wise selection [b, Hk, n] (bool) -> (positions [b, Hk, L], validity [b, Hk, L]):
-    each head's kept positions first (ascending), then padding, L the largest head's count."""
+    each head's kept positions first (ascending), then padding, L the largest head's count
+    (what `Press.keep` returns; `Compressor.compress` stores it flat, `HeadWise`)."""
     n = kept.shape[-1]
     width = int(kept.sum(-1).max())
     # kept positions first (ascending), then padding: sort by (not kept, position)

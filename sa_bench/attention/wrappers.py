@@ -80,7 +80,7 @@ class CriticalAdaKV(Wrapper):
     """CriticalAdaKV (https://arxiv.org/abs/2502.03805): AdaKV's head-wise budgets (each head
     keeps its `alpha_safeguard` share, the rest to the best scores of all heads), then in each
     head CriticalKV's two stages over that head's budget (kvpress CriticalAdaKVPress). Stored
-    compactly like AdaKV (per-head lengths over a shared buffer), where kvpress masks."""
+    flat like AdaKV (every head's kept keys one after another), where kvpress masks."""
 
     alpha_safeguard: float = 0.2
     epsilon: float = 1e-4

@@ -89,6 +89,9 @@ def test_compressed_cache_holds_the_budget_per_head(tiny, install, name, ratio):
         gathered = before[layer][0].gather(2, idx.unsqueeze(-1).expand(-1, -1, -1, entry.keys.shape[-1]))
         assert torch.equal(entry.keys[ok], gathered[ok])  # kept keys keep their rotated values
     assert stats["kv_bytes_after"] < stats["kv_bytes_before"]
+    if name in HEAD_WISE:  # the bytes of the layer's budget, plus an index of Hk + 1 offsets
+        index = n_layers * 8 * (hk + 1)
+        assert stats["kv_bytes_after"] == stats["kv_bytes_before"] * want // n + index
     assert stats["compressions"] == 1 and stats["scoring_s"] >= 0
 
 
