@@ -446,7 +446,7 @@ def test_decoding_over_observed_attention_reads_the_attention_of_the_passes_sinc
     sums: dict[int, list] = {}
 
     def recording(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
-        h, q, kv, g = query.shape[1], query.shape[2], key.shape[2], query.shape[1] // key.shape[1]
+        q, kv, g = query.shape[2], key.shape[2], query.shape[1] // key.shape[1]
         causal = torch.arange(kv)[None, :] <= (kv - q + torch.arange(q))[:, None]
         w = (query @ key.repeat_interleave(g, 1).transpose(-1, -2) * scaling).masked_fill(~causal, float("-inf"))
         w = w.softmax(-1)
