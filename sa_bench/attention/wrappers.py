@@ -196,8 +196,8 @@ class Decoding(Wrapper):
       compression from position `n_sink` on (kvpress drops the buffer's first n_sink and
       keeps `hidden_states_buffer_size` passes);
     - ObservedAttention sums the attention of every pass since the last compression, each key
-      divided by the rows that could see it (kvpress reads the eager weights of the last pass
-      only, divided as in a prefill);
+      divided by the rows that could see it, on any kernel (kvpress reads the eager weights of
+      the last pass only, divided as in a prefill);
     - head-wise presses are refused: kvpress runs AdaKV here by masking, never shrinking the
       cache, and re-masks from scratch at each compression."""
 
