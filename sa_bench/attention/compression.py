@@ -17,19 +17,23 @@ else lives here, once:
 - RoPE: kept keys keep their rotated values; new tokens are fed with their true
   `position_ids` (the runner passes them), while the causal mask works in the compressed
   cache's index space (transformers builds it from the cache length);
-- head-wise budgets (`AdaKV`): every kv head keeps its own number of positions, stored as
-  per-head lengths over a shared buffer sized by the largest head (kept positions first,
-  padding after, `Compressor.valid`); attention masks the padding. Memory is the largest
-  head's length times the heads: it falls with the ratio, unlike kvpress, which only masks.
-  Head-wise layouts run on SDPA with a mask and do not combine with decode maskers;
+- head-wise budgets (`AdaKV`): every kv head keeps its own number of positions, stored
+  flat (`HeadWise`: all heads' kept keys and values one after another, with each head's
+  offset), so the bytes kept are the layer's budget, about (1 - r) of dense, plus an index of
+  b * Hk + 1 integers; kvpress only masks. The cache layer itself is emptied and holds only
+  the positions appended afterwards (every head); attention (`head_wise_attention`) takes
+  each kv head's kept keys, then the appended ones, in one softmax. Head-wise layouts do not
+  combine with decode maskers;
 - what a press reads (`Observation`): the layer's keys and values; the last queries of the
   prefill (post-RoPE, as captured by the attention function: kvpress recomputes them from
   the hidden states, the same numbers); column sums of the prefill's attention
   probabilities; mean and covariance of the pre-RoPE queries (the captured queries rotated
-  back). These are recorded by `Compressor.observe` during every prefill chunk, so they are
-  exact under chunked prefill: kvpress's observed attention needs eager attention weights of
-  the whole prefill in one pass; here they are summed chunk by chunk (the same sums, on any
-  kernel), at the cost of a second pass over each chunk's scores in blocks of rows.
+  back at their true positions, the `position_ids` the model was fed). These are recorded by
+  `Compressor.observe` during every prefill chunk, so they are exact under chunked prefill:
+  kvpress's observed attention needs eager attention weights of the whole prefill in one
+  pass; here they are summed chunk by chunk (the same sums, on any kernel), at the cost of a
+  second pass over each chunk's scores in blocks of rows. A press compressing while decoding
+  (`Decoding`) reads the same from the passes since its last compression instead.
 
 Protocol (kvpress's pipeline): the context is prefilled, then compressed once without the
 question (`query_aware: false`); every question is answered from the compressed cache and
@@ -44,6 +48,7 @@ config may combine a press with decode maskers (e.g. SnapKV, then Quest over wha
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections.abc import Callable
@@ -71,9 +76,11 @@ class Observation:
     scaling: float
     queries: Tensor | None = None  # the last `query_window` queries [b, H, w, d], RoPE applied
     attention_sums: Tensor | None = None  # [b, H, n]: sum over recorded rows of softmax(q.k)
+    attention_rows: int = 0  # how many rows (queries) those sums are over
     query_mean: Tensor | None = None  # [b, H, d], pre-RoPE, positions >= stats_from
     query_cov: Tensor | None = None  # [b, H, d, d]
-    n_observed: int = 0  # positions prefilled (context, plus question if query-aware)
+    n_observed: int | Tensor = 0
+    """The true position after the last recorded query (a 0-d tensor once recorded)."""
     rope: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None
     """positions [m] -> (cos, sin) [m, d] of the model's rotary embedding."""
     out_weight: Tensor | None = None
@@ -218,7 +225,8 @@ def adakv_kept(scores: Tensor, k: int, alpha_safeguard: float) -> Tensor:
 
 def head_wise_layout(kept: Tensor) -> tuple[Tensor, Tensor]:
     """A head-wise selection [b, Hk, n] (bool) -> (positions [b, Hk, L], validity [b, Hk, L]):
-    each head's kept positions first (ascending), then padding, L the largest head's count."""
+    each head's kept positions first (ascending), then padding, L the largest head's count
+    (what `Press.keep` returns; `Compressor.compress` stores it flat, `HeadWise`)."""
     n = kept.shape[-1]
     width = int(kept.sum(-1).max())
     # kept positions first (ascending), then padding: sort by (not kept, position)
@@ -288,10 +296,11 @@ class _Record:
 
     queries: Tensor | None = None
     sums: Tensor | None = None
+    rows: int = 0
     s1: Tensor | None = None
     s2: Tensor | None = None
-    count: int = 0
-    positions: int = 0
+    count: int | Tensor = 0
+    positions: int | Tensor = 0
     scaling: float = 1.0
 
 
@@ -301,8 +310,8 @@ class Compressor:
     def __init__(self, press: Press) -> None:
         self.press = press
         self.records: dict[int, _Record] = {}
-        self.valid: dict[int, Tensor] = {}
-        """Head-wise layers: [b, Hk, L] validity of the first L cache positions."""
+        self.heads: dict[int, HeadWise] = {}
+        """Head-wise layers: their kept keys and values, stored flat (`HeadWise`)."""
         self.kept: dict[int, tuple[Tensor, Tensor | None]] = {}
         """The last compression's (kept positions, validity) per layer (as `Press.keep`)."""
         self.compressed = False
@@ -339,7 +348,7 @@ class Compressor:
 
     def reset(self) -> None:
         self.records.clear()
-        self.valid.clear()
+        self.heads.clear()
         self.compressed = False
         self.steps = 0
 
@@ -364,12 +373,16 @@ class Compressor:
 
     # --- recording ---------------------------------------------------------------------------
 
-    def observe(self, layer: int, query: Tensor, key: Tensor, scaling: float) -> None:
-        """Record one attention call of the prefill: query [b, H, q, d], key [b, Hk, kv, d]
-        (cache included; row i sits at position kv - q + i)."""
+    def observe(self, layer: int, query: Tensor, key: Tensor, scaling: float,
+                positions: Tensor | None = None) -> None:
+        """Record one attention call of the prefill (or of a pass while answering, for a press
+        compressing while decoding): query [b, H, q, d], key [b, Hk, kv, d] (cache included;
+        row i sits at cache index kv - q + i), `positions` [b, q] the rows' true positions (the
+        model's `position_ids`; the cache indices when None)."""
         rec = self.records.get(layer, _Record())
         q, kv = query.shape[2], key.shape[2]
-        changes: dict[str, Any] = {"positions": kv, "scaling": scaling}
+        pos = positions[0] if positions is not None else torch.arange(kv - q, kv, device=query.device)
+        changes: dict[str, Any] = {"positions": pos[-1] + 1, "scaling": scaling}
         window = self.press.window()
         if window:
             past = rec.queries
@@ -378,16 +391,16 @@ class Compressor:
         if self.press.records_attention():
             new = column_sums(query, key, scaling)
             changes["sums"] = new if rec.sums is None else new + _pad_to(rec.sums, kv)
+            changes["rows"] = rec.rows + q
         start = self.press.stats_from
         if start is not None and self.rope is not None:
-            first = max(start, kv - q)
-            if first < kv:
-                cos, sin = self.rope(torch.arange(first, kv, device=query.device))
-                pre = unrotate(query[:, :, first - (kv - q):].float(), cos, sin)
-                s1, s2 = pre.sum(2), torch.einsum("bhsi,bhsj->bhij", pre, pre)
-                changes["s1"] = s1 if rec.s1 is None else rec.s1 + s1
-                changes["s2"] = s2 if rec.s2 is None else rec.s2 + s2
-                changes["count"] = rec.count + kv - first
+            cos, sin = self.rope(pos)
+            counted = (pos >= start).float()  # rows from `start` on: a weight, no host sync
+            pre = unrotate(query.float(), cos, sin) * counted[:, None]
+            s1, s2 = pre.sum(2), torch.einsum("bhsi,bhsj->bhij", pre, pre)
+            changes["s1"] = s1 if rec.s1 is None else rec.s1 + s1
+            changes["s2"] = s2 if rec.s2 is None else rec.s2 + s2
+            changes["count"] = rec.count + counted.sum()
         self.records[layer] = replace(rec, **changes)
 
     def observation(self, layer: int, keys: Tensor, values: Tensor) -> Observation:
@@ -397,7 +410,7 @@ class Compressor:
             mean = rec.s1 / rec.count
             cov = rec.s2 / rec.count - mean.unsqueeze(-1) * mean.unsqueeze(-2)
         return Observation(layer, self.n_layers, keys, values, rec.scaling, rec.queries, rec.sums,
-                           mean, cov, rec.positions, self.rope, self.out_weights.get(layer))
+                           rec.rows, mean, cov, rec.positions, self.rope, self.out_weights.get(layer))
 
     # --- compressing -------------------------------------------------------------------------
 
@@ -421,12 +434,15 @@ class Compressor:
             before = keys.nbytes + values.nbytes
             entry.keys = keys.gather(2, take).contiguous()
             entry.values = values.gather(2, take).contiguous()
+            if valid is not None:  # head-wise: stored flat, the cache layer emptied
+                self.heads[layer] = HeadWise.of(entry.keys, entry.values, valid)
+                entry.keys, entry.values = keys[:, :, :0].clone(), values[:, :, :0].clone()
             self.totals["kv_bytes_before"] += before
-            self.totals["kv_bytes_after"] += entry.keys.nbytes + entry.values.nbytes
+            self.totals["kv_bytes_after"] += (entry.keys.nbytes + entry.values.nbytes
+                                              + self.stored_bytes(layer))
             per_head = (valid.sum(-1) if valid is not None
                         else torch.full(idx.shape[:2], idx.shape[-1])).sum(0).tolist()
             if valid is not None:
-                self.valid[layer] = valid
                 heads = self.head_after[layer] or [0] * len(per_head)
                 self.head_after[layer] = [a + c for a, c in zip(heads, per_head, strict=True)]
                 self.head_before[layer] = [a + n * keys.shape[0] for a in
@@ -435,6 +451,11 @@ class Compressor:
             self.after[layer] += int(sum(per_head))
         self.totals["compressions"] += 1
         self.compressed = True
+
+    def stored_bytes(self, layer: int | None = None) -> int:
+        """Bytes of the head-wise layers' flat stores (of `layer`, or all), outside the cache."""
+        stores = self.heads.values() if layer is None else [self.heads[layer]] if layer in self.heads else []
+        return sum(store.nbytes for store in stores)
 
     def stats(self) -> dict[str, Any]:
         """Compression achieved: per layer (and head, for head-wise presses) the fraction of
@@ -487,19 +508,47 @@ def unrotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos - rotate_half(x) * sin
 
 
-def padded_attention(query: Tensor, key: Tensor, value: Tensor, valid: Tensor, scaling: float) -> Tensor:
-    """Attention over a head-wise compressed layer: the first L keys of kv head h count where
-    `valid` [b, Hk, L] says so, later keys (appended after compression) always; causal,
-    bottom-right. -> [b, q, H, d]."""
-    b, h, q, _ = query.shape
-    hk, kv, width = key.shape[1], key.shape[2], valid.shape[-1]
-    keep = torch.ones(b, hk, kv, dtype=torch.bool, device=key.device)
-    keep[..., :width] = valid
-    pos = torch.arange(kv, device=key.device)
-    causal = pos[None, :] <= (kv - q + torch.arange(q, device=key.device))[:, None]
-    mask = keep.repeat_interleave(h // hk, 1).unsqueeze(2) & causal
-    out = torch.nn.functional.scaled_dot_product_attention(
-        query, key, value, attn_mask=mask, scale=scaling, enable_gqa=h != hk)
+@dataclass(frozen=True)
+class HeadWise:
+    """A head-wise compressed layer, stored flat: the kept keys and values of every (batch
+    row, kv head) one after another, [T, d], T the layer's total; segment i = b * Hk + h
+    spans `offsets[i]:offsets[i + 1]` (its positions in ascending order)."""
+
+    keys: Tensor
+    values: Tensor
+    offsets: tuple[int, ...]
+
+    @classmethod
+    def of(cls, keys: Tensor, values: Tensor, valid: Tensor) -> HeadWise:
+        """From the padded layout [b, Hk, L, d] and its validity [b, Hk, L]."""
+        counts = valid.sum(-1).flatten().tolist()
+        return cls(keys[valid].contiguous(), values[valid].contiguous(),
+                   tuple(itertools.accumulate(counts, initial=0)))
+
+    @property
+    def nbytes(self) -> int:
+        return self.keys.nbytes + self.values.nbytes + 8 * len(self.offsets)
+
+
+def head_wise_attention(query: Tensor, key: Tensor, value: Tensor, store: HeadWise,
+                        scaling: float) -> Tensor:
+    """Attention over a head-wise compressed layer: each kv head's kept keys in `store` (all
+    visible), then the keys appended after compression, `key` / `value` [b, Hk, m, d]
+    (causal, bottom-right), in one softmax per kv head (float32 scores). -> [b, q, H, d]."""
+    b, h, q, d = query.shape
+    hk, m = key.shape[1], key.shape[2]
+    g = h // hk
+    causal = torch.arange(m, device=key.device)[None, :] <= (m - q + torch.arange(q, device=key.device))[:, None]
+    out = torch.empty_like(query)
+    for i in range(b * hk):
+        r, k = divmod(i, hk)
+        kept = slice(store.offsets[i], store.offsets[i + 1])
+        rows = query[r, k * g:(k + 1) * g]  # [g, q, d]
+        old = rows @ store.keys[kept].T  # [g, q, e]
+        new = (rows @ key[r, k].transpose(-1, -2)).masked_fill(~causal, float("-inf"))
+        p = (torch.cat([old, new], -1).float() * scaling).softmax(-1).to(value.dtype)
+        e = old.shape[-1]
+        out[r, k * g:(k + 1) * g] = p[..., :e] @ store.values[kept] + p[..., e:] @ value[r, k]
     return out.transpose(1, 2)
 
 

@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from sa_bench.attention.compression import Compressor, Press, padded_attention, restore, snapshot
+from sa_bench.attention.compression import Compressor, Press, head_wise_attention, restore, snapshot
 from sa_bench.attention.dense import dense_attention, dense_mask
 from sa_bench.attention.driver import attend_blocks, decode_spans
 from sa_bench.attention.gather import CPU_GATHER, GatherCosts, Workspace
@@ -265,13 +265,13 @@ class SparseMethod:
     def snapshot(self, cache) -> tuple:
         """What `restore` needs to put `cache` and the recorded state back as they are now."""
         c = self.compressor
-        return snapshot(cache), dict(c.records), dict(c.valid), c.compressed, c.steps
+        return snapshot(cache), dict(c.records), dict(c.heads), c.compressed, c.steps
 
     def restore(self, cache, saved: tuple) -> None:
         c = self.compressor
-        tensors, records, valid, compressed, c.steps = saved
+        tensors, records, heads, compressed, c.steps = saved
         restore(cache, tensors)
-        c.records, c.valid, c.compressed = dict(records), dict(valid), compressed
+        c.records, c.heads, c.compressed = dict(records), dict(heads), compressed
         if self.press.stage != "context":  # the cache went back to before its compression
             for masker in self.maskers.values():
                 masker.reset()
@@ -321,11 +321,11 @@ class SparseMethod:
         compressor = self.compressor
         if compressor is not None:
             if compressor.recording(self.phase):
-                compressor.observe(layer, query, key, scaling)
+                compressor.observe(layer, query, key, scaling, kwargs.get("position_ids"))
             if compressor.compressed:
                 attention_mask = None  # built for layer 0's length; no padding (batch of one)
-                if layer in compressor.valid:
-                    out = padded_attention(query, key, value, compressor.valid[layer], scaling)
+                if layer in compressor.heads:
+                    out = head_wise_attention(query, key, value, compressor.heads[layer], scaling)
                     if self.phase != "prefill":
                         self._density.add(self.phase, layer, float(b * h * q), b * h * q)
                     return out, None

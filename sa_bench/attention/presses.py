@@ -158,6 +158,8 @@ class ObservedAttention(Press):
             raise ValueError(f"observed attention: no prefill attention recorded for layer {obs.layer}")
         n, hk = obs.keys.shape[2], obs.keys.shape[1]
         seen = torch.arange(n, 0, -1, device=obs.keys.device, dtype=torch.float32)
+        if obs.attention_rows:  # while decoding: only the rows since the last compression
+            seen = seen.clamp(max=obs.attention_rows)
         return _grouped_mean(obs.attention_sums[..., :n] / seen, hk)
 
 
@@ -187,8 +189,9 @@ class ExpectedAttention(Press):
                              f"prefill's query statistics (layer {obs.layer})")
         keys, values = obs.keys[:, :, self.n_sink:].float(), obs.values[:, :, self.n_sink:].float()
         d, hk = keys.shape[-1], keys.shape[1]
-        start = obs.n_observed
-        cos, sin = obs.rope(torch.arange(start, start + self.n_future_positions, device=keys.device))
+        # the future positions after the last recorded query (kvpress while decoding: after
+        # its buffer's length, not the true position)
+        cos, sin = obs.rope(obs.n_observed + torch.arange(self.n_future_positions, device=keys.device))
         half = torch.eye(d // 2, device=keys.device)
         swap = torch.zeros(d, d, device=keys.device)
         swap[d // 2:, : d // 2], swap[: d // 2, d // 2:] = half, -half

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from sa_bench.attention.compression import (
     ROW_BLOCK_BYTES,
     Observation,
+    PerLayer,
     Press,
     Wrapper,
     adakv_kept,
@@ -79,7 +80,7 @@ class CriticalAdaKV(Wrapper):
     """CriticalAdaKV (https://arxiv.org/abs/2502.03805): AdaKV's head-wise budgets (each head
     keeps its `alpha_safeguard` share, the rest to the best scores of all heads), then in each
     head CriticalKV's two stages over that head's budget (kvpress CriticalAdaKVPress). Stored
-    compactly like AdaKV (per-head lengths over a shared buffer), where kvpress masks."""
+    flat like AdaKV (every head's kept keys one after another), where kvpress masks."""
 
     alpha_safeguard: float = 0.2
     epsilon: float = 1e-4
@@ -179,13 +180,26 @@ class Decoding(Wrapper):
     """kvpress's DecodingPress, for long generations: while answering, every
     `compression_interval` forward passes (the question's counts as one; at once when a pass
     feeds `target_size` tokens or more) each layer longer than `target_size` is cut to
-    `target_size` positions by the wrapped press (its ratio set to 1 - target / n, as kvpress),
-    reading the queries of the passes since the last compression (at most
-    `hidden_states_buffer_size`, kvpress's buffer of hidden states). The context is not
-    compressed after its prefill. kvpress's name for the wrapped press is `base_press`.
-    Where sa_bench differs: buffered queries carry their own RoPE positions (kvpress rotates
-    them all with the current step's); presses that read prefill attention or query
-    statistics, and head-wise ones, are refused."""
+    `target_size` positions by the wrapped press (its ratio set to 1 - target / n, as kvpress).
+    The context is not compressed after its prefill. kvpress's name for the wrapped press is
+    `base_press`; like kvpress, it takes a scoring press (kvpress's ScorerPress: not AdaKV,
+    CriticalAdaKV, Composed, Chunk, PerLayer or Decoding).
+
+    What the press reads comes from the passes since the last compression, as kvpress's
+    buffer of hidden states: SnapKV and TOVA their last queries (at most
+    `hidden_states_buffer_size`), ExpectedAttention the statistics of those passes' queries,
+    ObservedAttention the attention those passes paid the cache. Where sa_bench differs:
+    - buffered queries carry their own RoPE positions (kvpress rotates the whole window with
+      the current pass's: the same when the last pass feeds the window, e.g. TOVA);
+    - ExpectedAttention averages RoPE over the positions after the true last one (kvpress:
+      after its buffer's length) and takes the statistics of every query since the last
+      compression from position `n_sink` on (kvpress drops the buffer's first n_sink and
+      keeps `hidden_states_buffer_size` passes);
+    - ObservedAttention sums the attention of every pass since the last compression, each key
+      divided by the rows that could see it, on any kernel (kvpress reads the eager weights of
+      the last pass only, divided as in a prefill);
+    - head-wise presses are refused: kvpress runs AdaKV here by masking, never shrinking the
+      cache, and re-masks from scratch at each compression."""
 
     compression_interval: int = 512
     target_size: int = 2048
@@ -201,9 +215,13 @@ class Decoding(Wrapper):
                               f">= 1, >= 1, >= 0, got {self.compression_interval}, {self.target_size}, "
                               f"{self.hidden_states_buffer_size}")
         inner = self.press
-        if inner.head_wise or inner.records_attention() or inner.stats_from is not None:
-            raise ConfigError(f"press: {type(inner).__name__} is not supported while decoding (head-wise, "
-                              f"or reads prefill attention or query statistics)")
+        if inner.head_wise:
+            raise ConfigError(f"press: {type(inner).__name__} is head-wise; compression while decoding "
+                              f"takes a scoring press (kvpress's DecodingPress runs AdaKV only by masking, "
+                              f"without shrinking the cache)")
+        if type(inner).keep is not Press.keep or isinstance(inner, PerLayer):
+            raise ConfigError(f"press: {type(inner).__name__} is not a scoring press; compression while "
+                              f"decoding takes one (kvpress's DecodingPress: a ScorerPress)")
         if inner.window() > min(max(1, self.hidden_states_buffer_size), self.compression_interval):
             raise ConfigError(f"press: {type(inner).__name__} reads the last {inner.window()} queries, more "
                               f"than hidden_states_buffer_size / compression_interval hold")

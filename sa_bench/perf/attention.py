@@ -236,7 +236,8 @@ def run_size(kv: int, names: list[str], args, device, dtype) -> dict[str, tuple]
                 times[name].append(time.perf_counter() - start)
     base = times["sdpa"]
     attended = {name: method.stats()["density"]["decode"][0] for name, method in methods.items()}
-    kept = {name: caches[name][0].shape[2] / key.shape[2] for name in caches}
+    kept = {name: (k.nbytes + v.nbytes + methods[name].compressor.stored_bytes()) / (key.nbytes + value.nbytes)
+            for name, (k, v) in caches.items()}  # head-wise presses store their kept keys flat
     for method in methods.values():  # counted on the batched paths a GPU takes (no row loops)
         method.gather_costs = BATCHED_GATHER
     ops = {name: ops_per_call(fn, *fn_args) for name, (fn, fn_args) in calls.items()}  # untimed

@@ -212,7 +212,8 @@ def run_one(args: argparse.Namespace, method_name: str, tokens: int) -> dict[str
         method.compress(cache, "context")  # a press: once, after the context's prefill
         _synchronize(device)
         compress_s = time.perf_counter() - t0
-        kv_after = sum(e.keys.nbytes + e.values.nbytes for e in cache.layers)
+        kv_after = sum(e.keys.nbytes + e.values.nbytes for e in cache.layers) + (
+            method.compressor.stored_bytes() if method.compresses else 0)  # head-wise: stored flat
         saved = method.snapshot(cache) if method.compresses else None
         timed = _timed_answers(
             lambda n: _answer(model, method, cache, question, n, set(), device, start=n_ctx),

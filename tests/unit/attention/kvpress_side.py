@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
+from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 
@@ -50,11 +51,12 @@ DECODING = dict(compression_interval=4, target_size=200)
 """DecodingPress over KnormPress: compressed after the 4th pass while answering."""
 
 
-def decoding_kept(model, ids, steps) -> list[list[list[int]]]:
-    """The positions DecodingPress keeps when a question and 3 tokens are fed after the
-    context (its compression comes after the 4th pass), against the same passes uncompressed."""
+def decoding_kept(model, ids, steps, make=None) -> list[list[list[int]]]:
+    """The positions DecodingPress (`make()`, else over KnormPress) keeps when a question and
+    3 tokens are fed after the context (its compression comes after the 4th pass), against
+    the same passes uncompressed."""
     caches = []
-    for press in (None, p_decoding()):
+    for press in (None, (make or p_decoding)()):
         cache = prefill(model, ids)
         pos = ids.shape[1]
         with torch.no_grad(), (press(model) if press is not None else contextlib.nullcontext()):
@@ -69,6 +71,29 @@ def decoding_kept(model, ids, steps) -> list[list[list[int]]]:
 
 def p_decoding():
     return kvpress.DecodingPress(base_press=kvpress.KnormPress(), **DECODING)
+
+
+@dataclass
+class ExpectedAttentionAfterTrue(kvpress.ExpectedAttentionPress):
+    """kvpress's ExpectedAttentionPress with its future positions after the true position of
+    the last buffered query (kvpress: after the buffer's length), sa_bench's documented
+    difference while decoding: `offset` is the context length."""
+
+    offset: int = 0
+
+    def apply_avg_rope(self, module, mu, cov, q_len):
+        return super().apply_avg_rope(module, mu, cov, q_len + self.offset)
+
+
+DECODING_STEPS = [[17], [23], [31], [5, 9, 11, 13, 2]]
+"""The last pass feeds SnapKV's window (4): kvpress rotates the window with that pass's RoPE."""
+
+
+def decoding_presses() -> dict:
+    """DecodingPress (interval 4, target 200) over scoring presses that read the passes since
+    the last compression, as sa_bench's `Decoding` configs (press keyword arguments)."""
+    return {"snapkv": (kvpress.SnapKVPress, dict(window_size=4)), "tova": (kvpress.TOVAPress, {}),
+            "expected_attention": (ExpectedAttentionAfterTrue, dict(n_sink=0, offset=N))}
 
 
 def prefill(model, ids, press=None) -> DynamicCache:
@@ -135,6 +160,12 @@ def main(out: Path) -> None:
                     result["kept"].setdefault(arch, {}).setdefault(name, {})[str(ratio)] = kept
             if impl == "sdpa":
                 result["decoding"]["kept"][arch] = decoding_kept(model, ids, steps)
+                for name, (cls, kw) in decoding_presses().items():
+                    case = result.setdefault("decoding_presses", {}).setdefault(name, {
+                        "steps": DECODING_STEPS, **DECODING, "press": {k: v for k, v in kw.items() if k != "offset"},
+                        "kept": {}})
+                    case["kept"][arch] = decoding_kept(model, ids, DECODING_STEPS, lambda c=cls, k=kw: (
+                        kvpress.DecodingPress(base_press=c(**k), **DECODING)))
     (out / "kept.json").write_text(json.dumps(result))
 
 

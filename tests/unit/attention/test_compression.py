@@ -69,10 +69,16 @@ def test_compressed_cache_holds_the_budget_per_head(tiny, install, name, ratio):
     stats = method.stats()["compression"]
     for layer, entry in enumerate(cache.layers):
         idx, valid = method.compressor.kept[layer]
-        if name in HEAD_WISE:  # head-wise: the layer's total, over a buffer of the largest head
+        if name in HEAD_WISE:  # head-wise: the layer's total, stored flat, the cache layer empty
             assert int(valid.sum()) == hk * want
-            assert entry.keys.shape[2] == int(valid.sum(-1).max()) < n
+            assert entry.keys.shape[2] == 0
+            store = method.compressor.heads[layer]
+            assert store.keys.shape[0] == hk * want and store.values.shape == store.keys.shape
+            assert list(store.offsets) == [0, *valid.sum(-1)[0].cumsum(0).tolist()]
             assert stats["kept_per_head"][layer] == [round(int(c) / n, 6) for c in valid.sum(-1)[0]]
+            gathered = before[layer][0].gather(2, idx.unsqueeze(-1).expand(-1, -1, -1, store.keys.shape[-1]))
+            assert torch.equal(store.keys, gathered[valid])  # per head, ascending positions
+            continue
         else:
             budget = method.press.budget(n, layer, n_layers)
             assert entry.keys.shape[2] == budget == (want if name != "pyramidkv" else budget)
@@ -83,6 +89,9 @@ def test_compressed_cache_holds_the_budget_per_head(tiny, install, name, ratio):
         gathered = before[layer][0].gather(2, idx.unsqueeze(-1).expand(-1, -1, -1, entry.keys.shape[-1]))
         assert torch.equal(entry.keys[ok], gathered[ok])  # kept keys keep their rotated values
     assert stats["kv_bytes_after"] < stats["kv_bytes_before"]
+    if name in HEAD_WISE:  # the bytes of the layer's budget, plus an index of Hk + 1 offsets
+        index = n_layers * 8 * (hk + 1)
+        assert stats["kv_bytes_after"] == stats["kv_bytes_before"] * want // n + index
     assert stats["compressions"] == 1 and stats["scoring_s"] >= 0
 
 
@@ -136,15 +145,18 @@ def test_decoding_from_the_compressed_cache_is_dense_attention_over_the_kept_pos
         AttentionInterface._global_mapping.pop("test_restricted", None)
 
 
-@pytest.mark.parametrize("query_aware", [False, True])
-def test_restoring_after_an_answer_leaves_the_cache_bit_identical(tiny, install, query_aware):
+@pytest.mark.parametrize(("name", "query_aware"), [("snapkv", False), ("snapkv", True), ("adakv", False),
+                                                   ("adakv", True)])
+def test_restoring_after_an_answer_leaves_the_cache_bit_identical(tiny, install, name, query_aware):
     model, tok, ids = tiny
-    method = method_of("snapkv", compression_ratio=0.5, query_aware=query_aware)
+    method = method_of(name, compression_ratio=0.5, query_aware=query_aware)
     install(method, model)
     cache, n = prefilled(model, method, ids)
     method.compress(cache, "context")
     saved = method.snapshot(cache)
     copy = [(e.keys.clone(), e.values.clone()) for e in cache.layers]
+    stored = {layer: (s.keys.clone(), s.values.clone(), s.offsets) for layer, s in method.compressor.heads.items()}
+    assert bool(stored) == (name == "adakv" and not query_aware)  # head-wise: stored flat
     answers = []
     for q in [" the key is #", " so the key is #", " the key is #"]:
         answers.append(_answer(model, method, cache, tok(q, add_special_tokens=False).input_ids,
@@ -152,6 +164,10 @@ def test_restoring_after_an_answer_leaves_the_cache_bit_identical(tiny, install,
         method.restore(cache, saved)
         for entry, (k, v) in zip(cache.layers, copy, strict=True):
             assert torch.equal(entry.keys, k) and torch.equal(entry.values, v)
+        heads = method.compressor.heads
+        assert heads.keys() == stored.keys()
+        assert all(torch.equal(heads[i].keys, k) and torch.equal(heads[i].values, v) and heads[i].offsets == o
+                   for i, (k, v, o) in stored.items())
     assert answers[0] == answers[2]  # the same question from the restored cache
     assert method.stats()["compression"]["compressions"] == (3 if query_aware else 1)
 
@@ -400,6 +416,61 @@ def test_decoding_compresses_every_interval_and_decodes_as_dense_over_the_kept(t
         AttentionInterface._global_mapping.pop("test_restricted", None)
 
 
+def test_decoding_over_observed_attention_reads_the_attention_of_the_passes_since_compression(tiny, install):
+    """Decoding over ObservedAttention: the kept positions are the best of the attention the
+    four passes paid each key (eager brute force on the uncompressed cache), each key divided
+    by the rows that could see it, averaged over a kv head's query heads."""
+    from transformers import AttentionInterface
+
+    model, tok, ids = tiny
+    press = {"_target_": "sa_bench.attention.presses.ObservedAttention"}
+    method = method_of("decoding", target_size=200, compression_interval=4, press=press)
+    install(method, model)
+    question = tok(" the key is #", add_special_tokens=False).input_ids
+    steps = [question, [17], [23], [31]]
+
+    def feed(cache, n, step_done=lambda q: None):
+        pos = n
+        with torch.inference_mode():
+            for step in steps:
+                model(input_ids=torch.tensor([step]), **_with_cache(model, cache),
+                      position_ids=torch.arange(pos, pos + len(step))[None])
+                pos += len(step)
+                step_done(len(step))
+
+    cache, n = prefilled(model, method, ids)
+    method.set_phase("question")
+    feed(cache, n, lambda q: (method.step(cache, q), method.set_phase("decode")))
+    assert method.stats()["compression"]["compressions"] == 1
+    full, _ = prefilled(model, method, ids)
+    sums: dict[int, list] = {}
+
+    def recording(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+        q, kv, g = query.shape[2], key.shape[2], query.shape[1] // key.shape[1]
+        causal = torch.arange(kv)[None, :] <= (kv - q + torch.arange(q))[:, None]
+        w = (query @ key.repeat_interleave(g, 1).transpose(-1, -2) * scaling).masked_fill(~causal, float("-inf"))
+        w = w.softmax(-1)
+        sums.setdefault(module.layer_idx, []).append(w.sum(2))
+        return (w @ value.repeat_interleave(g, 1)).transpose(1, 2), None
+
+    previous = model.config._attn_implementation
+    AttentionInterface.register("test_recording", recording)
+    try:
+        model.set_attn_implementation("test_recording")
+        feed(full, n)
+    finally:
+        model.set_attn_implementation(previous)
+        AttentionInterface._global_mapping.pop("test_recording", None)
+    n1, rows = n + len(question) + 3, len(question) + 3
+    for layer, parts in sums.items():
+        total = sum(torch.nn.functional.pad(p, (0, n1 - p.shape[-1])) for p in parts)
+        scores = total / torch.arange(n1, 0, -1).clamp(max=rows)
+        hk = cache.layers[layer].keys.shape[1]
+        scores = scores.view(1, hk, -1, n1).mean(2)
+        want = scores.topk(200, -1).indices.sort(-1).values
+        assert torch.equal(method.compressor.kept[layer][0], want), layer
+
+
 def test_decoding_restores_the_cache_and_its_step_count_after_each_answer(tiny, install):
     model, tok, ids = tiny
     method = method_of("decoding", target_size=150, compression_interval=3)
@@ -420,9 +491,15 @@ def test_wrapper_config_errors_name_the_key():
     with pytest.raises(ConfigError, match=r"sparse\.compression\.press: SnapKV reads the last 64"):
         SparseMethod.from_config({**base, "compression": {**base["compression"], "press": snap,
                                                           "compression_interval": 16}})
-    expected = {"_target_": "sa_bench.attention.presses.ExpectedAttention"}
-    with pytest.raises(ConfigError, match=r"sparse\.compression\.press: ExpectedAttention is not supported"):
-        SparseMethod.from_config({**base, "compression": {**base["compression"], "press": expected}})
+    knorm = {"_target_": "sa_bench.attention.presses.KNorm"}
+    refused = {"AdaKV is head-wise": {"_target_": "sa_bench.attention.compression.AdaKV", "press": knorm},
+               "PerLayer is not a scoring press": {"_target_": "sa_bench.attention.compression.PerLayer",
+                                                   "press": knorm, "compression_ratios": [0.5]},
+               "Chunk is not a scoring press": {"_target_": "sa_bench.attention.compression.Chunk",
+                                                "press": knorm}}
+    for message, press in refused.items():
+        with pytest.raises(ConfigError, match=rf"sparse\.compression\.press: {message}"):
+            SparseMethod.from_config({**base, "compression": {**base["compression"], "press": press}})
     composed = OmegaConf.to_container(OmegaConf.load(ROOT / "conf/sparse/composed.yaml"))
     with pytest.raises(ConfigError, match=r"sparse\.compression\.compression_ratio: derived"):
         SparseMethod.from_config({**composed, "compression": {**composed["compression"], "compression_ratio": 0.3}})

@@ -98,8 +98,6 @@ def test_decoding_keeps_what_kvpress_decoding_press_keeps(theirs):
     a question and three tokens are fed after the context, per layer and kv head."""
     from transformers import AutoModelForCausalLM
 
-    from sa_bench.runner import _with_cache
-
     out, data = theirs
     dec = data["decoding"]
     assert set(dec["kept"]) == {"llama", "qwen2", "mistral"}
@@ -107,18 +105,55 @@ def test_decoding_keeps_what_kvpress_decoding_press_keeps(theirs):
     cfg["compression"].update(compression_interval=dec["compression_interval"], target_size=dec["target_size"])
     for arch, kept in sorted(dec["kept"].items()):
         model = AutoModelForCausalLM.from_pretrained(out / arch, dtype=torch.float32).eval()
-        method = SparseMethod.from_config(cfg)
-        with method.installed(model), torch.inference_mode():
-            method.reset()
-            cache, pos, _ = _prefill(model, method, tuple(data["ids"]), torch.device("cpu"))
-            method.set_phase("question")
-            for step in dec["steps"]:
-                model(input_ids=torch.tensor([step]), **_with_cache(model, cache),
-                      position_ids=torch.arange(pos, pos + len(step))[None])
-                pos += len(step)
-                method.step(cache, len(step))
-                method.set_phase("decode")
-            assert method.stats()["compression"]["compressions"] == 1
-            for layer, heads in enumerate(kept):
-                idx, _ = method.compressor.kept[layer]
-                assert [sorted(idx[0, h].tolist()) for h in range(idx.shape[1])] == heads, (arch, layer)
+        assert decoded_kept(model, cfg, data["ids"], dec["steps"]) == kept, arch
+
+
+DECODING_PRESSES = {"snapkv": "SnapKV", "tova": "TOVA", "expected_attention": "ExpectedAttention"}
+
+
+def decoded_kept(model, cfg: dict, ids: list[int], steps: list[list[int]]) -> list[list[list[int]]]:
+    """The positions sa_bench's Decoding keeps per layer and kv head after `steps` are fed
+    after the context `ids` (one compression expected)."""
+    from sa_bench.runner import _with_cache
+
+    method = SparseMethod.from_config(cfg)
+    with method.installed(model), torch.inference_mode():
+        method.reset()
+        cache, pos, _ = _prefill(model, method, tuple(ids), torch.device("cpu"))
+        method.set_phase("question")
+        for step in steps:
+            model(input_ids=torch.tensor([step]), **_with_cache(model, cache),
+                  position_ids=torch.arange(pos, pos + len(step))[None])
+            pos += len(step)
+            method.step(cache, len(step))
+            method.set_phase("decode")
+        assert method.stats()["compression"]["compressions"] == 1
+        kept = [method.compressor.kept[layer][0] for layer in range(len(cache.layers))]
+    return [[sorted(idx[0, h].tolist()) for h in range(idx.shape[1])] for idx in kept]
+
+
+@pytest.mark.kvpress
+def test_decoding_over_query_reading_presses_keeps_what_kvpress_keeps(theirs):
+    """kvpress DecodingPress over SnapKV (window 4), TOVA and ExpectedAttention (n_sink 0, its
+    future positions moved after the true one: sa_bench's documented difference), reading the
+    four passes since the context: the positions kept per layer and kv head."""
+    from transformers import AutoModelForCausalLM
+
+    out, data = theirs
+    cases = data["decoding_presses"]
+    assert set(cases) == set(DECODING_PRESSES)
+    differ = []
+    for name, case in sorted(cases.items()):
+        cfg = OmegaConf.to_container(OmegaConf.load(ROOT / "conf/sparse/decoding.yaml"))
+        cfg["compression"].update(compression_interval=case["compression_interval"],
+                                  target_size=case["target_size"],
+                                  press={"_target_": f"sa_bench.attention.presses.{DECODING_PRESSES[name]}",
+                                         **case["press"]})
+        assert set(case["kept"]) == {"llama", "qwen2", "mistral"}
+        for arch, kept in sorted(case["kept"].items()):
+            model = AutoModelForCausalLM.from_pretrained(out / arch, dtype=torch.float32).eval()
+            mine = decoded_kept(model, cfg, data["ids"], case["steps"])
+            differ += [f"{name} {arch} layer {layer} head {head}: {len(set(x) ^ set(y))} positions differ"
+                       for layer, (a, b) in enumerate(zip(mine, kept, strict=True))
+                       for head, (x, y) in enumerate(zip(a, b, strict=True)) if x != y]
+    assert not differ, "\n".join(differ)
