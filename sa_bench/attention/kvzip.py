@@ -99,18 +99,22 @@ class KVzip(Press):
         if compressor.model is None or compressor.tokenizer is None:
             raise ValueError("kvzip: the reconstruction prompt needs the model's tokenizer (give "
                              "SparseMethod.installed its tokenizer)")
-        ids = torch.cat(compressor.context_ids, -1)[0].tolist() if compressor.context_ids else []
-        first = cache.layers[layers[0]].keys if layers else None
-        if first is None or first.shape[2] != len(ids):
-            raise ValueError(f"kvzip: the cache holds {None if first is None else first.shape[2]} "
-                             f"positions but {len(ids)} context tokens were prefilled")
-        b, hk, n, _ = first.shape
-        scores = {layer: torch.zeros(b, hk, n, device=first.device) for layer in layers}
+        self._kept = {}
+        if not layers:
+            return
+        ids = [t for part in compressor.context_ids for t in part[0].tolist()]
+        b, hk, n, _ = cache.layers[layers[0]].keys.shape
+        if n != len(ids):
+            raise ValueError(f"kvzip: the cache holds {n} positions but {len(ids)} context tokens "
+                             f"were prefilled")
+        scores = {layer: torch.zeros(b, hk, n, device=cache.layers[layer].keys.device)
+                  for layer in layers}
         for s in scores.values():
             s[..., :self.n_sink] = 1.0
-        from sa_bench.runner import _with_cache
+        from sa_bench.runner import _synchronize, _with_cache
 
-        model, device = compressor.model, first.device
+        model = compressor.model
+        device = model.get_input_embeddings().weight.device
         for start, end, feed in self.passes(ids, compressor.tokenizer):
             t0 = time.perf_counter()
 
@@ -120,19 +124,19 @@ class KVzip(Press):
 
             compressor.scoring = score
             try:
+                positions = torch.arange(n, n + len(feed), device=device)[None]
                 with torch.inference_mode():
-                    model(input_ids=torch.tensor([feed], device=device), **_with_cache(model, cache),
-                          position_ids=torch.arange(n, n + len(feed), device=device)[None])
+                    model(input_ids=torch.tensor([feed], device=device), position_ids=positions,
+                          **_with_cache(model, cache))
             finally:
                 compressor.scoring = None
             for entry in cache.layers:  # the pass's own keys go again
                 entry.keys, entry.values = entry.keys[:, :, :n], entry.values[:, :, :n]
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            totals = compressor.totals
+            _synchronize(cache.layers[layers[-1]].keys.device)
+            totals, seconds = compressor.totals, time.perf_counter() - t0
             totals["reconstruction_passes"] = totals.get("reconstruction_passes", 0) + 1
             totals["reconstruction_tokens"] = totals.get("reconstruction_tokens", 0) + len(feed)
-            totals["reconstruction_s"] = totals.get("reconstruction_s", 0.0) + time.perf_counter() - t0
+            totals["reconstruction_s"] = totals.get("reconstruction_s", 0.0) + seconds
         self._kept = self.allocate(scores)
 
     def chunk_scores(self, query: Tensor, key: Tensor, start: int, end: int) -> Tensor:
@@ -162,13 +166,15 @@ class KVzip(Press):
         """Per layer the kept positions [b, Hk, n] (bool): the best ceil((1 - r) * total)
         scores of all layers together, or of each layer (`layerwise`)."""
         if self.layerwise:
-            return {layer: _best(s.flatten(1), kept_count(s[0].numel(), self.compression_ratio)).view_as(s)
-                    for layer, s in scores.items()}
+            return {layer: _best(s.flatten(1), kept_count(s[0].numel(), self.compression_ratio))
+                    .view_as(s) for layer, s in scores.items()}
         layers = list(scores)
-        flat = torch.cat([scores[layer].flatten(1) for layer in layers], 1)
+        home = scores[layers[0]].device  # layers may sit on several devices
+        flat = torch.cat([scores[layer].flatten(1).to(home) for layer in layers], 1)
         kept = _best(flat, kept_count(flat.shape[1], self.compression_ratio))
         parts = kept.split([scores[layer][0].numel() for layer in layers], 1)
-        return {layer: part.view_as(scores[layer]) for layer, part in zip(layers, parts, strict=True)}
+        return {layer: part.reshape(scores[layer].shape).to(scores[layer].device)
+                for layer, part in zip(layers, parts, strict=True)}
 
     def keep(self, obs: Observation) -> tuple[Tensor, Tensor | None]:
         kept = self._kept.pop(obs.layer, None)

@@ -162,7 +162,8 @@ class SparseMethod:
     # --- runner API --------------------------------------------------------------------------
 
     @contextmanager
-    def installed(self, model, implementation: str = "sdpa", tokenizer=None) -> Iterator[SparseMethod]:
+    def installed(self, model, implementation: str = "sdpa",
+                  tokenizer=None) -> Iterator[SparseMethod]:
         """Switch `model` to this method for the duration of the block (`tokenizer`: for a
         press that prompts the model itself, KVzip).
 
