@@ -156,7 +156,7 @@ class KVzip(Press):
         for r0 in range(0, q, rows):
             r1 = min(q, r0 + rows)
             part = query[:, :, r0:r1].float().reshape(b, hk, g * (r1 - r0), d)
-            s = (torch.matmul(part, sub_t) / math.sqrt(d)).view(b, hk, g, r1 - r0, m)
+            s = torch.matmul(part, sub_t).div_(math.sqrt(d)).view(b, hk, g, r1 - r0, m)
             s[..., m - q:].masked_fill_(own[None, :] > own[r0:r1, None], float("-inf"))
             p = s.softmax(-1)[..., sink:sink + end - start]
             best = torch.maximum(best, p.amax(dim=(2, 3)))
