@@ -51,7 +51,7 @@ def prefilled(model, method, ids, chunk=64):
 def test_every_config_with_compression_is_a_press_listed_here():
     assert {"random", "knorm", "streaming_llm", "snapkv", "pyramidkv", "tova", "observed_attention",
             "expected_attention", "keydiff", "lagkv", "adakv", "criticalkv", "critical_adakv",
-            "composed", "decoding"} <= set(PRESSES)
+            "composed", "decoding", "kvzip"} <= set(PRESSES)
 
 
 @pytest.mark.parametrize("name", RATIO_PRESSES)
