@@ -114,7 +114,7 @@ def evaluate(spec: JobSpec, path: Path, lease: Lease, weights: str | None = None
     eos = _eos_ids(model, tokenizer) | bench.generation.stop_ids(tokenizer)
     timing = {"prefill_s": 0.0, "compress_s": 0.0, "answer_s": 0.0, "generated_tokens": 0, "samples_run": 0}
     write_progress(path, len(finished), len(requests))
-    with method.installed(model, implementation), open(path / jobdir.PREDICTIONS, "a") as out:
+    with method.installed(model, implementation, tokenizer), open(path / jobdir.PREDICTIONS, "a") as out:
         for context_ids, group in _by_context(requests).items():
             todo = [r for r in group if r.sample.id not in finished]
             if not todo:

@@ -60,13 +60,13 @@ def sa_bench_cli():
 
 @pytest.fixture
 def install():
-    """`install(method, model, implementation="sdpa")` puts a SparseMethod on a model for the
-    rest of the test (the method's own context manager, exited at teardown)."""
+    """`install(method, model, implementation="sdpa", tokenizer=None)` puts a SparseMethod on a
+    model for the rest of the test (the method's own context manager, exited at teardown)."""
     from contextlib import ExitStack
 
     with ExitStack() as stack:
-        def put(method, model, implementation="sdpa"):
-            return stack.enter_context(method.installed(model, implementation))
+        def put(method, model, implementation="sdpa", tokenizer=None):
+            return stack.enter_context(method.installed(model, implementation, tokenizer))
 
         yield put
 

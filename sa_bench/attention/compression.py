@@ -100,6 +100,9 @@ class Press:
     """How many of the last prefill queries the press reads (0: none)."""
     attention_sums: ClassVar[bool] = False
     head_wise: ClassVar[bool] = False
+    reconstructs: ClassVar[bool] = False
+    """Runs forward passes of its own before compressing (KVzip): needs the prefilled token
+    ids and the tokenizer (`Compressor.context_ids`, `Compressor.tokenizer`)."""
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.compression_ratio < 1.0:
@@ -130,6 +133,9 @@ class Press:
     def score(self, obs: Observation) -> Tensor:  # pragma: no cover
         raise NotImplementedError
 
+    def plan(self, compressor: Compressor, cache: Any, layers: list[int]) -> None:
+        """Work over all compressed `layers` before any is compressed (KVzip's passes)."""
+
     def budget(self, n: int, layer: int, n_layers: int) -> int:
         """Positions kept per kv head of `layer` out of `n`: ceil((1 - r) * n)."""
         return kept_count(n, self.compression_ratio)
@@ -152,6 +158,9 @@ def kept_count(n: int, ratio: float) -> int:
 def inner_press(data: Any, key: str) -> Press:
     """A wrapper's `press`: built from its `_target_` mapping; its ratio must stay unset."""
     press = data if isinstance(data, Press) else build_target(data, key, Press)
+    if press.reconstructs:
+        raise ConfigError(f"{key}: {type(press).__name__} decides its own head-wise budgets "
+                          f"over all layers; it is not wrapped")
     if press.compression_ratio != 0.0 or press.query_aware:
         raise ConfigError(f"{key}: set compression_ratio and query_aware on the wrapper, not on "
                           f"the press it wraps")
@@ -327,9 +336,17 @@ class Compressor:
         """Per layer the attention's output projection weight (presses that read it)."""
         self.steps = 0
         """Forward passes since the last compression while answering (`Decoding`)."""
+        self.model: Any = None
+        self.tokenizer: Any = None
+        self.context_ids: list[Tensor] = []
+        """The prefilled token ids (recorded for presses that reconstruct, KVzip)."""
+        self.scoring: Callable[[int, Tensor, Tensor], None] | None = None
+        """Set during a press's own passes: takes each layer's (query, key) instead of
+        `observe` (`SparseMethod.attention` then computes dense attention)."""
 
-    def prepare(self, model: Any, n_layers: int) -> None:
+    def prepare(self, model: Any, n_layers: int, tokenizer: Any = None) -> None:
         self.n_layers = n_layers
+        self.model, self.tokenizer = model, tokenizer
         self.out_weights = {m.layer_idx: m.o_proj.weight.detach() for m in model.modules()
                             if isinstance(getattr(m, "layer_idx", None), int) and hasattr(m, "o_proj")}
         self.before, self.after = [0] * n_layers, [0] * n_layers
@@ -346,9 +363,15 @@ class Compressor:
 
         self.rope = rope
 
+    def release(self) -> None:
+        """Drop the references `prepare` took (the method leaves the model)."""
+        self.model = self.tokenizer = self.rope = None
+        self.out_weights = {}
+
     def reset(self) -> None:
         self.records.clear()
         self.heads.clear()
+        self.context_ids.clear()
         self.compressed = False
         self.steps = 0
 
@@ -416,12 +439,17 @@ class Compressor:
 
     def compress(self, cache: Any, skip: set[int] | frozenset[int] = frozenset()) -> None:
         """Shrink every layer of `cache` (a DynamicCache) but `skip` to the press's kept positions."""
+        layers = []
         for layer, entry in enumerate(cache.layers):
             if layer in skip or not getattr(entry, "is_initialized", True):
                 continue
             if type(entry).__name__ != "DynamicLayer":
                 raise ValueError(f"KV-cache compression needs full-attention cache layers; layer "
                                  f"{layer} is a {type(entry).__name__}")
+            layers.append(layer)
+        self.press.plan(self, cache, layers)
+        for layer in layers:
+            entry = cache.layers[layer]
             keys, values = entry.keys, entry.values
             n = keys.shape[2]
             t0 = time.perf_counter()
@@ -464,6 +492,8 @@ class Compressor:
         out: dict[str, Any] = {
             **self.totals,
             "scoring_s": round(self.totals["scoring_s"], 6),
+            **({"reconstruction_s": round(self.totals["reconstruction_s"], 6)}
+               if "reconstruction_s" in self.totals else {}),
             "press": type(self.press).__name__,
             "compression_ratio": self.press.compression_ratio,
             "achieved_ratio": round(1 - after / before, 6) if before else None,

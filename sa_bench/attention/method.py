@@ -162,8 +162,10 @@ class SparseMethod:
     # --- runner API --------------------------------------------------------------------------
 
     @contextmanager
-    def installed(self, model, implementation: str = "sdpa") -> Iterator[SparseMethod]:
-        """Switch `model` to this method for the duration of the block.
+    def installed(self, model, implementation: str = "sdpa",
+                  tokenizer=None) -> Iterator[SparseMethod]:
+        """Switch `model` to this method for the duration of the block (`tokenizer`: for a
+        press that prompts the model itself, KVzip).
 
         Registers our attention and mask functions under a name of our own (dense work on
         `implementation`, see `sa_bench.attention.dense`), and on exit restores the model's
@@ -173,11 +175,14 @@ class SparseMethod:
         from transformers import AttentionInterface
         from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
-        self._prepare(model)
+        self._prepare(model, tokenizer)
         self.implementation = implementation
         previous = model.config._attn_implementation
         AttentionInterface.register(self.name, self.attention)
         AttentionMaskInterface.register(self.name, eager_mask if implementation == "eager" else dense_mask)
+        hook = None
+        if self.press is not None and self.press.reconstructs:
+            hook = model.get_input_embeddings().register_forward_pre_hook(self._record_ids)
         try:
             model.set_attn_implementation(self.name)
             yield self
@@ -185,10 +190,20 @@ class SparseMethod:
             model.set_attn_implementation(previous)
             AttentionInterface._global_mapping.pop(self.name, None)
             AttentionMaskInterface._global_mapping.pop(self.name, None)
+            if hook is not None:
+                hook.remove()
             self.reset()
             self._devices = {}
+            if self.compressor is not None:
+                self.compressor.release()
 
-    def _prepare(self, model) -> None:
+    def _record_ids(self, module, args) -> None:
+        """The context's token ids, for a press that reconstructs it (KVzip)."""
+        c = self.compressor
+        if self.phase == "prefill" and c.scoring is None and not c.compressed:
+            c.context_ids.append(args[0].detach())
+
+    def _prepare(self, model, tokenizer=None) -> None:
         """Check layer indices and masker files against the model."""
         cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         self.num_layers = cfg.num_hidden_layers
@@ -207,7 +222,7 @@ class SparseMethod:
         for name, masker in self.maskers.items():
             masker.prepare(model.config, f"sparse.maskers.{name}")
         if self.compressor is not None:
-            self.compressor.prepare(model, self.num_layers)
+            self.compressor.prepare(model, self.num_layers, tokenizer)
 
     def _check_prefill(self, model, cfg, kinds) -> None:
         """A sparse prefill computes causal (query block, key block) patterns on its own kernels:
@@ -319,6 +334,10 @@ class SparseMethod:
         # a layer's sliding window arrives in the mask (transformers' sliding-window mask and
         # its sliding cache layer): the maskers' `allowed` keys and the dense kernels honour it
         compressor = self.compressor
+        if compressor is not None and compressor.scoring is not None:  # a press's own pass
+            compressor.scoring(layer, query, key)
+            return dense_attention(module, query, key, value, attention_mask, scaling,
+                                   self.implementation, dropout, sinks), None
         if compressor is not None:
             if compressor.recording(self.phase):
                 compressor.observe(layer, query, key, scaling, kwargs.get("position_ids"))

@@ -115,6 +115,13 @@ def with_per_kv_head(names: list[str]) -> list[str]:
         _takes_per_kv_head(m) for m in yaml.safe_load((CONF / f"{n}.yaml").read_text())["maskers"].values())]
 
 
+def runs_model(name: str) -> bool:
+    """Whether conf/sparse/<name>.yaml's press runs the model to score the cache (KVzip)."""
+    press = yaml.safe_load((CONF / f"{name}.yaml").read_text()).get("compression") or {}
+    module, _, cls = press.get("_target_", "").rpartition(".")
+    return bool(module) and getattr(importlib.import_module(module), cls).reconstructs
+
+
 def load_method(name: str, args, files: Path, context: int | None = None) -> SparseMethod:
     """`method_config(name, files, args.ratio, context)` on a 1-layer model of the timed shape."""
     method = SparseMethod.from_config(method_config(name, files, getattr(args, "ratio", None), context))
@@ -202,6 +209,10 @@ def run_size(kv: int, names: list[str], args, device, dtype) -> dict[str, tuple]
     key, value = rand(1, hk, n0 - 1, d), rand(1, hk, n0 - 1, d)
     module = types.SimpleNamespace(layer_idx=0, training=False)
     methods = {name: load_method(name, args, args.files, n0 - 1) for name in names}
+    for name, method in methods.items():
+        if method.compresses and method.press.reconstructs:
+            raise SystemExit(f"--methods {name}: its press runs the model to score the cache "
+                             f"(KVzip); time it with sa_bench.perf.scale")
     caches = {}  # compression methods: their compressed cache, grown by the same steps
     for name, method in methods.items():  # the context: per-layer key caches built once
         if method.compresses:
@@ -279,6 +290,8 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [n for n in names if not (CONF / f"{n}.yaml").is_file()]
     if unknown:
         parser.error(f"--methods: no conf/sparse/<name>.yaml for {unknown}")
+    if not args.methods:  # all but presses that run the model (KVzip: perf.scale times it)
+        names = [n for n in names if not runs_model(n)]
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     results = {}
     tmp = tempfile.TemporaryDirectory()

@@ -182,6 +182,7 @@ def run_one(args: argparse.Namespace, method_name: str, tokens: int) -> dict[str
 
     from sa_bench.attention.dense import resolve_implementation
     from sa_bench.attention.files import model_shapes
+    from sa_bench.attention.kvzip import ByteTokenizer
     from sa_bench.attention.method import SparseMethod
     from sa_bench.perf.attention import method_config, model_files
 
@@ -203,7 +204,7 @@ def run_one(args: argparse.Namespace, method_name: str, tokens: int) -> dict[str
         return out
 
     method.attention = attention
-    with method.installed(model, implementation):
+    with method.installed(model, implementation, ByteTokenizer()):  # random ids: no tokenizer
         cache, n_ctx, prefill = _prefill(model, method, tuple(context), device, args.chunk)
         prefill_attention = attention_s[0]  # the answers below run through the wrapper too
         density = method.stats()["density"]["prefill"]

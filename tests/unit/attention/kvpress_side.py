@@ -4,8 +4,9 @@
 
 Makes tiny random Llama, Qwen2 and Mistral models with GQA (saved to OUT_DIR/<arch>,
 loadable by transformers 5), a random prompt, and for each press and ratio the positions kvpress keeps per layer and kv head
-(recovered by matching the compressed keys against the uncompressed ones; AdaKV: the
-complement of the positions it masks), written to OUT_DIR/kept.json.
+(recovered by matching the compressed keys against the uncompressed ones; AdaKV and KVzip:
+the complement of the positions they mask), written to OUT_DIR/kept.json. KVzipPress gets a
+byte-level tokenizer (`ByteTokenizer`) in place of AutoTokenizer.
 """
 
 from __future__ import annotations
@@ -42,7 +43,39 @@ def presses(ratio: float) -> dict:
         "criticalkv": p.CriticalKVPress(p.SnapKVPress(ratio)),
         "critical_adakv": p.CriticalAdaKVPress(p.SnapKVPress(ratio)),
         "composed": p.ComposedPress([p.SnapKVPress(ratio), p.KnormPress(COMPOSED_SECOND)]),
+        "kvzip": p.KVzipPress(ratio),
+        "kvzip_layerwise": p.KVzipPress(ratio, layerwise=True),
+        "kvzip_chunked": ChunkedKVzip(ratio),
     }
+
+
+class ChunkedKVzip(kvpress.KVzipPress):
+    """KVzipPress reconstructing the context in chunks of KVZIP_CHUNK tokens (kvpress's
+    `prepare` takes the chunk size as an argument; its default, 2048, exceeds N)."""
+
+    def prepare(self, model, tokenizer):
+        return super().prepare(model, tokenizer, chunk_size=KVZIP_CHUNK)
+
+
+KVZIP_CHUNK = 128
+
+
+class ByteTokenizer:
+    """Token id = UTF-8 byte, no chat template (sa_bench.attention.kvzip.ByteTokenizer's
+    encoding): what KVzipPress gets from AutoTokenizer.from_pretrained here (the tiny models
+    have no tokenizer), so both sides feed the same reconstruction prompt."""
+
+    chat_template = None
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        return cls()
+
+    def encode(self, text, return_tensors=None, add_special_tokens=False):
+        return torch.tensor([list(text.encode())])
+
+
+kvpress.presses.kvzip_press.AutoTokenizer = ByteTokenizer
 
 
 COMPOSED_SECOND = 0.2

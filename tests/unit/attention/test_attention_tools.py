@@ -146,3 +146,14 @@ def test_perf_attention_decodes_compression_methods_on_their_compressed_cache(ca
     # 403 context keys -> ceil(0.25 * 403) = 101 kept, then 3 appended (warm-up + 2 steps): 104 / 406
     assert kept["knorm"] == kept["snapkv"] == pytest.approx(1 - 0.75, abs=0.01)
     assert kept["SDPA grouped (baseline)"] == kept["streaming"] == 1.0  # decode masker: full cache
+
+
+def test_perf_attention_leaves_out_presses_that_run_the_model():
+    """KVzip scores the cache with forward passes of the model, which perf.attention (attention
+    calls only) does not have: left out of the default list, refused by name."""
+    from sa_bench.perf.attention import main, runs_model
+
+    assert runs_model("kvzip") and not runs_model("snapkv") and not runs_model("dense")
+    with pytest.raises(SystemExit, match="--methods kvzip: its press runs the model"):
+        main(["--keys", "100", "--steps", "1", "--methods", "kvzip", "--heads", "4", "--kv-heads", "2",
+              "--head-dim", "16"])

@@ -51,15 +51,15 @@ def prefilled(model, method, ids, chunk=64):
 def test_every_config_with_compression_is_a_press_listed_here():
     assert {"random", "knorm", "streaming_llm", "snapkv", "pyramidkv", "tova", "observed_attention",
             "expected_attention", "keydiff", "lagkv", "adakv", "criticalkv", "critical_adakv",
-            "composed", "decoding"} <= set(PRESSES)
+            "composed", "decoding", "kvzip"} <= set(PRESSES)
 
 
 @pytest.mark.parametrize("name", RATIO_PRESSES)
 @pytest.mark.parametrize("ratio", [0.25, 0.5, 0.75])
 def test_compressed_cache_holds_the_budget_per_head(tiny, install, name, ratio):
-    model, _, ids = tiny
+    model, tok, ids = tiny
     method = method_of(name, compression_ratio=ratio)
-    install(method, model)
+    install(method, model, tokenizer=tok)
     cache, n = prefilled(model, method, ids)
     before = [(e.keys.clone(), e.values.clone()) for e in cache.layers]
     method.compress(cache, "context")
@@ -67,13 +67,17 @@ def test_compressed_cache_holds_the_budget_per_head(tiny, install, name, ratio):
     want = kept_count(n, ratio)
     assert want == math.ceil((1 - ratio) * n)
     stats = method.stats()["compression"]
+    if name == "kvzip":  # head-wise over all layers together: their total
+        total = sum(int(method.compressor.kept[i][1].sum()) for i in range(n_layers))
+        assert total == math.ceil((1 - ratio) * n_layers * hk * n)
     for layer, entry in enumerate(cache.layers):
         idx, valid = method.compressor.kept[layer]
-        if name in HEAD_WISE:  # head-wise: the layer's total, stored flat, the cache layer empty
-            assert int(valid.sum()) == hk * want
+        if name in HEAD_WISE or name == "kvzip":  # stored flat, the cache layer empty
+            if name != "kvzip":  # kvzip: a budget over all layers together (above)
+                assert int(valid.sum()) == hk * want
             assert entry.keys.shape[2] == 0
             store = method.compressor.heads[layer]
-            assert store.keys.shape[0] == hk * want and store.values.shape == store.keys.shape
+            assert store.keys.shape[0] == int(valid.sum()) and store.values.shape == store.keys.shape
             assert list(store.offsets) == [0, *valid.sum(-1)[0].cumsum(0).tolist()]
             assert stats["kept_per_head"][layer] == [round(int(c) / n, 6) for c in valid.sum(-1)[0]]
             gathered = before[layer][0].gather(2, idx.unsqueeze(-1).expand(-1, -1, -1, store.keys.shape[-1]))
@@ -113,14 +117,14 @@ def restricted_attention(kept: dict, n: int):
 
 
 @pytest.mark.parametrize("name", ["snapkv", "adakv", "expected_attention", "pyramidkv", "criticalkv",
-                                  "critical_adakv", "composed"])
+                                  "critical_adakv", "composed", "kvzip"])
 def test_decoding_from_the_compressed_cache_is_dense_attention_over_the_kept_positions(tiny, install, name):
     from transformers import AttentionInterface
 
     model, tok, ids = tiny
     question = tok(" the key is #", add_special_tokens=False).input_ids
     method = method_of(name, compression_ratio=0.6)
-    install(method, model)
+    install(method, model, tokenizer=tok)
     cache, n = prefilled(model, method, ids)
     method.compress(cache, "context")
     kept = dict(method.compressor.kept)
@@ -534,3 +538,122 @@ def test_qfilter_scores_keys_by_its_local_filters_and_is_refused_without_them(ti
     for layer, k in enumerate(keys):
         want = (-(filters[layer][None, :, None] * k).sum(-1)).topk(kept_count(n, 0.5), -1).indices.sort(-1).values
         assert torch.equal(method.compressor.kept[layer][0], want)
+
+
+# --- KVzip: context reconstruction -------------------------------------------------------------
+
+@pytest.mark.parametrize("chunk_size", [100, 4096])
+def test_kvzip_feeds_the_repeat_prompt_and_the_context_in_chunks_and_counts_the_passes(tiny, install, chunk_size):
+    from sa_bench.attention.kvzip import FIRST_PROMPT, LATER_PROMPT
+
+    model, tok, ids = tiny
+    method = method_of("kvzip", compression_ratio=0.5, chunk_size=chunk_size)
+    install(method, model, tokenizer=tok)
+    cache, n = prefilled(model, method, ids)
+    fed = []
+    hook = model.get_input_embeddings().register_forward_pre_hook(lambda m, a: fed.append(a[0][0].tolist()))
+    try:
+        method.compress(cache, "context")
+    finally:
+        hook.remove()
+    enc = lambda text: tok.encode(text, add_special_tokens=False)  # noqa: E731
+    chunks = [ids[i:i + chunk_size] for i in range(0, n, chunk_size)]
+    want = [(enc(FIRST_PROMPT) if i == 0 else enc(LATER_PROMPT) + chunks[i - 1][-8:]) + enc("\n") + chunk
+            for i, chunk in enumerate(chunks)]  # no chat template: no prefix, suffix "\n"
+    assert fed == want and len(want) == (4 if chunk_size == 100 else 1)
+    stats = method.stats()["compression"]
+    assert stats["reconstruction_passes"] == len(want)
+    assert stats["reconstruction_tokens"] == sum(map(len, want)) and stats["reconstruction_s"] > 0
+    assert all(e.keys.shape[2] < n for e in cache.layers)  # the passes' own keys went, then the pruned
+    assert method.compressor.context_ids  # recorded during the prefill, not during the passes
+    assert torch.cat(method.compressor.context_ids, -1)[0].tolist() == ids
+
+
+def test_kvzip_scores_are_the_largest_attention_a_reconstruction_query_pays(monkeypatch):
+    from sa_bench.attention import kvzip
+
+    monkeypatch.setattr(kvzip, "ROW_BLOCK_BYTES", 4 * 2 * 6 * 40)  # several blocks of rows
+    g = torch.Generator().manual_seed(0)
+    n, q, hk, group, d, start, end = 30, 12, 2, 3, 8, 9, 21
+    query = torch.randn(1, hk * group, q, d, generator=g)
+    key = torch.randn(1, hk, n + q, d, generator=g)
+    press = kvzip.KVzip(compression_ratio=0.5, n_sink=4)
+    got = press.chunk_scores(query, key, start, end)
+    want = torch.zeros(1, hk, end - start)
+    for h in range(hk * group):  # brute force: a softmax over every column, masked
+        for i in range(q):
+            allowed = torch.zeros(n + q, dtype=torch.bool)
+            allowed[:4] = allowed[start:end] = True
+            allowed[n:n + i + 1] = True
+            logits = (key[0, h // group] @ query[0, h, i]) / math.sqrt(d)
+            p = logits.masked_fill(~allowed, float("-inf")).softmax(-1)[start:end]
+            want[0, h // group] = torch.maximum(want[0, h // group], p)
+    torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("layerwise", [False, True])
+def test_kvzip_keeps_the_best_scores_over_all_layers_or_each_layer(layerwise):
+    from sa_bench.attention.kvzip import KVzip
+
+    g = torch.Generator().manual_seed(1)
+    scores = {layer: torch.rand(1, 2, 50, generator=g) * (layer + 1) for layer in range(3)}
+    kept = KVzip(compression_ratio=0.7, layerwise=layerwise).allocate(scores)
+    groups = [[layer] for layer in scores] if layerwise else [list(scores)]
+    for layers in groups:
+        mask = torch.cat([kept[i].flatten() for i in layers])
+        values = torch.cat([scores[i].flatten() for i in layers])
+        assert int(mask.sum()) == math.ceil(0.3 * values.numel())
+        assert values[mask].min() > values[~mask].max()
+    counts = [int(kept[i].sum()) for i in scores]
+    assert (len(set(counts)) == 1) == layerwise  # global: the layers of larger scores keep more
+
+
+class ChatTokenizer:
+    """Bytes, with a chat template around the user's message."""
+
+    chat_template = "<chat>"
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return list(text.encode())
+
+    def apply_chat_template(self, messages, add_generation_prompt, tokenize, enable_thinking):
+        return f"<u>{messages[0]['content']}</u><a>"
+
+
+def test_kvzip_takes_the_chat_template_prefix_and_suffix_when_the_context_used_it():
+    from sa_bench.attention.kvzip import KVzip, template_tokens
+
+    tok = ChatTokenizer()
+    context = list(b"<u>some context")
+    assert template_tokens(tok, context) == (3, list(b"</u><a>"))
+    assert template_tokens(tok, list(b"some context")) == (0, [10])  # not rendered with it
+    (start, end, fed), = KVzip(compression_ratio=0.5).passes(context, tok)
+    assert (start, end) == (3, len(context))  # the template's prefix is not scored
+    assert fed == list(b"\n\nRepeat the previous context exactly.</u><a>some context")
+
+
+def test_kvzip_config_and_tokenizer_errors(tiny, install):
+    with pytest.raises(ConfigError, match="query_aware: KVzip is query-agnostic"):
+        method_of("kvzip", query_aware=True)
+    with pytest.raises(ConfigError, match=r"press: KVzip decides its own head-wise budgets"):
+        method_of("adakv", press={"_target_": "sa_bench.attention.kvzip.KVzip"})
+    with pytest.raises(ConfigError, match="chunk_size"):
+        method_of("kvzip", chunk_size=0)
+    model, _, ids = tiny
+    method = method_of("kvzip")
+    install(method, model)  # no tokenizer
+    cache, _ = prefilled(model, method, ids)
+    with pytest.raises(ValueError, match="needs the model's tokenizer"):
+        method.compress(cache, "context")
+
+
+@pytest.mark.e2e  # starts `python -m sa_bench` in a subprocess
+def test_a_kvzip_job_records_its_reconstruction_passes(tmp_path):
+    out = tmp_path / "out"
+    run_sa_bench("sparse=kvzip", "benchmark.n_samples=1", "benchmark.subsets=[1k]", root=out,
+                 env={"PYTHONPATH": str(ROOT)}, check=True)
+    stats, = [json.loads(p.read_text()) for p in out.rglob("stats.json")]
+    comp = stats["attention"]["compression"]
+    assert comp["press"] == "KVzip" and comp["reconstruction_passes"] >= 1
+    assert comp["reconstruction_tokens"] > stats["max_prompt_tokens"] // 2 and comp["reconstruction_s"] > 0
+    assert abs(comp["achieved_ratio"] - 0.5) < 0.01 and stats["compress_s"] >= comp["reconstruction_s"]

@@ -1,5 +1,7 @@
 """Parity with NVIDIA kvpress: the positions each press keeps per layer and kv head equal
-kvpress's on the same tiny random Llama, Qwen2 and Mistral models (GQA) and prompt, at ratios 0.25 / 0.5 / 0.75.
+kvpress's on the same tiny random Llama, Qwen2 and Mistral models (GQA) and prompt, at ratios 0.25 / 0.5 / 0.75
+(KVzip: global and layer-wise budgets, one reconstruction chunk and chunks of 128 tokens; both
+sides prompt with a byte-level tokenizer without a chat template).
 
 kvpress pins transformers < 5.3, so it runs in its own venv (made once, cached under
 ~/.cache/sa_bench/kvpress-venv), where tests/unit/attention/kvpress_side.py writes the model and kvpress's
@@ -18,6 +20,7 @@ import torch
 from omegaconf import OmegaConf
 
 from sa_bench.attention import SparseMethod
+from sa_bench.attention.kvzip import ByteTokenizer
 from sa_bench.runner import _prefill
 from tests.conftest import ROOT, build_venv
 
@@ -46,14 +49,21 @@ def theirs(tmp_path_factory) -> tuple[Path, dict]:
     return out, json.loads((out / "kept.json").read_text())
 
 
+VARIANTS = {"kvzip_layerwise": ("kvzip", {"layerwise": True}),
+            "kvzip_chunked": ("kvzip", {"chunk_size": 128})}
+"""Presses kvpress_side.py runs with other settings: (config, its compression settings)."""
+HEAD_WISE = ("adakv", "critical_adakv", "kvzip", "kvzip_layerwise", "kvzip_chunked")
+
+
 def ours(model, ids: list[int], name: str, ratio: float) -> list[list[list[int]]]:
+    name, settings = VARIANTS.get(name, (name, {}))
     cfg = OmegaConf.to_container(OmegaConf.load(ROOT / f"conf/sparse/{name}.yaml"))
     if name == "composed":  # the ratio of its first press (SnapKV); then KNorm's 0.2
         cfg["compression"]["presses"][0]["compression_ratio"] = ratio
     else:
-        cfg["compression"]["compression_ratio"] = ratio
+        cfg["compression"].update(compression_ratio=ratio, **settings)
     method = SparseMethod.from_config(cfg)
-    with method.installed(model):
+    with method.installed(model, tokenizer=ByteTokenizer()):  # kvpress_side.py's KVzip tokenizer
         method.reset()
         cache, _, _ = _prefill(model, method, tuple(ids), torch.device("cpu"))
         method.compress(cache, "context")
@@ -76,14 +86,20 @@ def test_kept_positions_equal_kvpress(theirs):
         model = AutoModelForCausalLM.from_pretrained(out / arch, dtype=torch.float32).eval()
         assert set(presses) >= {"random", "knorm", "streaming_llm", "snapkv", "pyramidkv", "tova",
                                 "observed_attention", "expected_attention", "keydiff", "lagkv",
-                                "adakv", "criticalkv", "critical_adakv", "composed"}
+                                "adakv", "criticalkv", "critical_adakv", "composed", "kvzip",
+                                "kvzip_layerwise", "kvzip_chunked"}
         for name, by_ratio in sorted(presses.items()):
             for ratio, kept in by_ratio.items():
                 mine = ours(model, data["ids"], name, float(ratio))
+                if name.startswith("kvzip"):  # head-wise over the layers (or each layer)
+                    per_layer = [sum(map(len, heads)) for heads in kept]
+                    total = data["n"] * len(kept[0]) * (1 - float(ratio))
+                    assert (per_layer == [round(total)] * len(kept) if name == "kvzip_layerwise"
+                            else sum(per_layer) == round(total * len(kept)))
                 for layer, (a, b) in enumerate(zip(mine, kept, strict=True)):
                     for head, (x, y) in enumerate(zip(a, b, strict=True)):
                         kept = data["n"] * (1 - float(ratio)) * (0.8 if name == "composed" else 1)
-                        assert len(set(y)) == len(y) and (name in ("adakv", "critical_adakv", "pyramidkv")
+                        assert len(set(y)) == len(y) and (name in (*HEAD_WISE, "pyramidkv")
                                                           or len(y) == round(kept))
                         if x != y:
                             differ.append(f"{arch} {name} r={ratio} layer {layer} head {head}: "

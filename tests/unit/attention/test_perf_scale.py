@@ -44,3 +44,16 @@ def test_a_method_name_can_carry_prefill_settings(tmp_path):
     assert scale.with_prefill_settings("xattention", method_config, tmp_path)["prefill"]["threshold"] == 0.9
     with pytest.raises(SystemExit, match="NAME:key=value"):
         scale.with_prefill_settings("quest:heavy_size=0.1", method_config, tmp_path)
+
+
+def test_scale_command_times_kvzip_with_its_reconstruction_passes(capsys):
+    """KVzip on a random-weight model (no tokenizer: the byte-level one): its row has the KV
+    kept at the ratio over all layers and a compression time (its passes) above zero."""
+    scale.main(["--shape", "tiny", "--tokens", "300", "--methods", "dense", "kvzip", "--ratio", "0.75",
+                "--question", "8", "--new", "2"])
+    out = capsys.readouterr().out
+    assert "failed" not in out
+    header = [h.strip() for h in next(line for line in out.splitlines() if line.startswith("| tokens |")).split("|")]
+    row = next(line for line in out.splitlines() if line.startswith("| 300 | kvzip |")).split("|")
+    assert float(row[header.index("compression s")]) > 0
+    assert 0.25 <= float(row[header.index("KV kept")]) < 0.4  # head-wise: the largest head's length
