@@ -143,13 +143,13 @@ class PageStats(KeyCache):
         full, rest = divmod(tail.shape[2], size)
         parts = []
         if full:
-            pages = tail[:, :, : full * size].unflatten(2, (full, size))
-            parts.append(torch.cat([pages.amax(3), pages.amin(3)], -1))
+            low, high = torch.aminmax(tail[:, :, : full * size].unflatten(2, (full, size)), dim=3)
+            parts.append(torch.cat([high, low], -1))
         if rest:
-            last = tail[:, :, full * size:]
-            parts.append(torch.cat([last.amax(2, keepdim=True), last.amin(2, keepdim=True)], -1))
+            low, high = torch.aminmax(tail[:, :, full * size:], dim=2, keepdim=True)
+            parts.append(torch.cat([high, low], -1))
         if parts:
-            self.write(layer, first, torch.cat(parts, 2))
+            self.write(layer, first, parts[0] if len(parts) == 1 else torch.cat(parts, 2))
         self.length[layer] = kv
         return self.buf[layer][:, :, : -(-kv // size)]
 
@@ -178,12 +178,11 @@ class Quest(Masker):
         if bmax == 0:
             return sel
         stats = self._pages.pages(ctx.layer, ctx.key, ctx.query.shape[2], p)  # [b, Hk, P, 2d]
-        q = ctx.query
-        score = ctx.score_with(torch.cat([q.clamp(min=0), q.clamp(max=0)], -1), stats).float()
+        score = ctx.score_with(self._split(ctx), stats).float()
         n_pages = score.shape[-1]
         uniform = ctx.uniform_keys is not None  # every page seen (decode): all scores finite
         if not uniform:
-            start = torch.arange(n_pages, device=q.device) * p
+            start = torch.arange(n_pages, device=ctx.key.device) * p
             lo = first_allowed(ctx.allowed).unsqueeze(-1)  # pages outside the row's keys: -inf
             seen = (start + p > lo) & (start <= ctx.positions[:, None])
             score = score.masked_fill_(~seen, NEG_INF)
@@ -194,19 +193,30 @@ class Quest(Masker):
         vals, top = score.topk(take, -1, sorted=True)
         if self.per_kv_head:
             vals, top = vals.repeat_interleave(ctx.groups, 1), top.repeat_interleave(ctx.groups, 1)
-        offsets = torch.arange(p, device=q.device) if ctx.workspace is None else ctx.workspace.arange(p)
+        offsets = torch.arange(p, device=ctx.key.device) if ctx.workspace is None else ctx.workspace.arange(p)
         keys = torch.add(offsets, top.unsqueeze(-1), alpha=p).flatten(-2)
-        ok = keys < kv
+        ok = sel.unselected(keys, kv)
         if not uniform:
             ok &= (vals > NEG_INF).repeat_interleave(p, -1)
         keys = keys.clamp(max=kv - 1)
         if not ctx.all_allowed:
             ok &= ctx.allowed.expand(*keys.shape[:3], kv).gather(-1, keys)
-        if sel.idx.shape[-1]:
-            ok &= ~sel.contains(keys, kv)
         budget = ctx.row_budget(self.heavy_size)
         ok &= ok.cumsum(-1, dtype=torch.int32) <= (budget if isinstance(budget, int) else budget.unsqueeze(-1))
         return sel.add(keys, ok, 0.0, kv, shared=self.per_kv_head)
+
+    @staticmethod
+    def _split(ctx: Context) -> Tensor:
+        """[max(q, 0) | min(q, 0)] [b, H, q, 2d], the query side of the page bound: one clamp of
+        [q | q] between bounds made once per device (the workspace's), else two clamps."""
+        q = ctx.query
+        if ctx.workspace is None:
+            return torch.cat([q.clamp(min=0), q.clamp(max=0)], -1)
+        d, inf = q.shape[-1], float("inf")
+        lo, hi = ctx.workspace.cached(("quest_bounds", d, q.dtype), lambda: (
+            torch.tensor([0.0] * d + [-inf] * d, dtype=q.dtype, device=q.device),
+            torch.tensor([inf] * d + [0.0] * d, dtype=q.dtype, device=q.device)))
+        return torch.cat([q, q], -1).clamp_(lo, hi)
 
 
 # --- sampling --------------------------------------------------------------------------------

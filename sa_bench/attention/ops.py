@@ -89,14 +89,15 @@ def count_true(mask: Tensor) -> Tensor:
 
 def compact(mask: Tensor, fill: int) -> tuple[Tensor, Tensor]:
     """Positions of the True entries of each row of `mask` [..., n] -> (idx, valid) [..., w],
-    w the largest row count (read from the device), padding `fill`. Few entries (w <= n / 8):
-    from `nonzero`; else O(n) with a running count placing each True entry (int32 cumsum +
-    scatter; on CPU faster than nonzero for dense masks, ~2x slower for sparse ones)."""
+    w the largest row count (read from the device: one sync), padding `fill`. Few entries
+    (w <= n / 8) on CPU: from `nonzero`; else O(n) with a running count placing each True entry
+    (int32 cumsum + scatter; on CPU faster than nonzero for dense masks, ~2x slower for sparse
+    ones; on an accelerator no second sync, which `nonzero` is)."""
     n = mask.shape[-1]
     count = count_true(mask)
     width = int(count.max()) if count.numel() else 0
     valid = torch.arange(width, device=mask.device) < count.unsqueeze(-1)
-    if width * 8 <= n:
+    if width * 8 <= n and reads_free(mask.device):
         rows = mask.reshape(-1, n)
         row, col = rows.nonzero().unbind(1)  # sorted by row, then position
         start = count.reshape(-1).cumsum(0) - count.reshape(-1)
