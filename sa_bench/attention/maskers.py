@@ -15,7 +15,15 @@ from dataclasses import dataclass, field
 from statistics import NormalDist
 from typing import TYPE_CHECKING
 
-from sa_bench.attention.masker import Masker, TopKMasker, check_fraction, draw_candidates
+from sa_bench.attention.masker import (
+    Masker,
+    TopKMasker,
+    candidates_known,
+    check_fraction,
+    draw_candidates,
+    draw_unchecked,
+    ranked_draw,
+)
 from sa_bench.attention.ops import NEG_INF, compact, count_true, first_allowed, log_weight
 from sa_bench.attention.selection import Context, KeyCache, Selection, size_of
 from sa_bench.config import ConfigError, Size, check_range
@@ -222,9 +230,21 @@ class Quest(Masker):
 # --- sampling --------------------------------------------------------------------------------
 
 
-def _remaining(ctx: Context, sel: Selection) -> Tensor:
-    """Candidates per row [b, H, q]: the row's keys less the (distinct, allowed) selected."""
-    return ctx.n_keys - count_true(sel.valid)
+def _remaining(ctx: Context, sel: Selection) -> Tensor | int:
+    """Candidates per row [b, H, q]: the row's keys less the (distinct, allowed) selected; an
+    int when known without reading tensors (`candidates_known`: decode after ranges, top-k)."""
+    known = candidates_known(ctx, sel)
+    return known if known is not None else ctx.n_keys - count_true(sel.valid)
+
+
+def _at_most(x: Tensor, n: Tensor | int) -> Tensor:
+    return x.clamp(max=n) if isinstance(n, int) else torch.minimum(x, n)
+
+
+def _inclusion(m: Tensor, n_rem: Tensor | int) -> Tensor:
+    """Inclusion probability m / R (float32) of m of R candidates drawn, [..., 1]."""
+    rem = float(max(n_rem, 1)) if isinstance(n_rem, int) else n_rem.clamp(min=1).float()
+    return (m.float() / rem).unsqueeze(-1)
 
 
 @dataclass
@@ -245,8 +265,8 @@ class RandomSampling(Masker):
 
     def select(self, ctx: Context, sel: Selection) -> Selection:
         n_rem = _remaining(ctx, sel)
-        m = torch.minimum(ctx.budget(self.rate), n_rem)
-        pi = (m.float() / n_rem.clamp(min=1).float()).unsqueeze(-1)
+        m = _at_most(ctx.budget(self.rate), n_rem)
+        pi = _inclusion(m, n_rem)
         if not self.per_kv_head:
             idx, valid = draw_candidates(ctx, sel, m, ctx.budget_max(self.rate))
             return sel.add(idx, valid, log_weight(pi), ctx.kv)
@@ -287,18 +307,24 @@ class AdaptiveSampling(Masker):
         if self.delta >= 1.0:
             raise ConfigError(f"delta: expected a value in (0, 1), got {self.delta}")
 
-    def base_size(self, n_rem: Tensor) -> Tensor:
+    def base_size(self, n_rem: Tensor | int) -> Tensor | int:
+        if isinstance(n_rem, int):  # the same float64 product and floor, on the host
+            rate = self.base_rate
+            b0 = max(2, math.floor(n_rem * rate)) if isinstance(rate, float) else max(2, int(rate))
+            return min(b0, n_rem)
         if isinstance(self.base_rate, float):
             b0 = (n_rem.double() * self.base_rate).floor().long().clamp(min=2)
         else:
             b0 = n_rem.new_full((), max(2, int(self.base_rate)))
         return torch.minimum(b0, n_rem)
 
-    def budget(self, sigma: Tensor, denom: Tensor, n_rem: Tensor) -> Tensor:
+    def budget(self, sigma: Tensor, denom: Tensor, n_rem: Tensor | int) -> Tensor:
         """The sample size m of the class docstring (before the clamp to [b0, R])."""
         z = NormalDist().inv_cdf(1.0 - self.delta)  # Phi^-1, stdlib (no scipy)
         m = (z * sigma * n_rem / (self.epsilon * denom).clamp_min(1e-8)) ** 2
-        return torch.minimum(m.nan_to_num(1.0).clamp(min=1.0), n_rem.double()).floor().long()
+        m = m.nan_to_num(1.0)
+        m = m.clamp(1.0, n_rem) if isinstance(n_rem, int) else m.clamp(min=1.0).clamp(max=n_rem)
+        return m.floor().long()
 
     def select(self, ctx: Context, sel: Selection) -> Selection:
         n_rem = _remaining(ctx, sel)
@@ -307,23 +333,39 @@ class AdaptiveSampling(Masker):
             b0max = min(ctx.kv, max(2, math.floor(ctx.kv * self.base_rate)))
         else:
             b0max = min(ctx.kv, max(2, int(self.base_rate)))
-        base, base_ok = draw_candidates(ctx, sel, b0, b0max)
+        base, base_ok, short = draw_unchecked(ctx, sel, b0, b0max)
+        m = self.sample_size(ctx, sel, base, base_ok, n_rem, b0)
+        extra = m - b0
+        if short is None:
+            most = int(extra.max())
+        else:  # whether a base row came out short, read with the extra draws' maximum: one sync
+            short, most = torch.stack([short.long(), extra.max()]).tolist()
+            if short:  # `draw_candidates`' fallback (the same random numbers drawn)
+                base, base_ok = ranked_draw(ctx, sel, b0, b0max)
+                m = self.sample_size(ctx, sel, base, base_ok, n_rem, b0)
+                extra = m - b0
+                most = int(extra.max())
+        more, more_ok = draw_candidates(ctx, sel.add(base, base_ok, 0.0, ctx.kv), extra, most)
+        return sel.add(torch.cat([base, more], -1), torch.cat([base_ok, more_ok], -1),
+                       log_weight(_inclusion(m, n_rem)), ctx.kv)
+
+    def sample_size(self, ctx: Context, sel: Selection, base: Tensor, base_ok: Tensor,
+                    n_rem: Tensor | int, b0: Tensor | int) -> Tensor:
+        """m of the class docstring from the base sample, clamped to [b0, R]."""
         base_s = ctx.scores_at(base).masked_fill(~base_ok, NEG_INF)
-        det_s = ctx.scores_at(sel.idx).masked_fill(~sel.valid, NEG_INF)
+        det_s = ctx.scores_at(sel.idx)
+        if not sel.exact:  # padding entries
+            det_s = det_s.masked_fill(~sel.valid, NEG_INF)
         c = torch.maximum(_max_or_neginf(base_s), _max_or_neginf(det_s)).nan_to_num(0.0, neginf=0.0)
         e = torch.exp(base_s - c)
         nb = base_ok.sum(-1).clamp(min=1)
         mean = e.sum(-1) / nb
         var = ((e - mean.unsqueeze(-1)) ** 2 * base_ok).sum(-1) / (nb - 1).clamp(min=1)
         denom = torch.exp(det_s - c).sum(-1) + n_rem * mean
-        m = torch.maximum(self.budget(var.sqrt().clamp_min(1e-8), denom, n_rem), b0)
-        m = torch.minimum(m, n_rem)
-        extra = m - b0
-        more, more_ok = draw_candidates(ctx, sel.add(base, base_ok, 0.0, ctx.kv), extra,
-                                        int(extra.max()) if extra.numel() else 0)
-        pi = (m.float() / n_rem.clamp(min=1).float()).unsqueeze(-1)
-        return sel.add(torch.cat([base, more], -1), torch.cat([base_ok, more_ok], -1),
-                       log_weight(pi), ctx.kv)
+        m = self.budget(var.sqrt().clamp_min(1e-8), denom, n_rem)
+        if isinstance(n_rem, int):  # b0 is an int too
+            return m.clamp(b0, n_rem)
+        return torch.minimum(torch.maximum(m, b0), n_rem)
 
 
 def _max_or_neginf(x: Tensor) -> Tensor:
