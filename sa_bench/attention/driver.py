@@ -93,7 +93,7 @@ def attend_blocks(maskers, query: Tensor, key: Tensor, value: Tensor, attention_
         if n is not None and known is not None:  # no tensor read or made
             term = b * h * (r1 - r0) * min(known, n) / max(n, 1)
         elif n is not None:  # one row (one block): the valid entries counted, n divides later
-            term = sel.valid.sum() if sel.dense is None else sel.count().sum()
+            term = sel.valid.sum() if sel.dense is None else sel.valid.sum() + sel.dense.sum()
             scale = 1.0 / max(n, 1)
         else:
             term = (sel.count().float() / ctx.n_keys.clamp(min=1).float()).sum()

@@ -85,15 +85,21 @@ def _bias_attention(ctx: Context, value: Tensor, sel: Selection, workspace: Work
     if sel.dense is None:
         bias.fill_(NEG_INF)
     else:  # 0 on the dense keys, -max elsewhere (exp gives exactly 0 next to a selected key's
-        # score; arithmetic instead of a masked fill, which branches per key)
-        bias[..., :kv].copy_(sel.dense).sub_(1.0).mul_(torch.finfo(bias.dtype).max)
+        # score), one kernel writing the buffer with the device's two constants
+        top = torch.finfo(bias.dtype).max
+        zero, low = workspace.cached(("bias", bias.dtype), lambda: (
+            torch.zeros((), dtype=bias.dtype, device=bias.device),
+            torch.full((), -top, dtype=bias.dtype, device=bias.device)))
+        torch.where(sel.dense, zero, low, out=bias[..., :kv])
         bias[..., kv] = NEG_INF
     bias.scatter_(-1, sel.idx, sel.logw)
-    p = softmax_with_sinks(bias[..., :kv].add_(scores), ctx.sink_rows()).nan_to_num_(0.0)
-    if sel.dense is not None:  # a row of -max everywhere comes out uniform: no key, no output
-        empty = sel.count() == 0
-        if not reads_free(p.device) or bool(empty.any()):  # a read syncs an accelerator
-            p.masked_fill_(empty.unsqueeze(-1), 0.0)
+    p = softmax_with_sinks(bias[..., :kv].add_(scores), ctx.sink_rows())
+    if not sel.some_valid:  # a row may hold no key (`some_valid`: one in every row)
+        p = p.nan_to_num_(0.0)
+        if sel.dense is not None:  # a row of -max everywhere comes out uniform: no output
+            empty = sel.count() == 0
+            if not reads_free(p.device) or bool(empty.any()):  # a read syncs an accelerator
+                p.masked_fill_(empty.unsqueeze(-1), 0.0)
     out = torch.matmul(ctx.grouped(p.to(value.dtype)), value)
     return ctx.ungrouped(out).to(ctx.query.dtype)
 

@@ -116,26 +116,37 @@ class OracleTopP(Masker):
 
     def select(self, ctx: Context, sel: Selection) -> Selection:
         kv, nb = ctx.kv, 4096  # bins: p's bits >> 18 < 4096 for 0 <= p <= 1
-        probs = torch.softmax(ctx.without(ctx.scores(), sel), -1).nan_to_num_(0.0)
+        probs = torch.softmax(ctx.without(ctx.scores(), sel), -1)
+        if not candidates_known(ctx, sel):  # a row may have no candidate: NaN
+            probs = probs.nan_to_num_(0.0)
         rows = probs.shape[:3]
-        first_bin = torch.arange(rows.numel(), device=probs.device, dtype=torch.int32).view(*rows, 1) * nb
-        bins = torch.bitwise_right_shift(probs.view(torch.int32), 18).add_(first_bin)
+
+        def make_first_bin() -> Tensor:
+            return torch.arange(rows.numel(), device=probs.device).view(*rows, 1) * nb
+
+        first_bin = make_first_bin() if ctx.workspace is None else ctx.workspace.cached(
+            ("topp_bins", tuple(rows), nb), make_first_bin)  # int64: bins index without a copy
+        bins = torch.add(torch.bitwise_right_shift(probs.view(torch.int32), 18), first_bin)
         # each bin's mass in integers (fixed point, 2^-40): a float sum by atomics (CUDA's
         # weighted bincount) depends on the order of the additions - not reproducible
         fixed = probs.mul(FIXED_ONE).add_(0.5).to(torch.int64)  # exact scaling, p rounded to 2^-40
         mass = torch.zeros(rows.numel() * nb, dtype=torch.int64, device=probs.device)
-        mass = mass.scatter_add_(0, bins.view(-1).long(), fixed.view(-1)).view(*rows, nb)
-        above = mass.flip(-1).cumsum(-1).flip(-1)  # mass of the bins from this one up
+        mass = mass.scatter_add_(0, bins.view(-1), fixed.view(-1)).view(*rows, nb)
+        upward = mass.cumsum(-1)
+        higher = upward[..., -1:] - upward  # mass of the bins above this one (exact integers)
+        above = higher + mass  # mass of the bins from this one up
         edge = ((above >= round(self.top_p * FIXED_ONE)).sum(-1, keepdim=True) - 1).clamp_(min=0)  # the bin reaching p
-        before_edge = (above - mass).gather(-1, edge).float().mul_(1.0 / FIXED_ONE)
-        edge = edge.int() + first_bin
-        idx, ok = compact(bins == edge, kv)
-        vals = probs.gather(-1, idx.clamp(max=kv - 1)).masked_fill_(~ok, -1.0)
+        before_edge = higher.gather(-1, edge).float().mul_(1.0 / FIXED_ONE)
+        edge = edge + first_bin
+        positions = None if ctx.workspace is None else ctx.workspace.arange(kv + 1)
+        idx, ok = compact(bins == edge, kv, positions)
+        vals = torch.where(ok, probs.gather(-1, idx.clamp(max=kv - 1)), -1.0)
         vals, order = vals.sort(-1, descending=True)
         before = before_edge + vals.cumsum(-1) - vals
         ok = (before < self.top_p) & (vals > 0)
         out = sel.add(idx.gather(-1, order), ok, 0.0, kv)
-        return Selection(out.idx, out.logw, False, bins > edge)  # bin 0 (p = 0) never: edge >= 0
+        return Selection(out.idx, out.logw, False, bins > edge,  # bin 0 (p = 0) never: edge >= 0
+                         some_valid=sel.some_valid)
 
 
 class PageStats(KeyCache):
