@@ -67,7 +67,8 @@ def attend_blocks(maskers, query: Tensor, key: Tensor, value: Tensor, attention_
     b, h, q, _ = query.shape
     kv = key.shape[2]
     outs, density, scale = [], 0.0, 1.0
-    for r0, r1 in row_blocks(b, h, q, kv, budget_bytes):
+    blocks = row_blocks(b, h, q, kv, budget_bytes)
+    for r0, r1 in blocks:
         end = kv - q + r1
         mask = attention_mask
         if mask is not None:
@@ -92,9 +93,12 @@ def attend_blocks(maskers, query: Tensor, key: Tensor, value: Tensor, attention_
         n, known = ctx.uniform_keys, sel.known_count
         if n is not None and known is not None:  # no tensor read or made
             term = b * h * (r1 - r0) * min(known, n) / max(n, 1)
-        elif n is not None:  # one row (one block): the valid entries counted, n divides later
+        elif n is not None:  # one row: the valid entries counted, n divides (later if alone)
             term = sel.valid.sum() if sel.dense is None else sel.valid.sum() + sel.dense.sum()
-            scale = 1.0 / max(n, 1)
+            if len(blocks) == 1:
+                scale = 1.0 / max(n, 1)
+            else:  # the last block of a question's rows
+                term = term * (1.0 / max(n, 1))
         else:
             term = (sel.count().float() / ctx.n_keys.clamp(min=1).float()).sum()
         density = term if isinstance(density, float) and density == 0.0 else density + term
