@@ -226,16 +226,17 @@ class Quest(Masker):
 
     @staticmethod
     def _split(ctx: Context) -> Tensor:
-        """[max(q, 0) | min(q, 0)] [b, H, q, 2d], the query side of the page bound: one clamp of
-        [q | q] between bounds made once per device (the workspace's), else two clamps."""
+        """[max(q, 0) | min(q, 0)] [b, H, q, 2d], the query side of the page bound: one clamp
+        of q broadcast against [2, d] bounds made once per device (the workspace's), else two
+        clamps and a cat."""
         q = ctx.query
         if ctx.workspace is None:
             return torch.cat([q.clamp(min=0), q.clamp(max=0)], -1)
         d, inf = q.shape[-1], float("inf")
         lo, hi = ctx.workspace.cached(("quest_bounds", d, q.dtype), lambda: (
-            torch.tensor([0.0] * d + [-inf] * d, dtype=q.dtype, device=q.device),
-            torch.tensor([inf] * d + [0.0] * d, dtype=q.dtype, device=q.device)))
-        return torch.cat([q, q], -1).clamp_(lo, hi)
+            torch.tensor([[0.0] * d, [-inf] * d], dtype=q.dtype, device=q.device),
+            torch.tensor([[inf] * d, [0.0] * d], dtype=q.dtype, device=q.device)))
+        return torch.clamp(q.unsqueeze(-2), lo, hi).flatten(-2)
 
 
 # --- sampling --------------------------------------------------------------------------------
