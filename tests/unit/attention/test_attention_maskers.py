@@ -878,3 +878,19 @@ def test_oracle_topp_integer_bin_mass_selects_as_before(monkeypatch, top_p, temp
     monkeypatch.setattr(torch, "bincount", no_bincount)
     got = row_sets(masker.select(ctx, sel0))
     assert got == want
+
+
+@pytest.mark.parametrize("spans", [[(0, 4), (193, 257)], [(0, 4)], [(10, 20), (30, 40)],
+                                   [(0, 257)], [(250, 257)]])
+def test_unselected_by_span_bounds_is_the_set_difference(spans):
+    """A selection of ranges answers 'a key < kv not selected yet' by its gaps' bounds; the
+    same entries without the ranges by the search - both the set difference, for candidates
+    past kv too."""
+    kv = 257
+    sel = Selection.of_spans(spans, 2, 8, 1, "cpu")
+    idx = torch.randint(0, kv + 20, (2, 1, 1, 300), generator=torch.Generator().manual_seed(0))
+    taken = {j for a, b in spans for j in range(a, b)}
+    want = torch.tensor([[j < kv and j not in taken for j in row] for row in idx.view(2, -1).tolist()])
+    want = want.view(2, 1, 1, 300).expand(2, 8, 1, 300)
+    assert torch.equal(sel.unselected(idx, kv), want)
+    assert torch.equal(Selection(sel.idx, sel.logw).unselected(idx, kv), want)
