@@ -797,16 +797,21 @@ def test_range_prefix_as_spans_selects_what_the_maskers_select(maskers):
 
 @pytest.mark.parametrize("density", [0.0, 0.03, 0.1, 0.6, 1.0])
 def test_compact_lists_each_rows_true_positions_in_order(density):
-    """Both ways (nonzero for sparse masks, a running count for dense ones)."""
+    """Both ways (nonzero for sparse masks on CPU, a running count for dense ones and on an
+    accelerator's paths, with or without a cached arange of positions)."""
+    from sa_bench.attention.ops import accelerator_paths
+
     g = torch.Generator().manual_seed(int(density * 100))
     mask = torch.rand(2, 3, 4, 200, generator=g) < density
     mask[0, 0, 0] = False  # an empty row
-    idx, valid = compact(mask, 200)
-    assert idx.shape == valid.shape == (2, 3, 4, int(mask.sum(-1).max()))
-    for pos in itertools.product(range(2), range(3), range(4)):
-        want = mask[pos].nonzero().flatten().tolist()
-        assert idx[pos][valid[pos]].tolist() == want
-        assert (idx[pos][~valid[pos]] == 200).all()
+    with accelerator_paths():
+        forced = compact(mask, 200, torch.arange(300))
+    for idx, valid in (compact(mask, 200), forced):
+        assert idx.shape == valid.shape == (2, 3, 4, int(mask.sum(-1).max()))
+        for pos in itertools.product(range(2), range(3), range(4)):
+            want = mask[pos].nonzero().flatten().tolist()
+            assert idx[pos][valid[pos]].tolist() == want
+            assert (idx[pos][~valid[pos]] == 200).all()
 
 
 def test_oracle_topp_dense_part_as_bias_equals_index_lists():
