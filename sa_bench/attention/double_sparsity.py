@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from sa_bench.attention.files import method_file, model_shapes
 from sa_bench.attention.gather import Workspace
 from sa_bench.attention.masker import TopKMasker
+from sa_bench.attention.ops import reads_free
 from sa_bench.attention.selection import Context, KeyCache
 from sa_bench.config import ConfigError, Size, check_range, check_size
 from sa_bench.lazy import torch
@@ -28,9 +29,9 @@ def pseudo_quantize(x: Tensor, bits: int) -> Tensor:
     if bits >= 16:
         return x
     top = 2**bits - 1
-    lo = x.amin(-1, keepdim=True)
-    span = x.amax(-1, keepdim=True) - lo
-    scale = top / torch.where(span == 0, torch.ones_like(span), span)
+    lo, hi = torch.aminmax(x, dim=-1, keepdim=True)
+    span = hi - lo
+    scale = top / torch.where(span == 0, 1.0, span)
     return torch.round((x - lo) * scale).clamp_(0, top) / scale + lo
 
 
@@ -185,6 +186,8 @@ class DoubleSparsity(TopKMasker):
         qc = labels(ctx.grouped(ctx.query))  # [b, Hk, g*q, r]
         shape = (*qc.shape[:3], lab.shape[2])
         out = self._scores.take(math.prod(shape), 1, qc).view(shape)
+        if not reads_free(qc.device):  # one batched matmul (strided batches: no copy on CUDA)
+            return torch.matmul(qc, lab.transpose(-1, -2), out=out)
         for bi in range(b):  # one mm per kv head: a batched matmul over the cache's strided
             for h in range(hk):  # buffer view copies it first (~10x slower on CPU)
                 torch.mm(qc[bi, h], lab[bi, h].t(), out=out[bi, h])

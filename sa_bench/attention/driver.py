@@ -59,13 +59,16 @@ def attend_blocks(maskers, query: Tensor, key: Tensor, value: Tensor, attention_
     per-call tensor outgrows `budget_bytes` (a question of thousands of rows over 128k keys).
     A block of rows sees the keys up to its last row's position only (causal masks; a mask
     that lets a row see a later key is refused). Returns (output [b, H, q, d], the sum over
-    rows and heads of the attended fraction of each row's keys: a float when known without
-    reading the selection, else a tensor on the device). `costs`: see `GatherCosts`.
+    rows and heads of the attended fraction of each row's keys times the third value, a
+    float: the sum a float when known without reading the selection, else a tensor on the
+    device, scaled by the meter that adds it up - no launch per layer). `costs`: see
+    `GatherCosts`.
     `sinks`: learned per-head sink logits [H] that enter every row's softmax (GPT-OSS)."""
     b, h, q, _ = query.shape
     kv = key.shape[2]
-    outs, density = [], 0.0
-    for r0, r1 in row_blocks(b, h, q, kv, budget_bytes):
+    outs, density, scale = [], 0.0, 1.0
+    blocks = row_blocks(b, h, q, kv, budget_bytes)
+    for r0, r1 in blocks:
         end = kv - q + r1
         mask = attention_mask
         if mask is not None:
@@ -90,9 +93,13 @@ def attend_blocks(maskers, query: Tensor, key: Tensor, value: Tensor, attention_
         n, known = ctx.uniform_keys, sel.known_count
         if n is not None and known is not None:  # no tensor read or made
             term = b * h * (r1 - r0) * min(known, n) / max(n, 1)
-        elif n is not None:  # the valid entries counted at once, the division by the host
-            term = (sel.valid.sum() if sel.dense is None else sel.count().sum()) * (1.0 / max(n, 1))
+        elif n is not None:  # one row: the valid entries counted, n divides (later if alone)
+            term = sel.valid.sum() if sel.dense is None else sel.valid.sum() + sel.dense.sum()
+            if len(blocks) == 1:
+                scale = 1.0 / max(n, 1)
+            else:  # the last block of a question's rows
+                term = term * (1.0 / max(n, 1))
         else:
             term = (sel.count().float() / ctx.n_keys.clamp(min=1).float()).sum()
         density = term if isinstance(density, float) and density == 0.0 else density + term
-    return (outs[0] if len(outs) == 1 else torch.cat(outs, 2)), density
+    return (outs[0] if len(outs) == 1 else torch.cat(outs, 2)), density, scale

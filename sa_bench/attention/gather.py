@@ -57,13 +57,14 @@ class Workspace:
         return buf[: n * d].view(n, d)
 
     def arange(self, n: int) -> Tensor:
-        """[0, n) as int64 on the device: a view of one arange grown (doubled) as needed."""
+        """[0, n) as int64 on the device: a view of one arange made with room for twice n (a
+        decode step's one more key makes no new one: a few aranges per cell)."""
         if self._arange is None or self._arange.shape[0] < n:
-            have = 0 if self._arange is None else self._arange.shape[0]
-            self._arange = torch.arange(max(n, 2 * have, 1024), device=self.device)
+            self._arange = torch.arange(max(2 * n, 1024), device=self.device)
         return self._arange[:n]
 
-    def _cached(self, key, make) -> Tensor:
+    def cached(self, key, make):
+        """`make()`, made once per key (the device's constants)."""
         value = self._const.get(key)
         if value is None:
             value = self._const[key] = make()
@@ -71,15 +72,15 @@ class Workspace:
 
     def zero(self) -> Tensor:
         """A float32 0 (expand it)."""
-        return self._cached("zero", lambda: torch.zeros((), device=self.device))
+        return self.cached("zero", lambda: torch.zeros((), device=self.device))
 
     def true(self) -> Tensor:
         """A bool True (expand it)."""
-        return self._cached("true", lambda: torch.ones((), dtype=torch.bool, device=self.device))
+        return self.cached("true", lambda: torch.ones((), dtype=torch.bool, device=self.device))
 
     def head_rows(self, b: int, h: int, groups: int) -> tuple[Tensor, Tensor]:
         """The kv head of each query head [1, H, 1, 1] and the batch index [b, 1, 1, 1]."""
-        return self._cached(("rows", b, h, groups), lambda: row_indices(b, h, groups, self.device))
+        return self.cached(("rows", b, h, groups), lambda: row_indices(b, h, groups, self.device))
 
 
 def key_rows(x: Tensor) -> tuple[Tensor, int, int]:

@@ -72,13 +72,15 @@ def pack_signs(x: Tensor) -> Tensor:
     """Signs of x [..., bits] (x >= 0 -> bit 1) packed into int32 words [..., ceil(bits / 32)]."""
     bits = x.shape[-1]
     words = -(-bits // 32)
-    b = (x >= 0).to(torch.int32)
+    b = x >= 0
     if words * 32 != bits:
-        b = F.pad(b, (0, words * 32 - bits))
+        b = F.pad(b.to(torch.int32), (0, words * 32 - bits))
     b = b.view(*x.shape[:-1], words, 32)
-    shifts = _constant("shifts", x.device, lambda: torch.arange(32, device=x.device, dtype=torch.int32))
-    # bit 31 shifts to -2^31: the distinct powers sum without carries, as their bitwise or
-    return b.bitwise_left_shift_(shifts).sum(-1, dtype=torch.int32)
+    powers = _constant("powers", x.device, lambda: torch.bitwise_left_shift(
+        torch.ones(32, device=x.device, dtype=torch.int32),
+        torch.arange(32, device=x.device, dtype=torch.int32)))
+    # bit 31 is -2^31: the distinct powers sum without carries, as their bitwise or
+    return (b * powers).sum(-1, dtype=torch.int32)
 
 
 _CONSTANTS: dict = {}
@@ -120,8 +122,9 @@ def signature_scores(qs: Tensor, ks: Tensor, bits: int) -> Tensor:
 
 
 def agreement(diff: Tensor, bits: int) -> Tensor:
-    """+-1 dot product of two `bits`-bit signatures that differ in `diff` bits, as floats."""
-    return diff.float().mul_(-2.0).add_(bits)
+    """+-1 dot product of two `bits`-bit signatures that differ in `diff` bits, as floats
+    (bits - 2 diff, one kernel; exact in float32)."""
+    return torch.rsub(diff, float(bits), alpha=2)
 
 
 def differing_bits(qs: Tensor, ks: Tensor, buffers: tuple[Workspace, Workspace] | None = None) -> Tensor:

@@ -31,9 +31,10 @@ def sparse_attention(ctx: Context, value: Tensor, sel: Selection, workspace: Wor
     hk, kv, d = ctx.key.shape[1], ctx.kv, ctx.key.shape[-1]
     costs = ctx.costs
     if sel.dense is not None:  # as a bias over all keys, or as index lists when they are few
+        # (how few is read from the device on CPU; an accelerator takes the bias: no sync)
         h, q = sel.idx.shape[1:3]
-        width = int(sel.count().max())
-        if h * q * width * costs.value > hk * kv + 5 * h * q * kv * 3 / d:
+        if not reads_free(ctx.key.device) or h * q * int(sel.count().max()) * costs.value > (
+                hk * kv + 5 * h * q * kv * 3 / d):
             return _bias_attention(ctx, value, sel, workspace)
         sel = sel.indexed()
     b, h, q, n = sel.idx.shape
@@ -51,9 +52,11 @@ def sparse_attention(ctx: Context, value: Tensor, sel: Selection, workspace: Wor
         if sel.exact:  # weights 1, no padding: no NaN row (n >= 1)
             p = softmax_with_sinks(s, ctx.sink_rows())
         else:
-            p = softmax_with_sinks(s + sel.logw, ctx.sink_rows()).nan_to_num_(0.0)
+            p = softmax_with_sinks(s + sel.logw, ctx.sink_rows())
+            if not sel.some_valid:  # a row of padding only: NaN
+                p = p.nan_to_num_(0.0)
         v_rows, r0, r1 = key_rows(value)
-        flat = flat_rows(idx, ctx.groups, r0, r1, workspace)
+        flat = ctx.flat_rows(idx, r0, r1)
         return value_gather(v_rows, flat, p).view(b, h, q, d).to(dtype)
     return _bias_attention(ctx, value, sel, workspace)
 
@@ -82,15 +85,21 @@ def _bias_attention(ctx: Context, value: Tensor, sel: Selection, workspace: Work
     if sel.dense is None:
         bias.fill_(NEG_INF)
     else:  # 0 on the dense keys, -max elsewhere (exp gives exactly 0 next to a selected key's
-        # score; arithmetic instead of a masked fill, which branches per key)
-        bias[..., :kv].copy_(sel.dense).sub_(1.0).mul_(torch.finfo(bias.dtype).max)
+        # score), one kernel writing the buffer with the device's two constants
+        top = torch.finfo(bias.dtype).max
+        zero, low = workspace.cached(("bias", bias.dtype), lambda: (
+            torch.zeros((), dtype=bias.dtype, device=bias.device),
+            torch.full((), -top, dtype=bias.dtype, device=bias.device)))
+        torch.where(sel.dense, zero, low, out=bias[..., :kv])
         bias[..., kv] = NEG_INF
     bias.scatter_(-1, sel.idx, sel.logw)
-    p = softmax_with_sinks(bias[..., :kv].add_(scores), ctx.sink_rows()).nan_to_num_(0.0)
-    if sel.dense is not None:  # a row of -max everywhere comes out uniform: no key, no output
-        empty = sel.count() == 0
-        if bool(empty.any()):
-            p.masked_fill_(empty.unsqueeze(-1), 0.0)
+    p = softmax_with_sinks(bias[..., :kv].add_(scores), ctx.sink_rows())
+    if not sel.some_valid:  # a row may hold no key (`some_valid`: one in every row)
+        p = p.nan_to_num_(0.0)
+        if sel.dense is not None:  # a row of -max everywhere comes out uniform: no output
+            empty = sel.count() == 0
+            if not reads_free(p.device) or bool(empty.any()):  # a read syncs an accelerator
+                p.masked_fill_(empty.unsqueeze(-1), 0.0)
     out = torch.matmul(ctx.grouped(p.to(value.dtype)), value)
     return ctx.ungrouped(out).to(ctx.query.dtype)
 

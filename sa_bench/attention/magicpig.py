@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from sa_bench.attention.gather import flat_rows, key_rows
 from sa_bench.attention.masker import Masker
-from sa_bench.attention.ops import log_weight
+from sa_bench.attention.ops import compact, log_weight
 from sa_bench.attention.selection import Context, Selection
 from sa_bench.config import ConfigError, check_range
 from sa_bench.lazy import torch
@@ -111,9 +111,19 @@ class MagicPig(Masker):
     def _hash(self, x: Tensor, planes: Tensor) -> Tensor:
         """x [b, Hk, n, d] (centred, float32) -> table codes [b, Hk, n, L] (int16)."""
         bits = torch.matmul(x, planes.unsqueeze(0)) >= 0
-        bits = bits.view(*x.shape[:3], self.lsh_tables, self.lsh_bits).to(torch.int16)
-        weights = (2 ** torch.arange(self.lsh_bits, device=x.device)).to(torch.int16)
+        bits = bits.view(*x.shape[:3], self.lsh_tables, self.lsh_bits)
+        weights = self._constant(("powers", x.device), lambda: (
+            2 ** torch.arange(self.lsh_bits, device=x.device)).to(torch.int16))
         return (bits * weights).sum(-1, dtype=torch.int16)
+
+    def _constant(self, key, make) -> Tensor:
+        """A small tensor made once per key (device, shape): no launches per call."""
+        if "_constants" not in vars(self):
+            self._constants: dict = {}
+        value = self._constants.get(key)
+        if value is None:
+            value = self._constants[key] = make()
+        return value
 
     def codes(self, key: Tensor, lo: int, n: int, planes: Tensor, mean: Tensor) -> Tensor:
         """Codes [b, Hk, n - lo, L] of keys [lo, n), hashed in blocks of keys so the float32
@@ -168,48 +178,53 @@ class MagicPig(Masker):
         tables = self._tables[layer] = full + rest
         return tables
 
-    def sampled(self, ctx: Context, qc: Tensor, planes: Tensor, mean: Tensor) -> Tensor:
-        """Sorted flat ids `row * kv + key` (rows over [b, Hk, g*q], i.e. [b, H, q]) of the keys
-        whose code equals the query row's in at least `min_collisions` tables."""
+    def collisions(self, ctx: Context, qc: Tensor, planes: Tensor, mean: Tensor) -> Tensor:
+        """Tables in which each key's code equals the query row's, int16 [b, Hk, g*q, kv]: for
+        the keys the tables hold, their bucket runs of the query's codes are scattered into
+        the counts; keys appended since the last build are compared directly."""
         b, hk, kv = ctx.key.shape[:3]
         L = self.lsh_tables
         R = qc.shape[2]
         tables = self._layer_tables(ctx.layer, ctx.key, ctx.query.shape[2], planes, mean)
-        table_row = torch.arange(b * hk * L, device=qc.device).view(b, hk, 1, L)
+        table_row = self._constant(("table_row", qc.device, b, hk, L), lambda: torch.arange(
+            b * hk * L, device=qc.device).view(b, hk, 1, L))
         q = qc.long()
-        rows, keys = [], []
+        runs = []
         for t in tables:  # bucket runs of the query's codes in rows (b, hk, table)
             start = t.starts[table_row, q].long()  # [b, hk, R, L]
             length = (t.starts[table_row, q + 1].long() - start).view(-1)
+            runs.append((t, start, length))
+        # the runs' total length of every table, read at once: one sync for all the gathers
+        totals = torch.stack([length.sum() for _, _, length in runs]).tolist()
+        counts = torch.zeros(b * hk * R * kv, dtype=torch.int16, device=qc.device)
+        one = self._constant(("one", qc.device), lambda: torch.ones(1, dtype=torch.int16, device=qc.device))
+        for (t, start, length), total in zip(runs, totals, strict=True):
             flat = (table_row * (t.n - t.lo) + start).view(-1)
-            first = torch.repeat_interleave(flat - (length.cumsum(0) - length), length)
-            got = t.order.view(-1)[first + torch.arange(first.shape[0], device=qc.device)]
-            keys.append(got.long() + (t.lo + 32768))
-            rows.append(torch.repeat_interleave(torch.arange(b * hk * R, device=qc.device),
-                                                length.view(-1, L).sum(-1)))
-        ids = torch.cat(rows) * kv + torch.cat(keys)  # one entry per (row, key, colliding table)
-        counts = torch.zeros(b * hk * R * kv, dtype=torch.int16, device=ids.device)
-        counts.scatter_add_(0, ids, torch.ones(1, dtype=torch.int16, device=ids.device).expand_as(ids))
-        found = [ids[counts[ids] >= self.min_collisions]]
+            first = torch.repeat_interleave(flat - (length.cumsum(0) - length), length,
+                                            output_size=total)
+            got = t.order.view(-1)[first + torch.arange(total, device=qc.device)]
+            rows = torch.repeat_interleave(torch.arange(b * hk * R, device=qc.device),
+                                           length.view(-1, L).sum(-1), output_size=total)
+            ids = rows * kv + (got.long() + (t.lo + 32768))  # one per (row, key, colliding table)
+            counts.scatter_add_(0, ids, one.expand_as(ids))
+        counts = counts.view(b, hk, R, kv)
         n = tables[-1].n
         if n < kv:  # keys appended since the last build: compared directly
             codes = self.codes(ctx.key, n, kv, planes, mean)
-            tail = (codes[:, :, None] == qc[:, :, :, None]).sum(-1) >= self.min_collisions
-            row, key = tail.view(-1, kv - n).nonzero().unbind(-1)
-            found.append(row * kv + n + key)
-        return torch.unique(torch.cat(found))
+            counts[..., n:] = (codes[:, :, None] == qc[:, :, :, None]).sum(-1)
+        return counts
 
     def select(self, ctx: Context, sel: Selection) -> Selection:
         planes, mean = self._layer_state(ctx)
         qc = self._hash(ctx.grouped(ctx.query).float(), planes)  # [b, Hk, g*q, L]
-        ids = self.sampled(ctx, qc, planes, mean)
-        ids = ids[ctx.candidates(sel).reshape(-1)[ids]]
-        idx, valid = _padded(ids, ctx.query.shape[:3], ctx.kv)
+        hit = ctx.ungrouped(self.collisions(ctx, qc, planes, mean)) >= self.min_collisions
+        positions = None if ctx.workspace is None else ctx.workspace.arange(ctx.kv + 1)
+        idx, valid = compact(hit & ctx.candidates(sel), ctx.kv, positions)  # keys in order
         # inclusion probability from the angle between q and the selected centred keys
         b, h, q, n = idx.shape
         d = ctx.key.shape[-1]
         rows, r0, r1 = key_rows(ctx.key)  # no copy of a prefix view of the cache
-        flat = flat_rows(idx.clamp(max=ctx.kv - 1), ctx.groups, r0, r1)
+        flat = flat_rows(idx.clamp(max=ctx.kv - 1), ctx.groups, r0, r1, ctx.workspace)
         keys = rows.index_select(0, flat.view(-1)).view(b, h, q, n, d).float()
         centred = keys - mean.repeat_interleave(ctx.groups, 1).unsqueeze(2)  # [b, H, 1, 1, d]
         qf = ctx.query.float()
@@ -220,14 +235,3 @@ class MagicPig(Masker):
         return sel.add(idx, valid, log_weight(p), ctx.kv)
 
 
-def _padded(ids: Tensor, shape: torch.Size, kv: int) -> tuple[Tensor, Tensor]:
-    """Sorted flat ids row * kv + key -> (idx, valid) [*shape, max per row], keys in order."""
-    rows, keys = ids // kv, ids % kv
-    n_rows = math.prod(shape)
-    count = torch.bincount(rows, minlength=n_rows)
-    n = int(count.max()) if count.numel() else 0
-    pos = torch.arange(ids.shape[0], device=ids.device) - (count.cumsum(0) - count)[rows]
-    idx = torch.full((n_rows, n), kv, dtype=torch.long, device=ids.device)
-    idx[rows, pos] = keys
-    idx = idx.view(*shape, n)
-    return idx, idx < kv

@@ -106,38 +106,59 @@ def candidates_known(ctx: Context, sel: Selection) -> int | None:
     return None if n is None or taken is None else n - taken
 
 
-def draw_candidates(ctx: Context, sel: Selection, m: Tensor, mmax: int) -> tuple[Tensor, Tensor]:
+def draw_candidates(ctx: Context, sel: Selection, m: Tensor | int, mmax: int) -> tuple[Tensor, Tensor]:
     """m[row] (<= the row's candidates, <= mmax) keys drawn uniformly without replacement
     from the candidates (keys the row may see, not in `sel`) -> (idx, valid) [b, H, q, n].
 
     Few draws next to the keys: i.i.d. uniform draws over the row's causal range, rejecting
     masked, selected and repeated keys (a kv-wide map of each key's first draw, no sort); the
     first m survivors in draw order are a uniform random m-subset. The result has one entry
-    per draw (a few more than mmax), the rejected ones invalid. Enough draws are made for the worst case with a wide margin; if a row
-    is still short (checked: one device sync), or when m is not small next to kv, kv random
-    numbers per row are ranked instead.
+    per draw (a few more than mmax), the rejected ones invalid. Enough draws are made for the
+    worst case with a wide margin; if a row is still short (checked: one device sync), or when
+    m is not small next to kv, kv random numbers per row are ranked instead (`ranked_draw`).
     """
+    idx, ok, short = draw_unchecked(ctx, sel, m, mmax)
+    if short is not None and bool(short):  # one sync: a short row is never kept
+        return ranked_draw(ctx, sel, m, mmax)
+    return idx, ok
+
+
+def draw_unchecked(ctx: Context, sel: Selection, m: Tensor | int,
+                   mmax: int) -> tuple[Tensor, Tensor, Tensor | None]:
+    """`draw_candidates` with its check left to the caller: (idx, valid, short), short a bool
+    on the device, True when a row came out short (then `ranked_draw` replaces the draws), or
+    None when there is nothing to check. A caller reads it with what else it reads (one sync)."""
     b, h, q = sel.idx.shape[:3]
     kv = ctx.kv
     if mmax == 0:
         empty = torch.zeros(b, h, q, 0, dtype=torch.long, device=ctx.key.device)
-        return empty, empty.bool()
+        return empty, empty.bool(), None
     need = mmax + sel.idx.shape[-1]  # distinct draws needed if every selected key is hit
-    if 4 * need <= kv:
-        draws = math.ceil(-kv * math.log1p(-need / kv) + 8 * math.sqrt(need) + 32)
+    if 4 * need > kv:
+        return *ranked_draw(ctx, sel, m, mmax), None
+    draws = math.ceil(-kv * math.log1p(-need / kv) + 8 * math.sqrt(need) + 32)
+    u = ctx.rand((b, h, q, draws), torch.float64)
+    if ctx.uniform_keys is not None:  # every row sees keys [0, kv): the same numbers
+        r = (u * kv).long()
+    else:
         lo = first_allowed(ctx.allowed).unsqueeze(-1)  # [b, 1, q, 1]
         width = (ctx.positions[:, None] - lo + 1).clamp(min=1)
-        u = ctx.rand((b, h, q, draws), torch.float64)
         r = lo + (u * width).long()  # [b, H, q, draws], each in the row's causal range
-        order = torch.arange(draws, dtype=torch.int32, device=r.device).expand_as(r)
-        first = torch.full((b, h, q, kv + 1), draws, dtype=torch.int32, device=r.device)
-        first.scatter_(-1, sel.idx, -1)  # selected keys: never a first draw
-        first.scatter_reduce_(-1, r, order, reduce="amin")  # earliest draw of each key
-        ok = (first.gather(-1, r) == order) & ctx.allowed.expand(b, h, q, kv).gather(-1, r)
-        ok &= ok.cumsum(-1) <= m.unsqueeze(-1)
-        if not bool((count_true(ok) < m).any()):  # one sync: a short row is never kept
-            return r, ok
-    keys = ctx.without(ctx.rand((b, h, q, kv)), sel, inplace=True)
+    order = torch.arange(draws, dtype=torch.int32, device=r.device).expand_as(r)
+    first = torch.full((b, h, q, kv + 1), draws, dtype=torch.int32, device=r.device)
+    first.scatter_(-1, sel.idx, -1)  # selected keys: never a first draw
+    first.scatter_reduce_(-1, r, order, reduce="amin")  # earliest draw of each key
+    ok = first.gather(-1, r) == order
+    if not ctx.all_allowed:
+        ok &= ctx.allowed.expand(b, h, q, kv).gather(-1, r)
+    ok &= ok.cumsum(-1) <= (m if isinstance(m, int) else m.unsqueeze(-1))
+    return r, ok, (count_true(ok) < m).any()
+
+
+def ranked_draw(ctx: Context, sel: Selection, m: Tensor | int, mmax: int) -> tuple[Tensor, Tensor]:
+    """`draw_candidates` by ranking kv random numbers per row (the candidates' m lowest)."""
+    b, h, q = sel.idx.shape[:3]
+    keys = ctx.without(ctx.rand((b, h, q, ctx.kv)), sel, inplace=True)
     return top_rows(keys, m, mmax)
 
 

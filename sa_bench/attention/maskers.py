@@ -15,7 +15,15 @@ from dataclasses import dataclass, field
 from statistics import NormalDist
 from typing import TYPE_CHECKING
 
-from sa_bench.attention.masker import Masker, TopKMasker, check_fraction, draw_candidates
+from sa_bench.attention.masker import (
+    Masker,
+    TopKMasker,
+    candidates_known,
+    check_fraction,
+    draw_candidates,
+    draw_unchecked,
+    ranked_draw,
+)
 from sa_bench.attention.ops import NEG_INF, compact, count_true, first_allowed, log_weight
 from sa_bench.attention.selection import Context, KeyCache, Selection, size_of
 from sa_bench.config import ConfigError, Size, check_range
@@ -108,26 +116,37 @@ class OracleTopP(Masker):
 
     def select(self, ctx: Context, sel: Selection) -> Selection:
         kv, nb = ctx.kv, 4096  # bins: p's bits >> 18 < 4096 for 0 <= p <= 1
-        probs = torch.softmax(ctx.without(ctx.scores(), sel), -1).nan_to_num_(0.0)
+        probs = torch.softmax(ctx.without(ctx.scores(), sel), -1)
+        if not candidates_known(ctx, sel):  # a row may have no candidate: NaN
+            probs = probs.nan_to_num_(0.0)
         rows = probs.shape[:3]
-        first_bin = torch.arange(rows.numel(), device=probs.device, dtype=torch.int32).view(*rows, 1) * nb
-        bins = torch.bitwise_right_shift(probs.view(torch.int32), 18).add_(first_bin)
+
+        def make_first_bin() -> Tensor:
+            return torch.arange(rows.numel(), device=probs.device).view(*rows, 1) * nb
+
+        first_bin = make_first_bin() if ctx.workspace is None else ctx.workspace.cached(
+            ("topp_bins", tuple(rows), nb), make_first_bin)  # int64: bins index without a copy
+        bins = torch.add(torch.bitwise_right_shift(probs.view(torch.int32), 18), first_bin)
         # each bin's mass in integers (fixed point, 2^-40): a float sum by atomics (CUDA's
         # weighted bincount) depends on the order of the additions - not reproducible
         fixed = probs.mul(FIXED_ONE).add_(0.5).to(torch.int64)  # exact scaling, p rounded to 2^-40
         mass = torch.zeros(rows.numel() * nb, dtype=torch.int64, device=probs.device)
-        mass = mass.scatter_add_(0, bins.view(-1).long(), fixed.view(-1)).view(*rows, nb)
-        above = mass.flip(-1).cumsum(-1).flip(-1)  # mass of the bins from this one up
+        mass = mass.scatter_add_(0, bins.view(-1), fixed.view(-1)).view(*rows, nb)
+        upward = mass.cumsum(-1)
+        higher = upward[..., -1:] - upward  # mass of the bins above this one (exact integers)
+        above = higher + mass  # mass of the bins from this one up
         edge = ((above >= round(self.top_p * FIXED_ONE)).sum(-1, keepdim=True) - 1).clamp_(min=0)  # the bin reaching p
-        before_edge = (above - mass).gather(-1, edge).float().mul_(1.0 / FIXED_ONE)
-        edge = edge.int() + first_bin
-        idx, ok = compact(bins == edge, kv)
-        vals = probs.gather(-1, idx.clamp(max=kv - 1)).masked_fill_(~ok, -1.0)
+        before_edge = higher.gather(-1, edge).float().mul_(1.0 / FIXED_ONE)
+        edge = edge + first_bin
+        positions = None if ctx.workspace is None else ctx.workspace.arange(kv + 1)
+        idx, ok = compact(bins == edge, kv, positions)
+        vals = torch.where(ok, probs.gather(-1, idx.clamp(max=kv - 1)), -1.0)
         vals, order = vals.sort(-1, descending=True)
         before = before_edge + vals.cumsum(-1) - vals
         ok = (before < self.top_p) & (vals > 0)
         out = sel.add(idx.gather(-1, order), ok, 0.0, kv)
-        return Selection(out.idx, out.logw, False, bins > edge)  # bin 0 (p = 0) never: edge >= 0
+        return Selection(out.idx, out.logw, False, bins > edge,  # bin 0 (p = 0) never: edge >= 0
+                         some_valid=sel.some_valid)
 
 
 class PageStats(KeyCache):
@@ -143,13 +162,13 @@ class PageStats(KeyCache):
         full, rest = divmod(tail.shape[2], size)
         parts = []
         if full:
-            pages = tail[:, :, : full * size].unflatten(2, (full, size))
-            parts.append(torch.cat([pages.amax(3), pages.amin(3)], -1))
+            low, high = torch.aminmax(tail[:, :, : full * size].unflatten(2, (full, size)), dim=3)
+            parts.append(torch.cat([high, low], -1))
         if rest:
-            last = tail[:, :, full * size:]
-            parts.append(torch.cat([last.amax(2, keepdim=True), last.amin(2, keepdim=True)], -1))
+            low, high = torch.aminmax(tail[:, :, full * size:], dim=2, keepdim=True)
+            parts.append(torch.cat([high, low], -1))
         if parts:
-            self.write(layer, first, torch.cat(parts, 2))
+            self.write(layer, first, parts[0] if len(parts) == 1 else torch.cat(parts, 2))
         self.length[layer] = kv
         return self.buf[layer][:, :, : -(-kv // size)]
 
@@ -178,12 +197,11 @@ class Quest(Masker):
         if bmax == 0:
             return sel
         stats = self._pages.pages(ctx.layer, ctx.key, ctx.query.shape[2], p)  # [b, Hk, P, 2d]
-        q = ctx.query
-        score = ctx.score_with(torch.cat([q.clamp(min=0), q.clamp(max=0)], -1), stats).float()
+        score = ctx.score_with(self._split(ctx), stats).float()
         n_pages = score.shape[-1]
         uniform = ctx.uniform_keys is not None  # every page seen (decode): all scores finite
         if not uniform:
-            start = torch.arange(n_pages, device=q.device) * p
+            start = torch.arange(n_pages, device=ctx.key.device) * p
             lo = first_allowed(ctx.allowed).unsqueeze(-1)  # pages outside the row's keys: -inf
             seen = (start + p > lo) & (start <= ctx.positions[:, None])
             score = score.masked_fill_(~seen, NEG_INF)
@@ -194,27 +212,51 @@ class Quest(Masker):
         vals, top = score.topk(take, -1, sorted=True)
         if self.per_kv_head:
             vals, top = vals.repeat_interleave(ctx.groups, 1), top.repeat_interleave(ctx.groups, 1)
-        offsets = torch.arange(p, device=q.device) if ctx.workspace is None else ctx.workspace.arange(p)
+        offsets = torch.arange(p, device=ctx.key.device) if ctx.workspace is None else ctx.workspace.arange(p)
         keys = torch.add(offsets, top.unsqueeze(-1), alpha=p).flatten(-2)
-        ok = keys < kv
+        ok = sel.unselected(keys, kv)
         if not uniform:
             ok &= (vals > NEG_INF).repeat_interleave(p, -1)
         keys = keys.clamp(max=kv - 1)
         if not ctx.all_allowed:
             ok &= ctx.allowed.expand(*keys.shape[:3], kv).gather(-1, keys)
-        if sel.idx.shape[-1]:
-            ok &= ~sel.contains(keys, kv)
         budget = ctx.row_budget(self.heavy_size)
         ok &= ok.cumsum(-1, dtype=torch.int32) <= (budget if isinstance(budget, int) else budget.unsqueeze(-1))
         return sel.add(keys, ok, 0.0, kv, shared=self.per_kv_head)
+
+    @staticmethod
+    def _split(ctx: Context) -> Tensor:
+        """[max(q, 0) | min(q, 0)] [b, H, q, 2d], the query side of the page bound: one clamp
+        of q broadcast against [2, d] bounds made once per device (the workspace's), else two
+        clamps and a cat."""
+        q = ctx.query
+        if ctx.workspace is None:
+            return torch.cat([q.clamp(min=0), q.clamp(max=0)], -1)
+        d, inf = q.shape[-1], float("inf")
+        lo, hi = ctx.workspace.cached(("quest_bounds", d, q.dtype), lambda: (
+            torch.tensor([[0.0] * d, [-inf] * d], dtype=q.dtype, device=q.device),
+            torch.tensor([[inf] * d, [0.0] * d], dtype=q.dtype, device=q.device)))
+        return torch.clamp(q.unsqueeze(-2), lo, hi).flatten(-2)
 
 
 # --- sampling --------------------------------------------------------------------------------
 
 
-def _remaining(ctx: Context, sel: Selection) -> Tensor:
-    """Candidates per row [b, H, q]: the row's keys less the (distinct, allowed) selected."""
-    return ctx.n_keys - count_true(sel.valid)
+def _remaining(ctx: Context, sel: Selection) -> Tensor | int:
+    """Candidates per row [b, H, q]: the row's keys less the (distinct, allowed) selected; an
+    int when known without reading tensors (`candidates_known`: decode after ranges, top-k)."""
+    known = candidates_known(ctx, sel)
+    return known if known is not None else ctx.n_keys - count_true(sel.valid)
+
+
+def _at_most(x: Tensor, n: Tensor | int) -> Tensor:
+    return x.clamp(max=n) if isinstance(n, int) else torch.minimum(x, n)
+
+
+def _inclusion(m: Tensor, n_rem: Tensor | int) -> Tensor:
+    """Inclusion probability m / R (float32) of m of R candidates drawn, [..., 1]."""
+    rem = float(max(n_rem, 1)) if isinstance(n_rem, int) else n_rem.clamp(min=1).float()
+    return (m.float() / rem).unsqueeze(-1)
 
 
 @dataclass
@@ -235,8 +277,8 @@ class RandomSampling(Masker):
 
     def select(self, ctx: Context, sel: Selection) -> Selection:
         n_rem = _remaining(ctx, sel)
-        m = torch.minimum(ctx.budget(self.rate), n_rem)
-        pi = (m.float() / n_rem.clamp(min=1).float()).unsqueeze(-1)
+        m = _at_most(ctx.budget(self.rate), n_rem)
+        pi = _inclusion(m, n_rem)
         if not self.per_kv_head:
             idx, valid = draw_candidates(ctx, sel, m, ctx.budget_max(self.rate))
             return sel.add(idx, valid, log_weight(pi), ctx.kv)
@@ -277,18 +319,24 @@ class AdaptiveSampling(Masker):
         if self.delta >= 1.0:
             raise ConfigError(f"delta: expected a value in (0, 1), got {self.delta}")
 
-    def base_size(self, n_rem: Tensor) -> Tensor:
+    def base_size(self, n_rem: Tensor | int) -> Tensor | int:
+        if isinstance(n_rem, int):  # the same float64 product and floor, on the host
+            rate = self.base_rate
+            b0 = max(2, math.floor(n_rem * rate)) if isinstance(rate, float) else max(2, int(rate))
+            return min(b0, n_rem)
         if isinstance(self.base_rate, float):
             b0 = (n_rem.double() * self.base_rate).floor().long().clamp(min=2)
         else:
             b0 = n_rem.new_full((), max(2, int(self.base_rate)))
         return torch.minimum(b0, n_rem)
 
-    def budget(self, sigma: Tensor, denom: Tensor, n_rem: Tensor) -> Tensor:
+    def budget(self, sigma: Tensor, denom: Tensor, n_rem: Tensor | int) -> Tensor:
         """The sample size m of the class docstring (before the clamp to [b0, R])."""
         z = NormalDist().inv_cdf(1.0 - self.delta)  # Phi^-1, stdlib (no scipy)
         m = (z * sigma * n_rem / (self.epsilon * denom).clamp_min(1e-8)) ** 2
-        return torch.minimum(m.nan_to_num(1.0).clamp(min=1.0), n_rem.double()).floor().long()
+        m = m.nan_to_num(1.0)
+        m = m.clamp(1.0, n_rem) if isinstance(n_rem, int) else m.clamp(min=1.0).clamp(max=n_rem)
+        return m.floor().long()
 
     def select(self, ctx: Context, sel: Selection) -> Selection:
         n_rem = _remaining(ctx, sel)
@@ -297,23 +345,39 @@ class AdaptiveSampling(Masker):
             b0max = min(ctx.kv, max(2, math.floor(ctx.kv * self.base_rate)))
         else:
             b0max = min(ctx.kv, max(2, int(self.base_rate)))
-        base, base_ok = draw_candidates(ctx, sel, b0, b0max)
+        base, base_ok, short = draw_unchecked(ctx, sel, b0, b0max)
+        m = self.sample_size(ctx, sel, base, base_ok, n_rem, b0)
+        extra = m - b0
+        if short is None:
+            most = int(extra.max())
+        else:  # whether a base row came out short, read with the extra draws' maximum: one sync
+            short, most = torch.stack([short.long(), extra.max()]).tolist()
+            if short:  # `draw_candidates`' fallback (the same random numbers drawn)
+                base, base_ok = ranked_draw(ctx, sel, b0, b0max)
+                m = self.sample_size(ctx, sel, base, base_ok, n_rem, b0)
+                extra = m - b0
+                most = int(extra.max())
+        more, more_ok = draw_candidates(ctx, sel.add(base, base_ok, 0.0, ctx.kv), extra, most)
+        return sel.add(torch.cat([base, more], -1), torch.cat([base_ok, more_ok], -1),
+                       log_weight(_inclusion(m, n_rem)), ctx.kv)
+
+    def sample_size(self, ctx: Context, sel: Selection, base: Tensor, base_ok: Tensor,
+                    n_rem: Tensor | int, b0: Tensor | int) -> Tensor:
+        """m of the class docstring from the base sample, clamped to [b0, R]."""
         base_s = ctx.scores_at(base).masked_fill(~base_ok, NEG_INF)
-        det_s = ctx.scores_at(sel.idx).masked_fill(~sel.valid, NEG_INF)
+        det_s = ctx.scores_at(sel.idx)
+        if not sel.exact:  # padding entries
+            det_s = det_s.masked_fill(~sel.valid, NEG_INF)
         c = torch.maximum(_max_or_neginf(base_s), _max_or_neginf(det_s)).nan_to_num(0.0, neginf=0.0)
         e = torch.exp(base_s - c)
         nb = base_ok.sum(-1).clamp(min=1)
         mean = e.sum(-1) / nb
         var = ((e - mean.unsqueeze(-1)) ** 2 * base_ok).sum(-1) / (nb - 1).clamp(min=1)
         denom = torch.exp(det_s - c).sum(-1) + n_rem * mean
-        m = torch.maximum(self.budget(var.sqrt().clamp_min(1e-8), denom, n_rem), b0)
-        m = torch.minimum(m, n_rem)
-        extra = m - b0
-        more, more_ok = draw_candidates(ctx, sel.add(base, base_ok, 0.0, ctx.kv), extra,
-                                        int(extra.max()) if extra.numel() else 0)
-        pi = (m.float() / n_rem.clamp(min=1).float()).unsqueeze(-1)
-        return sel.add(torch.cat([base, more], -1), torch.cat([base_ok, more_ok], -1),
-                       log_weight(pi), ctx.kv)
+        m = self.budget(var.sqrt().clamp_min(1e-8), denom, n_rem)
+        if isinstance(n_rem, int):  # b0 is an int too
+            return m.clamp(b0, n_rem)
+        return torch.minimum(torch.maximum(m, b0), n_rem)
 
 
 def _max_or_neginf(x: Tensor) -> Tensor:

@@ -63,32 +63,38 @@ class _Meter:
         self._pending: list[tuple[int, torch.Tensor]] = []
         self._device_sums: dict = {}  # device -> float64 sums per slot
 
-    def add(self, phase: str, layer: int, total: torch.Tensor | float, count: int) -> None:
+    def add(self, phase: str, layer: int, total: torch.Tensor | float, count: int,
+            scale: float = 1.0) -> None:
+        """Add `total * scale` (a device total is scaled when summed: no launch here)."""
         entry = self.sums.setdefault((phase, layer), [0.0, 0])
         entry[1] += count
         if isinstance(total, (int, float)):
-            entry[0] += total
+            entry[0] += total * scale
             return
         slot = self._slots.setdefault((phase, layer), len(self._slots))
-        self._pending.append((slot, total))
+        self._pending.append((slot, total, scale))
         if len(self._pending) >= self.FLUSH:
             self._flush()
 
     def _flush(self) -> None:
         by_device: dict = {}
-        for slot, total in self._pending:
-            by_device.setdefault(total.device, ([], []))
+        for slot, total, scale in self._pending:
+            by_device.setdefault(total.device, ([], [], []))
             by_device[total.device][0].append(slot)
             by_device[total.device][1].append(total.reshape(()))
+            by_device[total.device][2].append(scale)
         self._pending = []
-        for device, (slots, totals) in by_device.items():
+        for device, (slots, totals, scales) in by_device.items():
             acc = self._device_sums.get(device)
             if acc is None or acc.shape[0] < len(self._slots):
                 grown = torch.zeros(len(self._slots) + 64, dtype=torch.float64, device=device)
                 if acc is not None:
                     grown[: acc.shape[0]] = acc
                 acc = self._device_sums[device] = grown
-            acc.index_add_(0, torch.tensor(slots, device=device), torch.stack(totals).double())
+            values = torch.stack(totals).double()
+            if any(scale != 1.0 for scale in scales):
+                values = values * torch.tensor(scales, dtype=torch.float64, device=device)
+            acc.index_add_(0, torch.tensor(slots, device=device), values)
 
     def total(self, key: tuple[str, int]) -> float:
         self._flush()
@@ -366,14 +372,14 @@ class SparseMethod:
         if spans and ranged == len(self.maskers):  # sink / local only: slices of the cache
             out = dense_attention(module, query, *_slices(key, value, spans), None, scaling,
                                   self.implementation, dropout, sinks).transpose(1, 2)
-            density = b * h * sum(stop - start for start, stop in spans) / kv
+            density, scale = b * h * sum(stop - start for start, stop in spans) / kv, 1.0
         else:
             generator, workspace = self.on_device(query.device)
-            out, density = attend_blocks(self.maskers.values(), query, key, value, attention_mask,
+            out, density, scale = attend_blocks(self.maskers.values(), query, key, value, attention_mask,
                                          scaling, layer, generator, workspace,
                                          self.config.block_bytes, self.gather_costs,
                                          sinks)  # [b, H, q, d]
-        self._density.add(self.phase, layer, density, b * h * q)
+        self._density.add(self.phase, layer, density, b * h * q, scale)
         if self.config.measure_error:
             self._measure_error(module, query, key, value, attention_mask, scaling, out, sinks)
         return out.transpose(1, 2).contiguous(), None

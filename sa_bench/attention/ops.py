@@ -87,25 +87,29 @@ def count_true(mask: Tensor) -> Tensor:
     return mask.view(torch.uint8).sum(-1, dtype=torch.int32).long()
 
 
-def compact(mask: Tensor, fill: int) -> tuple[Tensor, Tensor]:
+def compact(mask: Tensor, fill: int, positions: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Positions of the True entries of each row of `mask` [..., n] -> (idx, valid) [..., w],
-    w the largest row count (read from the device), padding `fill`. Few entries (w <= n / 8):
-    from `nonzero`; else O(n) with a running count placing each True entry (int32 cumsum +
-    scatter; on CPU faster than nonzero for dense masks, ~2x slower for sparse ones)."""
+    w the largest row count (read from the device: one sync), padding `fill`. Few entries
+    (w <= n / 8) on CPU: from `nonzero`; else O(n) with a running count placing each True entry
+    (int32 cumsum + scatter; on CPU faster than nonzero for dense masks, ~2x slower for sparse
+    ones; on an accelerator no second sync, which `nonzero` is). `positions`: an arange of at
+    least n + 1 entries on the mask's device (a cached one: no launch to make it)."""
     n = mask.shape[-1]
     count = count_true(mask)
     width = int(count.max()) if count.numel() else 0
-    valid = torch.arange(width, device=mask.device) < count.unsqueeze(-1)
-    if width * 8 <= n:
+    if positions is None or positions.shape[0] < n:
+        positions = torch.arange(n, device=mask.device)
+    valid = positions[:width] < count.unsqueeze(-1)
+    if width * 8 <= n and reads_free(mask.device):
         rows = mask.reshape(-1, n)
         row, col = rows.nonzero().unbind(1)  # sorted by row, then position
         start = count.reshape(-1).cumsum(0) - count.reshape(-1)
         idx = torch.full((rows.shape[0], width), fill, dtype=torch.long, device=mask.device)
         idx[row, torch.arange(row.shape[0], device=mask.device) - start[row]] = col
         return idx.view(*mask.shape[:-1], width), valid
-    slot = mask.cumsum(-1, dtype=torch.int32).sub_(1).masked_fill_(~mask, width).long()
+    slot = torch.where(mask, mask.cumsum(-1).sub_(1), width)
     idx = torch.full((*mask.shape[:-1], width + 1), fill, dtype=torch.long, device=mask.device)
-    idx.scatter_(-1, slot, torch.arange(n, device=mask.device).expand(mask.shape))
+    idx.scatter_(-1, slot, positions[:n].expand(mask.shape))
     return idx[..., :width], valid
 
 

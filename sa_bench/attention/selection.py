@@ -50,6 +50,12 @@ class Selection:
     exact: bool = False
     """Known without reading it: every entry is a distinct key < kv with weight 1 (no padding,
     logw 0): each row holds `idx.shape[-1]` keys; kernels skip the weights and padding."""
+    spans: list[tuple[int, int]] | None = None
+    """The entries are exactly these sorted disjoint key ranges (`of_spans`): whether a key is
+    selected is a comparison with their bounds (`unselected`), no search."""
+    some_valid: bool = False
+    """Every row holds a valid entry, known without reading it (a softmax over the entries
+    has no empty row)."""
 
     @classmethod
     def empty(cls, b: int, h: int, q: int, device) -> Selection:
@@ -64,7 +70,8 @@ class Selection:
             return cls.empty(b, h, q, device)
         idx = torch.cat([torch.arange(start, stop, device=device) for start, stop in spans])
         shape = (b, h, q, idx.shape[0])
-        return cls(idx.expand(shape), torch.zeros((), device=device).expand(shape), exact=True)
+        return cls(idx.expand(shape), torch.zeros((), device=device).expand(shape), exact=True,
+                   spans=list(spans), some_valid=True)
 
     @classmethod
     def of_range_spans(cls, spans: list[tuple[int, int]], b: int, h: int, q: int,
@@ -76,7 +83,8 @@ class Selection:
         parts = [ar[start:stop] for start, stop in spans]
         idx = parts[0] if len(parts) == 1 else torch.cat(parts)
         shape = (b, h, q, idx.shape[0])
-        return cls(idx.expand(shape), workspace.zero().expand(shape), exact=True)
+        return cls(idx.expand(shape), workspace.zero().expand(shape), exact=True,
+                   spans=list(spans), some_valid=True)
 
     @property
     def valid(self) -> Tensor:
@@ -90,18 +98,23 @@ class Selection:
         shape = (*self.idx.shape[:3], idx.shape[-1])
         if valid is None:
             zero = isinstance(logw, float) and logw == 0.0
-            if zero:
-                logw = self.logw.new_zeros(())
-            logw = torch.as_tensor(logw, dtype=torch.float32, device=idx.device).expand(shape)
-            return Selection(torch.cat([self.idx, idx.expand(shape)], -1),
-                             torch.cat([self.logw, logw], -1), self.shared and shared,
-                             exact=self.exact and zero)
+            out = torch.cat([self.idx, idx.expand(shape)], -1)
+            if zero and self.exact and self.idx.shape[-1] and not any(self.logw.stride()):
+                # one zero expanded (`of_range_spans`): the same zero for every entry, no tensor
+                logw = self.logw.as_strided(out.shape, (0,) * out.dim())
+            else:
+                logw = torch.cat([self.logw, torch.as_tensor(logw, dtype=torch.float32,
+                                                             device=idx.device).expand(shape)], -1)
+            return Selection(out, logw, self.shared and shared, exact=self.exact and zero,
+                             some_valid=self.some_valid or (idx.shape[-1] > 0))
         valid = valid.expand(shape)
-        logw = torch.as_tensor(logw, dtype=torch.float32, device=idx.device).expand(shape)
         idx = torch.where(valid, idx, kv)
-        logw = torch.where(valid, logw, NEG_INF)
+        if isinstance(logw, float):  # one kernel, the numbers as its arguments
+            logw = torch.where(valid, logw, NEG_INF)
+        else:
+            logw = torch.where(valid, logw.to(torch.float32).expand(shape), NEG_INF)
         return Selection(torch.cat([self.idx, idx], -1), torch.cat([self.logw, logw], -1),
-                         self.shared and shared)
+                         self.shared and shared, some_valid=self.some_valid)
 
     @property
     def known_count(self) -> int | None:
@@ -127,6 +140,25 @@ class Selection:
         selection's entries for each kv head."""
         return Selection(self.idx[:, ::groups], self.logw[:, ::groups], self.shared,
                          exact=self.exact)
+
+    def unselected(self, idx: Tensor, kv: int) -> Tensor:
+        """Whether each candidate in `idx` [b, 1|H, q, m] (any index >= 0) is a key < kv not
+        selected yet -> bool [b, H, q, m]. A selection of spans compares with the bounds of
+        the gaps between them (one gap, sink and local: two comparisons)."""
+        shape = (*self.idx.shape[:3], idx.shape[-1])
+        if self.spans is None:
+            ok = idx < kv
+            return ok & ~self.contains(idx.clamp(max=kv - 1), kv) if self.idx.shape[-1] else ok.expand(shape)
+        gaps, at = [], 0
+        for start, stop in [*self.spans, (kv, kv)]:
+            if start > at:
+                gaps.append((at, min(start, kv)))
+            at = max(at, stop)
+        out = None
+        for start, stop in gaps:
+            part = idx < stop if start == 0 else (idx >= start) & (idx < stop)
+            out = part if out is None else out | part
+        return torch.zeros(shape, dtype=torch.bool, device=idx.device) if out is None else out.expand(shape)
 
     def contains(self, idx: Tensor, kv: int | None = None) -> Tensor:
         """Whether each candidate in `idx` [b, 1|H, q, m] is already selected -> [b, H, q, m].
@@ -325,7 +357,7 @@ class Context:
         b, h, q, n = idx.shape
         d = self.key.shape[-1]
         rows, r0, r1 = key_rows(self.key)
-        flat = flat_rows(idx, self.groups, r0, r1, self.workspace).reshape(b * h * q, n)
+        flat = self.flat_rows(idx, r0, r1).reshape(b * h * q, n)
         query = self.query.reshape(b * h * q, d).to(self.key.dtype)
         if self.costs.row_loop(self.key.device, b * h * q):
             out = torch.empty(b * h * q, n, dtype=torch.float32)
@@ -339,6 +371,16 @@ class Context:
             torch.index_select(rows, 0, flat.reshape(-1), out=keys)
             out = float_matmul(query.unsqueeze(1), keys.view(b * h * q, n, d).transpose(1, 2))
         return out.view(b, h, q, n).mul_(self.scaling)
+
+    def flat_rows(self, idx: Tensor, r0: int, r1: int) -> Tensor:
+        """`flat_rows(idx, groups, r0, r1)`, made once for the call's last `idx` and strides
+        (the keys and values of a cache share them: one add for both gathers)."""
+        memo = getattr(self, "_flat", None)
+        if memo is not None and memo[0] is idx and memo[1] == (r0, r1):
+            return memo[2]
+        out = flat_rows(idx, self.groups, r0, r1, self.workspace)
+        self._flat = (idx, (r0, r1), out)
+        return out
 
     def candidates(self, sel: Selection) -> Tensor:
         """Bool [b, H, q, kv]: keys a row may see that are not selected yet."""

@@ -27,7 +27,10 @@ from sa_bench.attention.ops import accelerator_paths
 SYNCS = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique", "_unique2",
          "unique_consecutive", "unique_dim", "equal", "is_nonzero"}
 FREE = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided",
-        "lift_fresh", "detach", "alias", "_unsafe_view"}
+        "lift_fresh", "detach", "alias", "_unsafe_view", "scalar_tensor"}
+"""Not launches. `scalar_tensor`: a Python number wrapped by a composite operator
+(`torch.where(mask, x, 0.0)`) is a CPU scalar even on a GPU, passed to the kernel as an
+argument (the package makes no `scalar_tensor` of its own)."""
 
 
 class DeviceWork(TorchDispatchMode):

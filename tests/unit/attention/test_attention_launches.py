@@ -18,20 +18,22 @@ from sa_bench.attention.ops import accelerator_paths  # noqa: E402
 from sa_bench.perf import attention as perf  # noqa: E402
 from sa_bench.perf.counts import device_work  # noqa: E402
 
-# method: (launches, syncs) of a decode call; was (launches, syncs) before issue 21 item 9:
-# oracle_topk 67/0, quest 95/0, double_sparsity 106/0, hashattn 115/0, random_projection_topk
-# 95/0, streaming 3/0, random_sampling 88/1, vattention 189/3, magicpig 171/5, oracle_topp 108/4
+# method: (launches, syncs) of a decode call. Before issue 21 item 9: oracle_topk 67/0, quest
+# 95/0, double_sparsity 106/0, hashattn 115/0, random_projection_topk 95/0, streaming 3/0,
+# random_sampling 88/1, vattention 189/3, magicpig 171/5, oracle_topp 108/4; after its first
+# round: 16, 44, 56, 41, 32, 3, 62/1, 149/3, 135/5, 83/4 (counting a wrapped Python number's
+# `scalar_tensor` as a launch, 0-4 of each)
 COUNTS = {
-    "oracle_topk": (16, 0),
-    "quest": (44, 0),
-    "double_sparsity": (56, 0),
-    "hashattn": (41, 0),
-    "random_projection_topk": (32, 0),
+    "oracle_topk": (13, 0),
+    "quest": (30, 0),
+    "double_sparsity": (42, 0),
+    "hashattn": (34, 0),
+    "random_projection_topk": (25, 0),
     "streaming": (3, 0),
-    "random_sampling": (62, 1),
-    "vattention": (149, 3),
-    "magicpig": (135, 5),
-    "oracle_topp": (83, 4),
+    "random_sampling": (43, 1),
+    "vattention": (107, 2),
+    "magicpig": (108, 2),
+    "oracle_topp": (60, 1),
 }
 
 
@@ -63,13 +65,20 @@ def test_launches_and_syncs_per_decode_layer(name, files):
 
 
 def test_targets_reached_where_they_are():
-    """The issue's targets: no sync for the deterministic methods; <= 25 launches for
-    oracle top-k and streaming (quest, hashattn, random projections, double sparsity: not yet)."""
+    """The issue's targets where this code meets them: no sync for the deterministic top-k
+    family, Quest and streaming; <= 1 for random sampling; <= 25 launches for oracle top-k,
+    random projections and streaming; <= 60 for random sampling and oracle top-p. Not met
+    (docs/performance.md says why): Quest 30, HashAttention 34, Double Sparsity 42 launches;
+    oracle top-p 1 sync (the edge bin's width); vAttention 107 launches / 2 syncs, MagicPIG
+    108 / 2."""
     for name in ("oracle_topk", "quest", "double_sparsity", "hashattn", "random_projection_topk",
                  "streaming"):
         assert COUNTS[name][1] == 0
     assert COUNTS["random_sampling"][1] <= 1
-    assert COUNTS["oracle_topk"][0] <= 25 and COUNTS["streaming"][0] <= 25
+    for name in ("oracle_topk", "random_projection_topk", "streaming"):
+        assert COUNTS[name][0] <= 25
+    for name in ("random_sampling", "oracle_topp"):
+        assert COUNTS[name][0] <= 60
 
 
 def test_counter_sees_syncs_and_launches():
@@ -103,7 +112,8 @@ def test_value_gather_accelerator_branch_equals_embedding_bag(dtype):
 
 
 @pytest.mark.parametrize("name", ["oracle_topk", "quest", "hashattn", "random_projection_topk",
-                                  "double_sparsity", "random_sampling", "streaming"])
+                                  "double_sparsity", "random_sampling", "streaming", "oracle_topp",
+                                  "vattention", "magicpig"])
 def test_forced_accelerator_paths_give_the_cpu_output(name, files):
     """The decode call on the accelerator's branches (cached constants, known budgets, table
     popcount, q @ k^T, index_select value gather) equals the CPU branches' output."""

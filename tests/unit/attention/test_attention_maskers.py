@@ -781,8 +781,8 @@ def test_range_prefix_as_spans_selects_what_the_maskers_select(maskers):
     query, key, value = tensors(b=2, h=8, hk=2, kv=257, d=32, seed=3)
     ctx, ref_sel = run(maskers(), query, key)
     ref = sparse_attention(ctx, value, ref_sel, Workspace())
-    out, density = attend_blocks(maskers(), query, key, value, None, 32 ** -0.5, 0, None,
-                                 Workspace(), 2**30)
+    out, density, scale = attend_blocks(maskers(), query, key, value, None, 32 ** -0.5, 0, None,
+                                        Workspace(), 2**30)
     spans, ranged = decode_spans(maskers(), 1, 257, None)
     assert ranged == 2
     ctx = context(query, key)
@@ -791,21 +791,27 @@ def test_range_prefix_as_spans_selects_what_the_maskers_select(maskers):
         sel = m.select(ctx, sel)
     assert row_sets(sel) == row_sets(ref_sel)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    assert float(density) == pytest.approx(sum(map(len, row_sets(ref_sel).values())) / 257, rel=1e-6)
+    assert float(density) * scale == pytest.approx(sum(map(len, row_sets(ref_sel).values())) / 257,
+                                                    rel=1e-6)
 
 
 @pytest.mark.parametrize("density", [0.0, 0.03, 0.1, 0.6, 1.0])
 def test_compact_lists_each_rows_true_positions_in_order(density):
-    """Both ways (nonzero for sparse masks, a running count for dense ones)."""
+    """Both ways (nonzero for sparse masks on CPU, a running count for dense ones and on an
+    accelerator's paths, with or without a cached arange of positions)."""
+    from sa_bench.attention.ops import accelerator_paths
+
     g = torch.Generator().manual_seed(int(density * 100))
     mask = torch.rand(2, 3, 4, 200, generator=g) < density
     mask[0, 0, 0] = False  # an empty row
-    idx, valid = compact(mask, 200)
-    assert idx.shape == valid.shape == (2, 3, 4, int(mask.sum(-1).max()))
-    for pos in itertools.product(range(2), range(3), range(4)):
-        want = mask[pos].nonzero().flatten().tolist()
-        assert idx[pos][valid[pos]].tolist() == want
-        assert (idx[pos][~valid[pos]] == 200).all()
+    with accelerator_paths():
+        forced = compact(mask, 200, torch.arange(300))
+    for idx, valid in (compact(mask, 200), forced):
+        assert idx.shape == valid.shape == (2, 3, 4, int(mask.sum(-1).max()))
+        for pos in itertools.product(range(2), range(3), range(4)):
+            want = mask[pos].nonzero().flatten().tolist()
+            assert idx[pos][valid[pos]].tolist() == want
+            assert (idx[pos][~valid[pos]] == 200).all()
 
 
 def test_oracle_topp_dense_part_as_bias_equals_index_lists():
@@ -877,3 +883,19 @@ def test_oracle_topp_integer_bin_mass_selects_as_before(monkeypatch, top_p, temp
     monkeypatch.setattr(torch, "bincount", no_bincount)
     got = row_sets(masker.select(ctx, sel0))
     assert got == want
+
+
+@pytest.mark.parametrize("spans", [[(0, 4), (193, 257)], [(0, 4)], [(10, 20), (30, 40)],
+                                   [(0, 257)], [(250, 257)]])
+def test_unselected_by_span_bounds_is_the_set_difference(spans):
+    """A selection of ranges answers 'a key < kv not selected yet' by its gaps' bounds; the
+    same entries without the ranges by the search - both the set difference, for candidates
+    past kv too."""
+    kv = 257
+    sel = Selection.of_spans(spans, 2, 8, 1, "cpu")
+    idx = torch.randint(0, kv + 20, (2, 1, 1, 300), generator=torch.Generator().manual_seed(0))
+    taken = {j for a, b in spans for j in range(a, b)}
+    want = torch.tensor([[j < kv and j not in taken for j in row] for row in idx.view(2, -1).tolist()])
+    want = want.view(2, 1, 1, 300).expand(2, 8, 1, 300)
+    assert torch.equal(sel.unselected(idx, kv), want)
+    assert torch.equal(Selection(sel.idx, sel.logw).unselected(idx, kv), want)

@@ -193,9 +193,9 @@ def test_sparse_kernels_put_sinks_in_the_softmax(maskers, rows):
 
     driver.sparse_attention, saved = keep, driver.sparse_attention
     try:
-        out, _ = driver.attend_blocks(method.maskers.values(), query, key, value, None, 0.25, 0,
-                                      torch.Generator().manual_seed(0), Workspace(), 2**20,
-                                      sinks=sinks)
+        out, *_ = driver.attend_blocks(method.maskers.values(), query, key, value, None, 0.25, 0,
+                                       torch.Generator().manual_seed(0), Workspace(), 2**20,
+                                       sinks=sinks)
     finally:
         driver.sparse_attention = saved
     sel, = captured
