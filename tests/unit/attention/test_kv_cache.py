@@ -24,13 +24,14 @@ TOKENS = ids(CTX + 2 * QUESTION, seed=3)[0].tolist()
 CONTEXT, FIRST, SECOND = TOKENS[:CTX], TOKENS[CTX:CTX + QUESTION], TOKENS[CTX + QUESTION:]
 
 
-def answers(install, name: str, presized: bool, monkeypatch) -> dict:
+def answers(install, name: str, presized: bool, monkeypatch, device=CPU,
+            dtype=torch.float32) -> dict:
     """The runner's path on a tiny random Llama: prefill, compress (a press), two questions
     with the cache rewound or restored between them. -> the logits of every forward pass,
     the tokens, and the ops that wrote a tensor of a whole cache layer in decode steps."""
     if not presized:  # the path before pre-sizing: transformers' DynamicCache
         monkeypatch.setattr(kv_cache, "presized_cache", lambda config, cap: DynamicCache(config=config))
-    model, _ = make("llama")
+    model = make("llama")[0].to(device, dtype)
     method = SparseMethod.from_config(load(name))
     install(method, model)
     logits, writes, counting = [], LargeWrites(0), []
@@ -48,13 +49,13 @@ def answers(install, name: str, presized: bool, monkeypatch) -> dict:
     model.register_forward_hook(after)
     method.reset()
     capacity = kv_cache.capacity(CTX + QUESTION, NEW)
-    cache, n, _ = _prefill(model, method, tuple(CONTEXT), CPU, 128, capacity)
+    cache, n, _ = _prefill(model, method, tuple(CONTEXT), device, 128, capacity)
     method.compress(cache, "context")
     saved = method.snapshot(cache) if method.compresses else None
     writes.min_bytes = min(layer.keys.nbytes for layer in cache.layers)
     tokens = []
     for question in (FIRST, SECOND):
-        tokens.append(_answer(model, method, cache, question, NEW, set(), CPU, start=n))
+        tokens.append(_answer(model, method, cache, question, NEW, set(), device, start=n))
         if saved is None:
             _rewind(cache, n)
         else:
