@@ -14,8 +14,8 @@ views, restored after an answer (compression), brings back its buffer with its r
 compression stores the kept positions through `store`, in a new buffer of the kept length
 plus the room the layer still had, so memory really falls. Writes only ever go past the
 live length, so views taken earlier (snapshots) keep their contents. A layer that runs out
-of room (a caller that gave no capacity) grows to twice its length, once: appends stay
-amortized.
+of room (a caller that gave no capacity, or too little) moves to a buffer of twice its
+length: appends stay amortized.
 
 Only plain full-attention layers (`DynamicLayer`) are replaced. Sliding-window layers
 (`DynamicSlidingWindowLayer`: a `torch.cat` of the window, not of the whole cache),
