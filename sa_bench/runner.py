@@ -75,6 +75,7 @@ def evaluate(spec: JobSpec, path: Path, lease: Lease, weights: str | None = None
     from transformers.utils import logging as hf_logging
 
     from sa_bench.attention.dense import resolve_implementation
+    from sa_bench.attention.kv_cache import capacity as kv_capacity
     from sa_bench.models.loading import go_offline, hub_offline, load_model, load_tokenizer
 
     hf_logging.disable_progress_bar()  # one bar per job would drown the sweep's own progress
@@ -114,13 +115,15 @@ def evaluate(spec: JobSpec, path: Path, lease: Lease, weights: str | None = None
     eos = _eos_ids(model, tokenizer) | bench.generation.stop_ids(tokenizer)
     timing = {"prefill_s": 0.0, "compress_s": 0.0, "answer_s": 0.0, "generated_tokens": 0, "samples_run": 0}
     write_progress(path, len(finished), len(requests))
+    # one capacity for every context of the cell: the allocator reuses the same blocks
+    capacity = kv_capacity(max(len(r.context_ids) + len(r.question_ids) for r in requests), max_new)
     with method.installed(model, implementation, tokenizer), open(path / jobdir.PREDICTIONS, "a") as out:
         for context_ids, group in _by_context(requests).items():
             todo = [r for r in group if r.sample.id not in finished]
             if not todo:
                 continue
             method.reset()
-            cache, ctx_len, t = _prefill(model, method, context_ids, device, chunk)
+            cache, ctx_len, t = _prefill(model, method, context_ids, device, chunk, capacity)
             timing["prefill_s"] += t
             t0 = time.perf_counter()
             method.compress(cache, "context")  # once per context (a press without query_aware)
@@ -186,14 +189,17 @@ def _by_context(requests: list[Request]) -> OrderedDict[tuple[int, ...], list[Re
 
 
 def _prefill(model: Any, method: Any, context_ids: tuple[int, ...], device: Any,
-             chunk: int | None = None):
+             chunk: int | None = None, capacity: int | None = None):
     """Fill a new cache with the context, `chunk` tokens per forward pass (None: one pass);
-    only the last position's logits are computed. Returns (cache, context length, seconds)."""
+    only the last position's logits are computed. The cache's full-attention layers hold
+    `capacity` positions without growing (`sa_bench.attention.kv_cache`; None: the context's
+    length, grown by doubling past it). Returns (cache, context length, seconds)."""
     import torch
-    from transformers import DynamicCache
+
+    from sa_bench.attention.kv_cache import presized_cache
 
     t0 = time.perf_counter()
-    cache = DynamicCache(config=model.config)
+    cache = presized_cache(model.config, capacity or len(context_ids))
     method.set_phase("prefill")
     ids = torch.tensor([context_ids], device=device)
     step = chunk or max(len(context_ids), 1)
@@ -259,9 +265,9 @@ def _keep_context_state(cache: Any) -> None:
     """After the context's prefill: a copy of the state of every layer that is not a plain
     full-attention layer (None for those: `crop` rewinds them), for `_rewind`. None at all
     when every layer is plain (no copy)."""
-    from transformers.cache_utils import DynamicLayer
+    from sa_bench.attention.kv_cache import is_plain
 
-    saved = [None if type(layer) is DynamicLayer else _copied(layer) for layer in cache.layers]
+    saved = [None if is_plain(layer) else _copied(layer) for layer in cache.layers]
     cache.sa_bench_context_state = None if all(s is None for s in saved) else saved
 
 

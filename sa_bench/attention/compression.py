@@ -12,8 +12,9 @@ else lives here, once:
   in ascending position order (kvpress keeps top-k order; order does not change attention,
   but decode maskers that read positions, Quest pages, sink and local, see the kept keys in
   context order);
-- the physical shrink: each `DynamicCache` layer's `keys` / `values` tensors are replaced by
-  the gathered kept positions (contiguous), so decoding reads fewer bytes;
+- the physical shrink: each full-attention cache layer's `keys` / `values` are replaced by
+  the gathered kept positions (`kv_cache.store`: a pre-sized layer gets a new buffer of the
+  kept length plus the room it had), so decoding reads fewer bytes and memory falls;
 - RoPE: kept keys keep their rotated values; new tokens are fed with their true
   `position_ids` (the runner passes them), while the causal mask works in the compressed
   cache's index space (transformers builds it from the cache length);
@@ -55,6 +56,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from sa_bench.attention.kv_cache import is_plain, store
 from sa_bench.config import ConfigError, build_target
 from sa_bench.lazy import torch
 
@@ -443,7 +445,7 @@ class Compressor:
         for layer, entry in enumerate(cache.layers):
             if layer in skip or not getattr(entry, "is_initialized", True):
                 continue
-            if type(entry).__name__ != "DynamicLayer":
+            if not is_plain(entry):
                 raise ValueError(f"KV-cache compression needs full-attention cache layers; layer "
                                  f"{layer} is a {type(entry).__name__}")
             layers.append(layer)
@@ -460,11 +462,11 @@ class Compressor:
             self.totals["scoring_s"] += time.perf_counter() - t0
             take = idx.unsqueeze(-1).expand(-1, -1, -1, keys.shape[-1])
             before = keys.nbytes + values.nbytes
-            entry.keys = keys.gather(2, take).contiguous()
-            entry.values = values.gather(2, take).contiguous()
+            kept_keys, kept_values = keys.gather(2, take), values.gather(2, take)
             if valid is not None:  # head-wise: stored flat, the cache layer emptied
-                self.heads[layer] = HeadWise.of(entry.keys, entry.values, valid)
-                entry.keys, entry.values = keys[:, :, :0].clone(), values[:, :, :0].clone()
+                self.heads[layer] = HeadWise.of(kept_keys, kept_values, valid)
+                kept_keys, kept_values = keys[:, :, :0].clone(), values[:, :, :0].clone()
+            store(entry, kept_keys.contiguous(), kept_values.contiguous())
             self.totals["kv_bytes_before"] += before
             self.totals["kv_bytes_after"] += (entry.keys.nbytes + entry.values.nbytes
                                               + self.stored_bytes(layer))
@@ -585,7 +587,8 @@ def head_wise_attention(query: Tensor, key: Tensor, value: Tensor, store: HeadWi
 # --- the cache, restored after each answer ---------------------------------------------------
 
 def snapshot(cache: Any) -> list[tuple[Tensor, Tensor]]:
-    """The layers' key and value tensors (references: updates replace them, never write them)."""
+    """The layers' key and value tensors: references, no copy (an update writes only past the
+    live length of a pre-sized layer, or replaces the tensors of a transformers layer)."""
     return [(entry.keys, entry.values) for entry in cache.layers]
 
 

@@ -185,7 +185,9 @@ class KeyCache:
     Each call passes the keys after the cache update; its last `n_new` keys are the ones just
     appended, so features of keys before `kv - n_new` are reused and the rest recomputed. This
     tolerates `DynamicCache.crop` (the key count shrinking, then growing with new keys).
-    Storage is a buffer with spare capacity, so a decode step does not copy the whole cache.
+    Storage is a buffer with spare capacity, so a decode step does not copy the whole cache:
+    appends are amortized (a full buffer grows by half its length plus 256 rows), not pre-sized
+    to the cell as the KV cache is (`kv_cache`): a masker sees the keys only, not the cell.
     """
 
     def __init__(self) -> None:

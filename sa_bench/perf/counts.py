@@ -11,7 +11,8 @@ they run): a *launch* is an operator that is not a view and not an uninitialised
 a *sync* is an operator whose result the host must read (`item`, `bool(t)`, `int(t)`,
 `nonzero`, `masked_select`, `unique`, `repeat_interleave` by a tensor, `equal`) or a
 `Tensor.tolist()`. Run inside `accelerator_paths()` (see `sa_bench.attention.ops`) so CPU
-takes the branches a GPU takes."""
+takes the branches a GPU takes. `LargeWrites` counts the operators that write a tensor of at
+least a given size (copies of a whole KV cache layer)."""
 
 from __future__ import annotations
 
@@ -72,3 +73,23 @@ def device_work() -> Iterator[DeviceWork]:
             yield work
     finally:
         torch.Tensor.tolist = real_tolist
+
+
+class LargeWrites(TorchDispatchMode):
+    """The operators (not views, not allocations) run within whose output holds at least
+    `min_bytes`, by name: with `min_bytes` the size of one layer's cached keys, each is a copy
+    of a whole cache layer (transformers' DynamicCache appends by `torch.cat`: two per layer
+    and token)."""
+
+    def __init__(self, min_bytes: int) -> None:
+        super().__init__()
+        self.min_bytes = min_bytes
+        self.names: Counter = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not func.is_view and func.overloadpacket.__name__ not in FREE:
+            outs = out if isinstance(out, (tuple, list)) else (out,)
+            if any(isinstance(t, torch.Tensor) and t.nbytes >= self.min_bytes for t in outs):
+                self.names[func.overloadpacket.__name__] += 1
+        return out

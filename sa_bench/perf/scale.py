@@ -182,6 +182,7 @@ def run_one(args: argparse.Namespace, method_name: str, tokens: int) -> dict[str
 
     from sa_bench.attention.dense import resolve_implementation
     from sa_bench.attention.files import model_shapes
+    from sa_bench.attention.kv_cache import capacity as kv_capacity
     from sa_bench.attention.kvzip import ByteTokenizer
     from sa_bench.attention.method import SparseMethod
     from sa_bench.perf.attention import method_config, model_files
@@ -205,7 +206,8 @@ def run_one(args: argparse.Namespace, method_name: str, tokens: int) -> dict[str
 
     method.attention = attention
     with method.installed(model, implementation, ByteTokenizer()):  # random ids: no tokenizer
-        cache, n_ctx, prefill = _prefill(model, method, tuple(context), device, args.chunk)
+        cache, n_ctx, prefill = _prefill(model, method, tuple(context), device, args.chunk,
+                                         kv_capacity(tokens + args.question, args.new))
         prefill_attention = attention_s[0]  # the answers below run through the wrapper too
         density = method.stats()["density"]["prefill"]
         kv_before = sum(e.keys.nbytes + e.values.nbytes for e in cache.layers)

@@ -124,3 +124,24 @@ def test_masked_gqa_sdpa_runs_on_flash_or_efficient_kernels(q, kv):
                                  128 ** -0.5, "sdpa")
     torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)
     assert causal.shape == got.shape
+
+
+@pytest.mark.parametrize("name", ["dense", "quest", "knorm"])
+def test_presized_cache_decodes_in_place_on_flash_or_efficient_kernels(install, monkeypatch, name):
+    """Issue 21 item 8 on CUDA (bf16): with the job's pre-sized cache no decode step writes a
+    tensor of a whole cache layer, the question and decode steps run on flash or
+    memory-efficient SDPA kernels over the strided views of the buffer, and the greedy tokens
+    equal those of transformers' DynamicCache path."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from tests.unit.attention.test_kv_cache import answers
+
+    cuda = torch.device("cuda")
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
+        new = answers(install, name, True, monkeypatch, cuda, torch.bfloat16)
+        old = answers(install, name, False, monkeypatch, cuda, torch.bfloat16)
+    assert sum(new["writes"].values()) == 0, new["writes"]
+    assert old["writes"]["cat"] > 0
+    assert new["tokens"] == old["tokens"]
+    for a, b in zip(new["logits"], old["logits"], strict=True):
+        torch.testing.assert_close(a.float(), b.float(), atol=5e-2, rtol=5e-2)
