@@ -324,6 +324,10 @@ def attend_gather(pattern: Pattern, query: Tensor, key: Tensor, value: Tensor, s
     neg = float("-inf")
     causal = torch.zeros(block, block, dtype=dtype, device=dev).masked_fill_(
         torch.ones(block, block, dtype=torch.bool, device=dev).triu(1), neg)
+    # the columns' mask: a bool -> float copy times the dtype's lowest finite value (0 * -inf
+    # would be nan): a masked score underflows to a zero weight; a row with no column is
+    # set to lse -inf after the call
+    low = torch.finfo(dtype).min
     step = max(1, rows // block)
     out = torch.empty(b, h, nq, block, d, dtype=dtype, device=dev)
     tile = max(step, (column_rows // block) // step * step)  # query blocks per columns pass
@@ -339,7 +343,7 @@ def attend_gather(pattern: Pattern, query: Tensor, key: Tensor, value: Tensor, s
                        ).view(h, -1, m)  # [H, rows, m]
                 c_o, c_l = flash(qg[bi, :, t0:t1].reshape(1, h, -1, d), kc[bi, :, :m][None],
                                  vc[bi, :, :m][None], 0.0, False,
-                                 attn_mask=torch.where(bad, neg, 0.0).to(dtype)[None], scale=scaling)
+                                 attn_mask=bad.to(dtype).mul_(low)[None], scale=scaling)
                 c_l = c_l[0].masked_fill(bad.all(-1), neg)  # a row with no column: lse 0 from the kernel
                 c_o = c_o[0].float()
             for i0 in range(t0, t1, step):
