@@ -343,6 +343,9 @@ class XAttention(PrefillMethod):
     threshold: float = 0.9
     block: int = 128
     kernel: Kernel = "auto"
+    # strided query rows scored per matmul, each against the keys before its end only (about
+    # the causal half of the estimate; not a YAML key: the scores are the same)
+    tile_rows = 512
 
     def __post_init__(self) -> None:
         self._check_block()
@@ -368,14 +371,20 @@ class XAttention(PrefillMethod):
         kpos = torch.arange(rk.shape[2], device=query.device)
         real_q = (torch.arange(rq.shape[2], device=query.device) * s + s - 1 >= qpad) & (
             torch.arange(rq.shape[2], device=query.device) * s < qpad + q)
-        out = []
-        for j in range(hk):  # one kv head at a time
-            w = grouped_scores(rq[:, j * g:(j + 1) * g], rk[:, j:j + 1]) / (d ** 0.5 * s)
-            w = w.masked_fill((kpos[None, :] > qpos[:, None]) | (kpos[None, :] * s >= kv), float("-inf"))
-            w = w.softmax(-1).nan_to_num_(0.0) * real_q[:, None]
-            per = block // s
-            out.append(w.view(b, g, nq, per, nk, per).sum((-1, -3)))
-        return torch.cat(out, 1)
+        per = block // s
+        tile = per * max(1, self.tile_rows // per)  # strided query rows per matmul
+        out = torch.zeros(b, h, nq, nk, device=query.device)
+        for j in range(hk):  # one kv head at a time, a tile of query rows against the keys
+            for r0 in range(0, rq.shape[2], tile):  # before the tile's end only (causal)
+                r1 = min(rq.shape[2], r0 + tile)
+                kmax = min(rk.shape[2], n_blocks(int(qpos[r1 - 1]) + 1, per) * per)
+                w = grouped_scores(rq[:, j * g:(j + 1) * g, r0:r1], rk[:, j:j + 1, :kmax]) / (d ** 0.5 * s)
+                w = w.masked_fill((kpos[None, :kmax] > qpos[r0:r1, None]) | (kpos[None, :kmax] * s >= kv),
+                                  float("-inf"))
+                w = w.softmax(-1).nan_to_num_(0.0) * real_q[r0:r1, None]
+                out[:, j * g:(j + 1) * g, r0 // per:r1 // per, :kmax // per] = w.view(
+                    b, g, (r1 - r0) // per, per, kmax // per, per).sum((-1, -3))
+        return out
 
     def pattern(self, query: Tensor, key: Tensor, start: int) -> Pattern:
         kv = key.shape[2]

@@ -16,7 +16,13 @@ Prints prefill seconds, answer seconds (question + greedy tokens), decode ms per
 peak memory above the weights and inputs (peak RSS on CPU, `torch.cuda.max_memory_allocated`
 on CUDA), each with its ratio to `plain` at the same length; and for the methods, the seconds
 spent in attention during prefill (a sparse prefill's estimation included) with its ratio to
-the `dense` method's in the same run, and the measured prefill density. Sparse prefill:
+the `dense` method's in the same run, and the measured prefill density.
+
+CPU time: beside the wall times of prefill, prefill attention and decode, the CPU seconds of
+the measuring process (`time.process_time`) over the same spans. On a CPU with `--threads 1`
+the process's CPU time is the work itself, whatever other processes load the machine, while
+its wall time grows with their load; there the ratio columns are ratios of CPU time (the table
+header says which). With more threads or on CUDA they are ratios of wall time. Sparse prefill:
 
     python -m sa_bench.perf.scale --tokens 8192 --methods dense vertical_slash block_sparse xattention
 
@@ -29,7 +35,8 @@ prefill:
 
 A method named `NAME:key=value,...` runs conf/sparse/NAME.yaml with those `prefill` settings
 (e.g. `block_sparse:top_k=26` for ~10% density at 8k tokens); docs/performance.md has the
-settings and the table at ~10% density.
+settings and the table at ~10% density. `--skip-plain` leaves out the plain loop (its
+ratio columns then show '-'), e.g. for a long run that needs only the ratios to `dense`.
 """
 
 from __future__ import annotations
@@ -169,16 +176,16 @@ def run_one(args: argparse.Namespace, method_name: str, tokens: int) -> dict[str
                                    **_with_cache(model, cache)).logits
             return out
 
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         cache = DynamicCache(config=model.config)
         with torch.inference_mode():
             model(input_ids=torch.tensor([context], device=device), **_with_cache(model, cache))
         _synchronize(device)
-        prefill = time.perf_counter() - t0
+        prefill, prefill_cpu = time.perf_counter() - t0, time.process_time() - c0
         timed = _timed_answers(lambda n: answer(cache, n), lambda: _rewind(cache, tokens), device,
                                args.new)
         peak = memory.peak_above_start()
-        return {"prefill_s": prefill, **timed, "peak_bytes": peak}
+        return {"prefill_s": prefill, "prefill_cpu_s": prefill_cpu, **timed, "peak_bytes": peak}
 
     from sa_bench.attention.dense import resolve_implementation
     from sa_bench.attention.files import model_shapes
@@ -194,27 +201,30 @@ def run_one(args: argparse.Namespace, method_name: str, tokens: int) -> dict[str
         config["compression"]["compression_ratio"] = args.ratio
     method = SparseMethod.from_config(config)
     implementation = resolve_implementation("auto", device, model.dtype)
-    attention_s = [0.0]
+    attention_s = [0.0, 0.0]  # wall, CPU
     timed_attention = method.attention
 
     def attention(*a, **kw):  # the prefill's attention calls, timed
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         out = timed_attention(*a, **kw)
         _synchronize(device)
         attention_s[0] += time.perf_counter() - t0
+        attention_s[1] += time.process_time() - c0
         return out
 
     method.attention = attention
     with method.installed(model, implementation, ByteTokenizer()):  # random ids: no tokenizer
+        c0 = time.process_time()
         cache, n_ctx, prefill = _prefill(model, method, tuple(context), device, args.chunk,
                                          kv_capacity(tokens + args.question, args.new))
-        prefill_attention = attention_s[0]  # the answers below run through the wrapper too
+        prefill_cpu = time.process_time() - c0
+        prefill_attention, prefill_attention_cpu = attention_s  # the answers run through it too
         density = method.stats()["density"]["prefill"]
         kv_before = sum(e.keys.nbytes + e.values.nbytes for e in cache.layers)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         method.compress(cache, "context")  # a press: once, after the context's prefill
         _synchronize(device)
-        compress_s = time.perf_counter() - t0
+        compress_s, compress_cpu_s = time.perf_counter() - t0, time.process_time() - c0
         kv_after = sum(e.keys.nbytes + e.values.nbytes for e in cache.layers) + (
             method.compressor.stored_bytes() if method.compresses else 0)  # head-wise: stored flat
         saved = method.snapshot(cache) if method.compresses else None
@@ -224,9 +234,10 @@ def run_one(args: argparse.Namespace, method_name: str, tokens: int) -> dict[str
             device, args.new)
         peak = memory.peak_above_start()
     values = [d for d in density if d is not None]
-    return {"prefill_s": prefill, **timed, "peak_bytes": peak, "prefill_attention_s": prefill_attention,
+    return {"prefill_s": prefill, "prefill_cpu_s": prefill_cpu, **timed, "peak_bytes": peak,
+            "prefill_attention_s": prefill_attention, "prefill_attention_cpu_s": prefill_attention_cpu,
             "prefill_density": sum(values) / len(values) if values else -1.0,
-            "kv_kept": kv_after / kv_before, "compress_s": compress_s}
+            "kv_kept": kv_after / kv_before, "compress_s": compress_s, "compress_cpu_s": compress_cpu_s}
 
 
 def with_prefill_settings(name: str, method_config, files: Path) -> dict:
@@ -245,20 +256,22 @@ def with_prefill_settings(name: str, method_config, files: Path) -> dict:
 
 
 def _timed_answers(answer, rewind, device, new: int) -> dict[str, float]:
-    """Answer seconds for `new` tokens, and decode ms per token from the difference to a
-    one-token answer (the question pass alone)."""
+    """Answer seconds for `new` tokens, and decode ms per token (wall and CPU) from the
+    difference to a one-token answer (the question pass alone)."""
     from sa_bench.runner import _synchronize
 
-    times = {}
+    times, cpu = {}, {}
     for n in (new, 1):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         got = answer(n)
         _synchronize(device)
-        times[n] = time.perf_counter() - t0
+        times[n], cpu[n] = time.perf_counter() - t0, time.process_time() - c0
         assert len(got) == n
         rewind()
-    per_token = (times[new] - times[1]) / max(new - 1, 1)
-    return {"answer_s": times[new], "question_s": times[1], "decode_ms": per_token * 1e3}
+    steps = max(new - 1, 1)
+    return {"answer_s": times[new], "answer_cpu_s": cpu[new], "question_s": times[1],
+            "decode_ms": (times[new] - times[1]) / steps * 1e3,
+            "decode_cpu_ms": (cpu[new] - cpu[1]) / steps * 1e3}
 
 
 def _child(args: argparse.Namespace, method: str, tokens: int) -> dict[str, float]:
@@ -285,10 +298,15 @@ def _best(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _ratio(run: dict[str, Any], base: dict[str, Any], key: str) -> str:
-    """`run[key]` as a ratio to the plain loop's, '-' where the plain loop has no figure."""
-    if "error" in base or base[key] <= 0:
+    """`run[key]` as a ratio to `base[key]`, '-' where the base has no figure."""
+    if "error" in base or base.get(key, 0) <= 0:
         return "-"
     return f"{run[key] / base[key]:.2f}x"
+
+
+def cpu_clock(args: argparse.Namespace) -> bool:
+    """Whether the ratios are of CPU time: one thread on a CPU (see the module doc)."""
+    return args.threads == 1 and args.device == "cpu"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -313,6 +331,8 @@ def main(argv: list[str] | None = None) -> None:
                              "each figure is the minimum")
     parser.add_argument("--ratio", type=float, default=None,
                         help="compression_ratio of the methods that compress the KV cache")
+    parser.add_argument("--skip-plain", action="store_true",
+                        help="leave out the plain transformers loop (no ratios to plain)")
     parser.add_argument("--child", nargs=2, metavar=("METHOD", "TOKENS"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
@@ -328,38 +348,52 @@ def main(argv: list[str] | None = None) -> None:
     print(f"# {args.shape}, {args.layers} layer(s), {args.dtype} on {args.device}, "
           f"{args.threads} thread(s); question {args.question} tokens, {args.new} new tokens, "
           f"prefill chunk {args.chunk}; plain = transformers sdpa loop, one-pass prefill", flush=True)
-    print("\n| tokens | method | prefill s | ratio | answer s | ratio | decode ms/token | "
-          "peak MiB above weights | ratio | prefill attention s | ratio to dense | prefill density | "
+    cpu = cpu_clock(args)
+    print(f"# ratio columns: {'CPU time of each process (1 thread)' if cpu else 'wall time'}; "
+          "prefill s, prefill attention s and decode ms/token are wall time, each with its CPU "
+          "time beside it", flush=True)
+    print("\n| tokens | method | prefill s | prefill CPU s | ratio | answer s | ratio | "
+          "decode ms/token | decode CPU ms/token | peak MiB above weights | ratio | "
+          "prefill attention s | prefill attention CPU s | ratio to dense | prefill ratio to dense | "
+          "prefill density | "
           "decode ratio to dense | KV kept | compression s | ratio to prefill |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---" * 20 + "|")
+    names = methods if args.skip_plain else ["plain", *methods]
+    skipped = {"error": "not run"}
     for tokens in args.tokens:
-        results: dict[str, list[dict[str, Any]]] = {name: [] for name in ["plain", *methods]}
+        results: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
         for i in range(args.repeat):  # each run's row printed as it ends (a timeout keeps them)
             for name in results:
                 results[name].append(_child(args, name, tokens))
                 label = name if args.repeat == 1 else f"{name} (run {i + 1})"
-                _print_row(tokens, label, results[name][-1], results["plain"][-1],
-                           (results.get("dense") or [{"error": "not run"}])[-1])
+                _print_row(tokens, label, results[name][-1], (results.get("plain") or [skipped])[-1],
+                           (results.get("dense") or [skipped])[-1], cpu)
         if args.repeat > 1:
-            rows = [(name, _best(runs)) for name, runs in results.items()]
-            for name, r in rows:
-                _print_row(tokens, f"{name} (best)", r, rows[0][1], dict(rows).get("dense", {"error": "not run"}))
+            best = {name: _best(runs) for name, runs in results.items()}
+            for name, r in best.items():
+                _print_row(tokens, f"{name} (best)", r, best.get("plain", skipped),
+                           best.get("dense", skipped), cpu)
 
 
-def _print_row(tokens: int, name: str, r: dict[str, Any], base: dict[str, Any], dense: dict[str, Any]) -> None:
+def _print_row(tokens: int, name: str, r: dict[str, Any], base: dict[str, Any],
+               dense: dict[str, Any], cpu: bool) -> None:
+    """One table row; time ratios of CPU time where `cpu` (else wall), memory of peak bytes."""
     if "error" in r:
-        print(f"| {tokens} | {name} | failed: {r['error']} ||||||||||||||", flush=True)
+        print(f"| {tokens} | {name} | failed: {r['error']} |||||||||||||||||||", flush=True)
         return
+    clock = "_cpu" if cpu else ""
     mib = r["peak_bytes"] / 2**20
-    attention = (f"{r['prefill_attention_s']:.2f} | {_ratio(r, dense, 'prefill_attention_s')} | "
-                 f"{r['prefill_density']:.3f} | {_ratio(r, dense, 'decode_ms')} | "
+    attention = (f"{r['prefill_attention_s']:.2f} | {r['prefill_attention_cpu_s']:.2f} | "
+                 f"{_ratio(r, dense, f'prefill_attention{clock}_s')} | "
+                 f"{_ratio(r, dense, f'prefill{clock}_s')} | "
+                 f"{r['prefill_density']:.3f} | {_ratio(r, dense, f'decode{clock}_ms')} | "
                  f"{r['kv_kept']:.3f} | {r['compress_s']:.3f} | "
-                 f"{r['compress_s'] / r['prefill_s']:.3f}x"
-                 if "prefill_attention_s" in r else "- | - | - | - | - | - | -")
-    print(f"| {tokens} | {name} | {r['prefill_s']:.2f} | {_ratio(r, base, 'prefill_s')} | "
-          f"{r['answer_s']:.2f} | {_ratio(r, base, 'answer_s')} | "
-          f"{r['decode_ms']:.1f} | {mib:.0f} | {_ratio(r, base, 'peak_bytes')} | "
-          f"{attention} |", flush=True)
+                 f"{r[f'compress{clock}_s'] / r[f'prefill{clock}_s']:.3f}x"
+                 if "prefill_attention_s" in r else "- | - | - | - | - | - | - | - | -")
+    print(f"| {tokens} | {name} | {r['prefill_s']:.2f} | {r['prefill_cpu_s']:.2f} | "
+          f"{_ratio(r, base, f'prefill{clock}_s')} | {r['answer_s']:.2f} | "
+          f"{_ratio(r, base, f'answer{clock}_s')} | {r['decode_ms']:.1f} | {r['decode_cpu_ms']:.1f} | "
+          f"{mib:.0f} | {_ratio(r, base, 'peak_bytes')} | {attention} |", flush=True)
 
 
 if __name__ == "__main__":

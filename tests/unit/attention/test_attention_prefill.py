@@ -408,3 +408,18 @@ def test_best_pattern_file_errors(tmp_path):
         one_layer.prefill.prepare(model.config, "sparse.prefill")
     with pytest.raises(ConfigError, match=r"names head 7, the model has 4 query heads"):
         build([{}, {"7": ["vertical_and_slash", 5, 8, 0.9]}]).prefill.prepare(model.config, "sparse.prefill")
+
+
+@pytest.mark.parametrize("start,kv", [(0, 1000), (384, 1000), (130, 777)])
+def test_xattention_scores_the_same_in_causal_tiles(start, kv):
+    """XAttention scores a tile of strided query rows against the keys before its end only:
+    the block scores and the pattern equal those of one tile over every key."""
+    gen = torch.Generator().manual_seed(kv)
+    query = torch.randn(1, 4, kv - start, 16, generator=gen)
+    key = torch.randn(1, 2, kv, 16, generator=gen)
+    method = XAttention(stride=4, threshold=0.5, block=32)
+    method.tile_rows = 1 << 20  # one tile: every query row against every key
+    whole, whole_pattern = method.block_scores(query, key, start), method.pattern(query, key, start)
+    method.tile_rows = 16  # several tiles of 2 query blocks (8 strided rows per block)
+    torch.testing.assert_close(method.block_scores(query, key, start), whole, atol=1e-6, rtol=1e-5)
+    assert torch.equal(method.pattern(query, key, start).blocks, whole_pattern.blocks)

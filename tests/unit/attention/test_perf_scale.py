@@ -12,14 +12,56 @@ def test_scale_command_prints_every_method(capsys):
     assert [row.split("|")[2].strip() for row in rows] == [
         "plain", "dense", "streaming", "quest", "block_sparse", "quest/kv"]  # only quest has a per_kv_head masker
     assert "failed" not in out
-    # three ratios to plain; the methods' prefill attention and decode step also as ratios to
-    # dense's, and their compression time as a ratio to their prefill
-    assert [row.count("x |") for row in rows] == [3, 6, 6, 6, 6, 6]
-    header = next(line for line in out.splitlines() if line.startswith("| tokens |")).split("|")
-    column = [h.strip() for h in header].index("prefill density")
-    density = {row.split("|")[2].strip(): float(row.split("|")[column]) for row in rows[1:]}
+    # three ratios to plain; the methods' prefill attention, whole prefill and decode step also
+    # as ratios to dense's, and their compression time as a ratio to their prefill
+    assert [row.count("x |") for row in rows] == [3, 7, 7, 7, 7, 7]
+    assert "ratio columns: CPU time of each process (1 thread)" in out  # --threads 1 on a CPU
+    header = [h.strip() for h in
+              next(line for line in out.splitlines() if line.startswith("| tokens |")).split("|")]
+    cells = {row.split("|")[2].strip(): [c.strip() for c in row.split("|")] for row in rows}
+
+    def col(name: str, method: str) -> float:
+        return float(cells[method][header.index(name)])
+
+    for method in cells:  # one thread: the process's CPU time is at most its wall time
+        assert 0 < col("prefill CPU s", method) <= col("prefill s", method) * 1.05 + 0.01
+        col("decode CPU ms/token", method)  # a number (a difference of two answers: may be < 0 here)
+    assert cells["dense"][header.index("prefill ratio to dense")] == "1.00x"
+    density = {m: col("prefill density", m) for m in cells if m != "plain"}
     assert density["dense"] == 1.0 and density["quest"] == 1.0  # prefill dense
     assert density["block_sparse"] == 1.0  # 19 key blocks of 16, top 64 kept: every one
+
+
+def test_ratios_are_of_cpu_time_on_one_cpu_thread(capsys):
+    """A loaded machine stretches wall time, not a one-thread process's CPU time: on one CPU
+    thread every time ratio divides CPU times, else wall times (the columns print both)."""
+    def run(wall: float, cpu: float) -> dict:
+        return {"prefill_s": 10 * wall, "prefill_cpu_s": 10 * cpu, "answer_s": wall,
+                "answer_cpu_s": cpu, "decode_ms": 100 * wall, "decode_cpu_ms": 100 * cpu,
+                "peak_bytes": 2**20, "prefill_attention_s": 4 * wall,
+                "prefill_attention_cpu_s": 4 * cpu, "prefill_density": 0.1, "kv_kept": 1.0,
+                "compress_s": wall, "compress_cpu_s": cpu}
+
+    dense, method = run(wall=1.0, cpu=1.0), run(wall=4.0, cpu=0.5)  # the method ran under load
+    for cpu, expected in [(True, "0.50x"), (False, "4.00x")]:
+        scale._print_row(100, "m", method, dense, dense, cpu)
+        cells = [c.strip() for c in capsys.readouterr().out.split("|")]
+        # prefill, answer (to plain); prefill attention, prefill, decode (to dense)
+        assert [cells[i] for i in (5, 7, 14, 15, 17)] == [expected] * 5
+        assert cells[11] == "1.00x"  # peak memory: the same bytes
+        assert cells[20] == "0.100x"  # compression over prefill, both of the same clock
+    assert scale.cpu_clock(scale.argparse.Namespace(threads=1, device="cpu"))
+    assert not scale.cpu_clock(scale.argparse.Namespace(threads=2, device="cpu"))
+    assert not scale.cpu_clock(scale.argparse.Namespace(threads=1, device="cuda"))
+
+
+def test_skip_plain_leaves_the_ratios_to_plain_out(capsys):
+    scale.main(["--shape", "tiny", "--tokens", "200", "--methods", "dense", "--chunk", "0",
+                "--question", "4", "--new", "2", "--skip-plain"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 200 |")]
+    assert [row.split("|")[2].strip() for row in rows] == ["dense"]
+    cells = [c.strip() for c in rows[0].split("|")]
+    assert cells[5] == "-" and cells[7] == "-" and cells[11] == "-"  # no plain loop to divide by
 
 
 def test_model_has_the_named_shape():
