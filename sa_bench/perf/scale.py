@@ -160,6 +160,7 @@ def run_one(args: argparse.Namespace, method_name: str, tokens: int) -> dict[str
     question = torch.randint(0, vocab, (args.question,), generator=g).tolist()
     memory = Memory(device)
     memory.start()
+    start = DecodeStart(device)
     if plain:
         from transformers import DynamicCache
 
@@ -168,6 +169,7 @@ def run_one(args: argparse.Namespace, method_name: str, tokens: int) -> dict[str
             with torch.inference_mode():
                 logits = model(input_ids=torch.tensor([question], device=device),
                                **_with_cache(model, cache)).logits
+                start()
                 while True:
                     out.append(int(logits[0, -1].argmax()))
                     if len(out) >= n:
@@ -183,7 +185,7 @@ def run_one(args: argparse.Namespace, method_name: str, tokens: int) -> dict[str
         _synchronize(device)
         prefill, prefill_cpu = time.perf_counter() - t0, time.process_time() - c0
         timed = _timed_answers(lambda n: answer(cache, n), lambda: _rewind(cache, tokens), device,
-                               args.new)
+                               args.new, start)
         peak = memory.peak_above_start()
         return {"prefill_s": prefill, "prefill_cpu_s": prefill_cpu, **timed, "peak_bytes": peak}
 
@@ -228,10 +230,18 @@ def run_one(args: argparse.Namespace, method_name: str, tokens: int) -> dict[str
         kv_after = sum(e.keys.nbytes + e.values.nbytes for e in cache.layers) + (
             method.compressor.stored_bytes() if method.compresses else 0)  # head-wise: stored flat
         saved = method.snapshot(cache) if method.compresses else None
+        set_phase = method.set_phase
+
+        def marking(phase: str) -> None:  # the answer's decoding begins
+            set_phase(phase)
+            if phase == "decode":
+                start()
+
+        method.set_phase = marking
         timed = _timed_answers(
             lambda n: _answer(model, method, cache, question, n, set(), device, start=n_ctx),
             (lambda: method.restore(cache, saved)) if saved else (lambda: _rewind(cache, n_ctx)),
-            device, args.new)
+            device, args.new, start)
         peak = memory.peak_above_start()
     values = [d for d in density if d is not None]
     return {"prefill_s": prefill, "prefill_cpu_s": prefill_cpu, **timed, "peak_bytes": peak,
@@ -255,23 +265,39 @@ def with_prefill_settings(name: str, method_config, files: Path) -> dict:
     return config
 
 
-def _timed_answers(answer, rewind, device, new: int) -> dict[str, float]:
-    """Answer seconds for `new` tokens, and decode ms per token (wall and CPU) from the
-    difference to a one-token answer (the question pass alone)."""
+class DecodeStart:
+    """Called when an answer's question pass is done: the (wall, CPU) time its token-by-token
+    decoding began, so decode ms/token is timed over the decode steps alone (a difference of
+    two answers' times carried their question passes' noise and could come out negative)."""
+
+    def __init__(self, device) -> None:
+        self.device, self.at = device, (0.0, 0.0)
+
+    def __call__(self) -> None:
+        from sa_bench.runner import _synchronize
+
+        _synchronize(self.device)
+        self.at = time.perf_counter(), time.process_time()
+
+
+def _timed_answers(answer, rewind, device, new: int, start: DecodeStart) -> dict[str, float]:
+    """Answer seconds for `new` tokens and for one token (the question pass alone), and decode
+    ms per token (wall and CPU) over the `new`-token answer's steps after `start`."""
     from sa_bench.runner import _synchronize
 
-    times, cpu = {}, {}
+    times, cpu, decode = {}, {}, (0.0, 0.0)
     for n in (new, 1):
         t0, c0 = time.perf_counter(), time.process_time()
         got = answer(n)
         _synchronize(device)
         times[n], cpu[n] = time.perf_counter() - t0, time.process_time() - c0
+        if n == new:
+            decode = t0 + times[n] - start.at[0], c0 + cpu[n] - start.at[1]
         assert len(got) == n
         rewind()
     steps = max(new - 1, 1)
     return {"answer_s": times[new], "answer_cpu_s": cpu[new], "question_s": times[1],
-            "decode_ms": (times[new] - times[1]) / steps * 1e3,
-            "decode_cpu_ms": (cpu[new] - cpu[1]) / steps * 1e3}
+            "decode_ms": decode[0] / steps * 1e3, "decode_cpu_ms": decode[1] / steps * 1e3}
 
 
 def _child(args: argparse.Namespace, method: str, tokens: int) -> dict[str, float]:
