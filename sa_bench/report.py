@@ -893,6 +893,10 @@ def pareto_front(points: list[Point]) -> list[Point]:
     return front
 
 
+LEGEND_INSIDE_MAX = 8
+"""A panel with more curves than this has its legend beside it."""
+
+
 def plot_figure(table: Table, benchmark: str, axis: str = "density", density: str = "decode") -> Any:
     """Score against measured density (log axis; or another of `AXES`) for one benchmark: a
     panel per model and benchmark parameter group, a curve per method, the Pareto front in gray
@@ -907,7 +911,8 @@ def plot_figure(table: Table, benchmark: str, axis: str = "density", density: st
     if not panels:
         return None
     families = sorted({r.method for r in table.rows} - {DENSE})
-    colors = {m: f"C{i % 10}" for i, m in enumerate(families)}  # one colour per method everywhere
+    # one colour and line style per method everywhere: the 10 colours, then dashed, dotted
+    styles = {m: (f"C{i % 10}", ("-", "--", ":")[i // 10 % 3]) for i, m in enumerate(families)}
     fig = Figure(figsize=(5.5 * len(panels), 4.5), layout="constrained")
     axes = fig.subplots(1, len(panels), squeeze=False, sharey=True)[0]
     for ax, panel in zip(axes, panels, strict=True):
@@ -920,10 +925,11 @@ def plot_figure(table: Table, benchmark: str, axis: str = "density", density: st
                     continue
                 ax.plot(xs, ys, "k*", markersize=10, label=method)
                 continue
-            ax.plot(xs, ys, color=colors[method], label=method)
+            color, linestyle = styles[method]
+            ax.plot(xs, ys, color=color, linestyle=linestyle, label=method)
             for p in points:
-                ax.plot(p.density, p.score, "o", color=colors[method],
-                        markerfacecolor=colors[method] if p.shared else "none")
+                ax.plot(p.density, p.score, "o", color=color,
+                        markerfacecolor=color if p.shared else "none")
                 if not p.shared:
                     ax.annotate(f"[{p.n}/{len(panel.columns)}]", (p.density, p.score),
                                 fontsize="x-small", xytext=(3, 3), textcoords="offset points")
@@ -938,7 +944,9 @@ def plot_figure(table: Table, benchmark: str, axis: str = "density", density: st
         ax.set_xlabel("measured prefill density (log)" if axis == "density" and density == "prefill"
                       else x_axis.label)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize="small")
+        # many curves: the legend beside the panel rather than over the points
+        ax.legend(fontsize="small", **({"loc": "upper left", "bbox_to_anchor": (1.01, 1.0)}
+                                       if len(panel.curves) > LEGEND_INSIDE_MAX else {}))
     axes[0].set_ylabel(f"{benchmark} score")
     return fig
 

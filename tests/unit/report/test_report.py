@@ -798,3 +798,23 @@ def test_no_leaderboard_without_a_press(tree: Path) -> None:
     table = report.build_table(report.read_jobs(tree))
     assert report.leaderboard_sections(table, "passkey") == []
     assert [t for t, _, _ in report.sections(table)] == ["passkey"]
+
+
+def test_more_than_ten_methods_stay_apart_on_the_plot(tmp_path: Path) -> None:
+    """Past the 10 colours a method gets the first colours again with another line style, and a
+    panel with many curves has its legend beside it, not over the points."""
+    write_job(tmp_path, config("m", "dense", "1k"), score=90.0, density=[1.0])
+    methods = [f"press{i:02d}" for i in range(12)]
+    for i, method in enumerate(methods):
+        for ratio in (0.5, 0.75):
+            write_job(tmp_path, press_config(method, "1k", ratio), score=float(i), density=[1.0],
+                      compression=ratio)
+    fig = report.plot_figure(report.build_table(report.read_jobs(tmp_path)), "passkey", "compression")
+    ax = fig.axes[0]
+    lines = {line.get_label(): line for line in ax.get_lines() if line.get_label() in methods}
+    styles = {(line.get_color(), line.get_linestyle()) for line in lines.values()}
+    assert len(lines) == len(styles) == 12
+    assert lines["press00"].get_color() == lines["press10"].get_color()
+    assert (lines["press00"].get_linestyle(), lines["press10"].get_linestyle()) == ("-", "--")
+    anchor = ax.get_legend().get_bbox_to_anchor().transformed(ax.transAxes.inverted())
+    assert anchor.x0 > 1.0  # right of the panel
