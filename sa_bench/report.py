@@ -14,7 +14,9 @@ of the same model weights: where the job files do not record which weights they 
 (`env.json`: `weights`, else the `model_source` of a hub model) and the dense cell or this cell
 has results under several keys, it is left blank rather than guessed.
 Rows of the same method are told apart by the parameters whose values differ between them,
-e.g. `oracle_topk (topk.heavy_size=0.05)`. Files written (into the output root, or `--out`),
+e.g. `oracle_topk (topk.heavy_size=0.05)`. Where a compression press ran, the benchmark's
+table is followed by its compression leaderboard (kvpress's view): a row per model and press,
+a column per compression ratio (dense at 0), each cell the score averaged over the subsets. Files written (into the output root, or `--out`),
 chosen by `--format` (default md,csv): `report.md`, `results.csv` (one row per job, every
 config value flattened), `report.json` (the tables as numbers), `report.html` (one
 self-contained page, plots inline); and `plot_<benchmark>.png`: score against measured density
@@ -546,8 +548,13 @@ def _label_rows(rows: list[Row]) -> None:
                       key=lambda k: (not k.startswith("sparse."), k))
         keys += sorted(model_keys[row.model] - {"model.name"})
         row.shown = keys
-        params = ", ".join(f"{_short(k)}={_fmt_value(row.identity.get(k))}" for k in keys)
-        row.label = f"{row.method} ({params})" if params else row.method
+        row.label = _label(row, keys)
+
+
+def _label(row: Row, keys: list[str]) -> str:
+    """`method (param=value, ...)` with the values of `keys` in the row's identity."""
+    params = ", ".join(f"{_short(k)}={_fmt_value(row.identity.get(k))}" for k in keys)
+    return f"{row.method} ({params})" if params else row.method
 
 
 def _value_order(value: Any) -> tuple:
@@ -886,6 +893,10 @@ def pareto_front(points: list[Point]) -> list[Point]:
     return front
 
 
+LEGEND_INSIDE_MAX = 8
+"""A panel with more curves than this has its legend beside it."""
+
+
 def plot_figure(table: Table, benchmark: str, axis: str = "density", density: str = "decode") -> Any:
     """Score against measured density (log axis; or another of `AXES`) for one benchmark: a
     panel per model and benchmark parameter group, a curve per method, the Pareto front in gray
@@ -900,7 +911,8 @@ def plot_figure(table: Table, benchmark: str, axis: str = "density", density: st
     if not panels:
         return None
     families = sorted({r.method for r in table.rows} - {DENSE})
-    colors = {m: f"C{i % 10}" for i, m in enumerate(families)}  # one colour per method everywhere
+    # one colour and line style per method everywhere: the 10 colours, then dashed, dotted
+    styles = {m: (f"C{i % 10}", ("-", "--", ":")[i // 10 % 3]) for i, m in enumerate(families)}
     fig = Figure(figsize=(5.5 * len(panels), 4.5), layout="constrained")
     axes = fig.subplots(1, len(panels), squeeze=False, sharey=True)[0]
     for ax, panel in zip(axes, panels, strict=True):
@@ -913,10 +925,11 @@ def plot_figure(table: Table, benchmark: str, axis: str = "density", density: st
                     continue
                 ax.plot(xs, ys, "k*", markersize=10, label=method)
                 continue
-            ax.plot(xs, ys, color=colors[method], label=method)
+            color, linestyle = styles[method]
+            ax.plot(xs, ys, color=color, linestyle=linestyle, label=method)
             for p in points:
-                ax.plot(p.density, p.score, "o", color=colors[method],
-                        markerfacecolor=colors[method] if p.shared else "none")
+                ax.plot(p.density, p.score, "o", color=color,
+                        markerfacecolor=color if p.shared else "none")
                 if not p.shared:
                     ax.annotate(f"[{p.n}/{len(panel.columns)}]", (p.density, p.score),
                                 fontsize="x-small", xytext=(3, 3), textcoords="offset points")
@@ -931,7 +944,9 @@ def plot_figure(table: Table, benchmark: str, axis: str = "density", density: st
         ax.set_xlabel("measured prefill density (log)" if axis == "density" and density == "prefill"
                       else x_axis.label)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize="small")
+        # many curves: the legend beside the panel rather than over the points
+        ax.legend(fontsize="small", **({"loc": "upper left", "bbox_to_anchor": (1.01, 1.0)}
+                                       if len(panel.curves) > LEGEND_INSIDE_MAX else {}))
     axes[0].set_ylabel(f"{benchmark} score")
     return fig
 
@@ -956,11 +971,60 @@ def write_plots(table: Table, out_dir: Path, density: str = "decode") -> list[Pa
     return written
 
 
+RATIO_KEY = "sparse.compression.compression_ratio"
+"""The press's compression ratio as configured (and swept) in a `sparse` config."""
+
+
+def leaderboard_ratio(table: Table, row: Row, columns: list[Column]) -> float | None:
+    """A row's column on the compression leaderboard: 0 for dense; the configured
+    compression ratio (the value swept); else, for a press that derives its ratio (e.g.
+    `composed`), the mean achieved ratio to 3 places; None for a method that compresses nothing."""
+    if row.method == DENSE:
+        return 0.0
+    value = row.identity.get(RATIO_KEY)
+    if _is_number(value):
+        return float(value)
+    achieved = table.mean_of(row, columns, "compression")
+    return round(achieved, 3) if achieved is not None else None
+
+
+def leaderboard_sections(table: Table, benchmark: str) -> list[tuple[str, list[str], list[list[str]]]]:
+    """kvpress's leaderboard view of one benchmark, one table per benchmark parameter group
+    (e.g. RULER length): a row per model and press (parameters other than the ratio spelled
+    out), a column per compression ratio (dense at 0), each cell the score averaged over the
+    group's subsets (score - dense score), [n/N] when subsets are missing. Empty where no press
+    ran."""
+    out = []
+    for group, columns in sorted(_groups(table.columns_of(benchmark)).items()):
+        cells: dict[tuple[str, str], dict[float, str]] = {}
+        for row in table.rows_of(benchmark):
+            ratio = leaderboard_ratio(table, row, columns)
+            score, _, diff, n = table.average(row, columns)
+            if ratio is None or score is None:
+                continue
+            text = format_cell(score, None, diff)
+            label = _label(row, [k for k in row.shown if k != RATIO_KEY])
+            cells.setdefault((row.model, label), {}).setdefault(
+                ratio, text + (f" [{n}/{len(columns)}]" if n < len(columns) else ""))
+        if not any(r for values in cells.values() for r in values if r > 0):
+            continue
+        ratios = sorted({r for values in cells.values() for r in values})
+        header = ["model", "press", *(f"{r:g}" for r in ratios)]
+        order = sorted(cells, key=lambda ml: (ml[0], not ml[1].startswith(DENSE), ml[1]))
+        body = [[model, label, *(cells[(model, label)].get(r, "") for r in ratios)]
+                for model, label in order]
+        title = f"{benchmark}: compression leaderboard (score by compression ratio)"
+        out.append((title + (f", {group}" if group else ""), header, body))
+    return out
+
+
 def sections(table: Table) -> list[tuple[str, list[str], list[list[str]]]]:
     """(title, header, body) of each table: the overview (when the tree holds several
-    benchmarks), then one table per benchmark with its own subsets and average."""
-    out = [(b, *table_cells(table, b)) for b in table.benchmarks]
-    if len(out) > 1:
+    benchmarks), then one table per benchmark with its own subsets and average, each followed
+    by its compression leaderboard where a press ran (`leaderboard_sections`)."""
+    out = [part for b in table.benchmarks
+           for part in [(b, *table_cells(table, b)), *leaderboard_sections(table, b)]]
+    if len(table.benchmarks) > 1:
         out.insert(0, ("overview: average per benchmark", *overview_cells(table)))
     return out
 

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import zlib
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -748,3 +749,72 @@ def test_prefill_average_and_plot_by_prefill_density(tmp_path: Path) -> None:
     assert avg["dense"]["prefill_density"] is None
     with pytest.raises(SystemExit):
         report.main([str(root), "--density", "question"])
+
+
+def press_config(method: str, subset: str, ratio: float | None, **params: Any) -> dict:
+    cfg = config("m", method, subset)
+    cfg["sparse"]["compression"] = {"_target_": "x.Press", **params}
+    if ratio is not None:
+        cfg["sparse"]["compression"]["compression_ratio"] = ratio
+    return cfg
+
+
+def test_compression_leaderboard_rows_are_presses_columns_are_ratios(tmp_path: Path) -> None:
+    """kvpress's leaderboard view: one row per press (its other parameters spelled out), one
+    column per configured ratio, dense at 0, the score averaged over the subsets; a masker
+    alone has no row; a press without a configured ratio sits at its achieved one."""
+    for subset, dense in (("1k", 100.0), ("2k", 80.0)):
+        write_job(tmp_path, config("m", "dense", subset), score=dense, density=[1.0])
+        write_job(tmp_path, config("m", "oracle_topk", subset, TOPK), score=70.0, density=[0.1])
+        for ratio, score in ((0.5, 90.0), (0.75, 50.0)):
+            for window in (32, 64):
+                write_job(tmp_path, press_config("snapkv", subset, ratio, window_size=window),
+                          score=score - (window == 32) * 10, density=[1.0],
+                          compression=ratio - 0.001)
+        write_job(tmp_path, press_config("composed", subset, None), score=60.0, density=[1.0],
+                  compression=0.6)
+    write_job(tmp_path, press_config("knorm", "1k", 0.5), score=40.0, density=[1.0],
+              compression=0.5)
+    table = report.build_table(report.read_jobs(tmp_path))
+
+    [(title, header, body)] = report.leaderboard_sections(table, "passkey")
+    assert title == "passkey: compression leaderboard (score by compression ratio)"
+    assert header == ["model", "press", "0", "0.5", "0.6", "0.75"]
+    assert body == [
+        ["m", "dense", "90.0 (+0.0)", "", "", ""],
+        ["m", "composed", "", "", "60.0 (-30.0)", ""],
+        ["m", "knorm", "", "40.0 (-60.0) [1/2]", "", ""],
+        ["m", "snapkv (compression.window_size=32)", "", "80.0 (-10.0)", "", "40.0 (-50.0)"],
+        ["m", "snapkv (compression.window_size=64)", "", "90.0 (+0.0)", "", "50.0 (-40.0)"],
+    ]
+    # the report shows it after the benchmark's own table, and only where a press ran
+    assert [t for t, _, _ in report.sections(table)] == ["passkey", title]
+    out = tmp_path / "report"
+    assert report.main([str(tmp_path), "--out", str(out), "--no-plots"]) == 0
+    assert f"### {title}" in (out / "report.md").read_text()
+
+
+def test_no_leaderboard_without_a_press(tree: Path) -> None:
+    table = report.build_table(report.read_jobs(tree))
+    assert report.leaderboard_sections(table, "passkey") == []
+    assert [t for t, _, _ in report.sections(table)] == ["passkey"]
+
+
+def test_more_than_ten_methods_stay_apart_on_the_plot(tmp_path: Path) -> None:
+    """Past the 10 colours a method gets the first colours again with another line style, and a
+    panel with many curves has its legend beside it, not over the points."""
+    write_job(tmp_path, config("m", "dense", "1k"), score=90.0, density=[1.0])
+    methods = [f"press{i:02d}" for i in range(12)]
+    for i, method in enumerate(methods):
+        for ratio in (0.5, 0.75):
+            write_job(tmp_path, press_config(method, "1k", ratio), score=float(i), density=[1.0],
+                      compression=ratio)
+    fig = report.plot_figure(report.build_table(report.read_jobs(tmp_path)), "passkey", "compression")
+    ax = fig.axes[0]
+    lines = {line.get_label(): line for line in ax.get_lines() if line.get_label() in methods}
+    styles = {(line.get_color(), line.get_linestyle()) for line in lines.values()}
+    assert len(lines) == len(styles) == 12
+    assert lines["press00"].get_color() == lines["press10"].get_color()
+    assert (lines["press00"].get_linestyle(), lines["press10"].get_linestyle()) == ("-", "--")
+    anchor = ax.get_legend().get_bbox_to_anchor().transformed(ax.transAxes.inverted())
+    assert anchor.x0 > 1.0  # right of the panel
