@@ -4,9 +4,7 @@ is produced, then score and write the result files."""
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import inspect
 import json
 import os
 import platform
@@ -25,6 +23,7 @@ from sa_bench.benchmarks.base import Generation, next_token, unique_ids
 from sa_bench.launch import jobdir
 from sa_bench.launch.pool import Lease
 from sa_bench.launch.progress import write_progress
+from sa_bench.models.forward import synchronize, with_cache
 from sa_bench.models.prompting import Request, build_request
 from sa_bench.spec import JobSpec
 
@@ -128,7 +127,7 @@ def evaluate(spec: JobSpec, path: Path, lease: Lease, weights: str | None = None
             t0 = time.perf_counter()
             method.compress(cache, "context")  # once per context (a press without query_aware)
             saved = method.snapshot(cache) if method.compresses else None
-            _synchronize(device)
+            synchronize(device)
             timing["compress_s"] += time.perf_counter() - t0
             for request in todo:
                 t0 = time.perf_counter()
@@ -138,7 +137,7 @@ def evaluate(spec: JobSpec, path: Path, lease: Lease, weights: str | None = None
                     _rewind(cache, ctx_len)
                 else:  # the compressed context as it was, bit for bit (answer tokens removed)
                     method.restore(cache, saved)
-                _synchronize(device)
+                synchronize(device)
                 timing["answer_s"] += time.perf_counter() - t0
                 timing["generated_tokens"] += len(tokens)
                 timing["samples_run"] += 1
@@ -205,40 +204,10 @@ def _prefill(model: Any, method: Any, context_ids: tuple[int, ...], device: Any,
     step = chunk or max(len(context_ids), 1)
     with torch.inference_mode():
         for start in range(0, len(context_ids), step):
-            model(input_ids=ids[:, start:start + step], **_with_cache(model, cache))
+            model(input_ids=ids[:, start:start + step], **with_cache(model, cache))
     _keep_context_state(cache)
-    _synchronize(device)
+    synchronize(device)
     return cache, len(context_ids), time.perf_counter() - t0
-
-
-def _with_cache(model: Any, cache: Any) -> dict[str, Any]:
-    """Keyword arguments that hand `cache` to the model's forward, logits of the last position
-    only (the model's own `logits_to_keep`, where its forward has it)."""
-    kwargs = {_cache_keyword(type(model)): cache, "use_cache": True}
-    if _keeps_logits(type(model)):
-        kwargs["logits_to_keep"] = 1
-    return kwargs
-
-
-@functools.cache
-def _keeps_logits(model_class: type) -> bool:
-    return "logits_to_keep" in inspect.signature(model_class.forward).parameters
-
-
-def _synchronize(device: Any) -> None:
-    """Wait for queued GPU work, so timings measure the work and not its launch."""
-    if device.type == "cuda":
-        import torch
-
-        torch.cuda.synchronize(device)
-
-
-@functools.cache
-def _cache_keyword(model_class: type) -> str:
-    """`cache` from transformers 5.24, `past_key_values` before. An unknown keyword would be
-    swallowed silently and every step would run without its context."""
-    params = inspect.signature(model_class.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
 
 
 def _rewind(cache: Any, length: int) -> None:
@@ -307,7 +276,7 @@ def _answer(model: Any, method: Any, cache: Any, question_ids: list[int], max_ne
     position = [start]
 
     def feed(ids: list[int]) -> Any:
-        kwargs = _with_cache(model, cache)
+        kwargs = with_cache(model, cache)
         if position[0] is not None:
             kwargs["position_ids"] = torch.arange(position[0], position[0] + len(ids),
                                                   device=device).unsqueeze(0)

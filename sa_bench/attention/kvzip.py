@@ -111,7 +111,7 @@ class KVzip(Press):
                   for layer in layers}
         for s in scores.values():
             s[..., :self.n_sink] = 1.0
-        from sa_bench.runner import _synchronize, _with_cache
+        from sa_bench.models.forward import synchronize, with_cache
 
         model = compressor.model
         device = model.get_input_embeddings().weight.device
@@ -127,12 +127,12 @@ class KVzip(Press):
                 positions = torch.arange(n, n + len(feed), device=device)[None]
                 with torch.inference_mode():
                     model(input_ids=torch.tensor([feed], device=device), position_ids=positions,
-                          **_with_cache(model, cache))
+                          **with_cache(model, cache))
             finally:
                 compressor.scoring = None
             for entry in cache.layers:  # the pass's own keys go again
                 entry.keys, entry.values = entry.keys[:, :, :n], entry.values[:, :, :n]
-            _synchronize(cache.layers[layers[-1]].keys.device)
+            synchronize(cache.layers[layers[-1]].keys.device)
             totals, seconds = compressor.totals, time.perf_counter() - t0
             totals["reconstruction_passes"] = totals.get("reconstruction_passes", 0) + 1
             totals["reconstruction_tokens"] = totals.get("reconstruction_tokens", 0) + len(feed)

@@ -148,7 +148,8 @@ def run_one(args: argparse.Namespace, method_name: str, tokens: int) -> dict[str
     """One measurement in this process: prefill, question + greedy answer, peak memory."""
     import torch
 
-    from sa_bench.runner import _answer, _prefill, _rewind, _synchronize, _with_cache
+    from sa_bench.models.forward import synchronize, with_cache
+    from sa_bench.runner import _answer, _prefill, _rewind
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -168,21 +169,21 @@ def run_one(args: argparse.Namespace, method_name: str, tokens: int) -> dict[str
             out = []
             with torch.inference_mode():
                 logits = model(input_ids=torch.tensor([question], device=device),
-                               **_with_cache(model, cache)).logits
+                               **with_cache(model, cache)).logits
                 start()
                 while True:
                     out.append(int(logits[0, -1].argmax()))
                     if len(out) >= n:
                         break
                     logits = model(input_ids=torch.tensor([[out[-1]]], device=device),
-                                   **_with_cache(model, cache)).logits
+                                   **with_cache(model, cache)).logits
             return out
 
         t0, c0 = time.perf_counter(), time.process_time()
         cache = DynamicCache(config=model.config)
         with torch.inference_mode():
-            model(input_ids=torch.tensor([context], device=device), **_with_cache(model, cache))
-        _synchronize(device)
+            model(input_ids=torch.tensor([context], device=device), **with_cache(model, cache))
+        synchronize(device)
         prefill, prefill_cpu = time.perf_counter() - t0, time.process_time() - c0
         timed = _timed_answers(lambda n: answer(cache, n), lambda: _rewind(cache, tokens), device,
                                args.new, start)
@@ -209,7 +210,7 @@ def run_one(args: argparse.Namespace, method_name: str, tokens: int) -> dict[str
     def attention(*a, **kw):  # the prefill's attention calls, timed
         t0, c0 = time.perf_counter(), time.process_time()
         out = timed_attention(*a, **kw)
-        _synchronize(device)
+        synchronize(device)
         attention_s[0] += time.perf_counter() - t0
         attention_s[1] += time.process_time() - c0
         return out
@@ -225,7 +226,7 @@ def run_one(args: argparse.Namespace, method_name: str, tokens: int) -> dict[str
         kv_before = sum(e.keys.nbytes + e.values.nbytes for e in cache.layers)
         t0, c0 = time.perf_counter(), time.process_time()
         method.compress(cache, "context")  # a press: once, after the context's prefill
-        _synchronize(device)
+        synchronize(device)
         compress_s, compress_cpu_s = time.perf_counter() - t0, time.process_time() - c0
         kv_after = sum(e.keys.nbytes + e.values.nbytes for e in cache.layers) + (
             method.compressor.stored_bytes() if method.compresses else 0)  # head-wise: stored flat
@@ -274,22 +275,22 @@ class DecodeStart:
         self.device, self.at = device, (0.0, 0.0)
 
     def __call__(self) -> None:
-        from sa_bench.runner import _synchronize
+        from sa_bench.models.forward import synchronize
 
-        _synchronize(self.device)
+        synchronize(self.device)
         self.at = time.perf_counter(), time.process_time()
 
 
 def _timed_answers(answer, rewind, device, new: int, start: DecodeStart) -> dict[str, float]:
     """Answer seconds for `new` tokens and for one token (the question pass alone), and decode
     ms per token (wall and CPU) over the `new`-token answer's steps after `start`."""
-    from sa_bench.runner import _synchronize
+    from sa_bench.models.forward import synchronize
 
     times, cpu, decode = {}, {}, (0.0, 0.0)
     for n in (new, 1):
         t0, c0 = time.perf_counter(), time.process_time()
         got = answer(n)
-        _synchronize(device)
+        synchronize(device)
         times[n], cpu[n] = time.perf_counter() - t0, time.process_time() - c0
         if n == new:
             decode = t0 + times[n] - start.at[0], c0 + cpu[n] - start.at[1]

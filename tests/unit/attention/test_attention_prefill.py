@@ -33,7 +33,8 @@ from sa_bench.attention.prefill_methods import (  # noqa: E402
     XAttention,
 )
 from sa_bench.config import ConfigError  # noqa: E402
-from sa_bench.runner import _prefill, _with_cache  # noqa: E402
+from sa_bench.models.forward import with_cache  # noqa: E402
+from sa_bench.runner import _prefill  # noqa: E402
 from tests.conftest import run_sa_bench  # noqa: E402
 from tests.unit.attention.test_attention_hook import make  # noqa: E402
 
@@ -166,7 +167,7 @@ def prefill_logits(model, method, ids, chunk):
         cache, _, _ = _prefill(model, method, tuple(ids), torch.device("cpu"), chunk)
         with torch.inference_mode():
             method.set_phase("question")
-            logits = model(input_ids=torch.tensor([[5, 6, 7]]), **_with_cache(model, cache)).logits
+            logits = model(input_ids=torch.tensor([[5, 6, 7]]), **with_cache(model, cache)).logits
     return cache, logits
 
 

@@ -16,8 +16,9 @@ from sa_bench import report
 from sa_bench.attention import SparseMethod
 from sa_bench.attention.compression import kept_count
 from sa_bench.config import ConfigError
+from sa_bench.models.forward import with_cache
 from sa_bench.models.loading import ModelConfig, load_model
-from sa_bench.runner import _answer, _prefill, _with_cache
+from sa_bench.runner import _answer, _prefill
 from tests.conftest import ROOT, run_sa_bench
 
 CPU = torch.device("cpu")
@@ -132,7 +133,7 @@ def test_decoding_from_the_compressed_cache_is_dense_attention_over_the_kept_pos
     ours, pos = [], n
     with torch.inference_mode():
         for step in steps:  # the true positions go on after n, the cache holds fewer
-            ours.append(model(input_ids=torch.tensor([step]), **_with_cache(model, cache),
+            ours.append(model(input_ids=torch.tensor([step]), **with_cache(model, cache),
                               position_ids=torch.arange(pos, pos + len(step))[None]).logits)
             pos += len(step)
     full, _ = prefilled(model, method, ids)  # uncompressed, then the brute-force reference
@@ -142,7 +143,7 @@ def test_decoding_from_the_compressed_cache_is_dense_attention_over_the_kept_pos
         model.set_attn_implementation("test_restricted")
         with torch.inference_mode():
             for step, logits in zip(steps, ours, strict=True):
-                ref = model(input_ids=torch.tensor([step]), **_with_cache(model, full)).logits
+                ref = model(input_ids=torch.tensor([step]), **with_cache(model, full)).logits
                 torch.testing.assert_close(logits, ref, atol=2e-5, rtol=1e-4)
     finally:
         model.set_attn_implementation(previous)
@@ -393,7 +394,7 @@ def test_decoding_compresses_every_interval_and_decodes_as_dense_over_the_kept(t
     method.set_phase("question")
     with torch.inference_mode():
         for step in steps:
-            ours.append(model(input_ids=torch.tensor([step]), **_with_cache(model, cache),
+            ours.append(model(input_ids=torch.tensor([step]), **with_cache(model, cache),
                               position_ids=torch.arange(pos, pos + len(step))[None]).logits)
             pos += len(step)
             method.step(cache, len(step))
@@ -409,11 +410,11 @@ def test_decoding_compresses_every_interval_and_decodes_as_dense_over_the_kept(t
     try:
         with torch.inference_mode():
             for step, logits in zip(steps[:4], ours, strict=False):
-                ref = model(input_ids=torch.tensor([step]), **_with_cache(model, full)).logits
+                ref = model(input_ids=torch.tensor([step]), **with_cache(model, full)).logits
                 torch.testing.assert_close(logits, ref, atol=2e-5, rtol=1e-4)
             model.set_attn_implementation("test_restricted")
             for step, logits in zip(steps[4:], ours[4:], strict=True):
-                ref = model(input_ids=torch.tensor([step]), **_with_cache(model, full)).logits
+                ref = model(input_ids=torch.tensor([step]), **with_cache(model, full)).logits
                 torch.testing.assert_close(logits, ref, atol=2e-5, rtol=1e-4)
     finally:
         model.set_attn_implementation(previous)
@@ -437,7 +438,7 @@ def test_decoding_over_observed_attention_reads_the_attention_of_the_passes_sinc
         pos = n
         with torch.inference_mode():
             for step in steps:
-                model(input_ids=torch.tensor([step]), **_with_cache(model, cache),
+                model(input_ids=torch.tensor([step]), **with_cache(model, cache),
                       position_ids=torch.arange(pos, pos + len(step))[None])
                 pos += len(step)
                 step_done(len(step))

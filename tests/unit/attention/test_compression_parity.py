@@ -130,7 +130,7 @@ DECODING_PRESSES = {"snapkv": "SnapKV", "tova": "TOVA", "expected_attention": "E
 def decoded_kept(model, cfg: dict, ids: list[int], steps: list[list[int]]) -> list[list[list[int]]]:
     """The positions sa_bench's Decoding keeps per layer and kv head after `steps` are fed
     after the context `ids` (one compression expected)."""
-    from sa_bench.runner import _with_cache
+    from sa_bench.models.forward import with_cache
 
     method = SparseMethod.from_config(cfg)
     with method.installed(model), torch.inference_mode():
@@ -138,7 +138,7 @@ def decoded_kept(model, cfg: dict, ids: list[int], steps: list[list[int]]) -> li
         cache, pos, _ = _prefill(model, method, tuple(ids), torch.device("cpu"))
         method.set_phase("question")
         for step in steps:
-            model(input_ids=torch.tensor([step]), **_with_cache(model, cache),
+            model(input_ids=torch.tensor([step]), **with_cache(model, cache),
                   position_ids=torch.arange(pos, pos + len(step))[None])
             pos += len(step)
             method.step(cache, len(step))

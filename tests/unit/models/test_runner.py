@@ -4,8 +4,9 @@ import torch
 from omegaconf import OmegaConf
 
 from sa_bench.attention import SparseMethod
+from sa_bench.models.forward import cache_keyword
 from sa_bench.models.loading import ModelConfig, load_model
-from sa_bench.runner import _answer, _cache_keyword, _prefill, _rewind
+from sa_bench.runner import _answer, _prefill, _rewind
 from tests.conftest import ROOT
 
 
@@ -38,7 +39,7 @@ def test_cache_keyword_follows_the_forward_signature():
         def forward(self, input_ids, cache=None, use_cache=None):
             pass
 
-    assert _cache_keyword(Old) == "past_key_values" and _cache_keyword(New) == "cache"
+    assert cache_keyword(Old) == "past_key_values" and cache_keyword(New) == "cache"
 
 
 def test_resumed_predictions_are_reused_only_for_the_same_sample():
