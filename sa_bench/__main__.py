@@ -6,8 +6,9 @@ import sys
 def main() -> None:
     try:
         from sa_bench.job import run_job
-        from sa_bench.launch.hydra_app import hydra_main
+        from sa_bench.launch.hydra_app import hydra_main, sweep_dependent_overrides
 
+        sys.argv = sweep_dependent_overrides(sys.argv)
         hydra_main(run_job)()
     except KeyboardInterrupt:
         print("\nInterrupted. Finished cells are kept; run the same command again to resume.",

@@ -25,3 +25,31 @@ def hydra_main(task_function: Callable[[Any], Any]) -> Callable[[], Any]:
     return hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)(
         task_function
     )
+
+
+def sweep_dependent_overrides(argv: list[str]) -> list[str]:
+    """`argv` with each plain override under a swept config group made a one-value sweep.
+
+    Every run is a multirun (conf/config.yaml), and a multirun composes its first config
+    without the sweeps, so in `sparse=snapkv,knorm sparse.compression.compression_ratio=0.5`
+    the ratio would be set on the default `sparse` (dense, which has no `compression`) and
+    Hydra refuses the command. As `choice(0.5)` it is applied to each job's own composition,
+    as the ratio list `0.25,0.5` already is."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import OverrideType
+    from hydra.errors import HydraException
+
+    places = [i for i, arg in enumerate(argv) if i > 0 and "=" in arg and not arg.startswith("-")]
+    try:
+        parsed = OverridesParser.create().parse_overrides([argv[i] for i in places])
+    except HydraException:
+        return argv  # Hydra says what is wrong with it
+    swept = {o.key_or_group for o in parsed
+             if o.is_sweep_override() and "." not in o.key_or_group
+             and (CONF_DIR / o.key_or_group).is_dir()}
+    out = list(argv)
+    for i, o in zip(places, parsed, strict=True):
+        if (o.type == OverrideType.CHANGE and not o.is_sweep_override() and o.package is None
+                and o.key_or_group.split(".")[0] in swept and "." in o.key_or_group):
+            out[i] = f"{o.key_or_group}=choice({o.get_value_element_as_str()})"
+    return out
