@@ -1,12 +1,15 @@
 """Run inside the kvpress venv (transformers < 5.3) by tests/unit/attention/test_compression_parity.py.
 
-    python kvpress_side.py OUT_DIR
+    python kvpress_side.py OUT_DIR EMBEDDED_DIR PROMPT_FILE
 
 Makes tiny random Llama, Qwen2 and Mistral models with GQA (saved to OUT_DIR/<arch>,
 loadable by transformers 5), a random prompt, and for each press and ratio the positions kvpress keeps per layer and kv head
 (recovered by matching the compressed keys against the uncompressed ones; AdaKV and KVzip:
-the complement of the positions they mask), written to OUT_DIR/kept.json. KVzipPress gets a
-byte-level tokenizer (`ByteTokenizer`) in place of AutoTokenizer.
+the complement of the positions they mask), written to OUT_DIR/kept.json. The same for
+sa_bench's embedded model (arch `embedded`: the checkpoint in EMBEDDED_DIR, loaded as is) on
+PROMPT_FILE's text encoded with its own tokenizer (the ids: `embedded_ids`). KVzipPress gets
+a byte-level tokenizer (`ByteTokenizer`) in place of AutoTokenizer for the random models, the
+embedded model's own tokenizer for it.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from pathlib import Path
 
 import kvpress
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 RATIOS = [0.25, 0.5, 0.75]
 N = 300  # (1 - r) * N is whole for every ratio: kvpress's int() and our ceil agree
@@ -42,11 +45,24 @@ def presses(ratio: float) -> dict:
         "adakv": p.AdaKVPress(p.SnapKVPress(), alpha_safeguard=0.2),
         "criticalkv": p.CriticalKVPress(p.SnapKVPress(ratio)),
         "critical_adakv": p.CriticalAdaKVPress(p.SnapKVPress(ratio)),
-        "composed": p.ComposedPress([p.SnapKVPress(ratio), p.KnormPress(COMPOSED_SECOND)]),
+        "composed": p.ComposedPress([AscendingSnapKV(ratio), p.KnormPress(COMPOSED_SECOND)]),
         "kvzip": p.KVzipPress(ratio),
         "kvzip_layerwise": p.KVzipPress(ratio, layerwise=True),
         "kvzip_chunked": ChunkedKVzip(ratio),
     }
+
+
+class AscendingSnapKV(kvpress.SnapKVPress):
+    """kvpress's SnapKVPress keeping its positions in position order (kvpress: in its topk
+    order), sa_bench's documented difference: a press composed after it breaks exact score
+    ties by position. (On the embedded model KNorm after SnapKV differs otherwise: its layer-0
+    keys of one token have one norm, and ties fell differently.)"""
+
+    def compress(self, module, hidden_states, keys, values, attentions, kwargs):
+        scores = self.score(module, hidden_states, keys, values, attentions, kwargs)
+        kept = scores.topk(int(keys.shape[2] * (1 - self.compression_ratio)), dim=-1).indices
+        kept = kept.sort(-1).values.unsqueeze(-1).expand(-1, -1, -1, module.head_dim)
+        return keys.gather(2, kept).contiguous(), values.gather(2, kept).contiguous()
 
 
 class ChunkedKVzip(kvpress.KVzipPress):
@@ -62,13 +78,16 @@ KVZIP_CHUNK = 128
 
 class ByteTokenizer:
     """Token id = UTF-8 byte, no chat template (sa_bench.attention.kvzip.ByteTokenizer's
-    encoding): what KVzipPress gets from AutoTokenizer.from_pretrained here (the tiny models
-    have no tokenizer), so both sides feed the same reconstruction prompt."""
+    encoding): what KVzipPress gets from AutoTokenizer.from_pretrained here for the random
+    models (they have no tokenizer), so both sides feed the same reconstruction prompt; a
+    model directory with a tokenizer (the embedded model) gets its own."""
 
     chat_template = None
 
     @classmethod
-    def from_pretrained(cls, *args, **kwargs):
+    def from_pretrained(cls, path="", *args, **kwargs):
+        if path and Path(path, "tokenizer.json").is_file():
+            return AutoTokenizer.from_pretrained(path)
         return cls()
 
     def encode(self, text, return_tensors=None, add_special_tokens=False):
@@ -158,27 +177,41 @@ def kept_positions(full: DynamicCache, cache: DynamicCache, model) -> list[list[
     return out
 
 
-def main(out: Path) -> None:
+def make_model(arch: str, impl: str, out: Path, embedded: Path):
+    """The embedded model as shipped, or a random one (saved to OUT_DIR/<arch> once)."""
+    if arch == "embedded":
+        model = AutoModelForCausalLM.from_pretrained(embedded, dtype=torch.float32).eval()
+        model.set_attn_implementation(impl)
+        return model
     shape = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                  num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                  max_position_embeddings=2048, rope_theta=10000.0)
+    # sa_bench refuses sliding-window cache layers (Mistral's default, 4096: wider than
+    # the prompt, so the same attention) for compression
+    config = AutoConfig.for_model(arch, **shape, **({"sliding_window": None} if arch == "mistral" else {}))
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    model.set_attn_implementation(impl)
+    if impl == "sdpa":
+        model.save_pretrained(out / arch)
+    return model
+
+
+def main(out: Path, embedded: Path, prompt: Path) -> None:
     result: dict = {"kvpress": version("kvpress"), "transformers": version("transformers"),
                     "n": N, "kept": {}}
     torch.manual_seed(0)
-    ids = torch.randint(0, 256, (1, N))
-    result["ids"] = ids[0].tolist()
+    random_ids = torch.randint(0, 256, (1, N))
+    result["ids"] = random_ids[0].tolist()
+    embedded_ids = AutoTokenizer.from_pretrained(embedded)(prompt.read_text(), return_tensors="pt").input_ids
+    assert embedded_ids.shape == (1, N), embedded_ids.shape
+    result["embedded_ids"] = embedded_ids[0].tolist()
     steps = [[5, 9, 11, 13, 2], [17], [23], [31]]
     result["decoding"] = {"steps": steps, **DECODING, "kept": {}}
-    for arch in ("llama", "qwen2", "mistral"):
-        # sa_bench refuses sliding-window cache layers (Mistral's default, 4096: wider than
-        # the prompt, so the same attention) for compression
-        config = AutoConfig.for_model(arch, **shape, **({"sliding_window": None} if arch == "mistral" else {}))
+    for arch in ("llama", "qwen2", "mistral", "embedded"):
+        ids = embedded_ids if arch == "embedded" else random_ids
         for impl in ("sdpa", "eager"):
-            torch.manual_seed(0)
-            model = AutoModelForCausalLM.from_config(config).eval()
-            model.set_attn_implementation(impl)
-            if impl == "sdpa":
-                model.save_pretrained(out / arch)
+            model = make_model(arch, impl, out, embedded)
             full = prefill(model, ids)
             for ratio in RATIOS:
                 for name, press in presses(ratio).items():
@@ -203,4 +236,4 @@ def main(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(*map(Path, sys.argv[1:4]))
