@@ -29,7 +29,9 @@ header says which). With more threads or on CUDA they are ratios of wall time. S
 KV-cache compression (a press compresses once after the prefill, `--ratio` sets its
 compression_ratio): the KV bytes kept after compression over before, the decode step's ratio
 to the `dense` method's, and the compression's seconds (scoring + gather) with its ratio to the
-prefill:
+prefill; and the decode step's attention calls alone (ms per token, and the ratio to `dense`'s),
+which is what compression shrinks — the step also reads the layer's MLP and the lm_head, the
+same bytes for every method:
 
     python -m sa_bench.perf.scale --tokens 16384 --ratio 0.75 --methods dense snapkv knorm expected_attention
 
@@ -205,14 +207,18 @@ def run_one(args: argparse.Namespace, method_name: str, tokens: int) -> dict[str
     method = SparseMethod.from_config(config)
     implementation = resolve_implementation("auto", device, model.dtype)
     attention_s = [0.0, 0.0]  # wall, CPU
+    decode_attention: list[list[float]] = []  # per answer: its decode steps' attention calls
+    phase = ["prefill"]
     timed_attention = method.attention
 
-    def attention(*a, **kw):  # the prefill's attention calls, timed
+    def attention(*a, **kw):  # every attention call, timed
         t0, c0 = time.perf_counter(), time.process_time()
         out = timed_attention(*a, **kw)
         synchronize(device)
-        attention_s[0] += time.perf_counter() - t0
-        attention_s[1] += time.process_time() - c0
+        spent = time.perf_counter() - t0, time.process_time() - c0
+        for total in [attention_s] + (decode_attention[-1:] if phase[0] == "decode" else []):
+            total[0] += spent[0]
+            total[1] += spent[1]
         return out
 
     method.attention = attention
@@ -233,9 +239,11 @@ def run_one(args: argparse.Namespace, method_name: str, tokens: int) -> dict[str
         saved = method.snapshot(cache) if method.compresses else None
         set_phase = method.set_phase
 
-        def marking(phase: str) -> None:  # the answer's decoding begins
-            set_phase(phase)
-            if phase == "decode":
+        def marking(name: str) -> None:  # the answer's decoding begins
+            set_phase(name)
+            phase[0] = name
+            if name == "decode":
+                decode_attention.append([0.0, 0.0])
                 start()
 
         method.set_phase = marking
@@ -245,7 +253,10 @@ def run_one(args: argparse.Namespace, method_name: str, tokens: int) -> dict[str
             device, args.new, start)
         peak = memory.peak_above_start()
     values = [d for d in density if d is not None]
-    return {"prefill_s": prefill, "prefill_cpu_s": prefill_cpu, **timed, "peak_bytes": peak,
+    steps = max(args.new - 1, 1)  # the first answer's (`new` tokens) decode steps
+    return {"decode_attention_ms": decode_attention[0][0] / steps * 1e3,
+            "decode_attention_cpu_ms": decode_attention[0][1] / steps * 1e3,
+            "prefill_s": prefill, "prefill_cpu_s": prefill_cpu, **timed, "peak_bytes": peak,
             "prefill_attention_s": prefill_attention, "prefill_attention_cpu_s": prefill_attention_cpu,
             "prefill_density": sum(values) / len(values) if values else -1.0,
             "kv_kept": kv_after / kv_before, "compress_s": compress_s, "compress_cpu_s": compress_cpu_s}
@@ -383,8 +394,9 @@ def main(argv: list[str] | None = None) -> None:
           "decode ms/token | decode CPU ms/token | peak MiB above weights | ratio | "
           "prefill attention s | prefill attention CPU s | ratio to dense | prefill ratio to dense | "
           "prefill density | "
-          "decode ratio to dense | KV kept | compression s | ratio to prefill |")
-    print("|---" * 20 + "|")
+          "decode ratio to dense | KV kept | compression s | ratio to prefill | "
+          "decode attention ms/token | decode attention CPU ms/token | ratio to dense |")
+    print("|---" * 23 + "|")
     names = methods if args.skip_plain else ["plain", *methods]
     skipped = {"error": "not run"}
     for tokens in args.tokens:
@@ -406,7 +418,7 @@ def _print_row(tokens: int, name: str, r: dict[str, Any], base: dict[str, Any],
                dense: dict[str, Any], cpu: bool) -> None:
     """One table row; time ratios of CPU time where `cpu` (else wall), memory of peak bytes."""
     if "error" in r:
-        print(f"| {tokens} | {name} | failed: {r['error']} |||||||||||||||||||", flush=True)
+        print(f"| {tokens} | {name} | failed: {r['error']} ||||||||||||||||||||||", flush=True)
         return
     clock = "_cpu" if cpu else ""
     mib = r["peak_bytes"] / 2**20
@@ -415,8 +427,10 @@ def _print_row(tokens: int, name: str, r: dict[str, Any], base: dict[str, Any],
                  f"{_ratio(r, dense, f'prefill{clock}_s')} | "
                  f"{r['prefill_density']:.3f} | {_ratio(r, dense, f'decode{clock}_ms')} | "
                  f"{r['kv_kept']:.3f} | {r['compress_s']:.3f} | "
-                 f"{r[f'compress{clock}_s'] / r[f'prefill{clock}_s']:.3f}x"
-                 if "prefill_attention_s" in r else "- | - | - | - | - | - | - | - | -")
+                 f"{r[f'compress{clock}_s'] / r[f'prefill{clock}_s']:.3f}x | "
+                 f"{r['decode_attention_ms']:.1f} | {r['decode_attention_cpu_ms']:.1f} | "
+                 f"{_ratio(r, dense, f'decode_attention{clock}_ms')}"
+                 if "prefill_attention_s" in r else " | ".join("-" * 12))
     print(f"| {tokens} | {name} | {r['prefill_s']:.2f} | {r['prefill_cpu_s']:.2f} | "
           f"{_ratio(r, base, f'prefill{clock}_s')} | {r['answer_s']:.2f} | "
           f"{_ratio(r, base, f'answer{clock}_s')} | {r['decode_ms']:.1f} | {r['decode_cpu_ms']:.1f} | "

@@ -16,7 +16,8 @@ def test_scale_command_prints_every_method(capsys):
     assert "failed" not in out
     # three ratios to plain; the methods' prefill attention, whole prefill and decode step also
     # as ratios to dense's, and their compression time as a ratio to their prefill
-    assert [row.count("x |") for row in rows] == [3, 7, 7, 7, 7, 7]
+    # and the decode step's attention calls as a ratio to dense's
+    assert [row.count("x |") for row in rows] == [3, 8, 8, 8, 8, 8]
     assert "ratio columns: CPU time of each process (1 thread)" in out  # --threads 1 on a CPU
     header = [h.strip() for h in
               next(line for line in out.splitlines() if line.startswith("| tokens |")).split("|")]
@@ -28,6 +29,8 @@ def test_scale_command_prints_every_method(capsys):
     for method in cells:  # one thread: the process's CPU time is at most its wall time
         assert 0 <= col("prefill CPU s", method) <= col("prefill s", method) * 1.05 + 0.01  # 2 decimals
         assert col("decode ms/token", method) > 0  # timed over the decode steps alone
+        if method != "plain":  # the step's attention calls: a part of the step
+            assert 0 < col("decode attention ms/token", method) < col("decode ms/token", method)
     assert cells["dense"][header.index("prefill ratio to dense")] == "1.00x"
     density = {m: col("prefill density", m) for m in cells if m != "plain"}
     assert density["dense"] == 1.0 and density["quest"] == 1.0  # prefill dense
@@ -42,14 +45,16 @@ def test_ratios_are_of_cpu_time_on_one_cpu_thread(capsys):
                 "answer_cpu_s": cpu, "decode_ms": 100 * wall, "decode_cpu_ms": 100 * cpu,
                 "peak_bytes": 2**20, "prefill_attention_s": 4 * wall,
                 "prefill_attention_cpu_s": 4 * cpu, "prefill_density": 0.1, "kv_kept": 1.0,
-                "compress_s": wall, "compress_cpu_s": cpu}
+                "compress_s": wall, "compress_cpu_s": cpu, "decode_attention_ms": 10 * wall,
+                "decode_attention_cpu_ms": 10 * cpu}
 
     dense, method = run(wall=1.0, cpu=1.0), run(wall=4.0, cpu=0.5)  # the method ran under load
     for cpu, expected in [(True, "0.50x"), (False, "4.00x")]:
         scale._print_row(100, "m", method, dense, dense, cpu)
         cells = [c.strip() for c in capsys.readouterr().out.split("|")]
         # prefill, answer (to plain); prefill attention, prefill, decode (to dense)
-        assert [cells[i] for i in (5, 7, 14, 15, 17)] == [expected] * 5
+        # decode attention (to dense)
+        assert [cells[i] for i in (5, 7, 14, 15, 17, 23)] == [expected] * 6
         assert cells[11] == "1.00x"  # peak memory: the same bytes
         assert cells[20] == "0.100x"  # compression over prefill, both of the same clock
     assert scale.cpu_clock(scale.argparse.Namespace(threads=1, device="cpu"))
