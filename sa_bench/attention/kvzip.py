@@ -47,6 +47,7 @@ from sa_bench.attention.compression import (
     head_wise_layout,
     kept_count,
 )
+from sa_bench.attention.kv_cache import is_plain
 from sa_bench.config import ConfigError
 from sa_bench.lazy import torch
 
@@ -102,6 +103,10 @@ class KVzip(Press):
         self._kept = {}
         if not layers:
             return
+        for layer, entry in enumerate(cache.layers):  # dense_layers too: every pass is rewound
+            if not is_plain(entry):
+                raise ValueError(f"kvzip: its reconstruction passes are rewound by cropping every "
+                                 f"cache layer; layer {layer} is a {type(entry).__name__}")
         ids = [t for part in compressor.context_ids for t in part[0].tolist()]
         b, hk, n, _ = cache.layers[layers[0]].keys.shape
         if n != len(ids):
@@ -131,7 +136,8 @@ class KVzip(Press):
             finally:
                 compressor.scoring = None
             for entry in cache.layers:  # the pass's own keys go again
-                entry.keys, entry.values = entry.keys[:, :, :n], entry.values[:, :, :n]
+                if entry.is_initialized:
+                    entry.crop(n - entry.get_seq_length())
             synchronize(cache.layers[layers[-1]].keys.device)
             totals, seconds = compressor.totals, time.perf_counter() - t0
             totals["reconstruction_passes"] = totals.get("reconstruction_passes", 0) + 1

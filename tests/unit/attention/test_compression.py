@@ -633,6 +633,36 @@ def test_kvzip_takes_the_chat_template_prefix_and_suffix_when_the_context_used_i
     assert fed == list(b"\n\nRepeat the previous context exactly.</u><a>some context")
 
 
+def test_kvzip_rewinds_every_layer_after_its_passes_dense_layers_and_presized_ones_too(tiny, install):
+    """The reconstruction passes append to every cache layer; each is cropped back through the
+    layer's own `crop` (a pre-sized layer keeps its buffer): a dense layer ends bit-identical
+    to before, a layer that cannot be cropped is refused before any pass."""
+    from transformers.cache_utils import DynamicSlidingWindowLayer
+
+    from sa_bench.attention.kv_cache import is_presized
+
+    model, tok, ids = tiny
+    cfg = OmegaConf.to_container(OmegaConf.load(ROOT / "conf/sparse/kvzip.yaml"))
+    method = SparseMethod.from_config({**cfg, "dense_layers": [0]})
+    install(method, model, tokenizer=tok)
+    method.reset()
+    cache, n, _ = _prefill(model, method, tuple(ids), CPU, 64, 1024)
+    assert all(is_presized(e) for e in cache.layers)
+    before = cache.layers[0].keys.clone(), cache.layers[0].values.clone()
+    method.compress(cache, "context")
+    assert torch.equal(cache.layers[0].keys, before[0]) and torch.equal(cache.layers[0].values, before[1])
+    assert cache.layers[0].keys.untyped_storage().nbytes() > before[0].nbytes  # still its buffer
+    assert all(e.keys.shape[2] < n for e in cache.layers[1:])
+
+    method.reset()
+    cache, n, _ = _prefill(model, method, tuple(ids), CPU, 64)
+    sliding = DynamicSlidingWindowLayer(sliding_window=4 * n)
+    sliding.update(cache.layers[0].keys, cache.layers[0].values)
+    cache.layers[0] = sliding
+    with pytest.raises(ValueError, match="layer 0 is a DynamicSlidingWindowLayer"):
+        method.compress(cache, "context")
+
+
 def test_kvzip_config_and_tokenizer_errors(tiny, install):
     with pytest.raises(ConfigError, match="query_aware: KVzip is query-agnostic"):
         method_of("kvzip", query_aware=True)
