@@ -1096,7 +1096,9 @@ def write_html(jobs: list[Job], table: Table, root: Path, plots: list[Path], pat
 
 
 def write_json(jobs: list[Job], table: Table, root: Path, path: Path) -> None:
-    """The tables as numbers: per benchmark, each row's cells and average; status; notes."""
+    """The tables as numbers: per benchmark, each row's cells and average, and its column on the
+    compression leaderboard (`compression_ratio`: 0 for dense, null for a method that compresses
+    nothing); status; notes."""
     def numbers(row: Row, columns: list[Column]) -> dict[str, Any]:
         score, density, diff, n = table.average(row, columns)
         return {"score": score, "density": density, "score_vs_dense": diff, "cells": n,
@@ -1116,8 +1118,9 @@ def write_json(jobs: list[Job], table: Table, root: Path, path: Path) -> None:
                     cells[table.column_labels[column]] = {
                         "status": job.status, "path": job.relpath, "score": score,
                         "density": density, "prefill_density": job.prefill_density,
-                        "score_vs_dense": diff}
+                        "compression": job.compression, "score_vs_dense": diff}
             rows.append({"model": row.model, "sparse": row.label, "method": row.method,
+                         "compression_ratio": leaderboard_ratio(table, row, columns),
                          "cells": cells, "average": numbers(row, columns)})
         benchmarks[benchmark] = {"columns": [table.column_labels[c] for c in columns], "rows": rows}
     data = {"output_root": printable(str(root)), "counts": counts(jobs), "benchmarks": benchmarks,

@@ -790,8 +790,14 @@ def test_compression_leaderboard_rows_are_presses_columns_are_ratios(tmp_path: P
     # the report shows it after the benchmark's own table, and only where a press ran
     assert [t for t, _, _ in report.sections(table)] == ["passkey", title]
     out = tmp_path / "report"
-    assert report.main([str(tmp_path), "--out", str(out), "--no-plots"]) == 0
+    assert report.main([str(tmp_path), "--out", str(out), "--no-plots", "--format", "md,json"]) == 0
     assert f"### {title}" in (out / "report.md").read_text()
+    rows = json.loads((out / "report.json").read_text())["benchmarks"]["passkey"]["rows"]
+    ratios = {(r["sparse"], r["compression_ratio"], r["average"]["score"]) for r in rows}
+    assert {("dense", 0.0, 90.0), ("oracle_topk", None, 70.0), ("composed", 0.6, 60.0),
+            ("knorm", 0.5, 40.0)} <= ratios  # the leaderboard's numbers
+    knorm = next(r for r in rows if r["method"] == "knorm")
+    assert [c["compression"] for c in knorm["cells"].values()] == [0.5]
 
 
 def test_no_leaderboard_without_a_press(tree: Path) -> None:
