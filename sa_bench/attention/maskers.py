@@ -24,7 +24,14 @@ from sa_bench.attention.masker import (
     draw_unchecked,
     ranked_draw,
 )
-from sa_bench.attention.ops import NEG_INF, compact, count_true, first_allowed, log_weight, reads_free
+from sa_bench.attention.ops import (
+    NEG_INF,
+    compact,
+    count_true,
+    first_allowed,
+    log_weight,
+    reads_free,
+)
 from sa_bench.attention.selection import Context, KeyCache, Selection, size_of
 from sa_bench.config import ConfigError, Size, check_range
 from sa_bench.lazy import torch
@@ -245,8 +252,8 @@ class Quest(Masker):
 def _first_true(keys: Tensor, ok: Tensor, n: int) -> Tensor:
     """The first n entries of each row of `keys` [..., m] where `ok` holds (every row has at
     least n), in order, [..., n]: without padding, the selection stays `exact` (no weights,
-    no clamp, its count known), a dozen launches fewer on an accelerator than the padded
-    entries and their count (CPU keeps the padded entries: a softmax over other columns
+    no clamp, its count known), 8 launches fewer on an accelerator than the padded entries
+    and their count (CPU keeps the padded entries: a softmax over other columns
     rounds otherwise, and its outputs stay as they were). Each kept entry goes to its rank
     among the row's ok entries (a cumsum); the others to a column dropped after."""
     rank = ok.cumsum(-1)
