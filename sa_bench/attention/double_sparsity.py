@@ -23,16 +23,23 @@ CALIBRATION_FILE = "double_sparsity.safetensors"
 CALIBRATE_COMMAND = "python -m sa_bench.attention.calibrate_ds"
 
 
-def pseudo_quantize(x: Tensor, bits: int) -> Tensor:
+def pseudo_quantize(x: Tensor, bits: int, out: Tensor | None = None) -> Tensor:
     """The authors' label quantisation: per row (a token's r label channels), uniform on
-    [min, max] with 2^bits - 1 steps, returned dequantised. bits >= 16: unchanged."""
+    [min, max] with 2^bits - 1 steps, returned dequantised (into `out` when given, cast to its
+    dtype). bits >= 16: unchanged.
+
+    Their steps, round((x - lo) * scale).clamp(0, top) / scale + lo with scale = top / span
+    (1 where span = 0), in three kernels fewer: the clamp cannot act (x - lo is in [0, span],
+    so its product with scale is at most top, up to rounding, and rounds to top), and a row of
+    one value (scale 1 / 0 = inf, 0 * inf = NaN) comes out as lo by turning NaN into 0 (which
+    also gives lo, not NaN, where 1 / span overflows: a subnormal span)."""
     if bits >= 16:
-        return x
+        return x if out is None else out.copy_(x)
     top = 2**bits - 1
     lo, hi = torch.aminmax(x, dim=-1, keepdim=True)
-    span = hi - lo
-    scale = top / torch.where(span == 0, 1.0, span)
-    return torch.round((x - lo) * scale).clamp_(0, top) / scale + lo
+    scale = torch.reciprocal(hi - lo).mul_(top)  # top / span as torch divides a number by a tensor
+    steps = torch.round((x - lo).mul_(scale)).nan_to_num_(0.0, posinf=top, neginf=0.0)
+    return torch.addcdiv(lo, steps, scale, out=out)
 
 
 def load_channel_rank(path: Path, layers: int, key: str) -> Tensor | None:
@@ -174,17 +181,23 @@ class DoubleSparsity(TopKMasker):
 
     def _label_scores(self, ctx: Context) -> Tensor:
         """Label products of the grouped query rows, [b, Hk, g*q, kv] in `label_dtype` (a view
-        of a buffer reused by the next call)."""
+        of a buffer reused by the next call).
+
+        The new keys' labels and the query rows' are quantised in one pass (decode: one key
+        and the group's query rows per kv head), written into the label cache's buffer: the
+        keys' at their rows, the queries' in the rows past them (scratch, the next key's)."""
         ch = self._channels(ctx)  # [Hk, r]
-        b, hk = ctx.key.shape[:2]
-
-        def labels(x: Tensor) -> Tensor:  # [b, Hk, n, d] -> quantised labels [b, Hk, n, r]
-            lab = x.gather(-1, ch[None, :, None, :].expand(b, hk, x.shape[2], -1)).float()
-            return pseudo_quantize(lab, self.label_bits).to(self.label_dtype)
-
-        lab = self._labels.get(ctx.layer, ctx.key, ctx.query.shape[2], labels)
-        qc = labels(ctx.grouped(ctx.query))  # [b, Hk, g*q, r]
-        shape = (*qc.shape[:3], lab.shape[2])
+        b, hk, kv = *ctx.key.shape[:2], ctx.kv
+        keep = self._labels.kept(ctx.layer, ctx.key, ctx.query.shape[2])
+        grouped = ctx.grouped(ctx.query)  # [b, Hk, g*q, d]
+        rows = torch.cat([ctx.key[:, :, keep:], grouped.to(ctx.key.dtype)], 2)
+        lab = rows.gather(-1, ch[None, :, None, :].expand(b, hk, rows.shape[2], -1)).float()
+        like = lab.new_empty(b, hk, 0, lab.shape[-1], dtype=self.label_dtype)
+        pseudo_quantize(lab, self.label_bits, out=self._labels.rows(ctx.layer, keep, rows.shape[2], like))
+        self._labels.length[ctx.layer] = kv
+        buf = self._labels.buf[ctx.layer]
+        lab, qc = buf[:, :, :kv], buf[:, :, kv:kv + grouped.shape[2]]
+        shape = (*qc.shape[:3], kv)
         out = self._scores.take(math.prod(shape), 1, qc).view(shape)
         if not reads_free(qc.device):  # one batched matmul (strided batches: no copy on CUDA)
             return torch.matmul(qc, lab.transpose(-1, -2), out=out)

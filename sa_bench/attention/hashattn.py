@@ -95,13 +95,32 @@ def _constant(name: str, device, make) -> Tensor:
     return value
 
 
-def popcount32_table(x: Tensor) -> Tensor:
-    """Set bits of each int32 -> int32, by a 256-entry table over its 4 bytes: three kernels
-    where the SWAR steps of `popcount32_` launch thirteen (a GPU at batch 1 pays per launch;
-    on CPU the in-place SWAR is faster)."""
-    table = _constant("popcount", x.device, lambda: torch.tensor(
-        [bin(i).count("1") for i in range(256)], dtype=torch.uint8, device=x.device))
-    return table[x.contiguous().view(torch.uint8).long()].view(*x.shape, 4).sum(-1, dtype=torch.int32)
+def byte_table_sum(qs: Tensor, ks: Tensor, table: Tensor) -> Tensor:
+    """sum over the bytes of q xor k of `table`[byte], for packed signatures qs [b, Hs, r, w],
+    ks [b, Hs, kv, w] -> [b, Hs, r, kv] (a uint8 table summed into int32): per word the xor of
+    the bytes written as int64 (the lookup's indices, no cast of their own), the lookup and its
+    sum, three kernels where the SWAR steps of `popcount32_` launch thirteen (a GPU at batch 1
+    pays per launch; on CPU the in-place SWAR is faster)."""
+    out = None
+    for w in range(qs.shape[-1]):
+        idx = torch.empty(*qs.shape[:3], ks.shape[2], 4, dtype=torch.long, device=qs.device)
+        torch.bitwise_xor(ks[..., w:w + 1].view(torch.uint8)[:, :, None],
+                          qs[..., w:w + 1].view(torch.uint8)[..., None, :], out=idx)
+        part = table[idx].sum(-1, dtype=torch.int32 if table.dtype == torch.uint8 else None)
+        out = part if out is None else out.add_(part)
+    return out
+
+
+def _byte_table(name: str, device) -> Tensor:
+    """Per byte value: its set bits (`popcount`, uint8), or the +-1 dot product they give a
+    word of 32 bits as 8 - 2 popcount per byte (`agreement`, float32: a word's four sum to
+    32 - 2 popcount exactly)."""
+    def make() -> Tensor:
+        counts = [bin(i).count("1") for i in range(256)]
+        if name == "popcount":
+            return torch.tensor(counts, dtype=torch.uint8, device=device)
+        return torch.tensor([8.0 - 2 * c for c in counts], device=device)
+    return _constant(name, device, make)
 
 
 def popcount32_(x: Tensor, tmp: Tensor | None = None) -> Tensor:
@@ -115,10 +134,17 @@ def popcount32_(x: Tensor, tmp: Tensor | None = None) -> Tensor:
     return x.mul_(0x01010101).bitwise_right_shift_(24)
 
 
-def signature_scores(qs: Tensor, ks: Tensor, bits: int) -> Tensor:
+def signature_scores(qs: Tensor, ks: Tensor, bits: int,
+                     buffers: tuple[Workspace, Workspace] | None = None) -> Tensor:
     """+-1 dot products of packed signatures, bits - 2 popcount(q xor k): qs [b, Hs, r, w],
-    ks [b, Hs, kv, w] -> float [b, Hs, r, kv]."""
-    return agreement(differing_bits(qs, ks), bits)
+    ks [b, Hs, kv, w] -> float [b, Hs, r, kv]. Off CPU the floats come from the lookup itself
+    (`byte_table_sum` of the agreement table: no kernel for the difference); `buffers`: see
+    `differing_bits`."""
+    if reads_free(qs.device):
+        return agreement(differing_bits(qs, ks, buffers), bits)
+    out = byte_table_sum(qs, ks, _byte_table("agreement", qs.device))
+    pad = 32 * qs.shape[-1] - bits  # padding bits, 0 in both: each counted as agreeing
+    return out.sub_(pad) if pad else out
 
 
 def agreement(diff: Tensor, bits: int) -> Tensor:
@@ -132,10 +158,7 @@ def differing_bits(qs: Tensor, ks: Tensor, buffers: tuple[Workspace, Workspace] 
     `buffers`: reused for the result and the temporary (a view of the first is returned)."""
     shape = (*qs.shape[:3], ks.shape[2])
     if not reads_free(qs.device):
-        diff = popcount32_table(ks[:, :, None, :, 0] ^ qs[..., 0, None])
-        for w in range(1, qs.shape[-1]):
-            diff.add_(popcount32_table(ks[:, :, None, :, w] ^ qs[..., w, None]))
-        return diff
+        return byte_table_sum(qs, ks, _byte_table("popcount", qs.device))
     out, tmp = ((ws.take(math.prod(shape), 1, ks).view(shape) for ws in buffers) if buffers
                 else (None, None))
     diff = popcount32_(torch.bitwise_xor(ks[:, :, None, :, 0], qs[..., 0, None], out=out), tmp)
@@ -189,17 +212,38 @@ class _SignatureTopK(TopKMasker):
             out[:, :, r0:r0 + part.shape[2]] = part
         return out
 
-    def _differing_bits(self, ctx: Context) -> Tensor:
-        """popcount(sig(q) xor sig(k)) per query head and key, int32 [b, H, q, kv]."""
-        ks = self._sigs.get(ctx.layer, ctx.key, ctx.query.shape[2],
-                            lambda k: self.key_signatures(ctx, k))
-        qs = pack_signs(self._signs("query", ctx, ctx.grouped(ctx.query)))
+    def _signatures(self, ctx: Context) -> tuple[Tensor, Tensor]:
+        """Packed signatures of the grouped query rows [b, Hs, r, w] and of all keys
+        [b, Hs, kv, w] (cached; the new keys' computed), the new keys and the query rows in one
+        pass where `_joint_signs` gives one (decode: a launch per MLP layer, not two)."""
+        n_new = ctx.query.shape[2]
+        keep = self._sigs.kept(ctx.layer, ctx.key, n_new)
+        joint = self._joint_signs(ctx, ctx.key[:, :, keep:]) if ctx.kv - keep == n_new else None
+        if joint is not None:
+            packed = pack_signs(joint)
+            hs = packed.shape[1] // 2
+            return packed[:, hs:], self._sigs.get(ctx.layer, ctx.key, n_new, lambda k: packed[:, :hs])
+        ks = self._sigs.get(ctx.layer, ctx.key, n_new, lambda k: self.key_signatures(ctx, k))
+        return pack_signs(self._signs("query", ctx, ctx.grouped(ctx.query))), ks
+
+    def _joint_signs(self, ctx: Context, new_keys: Tensor) -> Tensor | None:
+        """Real vectors [b, 2 Hs, n, bits] whose signs are the signatures of `new_keys` (the
+        first Hs heads) and of the query rows (the others, n rows each), from one pass; None
+        where they cannot be one (the default)."""
+        return None
+
+    def _workspaces(self) -> tuple[Workspace, Workspace]:
         if "_buffers" not in vars(self):  # reused each call: fresh multi-MB temporaries fault in
             self._buffers = (Workspace(), Workspace())
-        return ctx.ungrouped(differing_bits(qs, ks, self._buffers))
+        return self._buffers
+
+    def _differing_bits(self, ctx: Context) -> Tensor:
+        """popcount(sig(q) xor sig(k)) per query head and key, int32 [b, H, q, kv]."""
+        return ctx.ungrouped(differing_bits(*self._signatures(ctx), self._workspaces()))
 
     def score(self, ctx: Context) -> Tensor:
-        return agreement(self._differing_bits(ctx), self._bits)
+        qs, ks = self._signatures(ctx)
+        return ctx.ungrouped(signature_scores(qs, ks, self._bits, self._workspaces()))
 
     def group_score(self, ctx: Context) -> Tensor:
         # the group's fewest differing bits, then floats for a quarter of the keys' scores
@@ -380,14 +424,21 @@ class HashWeights:
                             for lay in self.layers], self.activation)
 
     def placed(self, side: str, layer: int, device, dtype, cache: dict) -> Mlp:
-        """One layer's MLP on `device` in `dtype`, copied and cast once into `cache` (a model
-        split over GPUs keeps each layer on its own device: only that layer moves)."""
-        key = (side, layer, device, dtype)
-        mlp = cache.get(key)
-        if mlp is None:
-            mlp = cache[key] = [(w.to(device=device, dtype=dtype), b.to(device=device, dtype=dtype))
-                                for w, b in self.layers[layer][side]]
-        return mlp
+        """One layer's MLP of `side` on `device` in `dtype`: the key and query MLPs are copied
+        and cast once into `cache` as one MLP of twice the heads, keys first (`side` "both":
+        one pass hashes the new keys and the queries), each side a view of it (a model split
+        over GPUs keeps each layer on its own device: only that layer moves)."""
+        both = cache.get((layer, device, dtype))
+        if both is None:
+            both = cache[layer, device, dtype] = [
+                (torch.cat([wk, wq]).to(device=device, dtype=dtype),
+                 torch.cat([bk, bq]).to(device=device, dtype=dtype))
+                for (wk, bk), (wq, bq) in zip(self.layers[layer]["key"], self.layers[layer]["query"],
+                                              strict=True)]
+        if side == "both":
+            return both
+        heads = slice(0, self.hash_heads) if side == "key" else slice(self.hash_heads, None)
+        return [(w[heads], b[heads]) for w, b in both]
 
 
 class _TensorUnpickler(pickle.Unpickler):
@@ -435,7 +486,7 @@ class HashAttention(_SignatureTopK):
     def __post_init__(self) -> None:
         # not a field: config checks evaluate the type hints of a masker and its fields, without torch
         self._w: HashWeights | None = None
-        self._placed: dict = {}  # (side, layer, device, dtype) -> MLP, see HashWeights.placed
+        self._placed: dict = {}  # (layer, device, dtype) -> MLP, see HashWeights.placed
         self._path = method_file(
             self.weights, self.model, WEIGHTS_FILE, "weights", "hashattn weights",
             f"no HashAttention weights for model {self.model!r} (looked for {WEIGHTS_FILE} in its "
@@ -463,6 +514,17 @@ class HashAttention(_SignatureTopK):
     def _key_width(self, ctx: Context) -> int:
         mlp = self._w.layers[ctx.layer]["key"]
         return self._w.hash_heads * max(ctx.key.shape[-1], *(w.shape[-1] for w, _ in mlp))
+
+    def _joint_signs(self, ctx: Context, new_keys: Tensor) -> Tensor | None:
+        b, hk, n, d = new_keys.shape
+        heads = ctx.query.shape[1]
+        if self._w is None or self._w.hash_heads != heads:  # kv-head weights: rows differ
+            return None
+        g = heads // hk  # each query head's new keys, then its query rows: [b, 2H, n, d]
+        x = torch.cat([new_keys[:, :, None].expand(b, hk, g, n, d),
+                       ctx.query.unflatten(1, (hk, g)).to(new_keys.dtype)], 1).flatten(1, 2)
+        mlp = self._w.placed("both", ctx.layer, x.device, x.dtype, self._placed)
+        return self._w.project("both", ctx.layer, x, mlp)
 
     def _signs(self, side: str, ctx: Context, x: Tensor) -> Tensor:
         if self._w is None:

@@ -24,7 +24,14 @@ from sa_bench.attention.masker import (
     draw_unchecked,
     ranked_draw,
 )
-from sa_bench.attention.ops import NEG_INF, compact, count_true, first_allowed, log_weight
+from sa_bench.attention.ops import (
+    NEG_INF,
+    compact,
+    count_true,
+    first_allowed,
+    log_weight,
+    reads_free,
+)
 from sa_bench.attention.selection import Context, KeyCache, Selection, size_of
 from sa_bench.config import ConfigError, Size, check_range
 from sa_bench.lazy import torch
@@ -160,15 +167,15 @@ class PageStats(KeyCache):
         first = self.kept(layer, key, n_new) // size
         tail = key[:, :, first * size:]
         full, rest = divmod(tail.shape[2], size)
-        parts = []
-        if full:
-            low, high = torch.aminmax(tail[:, :, : full * size].unflatten(2, (full, size)), dim=3)
-            parts.append(torch.cat([high, low], -1))
-        if rest:
-            low, high = torch.aminmax(tail[:, :, full * size:], dim=2, keepdim=True)
-            parts.append(torch.cat([high, low], -1))
-        if parts:
-            self.write(layer, first, parts[0] if len(parts) == 1 else torch.cat(parts, 2))
+        if full or rest:  # min and max written into the buffer's halves: one kernel a step
+            b, hk, _, d = key.shape
+            out = self.rows(layer, first, full + (rest > 0), key.new_empty(b, hk, 0, 2 * d))
+            if full:
+                torch.aminmax(tail[:, :, : full * size].unflatten(2, (full, size)), dim=3,
+                              out=(out[:, :, :full, d:], out[:, :, :full, :d]))
+            if rest:
+                torch.aminmax(tail[:, :, full * size:], dim=2, keepdim=True,
+                              out=(out[:, :, full:, d:], out[:, :, full:, :d]))
         self.length[layer] = kv
         return self.buf[layer][:, :, : -(-kv // size)]
 
@@ -215,12 +222,15 @@ class Quest(Masker):
         offsets = torch.arange(p, device=ctx.key.device) if ctx.workspace is None else ctx.workspace.arange(p)
         keys = torch.add(offsets, top.unsqueeze(-1), alpha=p).flatten(-2)
         ok = sel.unselected(keys, kv)
+        budget = ctx.row_budget(self.heavy_size)
+        if uniform and not reads_free(keys.device) and (
+                take < n_pages or (candidates_known(ctx, sel) or 0) >= budget):
+            return sel.add(_first_true(keys, ok, budget), None, 0.0, kv, shared=self.per_kv_head)
         if not uniform:
             ok &= (vals > NEG_INF).repeat_interleave(p, -1)
         keys = keys.clamp(max=kv - 1)
         if not ctx.all_allowed:
             ok &= ctx.allowed.expand(*keys.shape[:3], kv).gather(-1, keys)
-        budget = ctx.row_budget(self.heavy_size)
         ok &= ok.cumsum(-1, dtype=torch.int32) <= (budget if isinstance(budget, int) else budget.unsqueeze(-1))
         return sel.add(keys, ok, 0.0, kv, shared=self.per_kv_head)
 
@@ -237,6 +247,18 @@ class Quest(Masker):
             torch.tensor([[0.0] * d, [-inf] * d], dtype=q.dtype, device=q.device),
             torch.tensor([[inf] * d, [0.0] * d], dtype=q.dtype, device=q.device)))
         return torch.clamp(q.unsqueeze(-2), lo, hi).flatten(-2)
+
+
+def _first_true(keys: Tensor, ok: Tensor, n: int) -> Tensor:
+    """The first n entries of each row of `keys` [..., m] where `ok` holds (every row has at
+    least n), in order, [..., n]: without padding, the selection stays `exact` (no weights,
+    no clamp, its count known), 8 launches fewer on an accelerator than the padded entries
+    and their count (CPU keeps the padded entries: a softmax over other columns
+    rounds otherwise, and its outputs stay as they were). Each kept entry goes to its rank
+    among the row's ok entries (a cumsum); the others to a column dropped after."""
+    rank = ok.cumsum(-1)
+    out = keys.new_empty(*keys.shape[:-1], keys.shape[-1] + 1)
+    return out.scatter_(-1, torch.where(ok, rank, 0), keys)[..., 1:n + 1]
 
 
 # --- sampling --------------------------------------------------------------------------------

@@ -219,17 +219,23 @@ class KeyCache:
         return max(0, min(self.length.get(layer, 0), key.shape[-2] - n_new))
 
     def write(self, layer: int, at: int, new: Tensor) -> None:
-        """Store rows `new` [b, Hk, n, ...] at row `at` (rows before `at` kept), growing the
-        buffer with spare capacity when it is too small."""
-        end = at + new.shape[2]
+        """Store rows `new` [b, Hk, n, ...] at row `at` (rows before `at` kept)."""
+        self.rows(layer, at, new.shape[2], new).copy_(new)
+
+    def rows(self, layer: int, at: int, n: int, like: Tensor) -> Tensor:
+        """Rows [at, at + n) of the layer's buffer to write in place (rows before `at` kept;
+        an operator's `out=`, no copy), for features shaped as `like` [b, Hk, any, ...] in its
+        dtype and device: the buffer is remade when they differ and grown with spare capacity
+        when it is too small. Rows past the length set last are free for scratch use."""
+        end = at + n
         buf = self.buf.get(layer)
-        if (buf is None or buf.shape[2] < end or buf.dtype != new.dtype
-                or buf.shape[0] != new.shape[0] or buf.device != new.device):
-            grown = new.new_empty(*new.shape[:2], end + end // 2 + 256, *new.shape[3:])
+        if (buf is None or buf.shape[2] < end or buf.dtype != like.dtype or buf.device != like.device
+                or buf.shape[:2] != like.shape[:2] or buf.shape[3:] != like.shape[3:]):
+            grown = like.new_empty(*like.shape[:2], end + end // 2 + 256, *like.shape[3:])
             if at:  # kept() said the rows before `at` are valid: same batch, dtype, device
                 grown[:, :, :at] = buf[:, :, :at]
             buf = self.buf[layer] = grown
-        buf[:, :, at:end] = new
+        return buf[:, :, at:end]
 
 
 @dataclass

@@ -369,6 +369,26 @@ def test_quest_page_stats_incremental_equal_recomputed_after_appends_and_crop():
     torch.testing.assert_close(stats.pages(0, view, 0, 16), scratch(view, 16), rtol=0, atol=0)
 
 
+def test_key_cache_rows_are_remade_for_other_features_and_keep_the_rows_before():
+    """`KeyCache.rows` (written in place by `out=`): grown with the rows before `at` kept;
+    remade when the batch, heads, feature shape, dtype or device differ."""
+    from sa_bench.attention.selection import KeyCache
+
+    cache = KeyCache()
+    first = torch.randn(1, 2, 10, 4)
+    cache.write(0, 0, first)
+    buf = cache.buf[0]
+    cache.rows(0, 10, 3, first).fill_(7.0)  # room left: the same buffer, written in place
+    assert cache.buf[0] is buf and torch.equal(buf[:, :, :10], first) and bool((buf[:, :, 10:13] == 7).all())
+    cache.rows(0, 13, 2000, first)  # grown: the rows before kept
+    assert cache.buf[0].shape[2] >= 2013 and torch.equal(cache.buf[0][:, :, :13], buf[:, :, :13])
+    for like in (torch.empty(2, 2, 0, 4), torch.empty(1, 3, 0, 4), torch.empty(1, 2, 0, 5),
+                 torch.empty(1, 2, 0, 4, dtype=torch.float64)):
+        rows = cache.rows(0, 0, 5, like)
+        assert rows.shape == (*like.shape[:2], 5, *like.shape[3:]) and rows.dtype == like.dtype
+        assert cache.buf[0].shape[:2] == like.shape[:2] and cache.buf[0].dtype == like.dtype
+
+
 def test_quest_decode_steps_match_brute_force_with_partial_pages():
     query, key, _ = tensors(h=4, hk=2, q=1, kv=101, d=8)
     masker = Quest(heavy_size=24, page_size=8)

@@ -22,13 +22,14 @@ from sa_bench.attention.hashattn import (  # noqa: E402
     HashAttention,
     HashWeights,
     RandomProjectionTopK,
+    differing_bits,
     pack_signs,
     signature_scores,
 )
 from sa_bench.attention.magicpig import MagicPig, inclusion_probability  # noqa: E402
 from sa_bench.attention.method import SparseMethod  # noqa: E402
-from sa_bench.attention.ops import allowed_from_mask  # noqa: E402
-from sa_bench.attention.selection import Context, Selection  # noqa: E402
+from sa_bench.attention.ops import accelerator_paths, allowed_from_mask  # noqa: E402
+from sa_bench.attention.selection import Context, KeyCache, Selection  # noqa: E402
 from sa_bench.config import ConfigError  # noqa: E402
 from sa_bench.models.loading import embedded_dir  # noqa: E402
 from tests.conftest import run_sa_bench  # noqa: E402
@@ -79,6 +80,10 @@ def test_packed_signatures_are_the_signs_they_encode(bits):
     y = torch.randn(2, 3, 40, bits)
     want = signs(x) @ signs(y).transpose(-1, -2)
     assert torch.equal(signature_scores(packed, pack_signs(y), bits), want)
+    with accelerator_paths():  # byte lookups of the xor: agreement table, popcount table
+        assert torch.equal(signature_scores(packed, pack_signs(y), bits), want)
+        diff = differing_bits(packed, pack_signs(y))
+    assert diff.dtype == torch.int32 and torch.equal(bits - 2 * diff, want.int())
 
 
 def test_random_projection_topk_matches_brute_force():
@@ -164,6 +169,34 @@ def test_published_layouts_load_and_select_as_the_modules(tmp_path, layout):
     assert masker.notes() == [f"hashattn: learned signatures from {path} ({bits} bits, {heads} hash heads)"]
 
 
+@pytest.mark.parametrize("hash_heads", [4, 2])
+def test_hashattn_one_pass_of_new_keys_and_queries_gives_the_separate_signatures(hash_heads):
+    """Decode hashes the new key and the query rows in one pass of the key and query MLPs as
+    one of twice the heads (cached per layer, device and dtype): the signatures equal those of
+    a pass per side, as the dtype and the cell (the context) change; kv-head weights (rows
+    that differ per head) hash a side at a time."""
+    heads, kv_heads, d = 4, 2, 16
+    masker = HashAttention.__new__(HashAttention)
+    masker._w, masker._placed = HashWeights.init(1, hash_heads, d, bits=40, hidden=(8,), seed=3), {}
+    masker._sigs = KeyCache()
+    g = torch.Generator().manual_seed(5)
+    for dtype, kv in ((torch.float32, 50), (torch.float64, 50), (torch.float32, 33)):
+        masker.reset()  # a new context
+        key = torch.randn(1, kv_heads, kv, d, generator=g).to(dtype)
+        for step in range(3):
+            if step:
+                key = torch.cat([key, torch.randn(1, kv_heads, 1, d, generator=g).to(dtype)], 2)
+            ctx = context(torch.randn(1, heads, 1, d, generator=g).to(dtype), key)
+            joint = masker._joint_signs(ctx, key[:, :, -1:])
+            assert (joint is None) == (hash_heads == kv_heads)
+            qs, ks = masker._signatures(ctx)
+            assert torch.equal(ks, masker.key_signatures(ctx, key))
+            assert torch.equal(qs, pack_signs(masker._signs("query", ctx, ctx.grouped(ctx.query))))
+    assert {k[2] for k in masker._placed} == {torch.float32, torch.float64}
+    both = masker._placed[0, torch.device("cpu"), torch.float32]
+    assert all(w.shape[0] == 2 * hash_heads for w, _ in both)
+
+
 def test_weights_pickle_may_hold_only_tensors(tmp_path):
     path = tmp_path / "evil.pkl"
     with open(path, "wb") as f:
@@ -228,6 +261,25 @@ def test_pseudo_quantize_is_the_authors_rounding():
     assert torch.equal(pseudo_quantize(x, 16), x)
 
 
+@pytest.mark.parametrize("bits", [1, 2, 4, 8, 15])
+def test_pseudo_quantize_equals_the_authors_steps_bit_for_bit(bits):
+    """Fewer kernels than the authors' expression (no clamp, NaN of a constant row turned to 0,
+    addcdiv), the same floats; `out` in bfloat16 holds them rounded as `.bfloat16()` does."""
+    g = torch.Generator().manual_seed(bits)
+    x = torch.randn(3, 200, 32, generator=g) * torch.rand(3, 200, 1, generator=g) * 10
+    x[0, :5] = 1.25  # constant rows: span 0
+    x[1, 7, ::2] = -3.0
+    top = 2**bits - 1
+    lo, hi = torch.aminmax(x, dim=-1, keepdim=True)
+    span = hi - lo
+    scale = top / torch.where(span == 0, 1.0, span)
+    want = torch.round((x - lo) * scale).clamp_(0, top) / scale + lo
+    assert torch.equal(pseudo_quantize(x, bits), want)
+    out = torch.empty(3, 200, 32, dtype=torch.bfloat16)
+    assert pseudo_quantize(x, bits, out=out) is out and torch.equal(out, want.bfloat16())
+    assert torch.equal(pseudo_quantize(x, 16, out=out), x.bfloat16())
+
+
 def test_kv_head_channels_sum_the_group_ranks():
     rank = torch.tensor([[0, 1, 2, 3], [1, 3, 0, 2], [2, 3, 1, 0], [2, 3, 1, 0]])  # channels, best first
     # heads 0 and 1: summed ranks of channels 0..3 are 0 + 2, 1 + 0, 2 + 3, 3 + 1
@@ -255,6 +307,44 @@ def test_double_sparsity_matches_brute_force(tmp_path, bits):
     scores = torch.stack([lab(query[0, h][:, ch[h // 2]]) @ lab(key[0, h // 2][:, ch[h // 2]]).T
                           for h in range(4)])[None]
     assert_topk(sel, scores, 12, tol=2**-7 * scores.abs().max().item())  # the product rounds to bf16
+
+
+def test_double_sparsity_label_cache_holds_fresh_labels_across_steps_crops_and_cells(tmp_path):
+    """The new keys' and the query rows' labels are quantised in one pass into the label
+    cache (the queries in its rows past the keys): after decode steps, a crop and a new cell
+    of another batch size or dtype, the scores equal labels computed from scratch."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(4)
+    rank = torch.stack([torch.randperm(16, generator=g) for _ in range(4)])[None]
+    save_file({"channel_rank": rank}, str(tmp_path / "ds.safetensors"))
+    masker = DoubleSparsity(heavy_size=12, calibration=str(tmp_path / "ds.safetensors"))
+    cfg = {"num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16}
+    masker.prepare(type("Cfg", (), cfg)(), "ds")
+    ch = kv_head_channels(rank[0], 2, 4)
+
+    def fresh(query, key):  # labels [b, Hk, n, 4] of each kv head's channels, 4 bits, bf16
+        def lab(x):
+            channels = ch[None, :, None, :].expand(x.shape[0], 2, x.shape[2], -1)
+            return pseudo_quantize(x.gather(-1, channels).float(), 4).bfloat16()
+        return lab(context(query, key).grouped(query)) @ lab(key).transpose(-1, -2)
+
+    def check(query, key):
+        assert torch.equal(masker._label_scores(context(query, key)), fresh(query, key))
+
+    key = torch.randn(1, 2, 60, 16, generator=g)
+    check(torch.randn(1, 4, 1, 16, generator=g), key)
+    for _ in range(3):
+        key = torch.cat([key, torch.randn(1, 2, 1, 16, generator=g)], 2)
+        check(torch.randn(1, 4, 1, 16, generator=g), key)
+    masker.truncate(0, 40)  # DynamicCache.crop, then other keys
+    key = torch.cat([key[:, :, :40], torch.randn(1, 2, 1, 16, generator=g)], 2)
+    check(torch.randn(1, 4, 1, 16, generator=g), key)
+    masker.reset()
+    check(torch.randn(2, 4, 3, 16, generator=g), torch.randn(2, 2, 500, 16, generator=g))
+    masker.reset()
+    query, key = torch.randn(1, 4, 1, 16, generator=g), torch.randn(1, 2, 30, 16, generator=g)
+    check(query.double(), key.double())
 
 
 def test_double_sparsity_online_calibration_is_recorded():
@@ -440,8 +530,8 @@ def test_hash_weights_placed_once_per_layer_and_dtype(monkeypatch):
         masker._signs("key", ctx, key)
         masker._signs("query", ctx, q.reshape(1, kv_heads, 2, d))
     monkeypatch.setattr(torch.Tensor, "to", real_to)
-    assert first == 4  # 2 linears x (weight, bias), once
-    assert len(casts) == first + 4  # the query side's, once; no cast per call after that
+    assert first == 4  # 2 linears x (weight, bias) of both sides as one MLP, once
+    assert len(casts) == first  # the query side a view of it; no cast per call after that
     assert all(t.dtype == torch.bfloat16 for mlp in masker._placed.values() for p in mlp for t in p)
 
 
