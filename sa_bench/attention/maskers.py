@@ -24,7 +24,14 @@ from sa_bench.attention.masker import (
     draw_unchecked,
     ranked_draw,
 )
-from sa_bench.attention.ops import NEG_INF, compact, count_true, first_allowed, log_weight
+from sa_bench.attention.ops import (
+    NEG_INF,
+    compact,
+    count_true,
+    first_allowed,
+    log_weight,
+    reads_free,
+)
 from sa_bench.attention.selection import Context, KeyCache, Selection, size_of
 from sa_bench.config import ConfigError, Size, check_range
 from sa_bench.lazy import torch
@@ -106,7 +113,9 @@ class OracleTopP(Masker):
     Without a sort of all keys: candidates are binned by the float bits of p_j (exponent and
     five mantissa bits: 32 bins per octave); every key of the bins above the one where the
     mass reaches p is kept (a dense mask: on flat attention most keys), and only that bin is
-    sorted.
+    sorted. On CPU the bin's keys are compacted first (their count read, free); an accelerator
+    sorts the whole row with the other keys at -1 instead (one kernel per row of up to 4096
+    keys, a segmented sort beyond), as reading the count would be a device sync.
     """
 
     top_p: float = 0.9
@@ -138,13 +147,18 @@ class OracleTopP(Masker):
         edge = ((above >= round(self.top_p * FIXED_ONE)).sum(-1, keepdim=True) - 1).clamp_(min=0)  # the bin reaching p
         before_edge = higher.gather(-1, edge).float().mul_(1.0 / FIXED_ONE)
         edge = edge + first_bin
-        positions = None if ctx.workspace is None else ctx.workspace.arange(kv + 1)
-        idx, ok = compact(bins == edge, kv, positions)
-        vals = torch.where(ok, probs.gather(-1, idx.clamp(max=kv - 1)), -1.0)
-        vals, order = vals.sort(-1, descending=True)
+        in_edge = bins == edge
+        if reads_free(probs.device):  # the edge bin's keys (its size read: free on CPU)
+            positions = None if ctx.workspace is None else ctx.workspace.arange(kv + 1)
+            idx, ok = compact(in_edge, kv, positions)
+            vals = torch.where(ok, probs.gather(-1, idx.clamp(max=kv - 1)), -1.0)
+        else:  # no read of its size (a sync): the whole row sorted, the other keys -1 (last)
+            idx, vals = None, torch.where(in_edge, probs, -1.0)
+        # stable: tied probabilities in key order on both paths
+        vals, order = vals.sort(dim=-1, descending=True, stable=True)
         before = before_edge + vals.cumsum(-1) - vals
         ok = (before < self.top_p) & (vals > 0)
-        out = sel.add(idx.gather(-1, order), ok, 0.0, kv)
+        out = sel.add(order if idx is None else idx.gather(-1, order), ok, 0.0, kv)
         return Selection(out.idx, out.logw, False, bins > edge,  # bin 0 (p = 0) never: edge >= 0
                          some_valid=sel.some_valid)
 
