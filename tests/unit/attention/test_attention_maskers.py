@@ -287,7 +287,7 @@ def test_sampling_mean_approaches_dense(masker):
     query, key, value = _sharp()
     dense = dense_out(query, key, value)
     outs, single = [], []
-    for seed in range(300):
+    for seed in range(1000):  # at 300 vAttention's mean error is 0.017-0.024 by seed range
         masker.reset()
         ctx, sel = run([Sink(size=2), masker], query, key, seed=seed)
         out = sparse_attention(ctx, value, sel, Workspace())
@@ -295,7 +295,8 @@ def test_sampling_mean_approaches_dense(masker):
         single.append(((out - dense).norm() / dense.norm()).item())
     mean = torch.stack(outs).mean(0)
     err = ((mean - dense).norm() / dense.norm()).item()
-    # averaging 300 draws divides the noise by ~17: what is left is not a bias
+    # averaging 1000 draws divides the noise by ~32: what is left is the ratio estimate's
+    # O(1/m) bias (~0.014 for vAttention at m ~ 17 keys), not a bias of the sample
     assert err < 0.02
     assert err < 0.2 * sum(single) / len(single)
 
