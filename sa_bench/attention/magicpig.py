@@ -125,13 +125,13 @@ class MagicPig(Masker):
             st = self._planes[ctx.layer] = (planes.to(ctx.key.device), mean)
         return st
 
-    def _hash(self, x: Tensor, planes: Tensor, dtype: torch.dtype = torch.int16) -> Tensor:
+    def _hash(self, x: Tensor, planes: Tensor, dtype: torch.dtype | None = None) -> Tensor:
         """x [b, Hk, n, d] (centred, float32) -> table codes [b, Hk, n, L] (int16, or `dtype`)."""
         bits = torch.matmul(x, planes.unsqueeze(0)) >= 0
         bits = bits.view(*x.shape[:3], self.lsh_tables, self.lsh_bits)
         weights = self._constant(("powers", x.device), lambda: (
             2 ** torch.arange(self.lsh_bits, device=x.device)).to(torch.int16))
-        return (bits * weights).sum(-1, dtype=dtype)
+        return (bits * weights).sum(-1, dtype=dtype or torch.int16)
 
     def _constant(self, key, make) -> Tensor:
         """A small tensor made once per key (device, shape): no launches per call."""
