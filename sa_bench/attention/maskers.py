@@ -21,6 +21,7 @@ from sa_bench.attention.masker import (
     candidates_known,
     check_fraction,
     draw_candidates,
+    top_ranks,
 )
 from sa_bench.attention.ops import (
     NEG_INF,
@@ -318,14 +319,16 @@ class AdaptiveSampling(Masker):
     then clamped to [b0, R]. m candidates are sampled uniformly without replacement (the
     base sample is part of them), weight R / m (the reference samples with replacement).
 
-    Both samples come from one ranking of the candidates by random numbers (float64, ties
-    negligible): the base sample is the b0 highest, the sample the m highest - a uniform
-    m-subset whose first b0 keys are a uniform b0-subset, as drawing the base sample and then
-    m - b0 of the other candidates. The largest m is read from the device: the call's one
-    host sync (it sizes the sample).
+    On CPU the base sample and then m - b0 of the other candidates are drawn
+    (`draw_candidates`: few random numbers; its checks read the device, free there). On an
+    accelerator both come from one ranking of the candidates by uniform random numbers, as no
+    read but the sample's width: the base sample is the b0 highest, the sample the m highest
+    - a uniform m-subset whose first b0 keys are a uniform b0-subset, the same distribution
+    (another random stream, as a device's generator is anyway). The largest m is read: the
+    call's one host sync (it sizes the sample).
     """
 
-    key_version = 3  # results changed: both samples from one ranking (another random stream)
+    key_version = 2  # results changed meaning: one-sided bound as the reference code
     draws_random = True  # from the method's generator: `sparse.seed` is in its job key
 
     base_rate: Size = 0.02
@@ -367,15 +370,26 @@ class AdaptiveSampling(Masker):
             b0max = min(ctx.kv, max(2, math.floor(ctx.kv * self.base_rate)))
         else:
             b0max = min(ctx.kv, max(2, int(self.base_rate)))
-        b, h, q = sel.idx.shape[:3]
-        rank = ctx.without(ctx.rand((b, h, q, ctx.kv), torch.float64), sel, inplace=True)
-        base, base_ok = top_rows(rank, b0, b0max, candidates_known(ctx, sel))
-        m = self.sample_size(ctx, sel, base, base_ok, n_rem, b0)
-        most = int(m.max())  # the one host read: the sample's width
-        idx = rank.topk(most, -1, sorted=True).indices  # the base sample first (the b0 highest)
-        positions = ctx.workspace.arange(most) if ctx.workspace is not None else torch.arange(
-            most, device=idx.device)
-        ok = positions < m.unsqueeze(-1)  # m <= R: every entry below m is a candidate
+        if reads_free(ctx.key.device):
+            base, base_ok = draw_candidates(ctx, sel, b0, b0max)
+            m = self.sample_size(ctx, sel, base, base_ok, n_rem, b0)
+            extra = m - b0
+            more, more_ok = draw_candidates(ctx, sel.add(base, base_ok, 0.0, ctx.kv), extra,
+                                            int(extra.max()))
+            idx, ok = torch.cat([base, more], -1), torch.cat([base_ok, more_ok], -1)
+        else:
+            b, h, q = sel.idx.shape[:3]
+            rank = ctx.without(ctx.rand((b, h, q, ctx.kv)), sel, inplace=True)
+            if isinstance(n_rem, int):  # b0 of every row's n_rem candidates: all valid
+                base, base_ok = top_ranks(rank, b0), None
+            else:
+                base, base_ok = top_rows(rank, b0, b0max)
+            m = self.sample_size(ctx, sel, base, base_ok, n_rem, b0)
+            most = int(m.max())  # the one host read: the sample's width
+            idx = top_ranks(rank, most)  # the base sample first (the b0 highest)
+            positions = ctx.workspace.arange(most) if ctx.workspace is not None else torch.arange(
+                most, device=idx.device)
+            ok = positions < m.unsqueeze(-1)  # m <= R: every entry below m is a candidate
         return sel.add(idx, ok, log_weight(_inclusion(m, n_rem)), ctx.kv)
 
     def sample_size(self, ctx: Context, sel: Selection, base: Tensor, base_ok: Tensor | None,
