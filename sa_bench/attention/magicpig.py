@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from sa_bench.attention.gather import flat_rows, key_rows
 from sa_bench.attention.masker import Masker
-from sa_bench.attention.ops import compact, log_weight
+from sa_bench.attention.ops import count_true, log_weight, reads_free
 from sa_bench.attention.selection import Context, Selection
 from sa_bench.config import ConfigError, check_range
 from sa_bench.lazy import torch
@@ -34,10 +34,27 @@ def inclusion_probability(theta: Tensor, bits: int, tables: int, min_collisions:
     """P(a key at angle theta from the query collides in >= m of L tables of K-bit SimHash):
     with P = (1 - theta / pi)^K per table, 1 - sum_{i < m} C(L, i) P^i (1 - P)^(L - i)."""
     p = (1.0 - theta / math.pi).clamp(0.0, 1.0) ** bits
-    miss = torch.zeros_like(p)
-    for i in range(min_collisions):
-        miss = miss + math.comb(tables, i) * p**i * (1.0 - p) ** (tables - i)
-    return (1.0 - miss).clamp(min=0.0)
+    return at_least(p, tables, min_collisions).clamp(min=0.0)
+
+
+def at_least(p: Tensor, tables: int, min_collisions: int, one: Tensor | None = None) -> Tensor:
+    """P(>= m of L independent events of probability p) = 1 - sum_{i < m} C(L, i) p^i q^(L - i)
+    (q = 1 - p), the sum as q^(L - m + 1) sum_{i < m} C(L, i) p^i q^(m - 1 - i) by Horner's rule
+    (m = 2: q^(L - 1) (q + L p)); may round below 0. `one`: a 1 of p's dtype on its device
+    (a cached one: no launch to make it)."""
+    L, m = tables, min_collisions
+    q = 1.0 - p
+    poly: Tensor | float = float(math.comb(L, m - 1))
+    for i in range(m - 2, -1, -1):  # poly * p + C(L, i) q^(m - 1 - i)
+        low = q if i == m - 2 else q ** (m - 1 - i)
+        low = low if i == 0 else low * math.comb(L, i)  # C(L, 0) = 1
+        poly = torch.add(low, p, alpha=poly) if isinstance(poly, float) else torch.addcmul(low, poly, p)
+    if one is None:
+        one = torch.ones((), dtype=p.dtype, device=p.device)
+    head = q ** (L - m + 1)
+    if isinstance(poly, float):  # m = 1
+        return torch.add(one, head, alpha=-poly)
+    return torch.addcmul(one, head, poly, value=-1.0)
 
 
 @dataclass
@@ -108,13 +125,13 @@ class MagicPig(Masker):
             st = self._planes[ctx.layer] = (planes.to(ctx.key.device), mean)
         return st
 
-    def _hash(self, x: Tensor, planes: Tensor) -> Tensor:
-        """x [b, Hk, n, d] (centred, float32) -> table codes [b, Hk, n, L] (int16)."""
+    def _hash(self, x: Tensor, planes: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+        """x [b, Hk, n, d] (centred, float32) -> table codes [b, Hk, n, L] (int16, or `dtype`)."""
         bits = torch.matmul(x, planes.unsqueeze(0)) >= 0
         bits = bits.view(*x.shape[:3], self.lsh_tables, self.lsh_bits)
         weights = self._constant(("powers", x.device), lambda: (
             2 ** torch.arange(self.lsh_bits, device=x.device)).to(torch.int16))
-        return (bits * weights).sum(-1, dtype=torch.int16)
+        return (bits * weights).sum(-1, dtype=dtype or torch.int16)
 
     def _constant(self, key, make) -> Tensor:
         """A small tensor made once per key (device, shape): no launches per call."""
@@ -178,60 +195,89 @@ class MagicPig(Masker):
         tables = self._tables[layer] = full + rest
         return tables
 
-    def collisions(self, ctx: Context, qc: Tensor, planes: Tensor, mean: Tensor) -> Tensor:
+    def collisions(self, ctx: Context, qc: Tensor, planes: Tensor, mean: Tensor,
+                   skip: list[tuple[int, int]] | None = None) -> tuple[Tensor, int]:
         """Tables in which each key's code equals the query row's, int16 [b, Hk, g*q, kv]: for
-        the keys the tables hold, their bucket runs of the query's codes are scattered into
-        the counts; keys appended since the last build are compared directly."""
+        the keys the tables hold, their bucket runs of the query's codes (int32 codes) are
+        scattered into the counts; keys appended since the last build are compared directly
+        (not when the key ranges `skip`, already selected, hold them all: their counts stay
+        0). Also an upper bound of any row's keys with >= `min_collisions`, read with the
+        runs' lengths (the call's one sync): each such key of a table is in that many of the
+        row's runs."""
         b, hk, kv = ctx.key.shape[:3]
         L = self.lsh_tables
         R = qc.shape[2]
         tables = self._layer_tables(ctx.layer, ctx.key, ctx.query.shape[2], planes, mean)
         table_row = self._constant(("table_row", qc.device, b, hk, L), lambda: torch.arange(
             b * hk * L, device=qc.device).view(b, hk, 1, L))
-        q = qc.long()
         runs = []
-        for t in tables:  # bucket runs of the query's codes in rows (b, hk, table)
-            start = t.starts[table_row, q].long()  # [b, hk, R, L]
-            length = (t.starts[table_row, q + 1].long() - start).view(-1)
-            runs.append((t, start, length))
-        # the runs' total length of every table, read at once: one sync for all the gathers
-        totals = torch.stack([length.sum() for _, _, length in runs]).tolist()
+        for t in tables:  # bucket runs [start, end) of the query's codes in rows (b, hk, table)
+            bounds = t.starts.unfold(1, 2, 1)[table_row, qc]  # [b, hk, R, L, 2] (a view indexed)
+            length = bounds[..., 1] - bounds[..., 0]
+            runs.append((t, bounds[..., 1], length, length.sum(-1)))
+        # every row's run length per table, read at once: the gathers' sizes and the bound
+        lengths = torch.stack([r[3].view(-1) for r in runs]) if len(runs) > 1 else runs[0][3].view(1, -1)
+        per_row = lengths.tolist()
+        n = tables[-1].n
+        tail = n < kv and not (skip and any(a <= n and z >= kv for a, z in skip))
+        most = max(sum(col) for col in zip(*per_row, strict=True))
+        bound = min(kv, most // self.min_collisions + (kv - n if tail else 0))
         counts = torch.zeros(b * hk * R * kv, dtype=torch.int16, device=qc.device)
         one = self._constant(("one", qc.device), lambda: torch.ones(1, dtype=torch.int16, device=qc.device))
-        for (t, start, length), total in zip(runs, totals, strict=True):
-            flat = (table_row * (t.n - t.lo) + start).view(-1)
-            first = torch.repeat_interleave(flat - (length.cumsum(0) - length), length,
-                                            output_size=total)
-            got = t.order.view(-1)[first + torch.arange(total, device=qc.device)]
-            rows = torch.repeat_interleave(torch.arange(b * hk * R, device=qc.device),
-                                           length.view(-1, L).sum(-1), output_size=total)
-            ids = rows * kv + (got.long() + (t.lo + 32768))  # one per (row, key, colliding table)
-            counts.scatter_add_(0, ids, one.expand_as(ids))
+        positions = ctx.workspace.arange if ctx.workspace is not None else (
+            lambda size: torch.arange(size, device=qc.device))
+        for (t, end, length, row_len), rows in zip(runs, per_row, strict=True):
+            total = sum(rows)
+            length = length.view(-1)
+            # each entry's position in the table's sorted keys: its run's start + its rank in the run
+            last = torch.add(end, table_row, alpha=t.n - t.lo).view(-1)  # run ends, flat
+            first = torch.repeat_interleave(last - length.cumsum(0), length, output_size=total)
+            got = t.order.view(-1)[first + positions(total)]
+            row_ids = torch.arange(t.lo + 32768, t.lo + 32768 + b * hk * R * kv, kv, device=qc.device)
+            ids = torch.repeat_interleave(row_ids, row_len.view(-1), output_size=total) + got
+            counts.scatter_add_(0, ids, one.expand_as(ids))  # one per (row, key, colliding table)
         counts = counts.view(b, hk, R, kv)
-        n = tables[-1].n
-        if n < kv:  # keys appended since the last build: compared directly
+        if tail:  # keys appended since the last build: compared directly
             codes = self.codes(ctx.key, n, kv, planes, mean)
             counts[..., n:] = (codes[:, :, None] == qc[:, :, :, None]).sum(-1)
-        return counts
+        return counts, bound
 
     def select(self, ctx: Context, sel: Selection) -> Selection:
         planes, mean = self._layer_state(ctx)
-        qc = self._hash(ctx.grouped(ctx.query).float(), planes)  # [b, Hk, g*q, L]
-        hit = ctx.ungrouped(self.collisions(ctx, qc, planes, mean)) >= self.min_collisions
-        positions = None if ctx.workspace is None else ctx.workspace.arange(ctx.kv + 1)
-        idx, valid = compact(hit & ctx.candidates(sel), ctx.kv, positions)  # keys in order
+        qc = self._hash(ctx.grouped(ctx.query).float(), planes, torch.int32)  # [b, Hk, g*q, L]
+        spans = sel.spans if ctx.all_allowed else None  # candidates: every key less these ranges
+        counts, bound = self.collisions(ctx, qc, planes, mean, spans)
+        counts = ctx.ungrouped(counts)  # [b, H, q, kv]
+        if spans is None:
+            counts = counts.masked_fill_(~ctx.candidates(sel), 0)
+        else:
+            for a, z in spans:
+                counts[..., a:z] = 0
+        h, hk = counts.shape[1], ctx.key.shape[1]
+        if reads_free(counts.device) or bound * h > ctx.kv * hk:
+            # the widest row's keys, read: free on CPU; on an accelerator a second sync, taken
+            # when lists of `bound` keys per head would gather more rows than all the keys
+            bound = int(count_true(counts >= self.min_collisions).max())
+        # the keys with the most collisions: every one with enough (at most `bound` per row)
+        top, idx = counts.topk(bound, -1, sorted=False)
+        valid = top >= self.min_collisions
         # inclusion probability from the angle between q and the selected centred keys
-        b, h, q, n = idx.shape
+        b, _, q, n = idx.shape
         d = ctx.key.shape[-1]
         rows, r0, r1 = key_rows(ctx.key)  # no copy of a prefix view of the cache
-        flat = flat_rows(idx.clamp(max=ctx.kv - 1), ctx.groups, r0, r1, ctx.workspace)
-        keys = rows.index_select(0, flat.view(-1)).view(b, h, q, n, d).float()
-        centred = keys - mean.repeat_interleave(ctx.groups, 1).unsqueeze(2)  # [b, H, 1, 1, d]
+        flat = flat_rows(idx, ctx.groups, r0, r1, ctx.workspace)
+        keys = rows.index_select(0, flat.view(-1)).view(b, hk, ctx.groups, q, n, d)
+        # mean - k (float32): its angle with q is pi - theta
+        away = torch.sub(mean.view(b, hk, 1, 1, 1, d), keys).view(b, h, q, n, d)
         qf = ctx.query.float()
-        dots = torch.matmul(centred, qf.unsqueeze(-1)).squeeze(-1)
-        kn = centred.norm(dim=-1)
+        dots = torch.matmul(away, qf.unsqueeze(-1)).squeeze(-1)
+        kn = away.norm(dim=-1)
         cos = (dots / (qf.norm(dim=-1, keepdim=True) * kn).clamp_min(1e-12)).clamp(-1.0, 1.0)
-        p = inclusion_probability(torch.arccos(cos), self.lsh_bits, self.lsh_tables, self.min_collisions)
+        # per table (1 - theta / pi)^K = ((pi - theta) / pi)^K
+        p = (torch.arccos(cos) / math.pi) ** self.lsh_bits
+        one = self._constant(("1.0", p.device), lambda: torch.ones((), device=p.device))
+        p = at_least(p, self.lsh_tables, self.min_collisions, one)
         return sel.add(idx, valid, log_weight(p), ctx.kv)
+
 
 

@@ -21,8 +21,7 @@ from sa_bench.attention.masker import (
     candidates_known,
     check_fraction,
     draw_candidates,
-    draw_unchecked,
-    ranked_draw,
+    top_ranks,
 )
 from sa_bench.attention.ops import (
     NEG_INF,
@@ -31,6 +30,7 @@ from sa_bench.attention.ops import (
     first_allowed,
     log_weight,
     reads_free,
+    top_rows,
 )
 from sa_bench.attention.selection import Context, KeyCache, Selection, size_of
 from sa_bench.config import ConfigError, Size, check_range
@@ -113,7 +113,9 @@ class OracleTopP(Masker):
     Without a sort of all keys: candidates are binned by the float bits of p_j (exponent and
     five mantissa bits: 32 bins per octave); every key of the bins above the one where the
     mass reaches p is kept (a dense mask: on flat attention most keys), and only that bin is
-    sorted.
+    sorted. On CPU the bin's keys are compacted first (their count read, free); an accelerator
+    sorts the whole row with the other keys at -1 instead (one kernel per row of up to 4096
+    keys, a segmented sort beyond), as reading the count would be a device sync.
     """
 
     top_p: float = 0.9
@@ -145,13 +147,18 @@ class OracleTopP(Masker):
         edge = ((above >= round(self.top_p * FIXED_ONE)).sum(-1, keepdim=True) - 1).clamp_(min=0)  # the bin reaching p
         before_edge = higher.gather(-1, edge).float().mul_(1.0 / FIXED_ONE)
         edge = edge + first_bin
-        positions = None if ctx.workspace is None else ctx.workspace.arange(kv + 1)
-        idx, ok = compact(bins == edge, kv, positions)
-        vals = torch.where(ok, probs.gather(-1, idx.clamp(max=kv - 1)), -1.0)
-        vals, order = vals.sort(-1, descending=True)
+        in_edge = bins == edge
+        if reads_free(probs.device):  # the edge bin's keys (its size read: free on CPU)
+            positions = None if ctx.workspace is None else ctx.workspace.arange(kv + 1)
+            idx, ok = compact(in_edge, kv, positions)
+            vals = torch.where(ok, probs.gather(-1, idx.clamp(max=kv - 1)), -1.0)
+        else:  # no read of its size (a sync): the whole row sorted, the other keys -1 (last)
+            idx, vals = None, torch.where(in_edge, probs, -1.0)
+        # stable: tied probabilities in key order on both paths
+        vals, order = vals.sort(dim=-1, descending=True, stable=True)
         before = before_edge + vals.cumsum(-1) - vals
         ok = (before < self.top_p) & (vals > 0)
-        out = sel.add(idx.gather(-1, order), ok, 0.0, kv)
+        out = sel.add(order if idx is None else idx.gather(-1, order), ok, 0.0, kv)
         return Selection(out.idx, out.logw, False, bins > edge,  # bin 0 (p = 0) never: edge >= 0
                          some_valid=sel.some_valid)
 
@@ -277,8 +284,8 @@ def _at_most(x: Tensor, n: Tensor | int) -> Tensor:
 
 def _inclusion(m: Tensor, n_rem: Tensor | int) -> Tensor:
     """Inclusion probability m / R (float32) of m of R candidates drawn, [..., 1]."""
-    rem = float(max(n_rem, 1)) if isinstance(n_rem, int) else n_rem.clamp(min=1).float()
-    return (m.float() / rem).unsqueeze(-1)
+    rem = float(max(n_rem, 1)) if isinstance(n_rem, int) else n_rem.clamp(min=1)
+    return (m / rem).unsqueeze(-1)  # a true division: float32 from integers
 
 
 @dataclass
@@ -326,6 +333,14 @@ class AdaptiveSampling(Masker):
         m = floor(clamp((Phi^-1(1 - delta) * R * sigma / (epsilon * D))^2, 1, R)),
     then clamped to [b0, R]. m candidates are sampled uniformly without replacement (the
     base sample is part of them), weight R / m (the reference samples with replacement).
+
+    On CPU the base sample and then m - b0 of the other candidates are drawn
+    (`draw_candidates`: few random numbers; its checks read the device, free there). On an
+    accelerator both come from one ranking of the candidates by uniform random numbers, as no
+    read but the sample's width: the base sample is the b0 highest, the sample the m highest
+    - a uniform m-subset whose first b0 keys are a uniform b0-subset, the same distribution
+    (another random stream, as a device's generator is anyway). The largest m is read: the
+    call's one host sync (it sizes the sample).
     """
 
     key_version = 2  # results changed meaning: one-sided bound as the reference code
@@ -352,13 +367,16 @@ class AdaptiveSampling(Masker):
             b0 = n_rem.new_full((), max(2, int(self.base_rate)))
         return torch.minimum(b0, n_rem)
 
-    def budget(self, sigma: Tensor, denom: Tensor, n_rem: Tensor | int) -> Tensor:
-        """The sample size m of the class docstring (before the clamp to [b0, R])."""
+    def budget(self, sigma: Tensor, denom: Tensor, n_rem: Tensor | int,
+               b0: Tensor | int = 1) -> Tensor:
+        """The sample size m of the class docstring, clamped to [b0, R] (b0 >= 1 when R >= 1:
+        the floor of the clamp to [1, R] then clamped to [b0, R])."""
         z = NormalDist().inv_cdf(1.0 - self.delta)  # Phi^-1, stdlib (no scipy)
-        m = (z * sigma * n_rem / (self.epsilon * denom).clamp_min(1e-8)) ** 2
-        m = m.nan_to_num(1.0)
-        m = m.clamp(1.0, n_rem) if isinstance(n_rem, int) else m.clamp(min=1.0).clamp(max=n_rem)
-        return m.floor().long()
+        m = sigma / (self.epsilon * denom).clamp_min(1e-8)
+        m = (m * (z * n_rem)).square_().nan_to_num_(1.0)
+        # [b0, R] holds integers: clamping before the floor (a truncation of m >= 0) is the same
+        m = m.clamp(b0, n_rem) if isinstance(n_rem, int) else m.clamp(min=b0).clamp(max=n_rem)
+        return m.long()
 
     def select(self, ctx: Context, sel: Selection) -> Selection:
         n_rem = _remaining(ctx, sel)
@@ -367,39 +385,51 @@ class AdaptiveSampling(Masker):
             b0max = min(ctx.kv, max(2, math.floor(ctx.kv * self.base_rate)))
         else:
             b0max = min(ctx.kv, max(2, int(self.base_rate)))
-        base, base_ok, short = draw_unchecked(ctx, sel, b0, b0max)
-        m = self.sample_size(ctx, sel, base, base_ok, n_rem, b0)
-        extra = m - b0
-        if short is None:
-            most = int(extra.max())
-        else:  # whether a base row came out short, read with the extra draws' maximum: one sync
-            short, most = torch.stack([short.long(), extra.max()]).tolist()
-            if short:  # `draw_candidates`' fallback (the same random numbers drawn)
-                base, base_ok = ranked_draw(ctx, sel, b0, b0max)
-                m = self.sample_size(ctx, sel, base, base_ok, n_rem, b0)
-                extra = m - b0
-                most = int(extra.max())
-        more, more_ok = draw_candidates(ctx, sel.add(base, base_ok, 0.0, ctx.kv), extra, most)
-        return sel.add(torch.cat([base, more], -1), torch.cat([base_ok, more_ok], -1),
-                       log_weight(_inclusion(m, n_rem)), ctx.kv)
+        if reads_free(ctx.key.device):
+            base, base_ok = draw_candidates(ctx, sel, b0, b0max)
+            m = self.sample_size(ctx, sel, base, base_ok, n_rem, b0)
+            extra = m - b0
+            more, more_ok = draw_candidates(ctx, sel.add(base, base_ok, 0.0, ctx.kv), extra,
+                                            int(extra.max()))
+            idx, ok = torch.cat([base, more], -1), torch.cat([base_ok, more_ok], -1)
+        else:
+            b, h, q = sel.idx.shape[:3]
+            rank = ctx.without(ctx.rand((b, h, q, ctx.kv)), sel, inplace=True)
+            if isinstance(n_rem, int):  # b0 of every row's n_rem candidates: all valid
+                base, base_ok = top_ranks(rank, b0), None
+            else:
+                base, base_ok = top_rows(rank, b0, b0max)
+            m = self.sample_size(ctx, sel, base, base_ok, n_rem, b0)
+            most = int(m.max())  # the one host read: the sample's width
+            idx = top_ranks(rank, most)  # the base sample first (the b0 highest)
+            positions = ctx.workspace.arange(most) if ctx.workspace is not None else torch.arange(
+                most, device=idx.device)
+            ok = positions < m.unsqueeze(-1)  # m <= R: every entry below m is a candidate
+        return sel.add(idx, ok, log_weight(_inclusion(m, n_rem)), ctx.kv)
 
-    def sample_size(self, ctx: Context, sel: Selection, base: Tensor, base_ok: Tensor,
+    def sample_size(self, ctx: Context, sel: Selection, base: Tensor, base_ok: Tensor | None,
                     n_rem: Tensor | int, b0: Tensor | int) -> Tensor:
-        """m of the class docstring from the base sample, clamped to [b0, R]."""
-        base_s = ctx.scores_at(base).masked_fill(~base_ok, NEG_INF)
-        det_s = ctx.scores_at(sel.idx)
+        """m of the class docstring from the base sample (`base_ok` None: every entry valid),
+        clamped to [b0, R]."""
+        base_s = ctx.scores_at(base, clamped=True)  # keys < kv (top_rows)
+        if base_ok is not None:
+            base_s = base_s.masked_fill(~base_ok, NEG_INF)
+        det_s = ctx.scores_at(sel.idx, clamped=sel.exact)
         if not sel.exact:  # padding entries
             det_s = det_s.masked_fill(~sel.valid, NEG_INF)
         c = torch.maximum(_max_or_neginf(base_s), _max_or_neginf(det_s)).nan_to_num(0.0, neginf=0.0)
         e = torch.exp(base_s - c)
-        nb = base_ok.sum(-1).clamp(min=1)
-        mean = e.sum(-1) / nb
-        var = ((e - mean.unsqueeze(-1)) ** 2 * base_ok).sum(-1) / (nb - 1).clamp(min=1)
-        denom = torch.exp(det_s - c).sum(-1) + n_rem * mean
-        m = self.budget(var.sqrt().clamp_min(1e-8), denom, n_rem)
-        if isinstance(n_rem, int):  # b0 is an int too
-            return m.clamp(b0, n_rem)
-        return torch.minimum(torch.maximum(m, b0), n_rem)
+        if base_ok is None and isinstance(b0, int) and b0 >= 2:  # one kernel for both
+            var, mean = torch.var_mean(e, -1, correction=1)
+        else:
+            if base_ok is None:  # fewer than 2 keys
+                base_ok = torch.ones_like(e, dtype=torch.bool)
+            nb = base_ok.sum(-1).clamp(min=1)
+            mean = e.sum(-1) / nb
+            var = ((e - mean.unsqueeze(-1)) ** 2 * base_ok).sum(-1) / (nb - 1).clamp(min=1)
+        denom = torch.exp(det_s - c).sum(-1)
+        denom = denom.add_(mean, alpha=n_rem) if isinstance(n_rem, int) else denom + n_rem * mean
+        return self.budget(var.sqrt().clamp_min(1e-8), denom, n_rem, b0)
 
 
 def _max_or_neginf(x: Tensor) -> Tensor:

@@ -259,9 +259,14 @@ def run_size(kv: int, names: list[str], args, device, dtype) -> dict[str, tuple]
 
 
 def launches_and_syncs(fn, *fn_args) -> tuple[int, int]:
-    """Kernel launches and host syncs of `fn(*fn_args)` (`sa_bench.perf.counts`)."""
+    """Kernel launches and host syncs of `fn(*fn_args)` (`sa_bench.perf.counts`), counted on a
+    second call on the accelerator's paths: the first makes the constants a device caches
+    (`Workspace`), as a GPU's earlier steps would have (the timed steps take the CPU's paths)."""
+    from sa_bench.attention.ops import accelerator_paths
     from sa_bench.perf.counts import device_work
 
+    with accelerator_paths():
+        fn(*fn_args)
     with device_work() as work:
         fn(*fn_args)
     return work.launches, work.syncs

@@ -30,7 +30,7 @@ from sa_bench.attention.maskers import (  # noqa: E402
     Sink,
 )
 from sa_bench.attention.method import SparseMethod  # noqa: E402
-from sa_bench.attention.ops import allowed_from_mask, compact  # noqa: E402
+from sa_bench.attention.ops import accelerator_paths, allowed_from_mask, compact  # noqa: E402
 from sa_bench.attention.selection import Context, Selection  # noqa: E402
 from sa_bench.config import ConfigError  # noqa: E402
 
@@ -296,6 +296,38 @@ def test_sampling_mean_approaches_dense(masker):
     mean = torch.stack(outs).mean(0)
     err = ((mean - dense).norm() / dense.norm()).item()
     # averaging 300 draws divides the noise by ~17: what is left is not a bias
+    assert err < 0.02
+    assert err < 0.2 * sum(single) / len(single)
+
+
+@pytest.mark.parametrize("causal", [False, True])  # R per row a tensor / an int (decode)
+def test_vattention_accelerator_ranking_samples_m_keys_without_bias(causal):
+    """On an accelerator vAttention takes its base sample and its sample from one ranking of
+    the candidates (no read but the sample's width; the CPU draws them): each row holds m
+    distinct candidates of weight R / m, and the mean of many outputs approaches dense as the
+    CPU's draws do (`test_sampling_mean_approaches_dense`)."""
+    query, key, value = _sharp()
+    dense = dense_out(query, key, value)
+    masker = AdaptiveSampling(base_rate=0.05, epsilon=0.2, delta=0.1)
+    outs, single, sizes = [], [], set()
+    with accelerator_paths():
+        for seed in range(1000):
+            ctx = context(query, key, seed=seed)
+            ctx.causal = causal
+            sel = Selection.empty(1, 4, 1, query.device)
+            sel = masker.select(ctx, Sink(size=2).select(ctx, sel))
+            if seed < 20:
+                for (bi, hi, i), keys in row_sets(sel).items():  # no duplicate key
+                    sampled = keys - {0, 1}
+                    logw = sel.logw[bi, hi, i][sel.logw[bi, hi, i] > 0]
+                    assert len(logw) == len(sampled) and len(set(logw.tolist())) == 1
+                    assert len(sampled) == round(254 / math.exp(logw[0].item()))  # weight R / m
+                    sizes.add(len(sampled))
+            out = sparse_attention(ctx, value, sel, Workspace())
+            outs.append(out)
+            single.append(((out - dense).norm() / dense.norm()).item())
+    assert len(sizes) > 3  # m varies with the base sample
+    err = ((torch.stack(outs).mean(0) - dense).norm() / dense.norm()).item()
     assert err < 0.02
     assert err < 0.2 * sum(single) / len(single)
 
