@@ -127,6 +127,12 @@ def grouped_scores(query: Tensor, key: Tensor) -> Tensor:
 # --- density --------------------------------------------------------------------------------
 
 
+def pad_rows(x: Tensor, before: int, after: int) -> Tensor:
+    """x [..., n, d] with `before`/`after` zero rows added, contiguous (no copy when it is and
+    there are none)."""
+    return torch.nn.functional.pad(x, (0, 0, before, after)) if before or after else x.contiguous()
+
+
 def causal_pairs(start: int, kv: int) -> int:
     """Causal (query, key) pairs of a chunk of rows start .. kv - 1 over kv keys."""
     return (start + 1 + kv) * (kv - start) // 2
@@ -301,10 +307,10 @@ def attend_gather(pattern: Pattern, query: Tensor, key: Tensor, value: Tensor, s
     dev, dtype = query.device, query.dtype
     nq, nk = pattern.blocks.shape[-2:]
     front = start - first * block
-    qg = torch.nn.functional.pad(query, (0, 0, front, nq * block - front - q)).view(b, h, nq, block, d)
+    qg = pad_rows(query, front, nq * block - front - q).view(b, h, nq, block, d)
     pad = nk * block - kv
-    kb = torch.nn.functional.pad(key, (0, 0, 0, pad)).reshape(b * hk * nk, block, d)
-    vb = torch.nn.functional.pad(value, (0, 0, 0, pad)).reshape(b * hk * nk, block, d)
+    kb = pad_rows(key, 0, pad).view(b * hk * nk, block, d)
+    vb = pad_rows(value, 0, pad).view(b * hk * nk, block, d)
     qi = torch.arange(nq, device=dev)
     diag_kb = qi + first
     sel = pattern.blocks & (torch.arange(nk, device=dev)[None, :] <= diag_kb[:, None])
@@ -334,30 +340,51 @@ def attend_gather(pattern: Pattern, query: Tensor, key: Tensor, value: Tensor, s
     for t0 in range(0, nq, tile):
         t1 = min(nq, t0 + tile)
         for bi in range(b):
-            if has_cols:  # every head's columns outside its blocks, for the tile's rows at once
-                end = (first + t1) * block  # the columns at or after it are after every row
-                m = max(1, int(torch.searchsorted(cols[bi], torch.full((h, 1), end, device=dev)).max()))
-                rowpos = (first + t0) * block + torch.arange((t1 - t0) * block, device=dev)
-                bad = (col_in[bi, :, t0:t1, None, :m]
-                       | (cols[bi, :, None, None, :m] > rowpos.view(1, t1 - t0, block, 1))
-                       ).view(h, -1, m)  # [H, rows, m]
-                c_o, c_l = flash(qg[bi, :, t0:t1].reshape(1, h, -1, d), kc[bi, :, :m][None],
-                                 vc[bi, :, :m][None], 0.0, False,
-                                 attn_mask=bad.to(dtype).mul_(low)[None], scale=scaling)
-                c_l = c_l[0].masked_fill(bad.all(-1), neg)  # a row with no column: lse 0 from the kernel
-                c_o = c_o[0].float()
+            if has_cols:
+                c_o, c_l = _columns(flash, qg[bi, :, t0:t1], kc[bi], vc[bi], cols[bi], col_in[bi, :, t0:t1],
+                                    (first + t0) * block, scaling, low)
             for i0 in range(t0, t1, step):
                 i1 = min(t1, i0 + step)
                 acc_o, acc_l = _gather_blocks(flash, qg, kb, vb, bi, i0, i1, first, nk, hk, heads_kv, diag,
                                               counts, order_all, causal, scaling, slack, max_group, key_rows)
                 if has_cols:
-                    rows_of = slice((i0 - t0) * block, (i1 - t0) * block)
-                    o2 = c_o[:, rows_of].reshape(h, i1 - i0, block, d).transpose(0, 1).reshape(-1, block, d)
-                    l2 = c_l[:, rows_of].reshape(h, i1 - i0, block).transpose(0, 1).reshape(-1, block)
+                    o2 = c_o[:, i0 - t0:i1 - t0].transpose(0, 1).reshape(-1, block, d)
+                    l2 = c_l[:, i0 - t0:i1 - t0].transpose(0, 1).reshape(-1, block)
                     acc_o, acc_l = _merge(acc_o, acc_l, o2, l2)
                 acc_o = acc_o.masked_fill(torch.isneginf(acc_l)[..., None], 0.0)
                 out[bi, :, i0:i1] = acc_o.view(i1 - i0, h, block, d).transpose(0, 1).to(dtype)
     return out.view(b, h, nq * block, d)[:, :, front:front + q]
+
+
+def _columns(flash, qs: Tensor, kc: Tensor, vc: Tensor, cols: Tensor, col_in: Tensor, p0: int, scaling: float, low: float) -> tuple[Tensor, Tensor]:
+    """`attend_gather`'s columns part for the query blocks qs [H, n, block, d] (first row at
+    position p0) of one batch row: each head's sorted columns cols [H, nc] (keys kc, vc [H, nc,
+    d]) outside the blocks (col_in [H, n, nc]: the column's key block is selected), in one call
+    whose "batch" is the heads and "heads" the query blocks (keys expanded, not copied).
+    A column before a query block's first row is read by all of its rows, one in its rows by
+    the rows at or after it, which are inside the block's own diagonal block: when every such
+    column is in a selected block (vertical-slash's nearest diagonals always select the
+    diagonal block) the mask is one row per (head, query block), [H, n, 1, m], otherwise
+    [H, n, block, m].
+    Returns (output [H, n, block, d] float32, lse [H, n, block])."""
+    h, n, block, d = qs.shape
+    dev, dtype = qs.device, qs.dtype
+    end = p0 + n * block  # the columns at or after it are after every row
+    m = max(1, int(torch.searchsorted(cols, torch.full((h, 1), end, device=dev)).max()))
+    c = cols[:, None, :m]  # [H, 1, m]
+    starts = p0 + block * torch.arange(n, device=dev)[None, :, None]  # [1, n, 1]
+    inside = col_in[..., :m]
+    within = (c >= starts) & (c < starts + block) & ~inside  # read by some rows of the block only
+    if bool(within.any()):
+        rowpos = starts[..., None] + torch.arange(block, device=dev)[:, None]  # [1, n, block, 1]
+        bad = inside[:, :, None, :] | (c[:, :, None, :] > rowpos)  # [H, n, block, m]
+        none = bad.all(-1)
+    else:
+        bad = (inside | (c >= starts))[:, :, None, :]  # [H, n, 1, m]
+        none = bad.all(-1).expand(h, n, block)
+    o, lse = flash(qs, kc[:, None, :m].expand(h, n, m, d), vc[:, None, :m].expand(h, n, m, d), 0.0, False,
+                   attn_mask=bad.to(dtype).mul_(low), scale=scaling)
+    return o.float(), lse.masked_fill(none, float("-inf"))  # a row with no column: lse 0 from the kernel
 
 
 def _merge(o1: Tensor, l1: Tensor, o2: Tensor, l2: Tensor) -> tuple[Tensor, Tensor]:
