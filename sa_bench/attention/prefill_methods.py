@@ -32,28 +32,54 @@ if TYPE_CHECKING:
     from torch import Tensor
 
 
-def _positions(start: int, kv: int, device) -> Tensor:
-    return torch.arange(start, kv, device=device)
-
-
-def last_rows_sums(query: Tensor, key: Tensor, r: int) -> tuple[Tensor, Tensor]:
+def last_rows_sums(query: Tensor, key: Tensor, r: int, tile: int = 512) -> tuple[Tensor, Tensor]:
     """The last r queries' causal softmax (scale 1/sqrt(d), float32) summed per key column and
-    per diagonal: ([b, H, kv], [b, H, kv], index t of the second = offset kv - 1 - t)."""
+    per diagonal: ([b, H, kv], [b, H, kv], index t of the second = offset kv - 1 - t).
+
+    One kv head at a time (its g query heads' r rows together), the scores written in `tile`
+    keys at a time into one buffer and, while in cache, exponentiated against the tile's row
+    maximum; the tiles' maxima and sums then give each row's factor (one more pass), and the
+    column and diagonal sums read the buffer once each: each buffer row starts with r - 1
+    zeros, so that the diagonals are columns of a strided view (32k keys, 1 thread: a handful
+    of passes over [g, r, kv] instead of one new tensor per softmax step)."""
     b, h, _, d = query.shape
     hk, kv = key.shape[1], key.shape[2]
     g = h // hk
-    pos = _positions(kv - r, kv, query.device)
-    keys = torch.arange(kv, device=query.device)
-    verticals, slashes = [], []
-    for j in range(hk):  # one kv head at a time: [g, r, kv] scores at most
-        s = grouped_scores(query[:, j * g:(j + 1) * g, -r:], key[:, j:j + 1]) * d ** -0.5
-        s = s.masked_fill(keys[None, :] > pos[:, None], float("-inf")).softmax(-1)
-        verticals.append(s.sum(-2))
-        # row i sits at position kv - r + i
-        padded = torch.nn.functional.pad(s, (r - 1, 0))  # [b, g, r, kv + r - 1]
-        w = padded.shape[-1]
-        slashes.append(padded.as_strided((b, g, r, kv), (g * r * w, r * w, w + 1, 1)).sum(-2))
-    return torch.cat(verticals, 1), torch.cat(slashes, 1)
+    dev = query.device
+    scale = d ** -0.5
+    w = kv + r - 1
+    buf = torch.zeros(g, r, w, device=dev)
+    flat = buf.view(g * r, w)[:, r - 1:]  # the scores, [g * r, kv]
+    pos = torch.arange(kv - r, kv, device=dev)  # the rows' positions
+    keys = torch.arange(kv, device=dev)
+    low = torch.finfo(torch.float32).min  # a tile no row of which sees a key: max = low, not -inf
+    vertical = torch.empty(b, h, kv, device=dev)
+    slash = torch.empty(b, h, kv, device=dev)
+    tiles = [(k0, min(kv, k0 + tile)) for k0 in range(0, kv, tile)]
+    for bi in range(b):
+        for j in range(hk):
+            rows = query[bi, j * g:(j + 1) * g, -r:].float().reshape(g * r, d)
+            maxes, sums = [], []
+            for k0, k1 in tiles:
+                s = flat[:, k0:k1]
+                torch.mm(rows, key[bi, j, k0:k1].float().T, out=s)
+                lo = max(k0, kv - r + 1)  # row i sees the keys up to kv - r + i
+                if lo < k1:
+                    buf[:, :, r - 1 + lo:r - 1 + k1].masked_fill_(keys[lo:k1] > pos[:, None], float("-inf"))
+                m = s.amax(-1, keepdim=True).clamp_(min=low)
+                s.sub_(m).mul_(scale).exp_()
+                maxes.append(m)
+                sums.append(s.sum(-1, keepdim=True))
+            m = torch.cat(maxes, -1)  # [g * r, tiles]
+            f = ((m - m.amax(-1, keepdim=True)) * scale).exp_()
+            f = f / (f * torch.cat(sums, -1)).sum(-1, keepdim=True)
+            for t, (k0, k1) in enumerate(tiles):
+                flat[:, k0:k1].mul_(f[:, t:t + 1])
+            vertical[bi, j * g:(j + 1) * g] = buf[:, :, r - 1:].sum(-2)
+            # row i's score for key k sits at column k + r - 1 of its buffer row: the diagonal
+            # t = k + r - 1 - i is column t of a view whose rows step w + 1
+            slash[bi, j * g:(j + 1) * g] = buf.as_strided((g, r, kv), (r * w, w + 1, 1)).sum(-2)
+    return vertical, slash
 
 
 @dataclass
