@@ -270,10 +270,7 @@ def attend_flex(pattern: Pattern, query: Tensor, key: Tensor, value: Tensor, sca
                                 return_aux=AuxRequest(lse=True))  # not on CPU (torch 2.13)
     out, lse = out[:, :, pad:], aux.lse[:, :, pad:]
     c_out, c_lse = attend_reference(pattern, query, key, value, scaling, blocks=False)
-    both = torch.logaddexp(lse.float(), c_lse)
-    w1 = torch.exp(lse.float() - both).nan_to_num_(0.0)[..., None]
-    w2 = torch.exp(c_lse - both).nan_to_num_(0.0)[..., None]
-    return (out.float() * w1 + c_out.float() * w2).to(query.dtype)
+    return _merge(out.float().clone(), lse.float(), c_out.float(), c_lse)[0].to(query.dtype)
 
 
 @functools.cache
@@ -285,7 +282,7 @@ def _compiled_flex():
 
 def attend_gather(pattern: Pattern, query: Tensor, key: Tensor, value: Tensor, scaling: float,
                   slack: float = 0.8, max_group: int = 32, rows: int = 64,
-                  key_rows: int = 1 << 17, column_rows: int = 256) -> Tensor:
+                  key_rows: int = 1 << 13, column_rows: int = 256) -> Tensor:
     """Exact block-sparse attention on the CPU's fused (flash) SDPA kernel. The query rows are
     padded to whole grid blocks; the (query block, head) pairs of `rows // block` consecutive
     query blocks are the "heads" of one call each (blocks of 16 cost a few calls per 64 rows,
@@ -388,11 +385,12 @@ def _columns(flash, qs: Tensor, kc: Tensor, vc: Tensor, cols: Tensor, col_in: Te
 
 
 def _merge(o1: Tensor, l1: Tensor, o2: Tensor, l2: Tensor) -> tuple[Tensor, Tensor]:
-    """Two softmax-normalised partial outputs merged through their log-sum-exps."""
+    """Two softmax-normalised partial outputs merged through their log-sum-exps, into o1 (the
+    callers' own copy). The outputs are finite (a row with no key has lse -inf, a weight 0)."""
     both = torch.logaddexp(l1, l2)
     w1 = torch.exp(l1 - both).nan_to_num_(0.0)[..., None]
     w2 = torch.exp(l2 - both).nan_to_num_(0.0)[..., None]
-    return o1.nan_to_num(0.0) * w1 + o2.nan_to_num(0.0) * w2, both
+    return o1.mul_(w1).addcmul_(o2, w2), both
 
 
 def _gather_blocks(flash, qg, kb, vb, bi, i0, i1, first, nk, hk, heads_kv, diag, counts, order_all,
