@@ -237,44 +237,58 @@ def attend_reference(pattern: Pattern, query: Tensor, key: Tensor, value: Tensor
 def attend_flex(pattern: Pattern, query: Tensor, key: Tensor, value: Tensor, scaling: float) -> Tensor:
     """The blocks on FlexAttention with a `BlockMask` (compiled), the columns outside them by
     `attend_reference`, the two merged through their log-sum-exp."""
-    from torch.nn.attention.flex_attention import AuxRequest, BlockMask
+    from torch.nn.attention.flex_attention import AuxRequest
 
     b, h, q, d = query.shape
     kv = key.shape[2]
-    block, start = pattern.block, pattern.start
-    pad = start - pattern.first_block * block  # query rows before the chunk in its first block
+    pad = pattern.start - pattern.first_block * pattern.block  # rows before the chunk in its first block
     qp = torch.nn.functional.pad(query, (0, 0, pad, 0)) if pad else query
-    nq, nk = pattern.blocks.shape[-2:]
-    offset = pattern.first_block * block  # absolute position of padded query row 0
-    qb = torch.arange(nq, device=query.device)[:, None] + pattern.first_block
-    kb = torch.arange(nk, device=query.device)[None, :]
-    full_ok = ((kb + 1) * block - 1 <= qb * block) & ((kb + 1) * block <= kv)  # no causal cut
-    full = pattern.blocks & full_ok
-    partial = pattern.blocks & ~full_ok
-
-    def to_lists(sel: Tensor) -> tuple[Tensor, Tensor]:
-        count = sel.sum(-1).to(torch.int32)
-        idx = torch.sort(sel.to(torch.int8), dim=-1, descending=True, stable=True).indices.to(torch.int32)
-        return count, idx
+    offset = pattern.first_block * pattern.block  # absolute position of padded query row 0
 
     def causal(bi, hi, qi, ki):
         return qi + offset >= ki
 
-    mask = BlockMask.from_kv_blocks(*to_lists(partial), *to_lists(full), BLOCK_SIZE=block,
-                                    mask_mod=causal, seq_lengths=(qp.shape[2], kv))
+    mask = flex_block_mask(pattern, qp.shape[2], kv, causal)
     gqa = h != key.shape[1]
     if pattern.columns is None or not pattern.columns.shape[-1]:
-        out = _compiled_flex()(qp, key, value, block_mask=mask, scale=scaling, enable_gqa=gqa)
+        out = compiled_flex()(qp, key, value, block_mask=mask, scale=scaling, enable_gqa=gqa)
         return out[:, :, pad:]
-    out, aux = _compiled_flex()(qp, key, value, block_mask=mask, scale=scaling, enable_gqa=gqa,
+    out, aux = compiled_flex()(qp, key, value, block_mask=mask, scale=scaling, enable_gqa=gqa,
                                 return_aux=AuxRequest(lse=True))  # not on CPU (torch 2.13)
     out, lse = out[:, :, pad:], aux.lse[:, :, pad:]
     c_out, c_lse = attend_reference(pattern, query, key, value, scaling, blocks=False)
     return _merge(out.float().clone(), lse.float(), c_out.float(), c_lse)[0].to(query.dtype)
 
 
+def flex_block_mask(pattern: Pattern, q_len: int, kv: int, mask_mod, partial: Tensor | None = None):
+    """FlexAttention's `BlockMask` of the pattern's blocks for `q_len` query rows from the
+    chunk's first grid block: a block wholly below the diagonal is full (no `mask_mod`), the
+    others and `partial` (bool like `pattern.blocks`: blocks computed under `mask_mod` only,
+    e.g. those holding a column) are partial."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    block = pattern.block
+    nq, nk = pattern.blocks.shape[-2:]
+    dev = pattern.blocks.device
+    qb = torch.arange(nq, device=dev)[:, None] + pattern.first_block
+    kb = torch.arange(nk, device=dev)[None, :]
+    full_ok = ((kb + 1) * block - 1 <= qb * block) & ((kb + 1) * block <= kv)  # no causal cut
+    full = pattern.blocks & full_ok
+    part = pattern.blocks & ~full_ok
+    if partial is not None:
+        part = part | (partial & ~full & (kb <= qb))
+
+    def to_lists(sel: Tensor) -> tuple[Tensor, Tensor]:
+        count = sel.sum(-1).to(torch.int32)
+        idx = torch.sort(sel.to(torch.int8), dim=-1, descending=True, stable=True).indices.to(torch.int32)
+        return count, idx
+
+    return BlockMask.from_kv_blocks(*to_lists(part), *to_lists(full), BLOCK_SIZE=block,
+                                    mask_mod=mask_mod, seq_lengths=(q_len, kv))
+
+
 @functools.cache
-def _compiled_flex():
+def compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention
 
     return torch.compile(flex_attention, dynamic=False)
