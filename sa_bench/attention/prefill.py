@@ -28,16 +28,29 @@ the reference in tests. `attend_gather` is the CPU kernel: the (query block, hea
 `rows // block` consecutive query blocks (64 rows by default: one query block of 64 or more,
 four of 16) are the heads of PyTorch's fused CPU attention (the flash kernel, which returns the
 log-sum-exp): their diagonal blocks in one causal call, the other selected blocks (whole-block
-`index_select`) and the columns per group of pairs with similar block counts in one more call
-each, merged through the log-sum-exp; a block needs only a per-key mask row, no [rows x keys]
-mask. Measured (4k tokens, 32/8 heads, d 128, 1 thread, loaded 2-core machine): block 16 at
-~10% density 1.49 s with one query block per call, 1.25 s with four (SDPA causal 2.1 s);
-larger batches (256 rows, 256 pairs per call) were slower (2.2 s: the gathered keys no
-longer stay in cache). Blocks of 64 at the same density: 0.85 s. `attend_flex` runs the blocks on
-PyTorch's FlexAttention with a `BlockMask` (compiled: Triton on GPU, inductor's C++ backend on
-CPU) and the columns with the reference code, merged through their log-sum-exp (torch 2.13
-cannot return the log-sum-exp from a CPU-compiled FlexAttention, so on CPU a pattern with
-columns runs on the reference). `kernel: auto` picks flex on CUDA, gather on CPU.
+`index_select`) per group of pairs with similar block counts in one more call each, at most
+8192 gathered keys a group (the gathered blocks stay in cache for the kernel: 8k tokens,
+xattention, 1 thread, 2.8-3.05 CPU s with 131072, 2.0 with 8192 or 4096), and the columns for
+each tile of 256 rows in one call whose batch is the heads and heads the query blocks (the
+columns' keys expanded, not copied; one mask row per (head, query block) when the diagonal
+block holds the in-block columns), merged through the log-sum-exp. Measured (4k tokens, 32/8
+heads, d 128, 1 thread, loaded 2-core machine): block 16 at ~10% density 1.49 s with one query
+block per call, 1.25 s with four (SDPA causal 2.1 s); larger batches (256 rows, 256 pairs per
+call) were slower (2.2 s). `attend_flex` runs the blocks on PyTorch's FlexAttention with a
+`BlockMask` (compiled: Triton on GPU, inductor's C++ backend on CPU) and the columns with the
+reference code, merged through their log-sum-exp (torch 2.13 cannot return the log-sum-exp from
+a CPU-compiled FlexAttention, so on CPU a pattern with columns runs on the reference).
+`kernel: auto` picks flex on CUDA, gather on CPU.
+
+Columns as index lists or in a FlexAttention `mask_mod` (issue 19 item 3;
+scripts/prefill_columns_kernel.py, docs/performance.md): with the columns folded into the
+mask_mod, the block mask must hold every causal block that holds a selected column; a
+vertical-slash pattern's columns (hundreds to thousands, spread over the prompt) leave almost
+no block out (0.998 of the causal blocks at 4k and 8k), so FlexAttention computes the whole
+causal triangle and evaluates the mask_mod on it: 2.7-3.2x dense SDPA on CPU, against
+0.23-0.33x for the index lists (`attend_gather`), both exact. The columns therefore stay
+index lists (MInference's way); on CUDA they still go through `attend_reference` beside the
+flex blocks (not measured on a GPU here).
 
 Measured on CPU (1 thread, 32 heads / 8 kv heads, d 128, float32, random blocks of 128 at 12%
 density, one pass): 8k tokens SDPA causal 7.6-8.8 s (shared machine), reference 5.2 s (0.68x),
@@ -305,10 +318,11 @@ def attend_gather(pattern: Pattern, query: Tensor, key: Tensor, value: Tensor, s
     pads to its largest count with masked blocks, a pair joins while its count is >= `slack` x
     the group's, the group holds at most `max_group` pairs and `key_rows` gathered keys),
     gathered by `index_select` of whole key blocks. The columns outside the blocks run once per
-    `column_rows` rows for every head in one call (a head's columns are the same for all its
-    rows; a [heads, rows, columns] mask), each head's columns in ascending order so that a
-    tile reads only those before its end (half of uniformly spread columns, on average: at 8k
-    tokens, ~10% density, 1 thread, vertical-slash's kernel went from 3.37 to 2.30 CPU s). The parts are merged through their log-sum-exp;
+    `column_rows` rows for every head in one call (`_columns`), each head's columns in
+    ascending order so that a tile reads only those before its end (half of uniformly spread
+    columns, on average: at 8k tokens, ~10% density, 1 thread, vertical-slash's kernel went
+    from 3.37 to 2.30 CPU s; with one mask row per (head, query block) instead of a [heads,
+    rows, columns] mask, 2.49 -> 1.70). The parts are merged through their log-sum-exp;
     blocks need a per-key mask row only ([pairs, 1, keys])."""
     flash = _cpu_flash()
     b, h, q, d = query.shape
