@@ -55,6 +55,7 @@ def last_rows_sums(query: Tensor, key: Tensor, r: int, tile: int = 512) -> tuple
     low = torch.finfo(torch.float32).min  # a tile no row of which sees a key: max = low, not -inf
     vertical = torch.empty(b, h, kv, device=dev)
     slash = torch.empty(b, h, kv, device=dev)
+    tile = tile if dev.type == "cpu" else kv  # off the CPU no cache to fit: one tile
     tiles = [(k0, min(kv, k0 + tile)) for k0 in range(0, kv, tile)]
     for bi in range(b):
         for j in range(hk):
@@ -408,7 +409,9 @@ class XAttention(PrefillMethod):
         kx = kx.reshape(b, hk, -1, s * d).transpose(-1, -2)  # [b, hk, s*d, nk*block/s]
         q0 = first * block // s  # strided position of query row 0
         per = block // s
-        tile = per * max(1, self.tile_rows // per)
+        # off the CPU no cache to fit: tiles of at least 512 rows (fewer launches)
+        rows_per_tile = self.tile_rows if dev.type == "cpu" else max(self.tile_rows, 512)
+        tile = per * max(1, rows_per_tile // per)
         scale = 1.0 / (d ** 0.5 * s)
         ends = torch.arange(rows, device=dev) * s
         real = (ends + s - 1 >= qpad) & (ends < qpad + q)  # strided rows holding a query
@@ -429,7 +432,7 @@ class XAttention(PrefillMethod):
                     cut = (kpos[None, lo:kmax] > (q0 + r0 + torch.arange(t, device=dev))[:, None]) | (
                         kpos[None, lo:kmax] * s >= kv)
                     band.masked_fill_(cut, float("-inf"))
-                    if lo > 0 and bool(((kpos[:lo] * s) >= kv).any()):
+                    if lo > n_blocks(kv, s):  # strided keys past the last key before the band
                         w[:, :, :lo].masked_fill_(kpos[:lo] * s >= kv, float("-inf"))
                     w.sub_(w.amax(-1, keepdim=True)).mul_(scale).exp_()  # key 0 is never cut
                     sums = w.view(g, t, kmax // per, per).sum(-1)
