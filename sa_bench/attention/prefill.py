@@ -28,16 +28,29 @@ the reference in tests. `attend_gather` is the CPU kernel: the (query block, hea
 `rows // block` consecutive query blocks (64 rows by default: one query block of 64 or more,
 four of 16) are the heads of PyTorch's fused CPU attention (the flash kernel, which returns the
 log-sum-exp): their diagonal blocks in one causal call, the other selected blocks (whole-block
-`index_select`) and the columns per group of pairs with similar block counts in one more call
-each, merged through the log-sum-exp; a block needs only a per-key mask row, no [rows x keys]
-mask. Measured (4k tokens, 32/8 heads, d 128, 1 thread, loaded 2-core machine): block 16 at
-~10% density 1.49 s with one query block per call, 1.25 s with four (SDPA causal 2.1 s);
-larger batches (256 rows, 256 pairs per call) were slower (2.2 s: the gathered keys no
-longer stay in cache). Blocks of 64 at the same density: 0.85 s. `attend_flex` runs the blocks on
-PyTorch's FlexAttention with a `BlockMask` (compiled: Triton on GPU, inductor's C++ backend on
-CPU) and the columns with the reference code, merged through their log-sum-exp (torch 2.13
-cannot return the log-sum-exp from a CPU-compiled FlexAttention, so on CPU a pattern with
-columns runs on the reference). `kernel: auto` picks flex on CUDA, gather on CPU.
+`index_select`) per group of pairs with similar block counts in one more call each, at most
+8192 gathered keys a group (the gathered blocks stay in cache for the kernel: 8k tokens,
+xattention, 1 thread, 2.8-3.05 CPU s with 131072, 2.0 with 8192 or 4096), and the columns for
+each tile of 256 rows in one call whose batch is the heads and heads the query blocks (the
+columns' keys expanded, not copied; one mask row per (head, query block) when the diagonal
+block holds the in-block columns), merged through the log-sum-exp. Measured (4k tokens, 32/8
+heads, d 128, 1 thread, loaded 2-core machine): block 16 at ~10% density 1.49 s with one query
+block per call, 1.25 s with four (SDPA causal 2.1 s); larger batches (256 rows, 256 pairs per
+call) were slower (2.2 s). `attend_flex` runs the blocks on PyTorch's FlexAttention with a
+`BlockMask` (compiled: Triton on GPU, inductor's C++ backend on CPU) and the columns with the
+reference code, merged through their log-sum-exp (torch 2.13 cannot return the log-sum-exp from
+a CPU-compiled FlexAttention, so on CPU a pattern with columns runs on the reference).
+`kernel: auto` picks flex on CUDA, gather on CPU.
+
+Columns as index lists or in a FlexAttention `mask_mod` (issue 19 item 3;
+scripts/prefill_columns_kernel.py, docs/performance.md): with the columns folded into the
+mask_mod, the block mask must hold every causal block that holds a selected column; a
+vertical-slash pattern's columns (hundreds to thousands, spread over the prompt) leave almost
+no block out (0.998 of the causal blocks at 4k and 8k), so FlexAttention computes the whole
+causal triangle and evaluates the mask_mod on it: 2.7-3.2x dense SDPA on CPU, against
+0.23-0.33x for the index lists (`attend_gather`), both exact. The columns therefore stay
+index lists (MInference's way); on CUDA they still go through `attend_reference` beside the
+flex blocks (not measured on a GPU here).
 
 Measured on CPU (1 thread, 32 heads / 8 kv heads, d 128, float32, random blocks of 128 at 12%
 density, one pass): 8k tokens SDPA causal 7.6-8.8 s (shared machine), reference 5.2 s (0.68x),
@@ -125,6 +138,12 @@ def grouped_scores(query: Tensor, key: Tensor) -> Tensor:
 
 
 # --- density --------------------------------------------------------------------------------
+
+
+def pad_rows(x: Tensor, before: int, after: int) -> Tensor:
+    """x [..., n, d] with `before`/`after` zero rows added, contiguous (no copy when it is and
+    there are none)."""
+    return torch.nn.functional.pad(x, (0, 0, before, after)) if before or after else x.contiguous()
 
 
 def causal_pairs(start: int, kv: int) -> int:
@@ -231,47 +250,58 @@ def attend_reference(pattern: Pattern, query: Tensor, key: Tensor, value: Tensor
 def attend_flex(pattern: Pattern, query: Tensor, key: Tensor, value: Tensor, scaling: float) -> Tensor:
     """The blocks on FlexAttention with a `BlockMask` (compiled), the columns outside them by
     `attend_reference`, the two merged through their log-sum-exp."""
-    from torch.nn.attention.flex_attention import AuxRequest, BlockMask
+    from torch.nn.attention.flex_attention import AuxRequest
 
     b, h, q, d = query.shape
     kv = key.shape[2]
-    block, start = pattern.block, pattern.start
-    pad = start - pattern.first_block * block  # query rows before the chunk in its first block
+    pad = pattern.start - pattern.first_block * pattern.block  # rows before the chunk in its first block
     qp = torch.nn.functional.pad(query, (0, 0, pad, 0)) if pad else query
+    offset = pattern.first_block * pattern.block  # absolute position of padded query row 0
+
+    def causal(bi, hi, qi, ki):
+        return qi + offset >= ki
+
+    mask = flex_block_mask(pattern, qp.shape[2], kv, causal)
+    gqa = h != key.shape[1]
+    if pattern.columns is None or not pattern.columns.shape[-1]:
+        out = compiled_flex()(qp, key, value, block_mask=mask, scale=scaling, enable_gqa=gqa)
+        return out[:, :, pad:]
+    out, aux = compiled_flex()(qp, key, value, block_mask=mask, scale=scaling, enable_gqa=gqa,
+                                return_aux=AuxRequest(lse=True))  # not on CPU (torch 2.13)
+    out, lse = out[:, :, pad:], aux.lse[:, :, pad:]
+    c_out, c_lse = attend_reference(pattern, query, key, value, scaling, blocks=False)
+    return _merge(out.float().clone(), lse.float(), c_out.float(), c_lse)[0].to(query.dtype)
+
+
+def flex_block_mask(pattern: Pattern, q_len: int, kv: int, mask_mod, partial: Tensor | None = None):
+    """FlexAttention's `BlockMask` of the pattern's blocks for `q_len` query rows from the
+    chunk's first grid block: a block wholly below the diagonal is full (no `mask_mod`), the
+    others and `partial` (bool like `pattern.blocks`: blocks computed under `mask_mod` only,
+    e.g. those holding a column) are partial."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    block = pattern.block
     nq, nk = pattern.blocks.shape[-2:]
-    offset = pattern.first_block * block  # absolute position of padded query row 0
-    qb = torch.arange(nq, device=query.device)[:, None] + pattern.first_block
-    kb = torch.arange(nk, device=query.device)[None, :]
+    dev = pattern.blocks.device
+    qb = torch.arange(nq, device=dev)[:, None] + pattern.first_block
+    kb = torch.arange(nk, device=dev)[None, :]
     full_ok = ((kb + 1) * block - 1 <= qb * block) & ((kb + 1) * block <= kv)  # no causal cut
     full = pattern.blocks & full_ok
-    partial = pattern.blocks & ~full_ok
+    part = pattern.blocks & ~full_ok
+    if partial is not None:
+        part = part | (partial & ~full & (kb <= qb))
 
     def to_lists(sel: Tensor) -> tuple[Tensor, Tensor]:
         count = sel.sum(-1).to(torch.int32)
         idx = torch.sort(sel.to(torch.int8), dim=-1, descending=True, stable=True).indices.to(torch.int32)
         return count, idx
 
-    def causal(bi, hi, qi, ki):
-        return qi + offset >= ki
-
-    mask = BlockMask.from_kv_blocks(*to_lists(partial), *to_lists(full), BLOCK_SIZE=block,
-                                    mask_mod=causal, seq_lengths=(qp.shape[2], kv))
-    gqa = h != key.shape[1]
-    if pattern.columns is None or not pattern.columns.shape[-1]:
-        out = _compiled_flex()(qp, key, value, block_mask=mask, scale=scaling, enable_gqa=gqa)
-        return out[:, :, pad:]
-    out, aux = _compiled_flex()(qp, key, value, block_mask=mask, scale=scaling, enable_gqa=gqa,
-                                return_aux=AuxRequest(lse=True))  # not on CPU (torch 2.13)
-    out, lse = out[:, :, pad:], aux.lse[:, :, pad:]
-    c_out, c_lse = attend_reference(pattern, query, key, value, scaling, blocks=False)
-    both = torch.logaddexp(lse.float(), c_lse)
-    w1 = torch.exp(lse.float() - both).nan_to_num_(0.0)[..., None]
-    w2 = torch.exp(c_lse - both).nan_to_num_(0.0)[..., None]
-    return (out.float() * w1 + c_out.float() * w2).to(query.dtype)
+    return BlockMask.from_kv_blocks(*to_lists(part), *to_lists(full), BLOCK_SIZE=block,
+                                    mask_mod=mask_mod, seq_lengths=(q_len, kv))
 
 
 @functools.cache
-def _compiled_flex():
+def compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention
 
     return torch.compile(flex_attention, dynamic=False)
@@ -279,7 +309,7 @@ def _compiled_flex():
 
 def attend_gather(pattern: Pattern, query: Tensor, key: Tensor, value: Tensor, scaling: float,
                   slack: float = 0.8, max_group: int = 32, rows: int = 64,
-                  key_rows: int = 1 << 17, column_rows: int = 256) -> Tensor:
+                  key_rows: int = 1 << 13, column_rows: int = 256) -> Tensor:
     """Exact block-sparse attention on the CPU's fused (flash) SDPA kernel. The query rows are
     padded to whole grid blocks; the (query block, head) pairs of `rows // block` consecutive
     query blocks are the "heads" of one call each (blocks of 16 cost a few calls per 64 rows,
@@ -288,10 +318,11 @@ def attend_gather(pattern: Pattern, query: Tensor, key: Tensor, value: Tensor, s
     pads to its largest count with masked blocks, a pair joins while its count is >= `slack` x
     the group's, the group holds at most `max_group` pairs and `key_rows` gathered keys),
     gathered by `index_select` of whole key blocks. The columns outside the blocks run once per
-    `column_rows` rows for every head in one call (a head's columns are the same for all its
-    rows; a [heads, rows, columns] mask), each head's columns in ascending order so that a
-    tile reads only those before its end (half of uniformly spread columns, on average: at 8k
-    tokens, ~10% density, 1 thread, vertical-slash's kernel went from 3.37 to 2.30 CPU s). The parts are merged through their log-sum-exp;
+    `column_rows` rows for every head in one call (`_columns`), each head's columns in
+    ascending order so that a tile reads only those before its end (half of uniformly spread
+    columns, on average: at 8k tokens, ~10% density, 1 thread, vertical-slash's kernel went
+    from 3.37 to 2.30 CPU s; with one mask row per (head, query block) instead of a [heads,
+    rows, columns] mask, 2.49 -> 1.70). The parts are merged through their log-sum-exp;
     blocks need a per-key mask row only ([pairs, 1, keys])."""
     flash = _cpu_flash()
     b, h, q, d = query.shape
@@ -301,10 +332,10 @@ def attend_gather(pattern: Pattern, query: Tensor, key: Tensor, value: Tensor, s
     dev, dtype = query.device, query.dtype
     nq, nk = pattern.blocks.shape[-2:]
     front = start - first * block
-    qg = torch.nn.functional.pad(query, (0, 0, front, nq * block - front - q)).view(b, h, nq, block, d)
+    qg = pad_rows(query, front, nq * block - front - q).view(b, h, nq, block, d)
     pad = nk * block - kv
-    kb = torch.nn.functional.pad(key, (0, 0, 0, pad)).reshape(b * hk * nk, block, d)
-    vb = torch.nn.functional.pad(value, (0, 0, 0, pad)).reshape(b * hk * nk, block, d)
+    kb = pad_rows(key, 0, pad).view(b * hk * nk, block, d)
+    vb = pad_rows(value, 0, pad).view(b * hk * nk, block, d)
     qi = torch.arange(nq, device=dev)
     diag_kb = qi + first
     sel = pattern.blocks & (torch.arange(nk, device=dev)[None, :] <= diag_kb[:, None])
@@ -334,38 +365,60 @@ def attend_gather(pattern: Pattern, query: Tensor, key: Tensor, value: Tensor, s
     for t0 in range(0, nq, tile):
         t1 = min(nq, t0 + tile)
         for bi in range(b):
-            if has_cols:  # every head's columns outside its blocks, for the tile's rows at once
-                end = (first + t1) * block  # the columns at or after it are after every row
-                m = max(1, int(torch.searchsorted(cols[bi], torch.full((h, 1), end, device=dev)).max()))
-                rowpos = (first + t0) * block + torch.arange((t1 - t0) * block, device=dev)
-                bad = (col_in[bi, :, t0:t1, None, :m]
-                       | (cols[bi, :, None, None, :m] > rowpos.view(1, t1 - t0, block, 1))
-                       ).view(h, -1, m)  # [H, rows, m]
-                c_o, c_l = flash(qg[bi, :, t0:t1].reshape(1, h, -1, d), kc[bi, :, :m][None],
-                                 vc[bi, :, :m][None], 0.0, False,
-                                 attn_mask=bad.to(dtype).mul_(low)[None], scale=scaling)
-                c_l = c_l[0].masked_fill(bad.all(-1), neg)  # a row with no column: lse 0 from the kernel
-                c_o = c_o[0].float()
+            if has_cols:
+                c_o, c_l = _columns(flash, qg[bi, :, t0:t1], kc[bi], vc[bi], cols[bi], col_in[bi, :, t0:t1],
+                                    (first + t0) * block, scaling, low)
             for i0 in range(t0, t1, step):
                 i1 = min(t1, i0 + step)
                 acc_o, acc_l = _gather_blocks(flash, qg, kb, vb, bi, i0, i1, first, nk, hk, heads_kv, diag,
                                               counts, order_all, causal, scaling, slack, max_group, key_rows)
                 if has_cols:
-                    rows_of = slice((i0 - t0) * block, (i1 - t0) * block)
-                    o2 = c_o[:, rows_of].reshape(h, i1 - i0, block, d).transpose(0, 1).reshape(-1, block, d)
-                    l2 = c_l[:, rows_of].reshape(h, i1 - i0, block).transpose(0, 1).reshape(-1, block)
+                    o2 = c_o[:, i0 - t0:i1 - t0].transpose(0, 1).reshape(-1, block, d)
+                    l2 = c_l[:, i0 - t0:i1 - t0].transpose(0, 1).reshape(-1, block)
                     acc_o, acc_l = _merge(acc_o, acc_l, o2, l2)
                 acc_o = acc_o.masked_fill(torch.isneginf(acc_l)[..., None], 0.0)
                 out[bi, :, i0:i1] = acc_o.view(i1 - i0, h, block, d).transpose(0, 1).to(dtype)
     return out.view(b, h, nq * block, d)[:, :, front:front + q]
 
 
+def _columns(flash, qs: Tensor, kc: Tensor, vc: Tensor, cols: Tensor, col_in: Tensor, p0: int, scaling: float, low: float) -> tuple[Tensor, Tensor]:
+    """`attend_gather`'s columns part for the query blocks qs [H, n, block, d] (first row at
+    position p0) of one batch row: each head's sorted columns cols [H, nc] (keys kc, vc [H, nc,
+    d]) outside the blocks (col_in [H, n, nc]: the column's key block is selected), in one call
+    whose "batch" is the heads and "heads" the query blocks (keys expanded, not copied).
+    A column before a query block's first row is read by all of its rows, one in its rows by
+    the rows at or after it, which are inside the block's own diagonal block: when every such
+    column is in a selected block (vertical-slash's nearest diagonals always select the
+    diagonal block) the mask is one row per (head, query block), [H, n, 1, m], otherwise
+    [H, n, block, m].
+    Returns (output [H, n, block, d] float32, lse [H, n, block])."""
+    h, n, block, d = qs.shape
+    dev, dtype = qs.device, qs.dtype
+    end = p0 + n * block  # the columns at or after it are after every row
+    m = max(1, int(torch.searchsorted(cols, torch.full((h, 1), end, device=dev)).max()))
+    c = cols[:, None, :m]  # [H, 1, m]
+    starts = p0 + block * torch.arange(n, device=dev)[None, :, None]  # [1, n, 1]
+    inside = col_in[..., :m]
+    within = (c >= starts) & (c < starts + block) & ~inside  # read by some rows of the block only
+    if bool(within.any()):
+        rowpos = starts[..., None] + torch.arange(block, device=dev)[:, None]  # [1, n, block, 1]
+        bad = inside[:, :, None, :] | (c[:, :, None, :] > rowpos)  # [H, n, block, m]
+        none = bad.all(-1)
+    else:
+        bad = (inside | (c >= starts))[:, :, None, :]  # [H, n, 1, m]
+        none = bad.all(-1).expand(h, n, block)
+    o, lse = flash(qs, kc[:, None, :m].expand(h, n, m, d), vc[:, None, :m].expand(h, n, m, d), 0.0, False,
+                   attn_mask=bad.to(dtype).mul_(low), scale=scaling)
+    return o.float(), lse.masked_fill(none, float("-inf"))  # a row with no column: lse 0 from the kernel
+
+
 def _merge(o1: Tensor, l1: Tensor, o2: Tensor, l2: Tensor) -> tuple[Tensor, Tensor]:
-    """Two softmax-normalised partial outputs merged through their log-sum-exps."""
+    """Two softmax-normalised partial outputs merged through their log-sum-exps, into o1 (the
+    callers' own copy). The outputs are finite (a row with no key has lse -inf, a weight 0)."""
     both = torch.logaddexp(l1, l2)
     w1 = torch.exp(l1 - both).nan_to_num_(0.0)[..., None]
     w2 = torch.exp(l2 - both).nan_to_num_(0.0)[..., None]
-    return o1.nan_to_num(0.0) * w1 + o2.nan_to_num(0.0) * w2, both
+    return o1.mul_(w1).addcmul_(o2, w2), both
 
 
 def _gather_blocks(flash, qg, kb, vb, bi, i0, i1, first, nk, hk, heads_kv, diag, counts, order_all,

@@ -23,6 +23,7 @@ from sa_bench.attention.prefill import (
     causal_blocks,
     grouped_scores,
     n_blocks,
+    pad_rows,
 )
 from sa_bench.config import ConfigError, check_range
 from sa_bench.lazy import torch
@@ -31,28 +32,55 @@ if TYPE_CHECKING:
     from torch import Tensor
 
 
-def _positions(start: int, kv: int, device) -> Tensor:
-    return torch.arange(start, kv, device=device)
-
-
-def last_rows_sums(query: Tensor, key: Tensor, r: int) -> tuple[Tensor, Tensor]:
+def last_rows_sums(query: Tensor, key: Tensor, r: int, tile: int = 512) -> tuple[Tensor, Tensor]:
     """The last r queries' causal softmax (scale 1/sqrt(d), float32) summed per key column and
-    per diagonal: ([b, H, kv], [b, H, kv], index t of the second = offset kv - 1 - t)."""
+    per diagonal: ([b, H, kv], [b, H, kv], index t of the second = offset kv - 1 - t).
+
+    One kv head at a time (its g query heads' r rows together), the scores written in `tile`
+    keys at a time into one buffer and, while in cache, exponentiated against the tile's row
+    maximum; the tiles' maxima and sums then give each row's factor (one more pass), and the
+    column and diagonal sums read the buffer once each: each buffer row starts with r - 1
+    zeros, so that the diagonals are columns of a strided view (32k keys, 1 thread: a handful
+    of passes over [g, r, kv] instead of one new tensor per softmax step)."""
     b, h, _, d = query.shape
     hk, kv = key.shape[1], key.shape[2]
     g = h // hk
-    pos = _positions(kv - r, kv, query.device)
-    keys = torch.arange(kv, device=query.device)
-    verticals, slashes = [], []
-    for j in range(hk):  # one kv head at a time: [g, r, kv] scores at most
-        s = grouped_scores(query[:, j * g:(j + 1) * g, -r:], key[:, j:j + 1]) * d ** -0.5
-        s = s.masked_fill(keys[None, :] > pos[:, None], float("-inf")).softmax(-1)
-        verticals.append(s.sum(-2))
-        # row i sits at position kv - r + i
-        padded = torch.nn.functional.pad(s, (r - 1, 0))  # [b, g, r, kv + r - 1]
-        w = padded.shape[-1]
-        slashes.append(padded.as_strided((b, g, r, kv), (g * r * w, r * w, w + 1, 1)).sum(-2))
-    return torch.cat(verticals, 1), torch.cat(slashes, 1)
+    dev = query.device
+    scale = d ** -0.5
+    w = kv + r - 1
+    buf = torch.zeros(g, r, w, device=dev)
+    flat = buf.view(g * r, w)[:, r - 1:]  # the scores, [g * r, kv]
+    pos = torch.arange(kv - r, kv, device=dev)  # the rows' positions
+    keys = torch.arange(kv, device=dev)
+    low = torch.finfo(torch.float32).min  # a tile no row of which sees a key: max = low, not -inf
+    vertical = torch.empty(b, h, kv, device=dev)
+    slash = torch.empty(b, h, kv, device=dev)
+    tile = tile if dev.type == "cpu" else kv  # off the CPU no cache to fit: one tile
+    tiles = [(k0, min(kv, k0 + tile)) for k0 in range(0, kv, tile)]
+    for bi in range(b):
+        for j in range(hk):
+            rows = query[bi, j * g:(j + 1) * g, -r:].float().reshape(g * r, d)
+            maxes, sums = [], []
+            for k0, k1 in tiles:
+                s = flat[:, k0:k1]
+                torch.mm(rows, key[bi, j, k0:k1].float().T, out=s)
+                lo = max(k0, kv - r + 1)  # row i sees the keys up to kv - r + i
+                if lo < k1:
+                    buf[:, :, r - 1 + lo:r - 1 + k1].masked_fill_(keys[lo:k1] > pos[:, None], float("-inf"))
+                m = s.amax(-1, keepdim=True).clamp_(min=low)
+                s.sub_(m).mul_(scale).exp_()
+                maxes.append(m)
+                sums.append(s.sum(-1, keepdim=True))
+            m = torch.cat(maxes, -1)  # [g * r, tiles]
+            f = ((m - m.amax(-1, keepdim=True)) * scale).exp_()
+            f = f / (f * torch.cat(sums, -1)).sum(-1, keepdim=True)
+            for t, (k0, k1) in enumerate(tiles):
+                flat[:, k0:k1].mul_(f[:, t:t + 1])
+            vertical[bi, j * g:(j + 1) * g] = buf[:, :, r - 1:].sum(-2)
+            # row i's score for key k sits at column k + r - 1 of its buffer row: the diagonal
+            # t = k + r - 1 - i is column t of a view whose rows step w + 1
+            slash[bi, j * g:(j + 1) * g] = buf.as_strided((g, r, kv), (r * w, w + 1, 1)).sum(-2)
+    return vertical, slash
 
 
 @dataclass
@@ -344,8 +372,10 @@ class XAttention(PrefillMethod):
     block: int = 128
     kernel: Kernel = "auto"
     # strided query rows scored per matmul, each against the keys before its end only (about
-    # the causal half of the estimate; not a YAML key: the scores are the same)
-    tile_rows = 512
+    # the causal half of the estimate; not a YAML key: the scores are the same). 64: the
+    # scores of a tile stay in cache for the softmax's passes (8k tokens, 32/8 heads, 1
+    # thread: 0.77 CPU s with 512, 0.57 with 64 or 128, 0.70 with 16)
+    tile_rows = 64
 
     def __post_init__(self) -> None:
         self._check_block()
@@ -355,35 +385,60 @@ class XAttention(PrefillMethod):
             raise ConfigError(f"block: expected a multiple of stride {self.stride}, got {self.block}")
 
     def block_scores(self, query: Tensor, key: Tensor, start: int) -> Tensor:
-        """float32 [b, H, nq, nk]: the softmaxed antidiagonal scores summed per block pair."""
+        """float32 [b, H, nq, nk]: the softmaxed antidiagonal scores summed per block pair.
+
+        Cost (8B-shaped layer, CPU): the strided products are ~1/16 of dense attention's flops,
+        the softmax over them as many elementwise passes as it takes; so a tile of
+        `tile_rows` strided query rows (x the kv head's g query heads) is scored against the
+        keys before its end only into one reused buffer, small enough for the passes to stay
+        in cache, and softmaxed in place: the row maximum subtracted, exp, summed per key block
+        (then divided by the row's total) before the sum over each block's rows. The stride
+        group's reversal is applied to the keys (the same products), not to the g x larger
+        query."""
         b, h, q, d = query.shape
         hk, kv = key.shape[1], key.shape[2]
         g, s, block = h // hk, self.stride, self.block
+        dev = query.device
         first = start // block
         qpad = start - first * block
         nq, nk = n_blocks(kv, block) - first, n_blocks(kv, block)
-        qx = torch.nn.functional.pad(query.float(), (0, 0, qpad, nq * block - qpad - q))
-        kx = torch.nn.functional.pad(key.float(), (0, 0, 0, nk * block - kv))
-        # row group i of the query: rows i*s + s-1-j (j = 0..s-1) side by side; keys i*s + j
-        rq = qx.view(b, h, -1, s, d).flip(-2).reshape(b, h, -1, s * d)
-        rk = kx.view(b, hk, -1, s * d)
-        qpos = torch.arange(rq.shape[2], device=query.device) + first * block // s
-        kpos = torch.arange(rk.shape[2], device=query.device)
-        real_q = (torch.arange(rq.shape[2], device=query.device) * s + s - 1 >= qpad) & (
-            torch.arange(rq.shape[2], device=query.device) * s < qpad + q)
+        rows = nq * block // s  # strided query rows
+        qx = pad_rows(query.float(), qpad, nq * block - qpad - q).view(b, h, rows, s * d)
+        # key group i: keys i*s + s-1-j (j = 0..s-1) side by side, against query rows i*s + j
+        kx = pad_rows(key.float(), 0, nk * block - kv).view(b, hk, -1, s, d).flip(-2)
+        kx = kx.reshape(b, hk, -1, s * d).transpose(-1, -2)  # [b, hk, s*d, nk*block/s]
+        q0 = first * block // s  # strided position of query row 0
         per = block // s
-        tile = per * max(1, self.tile_rows // per)  # strided query rows per matmul
-        out = torch.zeros(b, h, nq, nk, device=query.device)
-        for j in range(hk):  # one kv head at a time, a tile of query rows against the keys
-            for r0 in range(0, rq.shape[2], tile):  # before the tile's end only (causal)
-                r1 = min(rq.shape[2], r0 + tile)
-                kmax = min(rk.shape[2], n_blocks(int(qpos[r1 - 1]) + 1, per) * per)
-                w = grouped_scores(rq[:, j * g:(j + 1) * g, r0:r1], rk[:, j:j + 1, :kmax]) / (d ** 0.5 * s)
-                w = w.masked_fill((kpos[None, :kmax] > qpos[r0:r1, None]) | (kpos[None, :kmax] * s >= kv),
-                                  float("-inf"))
-                w = w.softmax(-1).nan_to_num_(0.0) * real_q[r0:r1, None]
-                out[:, j * g:(j + 1) * g, r0 // per:r1 // per, :kmax // per] = w.view(
-                    b, g, (r1 - r0) // per, per, kmax // per, per).sum((-1, -3))
+        # off the CPU no cache to fit: tiles of at least 512 rows (fewer launches)
+        rows_per_tile = self.tile_rows if dev.type == "cpu" else max(self.tile_rows, 512)
+        tile = per * max(1, rows_per_tile // per)
+        scale = 1.0 / (d ** 0.5 * s)
+        ends = torch.arange(rows, device=dev) * s
+        real = (ends + s - 1 >= qpad) & (ends < qpad + q)  # strided rows holding a query
+        kpos = torch.arange(kx.shape[-1], device=dev)
+        buf = torch.empty(g * tile * kx.shape[-1], device=dev)
+        out = torch.zeros(b, h, nq, nk, device=dev)
+        for bi in range(b):
+            for j in range(hk):
+                for r0 in range(0, rows, tile):
+                    r1 = min(rows, r0 + tile)
+                    t = r1 - r0
+                    kmax = min(kx.shape[-1], n_blocks(q0 + r1, per) * per)  # keys before the end
+                    w = buf[:g * t * kmax].view(g * t, kmax)
+                    torch.mm(qx[bi, j * g:(j + 1) * g, r0:r1].reshape(g * t, s * d), kx[bi, j, :, :kmax], out=w)
+                    w = w.view(g, t, kmax)
+                    lo = min(q0 + r0 + 1, kmax)  # keys after the tile's first row: the causal band
+                    band = w[:, :, lo:]
+                    cut = (kpos[None, lo:kmax] > (q0 + r0 + torch.arange(t, device=dev))[:, None]) | (
+                        kpos[None, lo:kmax] * s >= kv)
+                    band.masked_fill_(cut, float("-inf"))
+                    if lo > n_blocks(kv, s):  # strided keys past the last key before the band
+                        w[:, :, :lo].masked_fill_(kpos[:lo] * s >= kv, float("-inf"))
+                    w.sub_(w.amax(-1, keepdim=True)).mul_(scale).exp_()  # key 0 is never cut
+                    sums = w.view(g, t, kmax // per, per).sum(-1)
+                    sums.div_(sums.sum(-1, keepdim=True)).mul_(real[r0:r1, None])
+                    out[bi, j * g:(j + 1) * g, r0 // per:r1 // per, :kmax // per] = sums.view(
+                        g, t // per, per, -1).sum(2)
         return out
 
     def pattern(self, query: Tensor, key: Tensor, start: int) -> Pattern:
