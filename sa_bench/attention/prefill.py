@@ -40,7 +40,17 @@ call) were slower (2.2 s). `attend_flex` runs the blocks on PyTorch's FlexAttent
 `BlockMask` (compiled: Triton on GPU, inductor's C++ backend on CPU) and the columns with the
 reference code, merged through their log-sum-exp (torch 2.13 cannot return the log-sum-exp from
 a CPU-compiled FlexAttention, so on CPU a pattern with columns runs on the reference).
-`kernel: auto` picks flex on CUDA, gather on CPU.
+`attend_flashinfer` (`kernel: flashinfer`, optional, CUDA, float16/bfloat16) runs the blocks on
+FlashInfer's `BlockSparseAttentionWrapper` (API read from flashinfer-ai/flashinfer
+flashinfer/sparse.py at commit 0090a5f8; version.txt of a stored neighbour commit: 0.7.0rc3):
+its BSR pattern is shared by all heads, so the heads are flattened into one (rows = (head,
+query block), columns = (kv head, key block); GQA without a copy per query head), R = C =
+`block`, the causal cut as its element `mask` ([nnz, block, block], one per computed block:
+memory grows with the density), its base-2 log-sum-exp merged with the columns as flex's.
+The conversion (`flashinfer_bsr`) and the code around the call are tested on CPU (the call on
+a stand-in wrapper); FlashInfer itself has not run on a GPU in this project so far.
+`kernel: auto` picks flashinfer on CUDA where `import flashinfer` works and the dtype is
+float16/bfloat16, else flex; gather on CPU.
 
 Columns as index lists or in a FlexAttention `mask_mod` (issue 19 item 3;
 scripts/prefill_columns_kernel.py, docs/performance.md): with the columns folded into the
