@@ -384,7 +384,8 @@ def attend_flashinfer(pattern: Pattern, query: Tensor, key: Tensor, value: Tenso
     causal cut as its element mask; float16/bfloat16, CUDA), the columns outside them by
     `attend_reference`, merged through the log-sum-exp (FlashInfer's is base 2)."""
     if query.dtype not in (torch.float16, torch.bfloat16):
-        raise ValueError(f"kernel flashinfer: needs float16 or bfloat16 (model.dtype), got {query.dtype}")
+        raise ValueError("kernel flashinfer: needs float16 or bfloat16 (model.dtype), got "
+                         f"{query.dtype}")
     b, h, q, d = query.shape
     hk, kv = key.shape[1], key.shape[2]
     block, first = pattern.block, pattern.first_block
