@@ -75,12 +75,17 @@ def evaluate(spec: JobSpec, path: Path, lease: Lease, weights: str | None = None
 
     from sa_bench.attention.dense import resolve_implementation
     from sa_bench.attention.kv_cache import capacity as kv_capacity
+    from sa_bench.attention.prefill import check_kernel
     from sa_bench.models.loading import go_offline, hub_offline, load_model, load_tokenizer
 
     hf_logging.disable_progress_bar()  # one bar per job would drown the sweep's own progress
     torch.manual_seed(spec.seed)
     started = time.time()
     reset_peak_memory(lease.torch_devices)  # a reused worker would report an earlier job's peak
+    prefill = getattr(spec.sparse, "prefill", None)
+    if prefill is not None:  # before the data and weights load
+        check_kernel(prefill.kernel, bool(lease.torch_devices), spec.model.dtype,
+                     "sparse.prefill.kernel")
     bench = spec.benchmark
     if spec.model.source() == "hub" and hub_offline():
         go_offline()  # no retries: an uncached tokenizer fails at once (the fallback has one)

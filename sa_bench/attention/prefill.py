@@ -40,7 +40,17 @@ call) were slower (2.2 s). `attend_flex` runs the blocks on PyTorch's FlexAttent
 `BlockMask` (compiled: Triton on GPU, inductor's C++ backend on CPU) and the columns with the
 reference code, merged through their log-sum-exp (torch 2.13 cannot return the log-sum-exp from
 a CPU-compiled FlexAttention, so on CPU a pattern with columns runs on the reference).
-`kernel: auto` picks flex on CUDA, gather on CPU.
+`attend_flashinfer` (`kernel: flashinfer`, optional, CUDA, float16/bfloat16) runs the blocks on
+FlashInfer's `BlockSparseAttentionWrapper` (API read from flashinfer-ai/flashinfer
+flashinfer/sparse.py at commit 0090a5f8; version.txt of a stored neighbour commit: 0.7.0rc3):
+its BSR pattern is shared by all heads, so the heads are flattened into one (rows = (head,
+query block), columns = (kv head, key block); GQA without a copy per query head), R = C =
+`block`, the causal cut as its element `mask` ([nnz, block, block], one per computed block:
+memory grows with the density), its base-2 log-sum-exp merged with the columns as flex's.
+The conversion (`flashinfer_bsr`) and the code around the call are tested on CPU (the call on
+a stand-in wrapper); FlashInfer itself has not run on a GPU in this project so far.
+`kernel: auto` picks flashinfer on CUDA where `import flashinfer` works and the dtype is
+float16/bfloat16, else flex; gather on CPU.
 
 Columns as index lists or in a FlexAttention `mask_mod` (issue 19 item 3;
 scripts/prefill_columns_kernel.py, docs/performance.md): with the columns folded into the
@@ -62,6 +72,7 @@ recompiles), so flex is not the CPU default.
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -71,7 +82,7 @@ from sa_bench.lazy import torch
 if TYPE_CHECKING:
     from torch import Tensor
 
-Kernel = Literal["auto", "reference", "gather", "flex"]
+Kernel = Literal["auto", "reference", "gather", "flex", "flashinfer"]
 
 
 @dataclass
@@ -182,7 +193,11 @@ def attend(pattern: Pattern, query: Tensor, key: Tensor, value: Tensor, scaling:
            kernel: Kernel = "auto") -> Tensor:
     """Attention of the chunk's queries under `pattern` -> [b, H, q, d]."""
     if kernel == "auto":
-        kernel = "flex" if query.device.type == "cuda" else "gather"
+        half = query.dtype in (torch.float16, torch.bfloat16)
+        kernel = "gather" if query.device.type != "cuda" else (
+            "flashinfer" if half and flashinfer_available() else "flex")
+    if kernel == "flashinfer":
+        return attend_flashinfer(pattern, query, key, value, scaling)
     if kernel == "gather":
         if query.device.type == "cpu" and _cpu_flash() is not None:
             return attend_gather(pattern, query, key, value, scaling)
@@ -196,9 +211,10 @@ def attend(pattern: Pattern, query: Tensor, key: Tensor, value: Tensor, scaling:
 def attend_reference(pattern: Pattern, query: Tensor, key: Tensor, value: Tensor, scaling: float,
                      blocks: bool = True) -> tuple[Tensor, Tensor]:
     """Exact block-sparse attention, one query block at a time: each head's selected key
-    blocks (or, with `blocks=False`, none) and its columns outside them are gathered, scored,
-    masked causally and softmaxed. Returns (output [b, H, q, d], log-sum-exp [b, H, q]; -inf
-    and a zero output for a row that computes no key)."""
+    blocks (with `blocks=False`, none: what a block kernel's output lacks) and its columns
+    outside them are gathered, scored, masked causally and softmaxed. Returns (output
+    [b, H, q, d], log-sum-exp [b, H, q]; -inf and a zero output for a row that computes no
+    key)."""
     b, h, q, d = query.shape
     hk, kv = key.shape[1], key.shape[2]
     block, start, first = pattern.block, pattern.start, pattern.first_block
@@ -224,8 +240,7 @@ def attend_reference(pattern: Pattern, query: Tensor, key: Tensor, value: Tensor
                 valid.append(ok.repeat_interleave(block, -1) & (pos < p1))
         if pattern.columns is not None and pattern.columns.shape[-1]:
             cols = pattern.columns
-            outside = (~sel.gather(-1, (cols // block).clamp(max=sel.shape[-1] - 1)) if blocks
-                       else torch.ones_like(cols, dtype=torch.bool))
+            outside = ~sel.gather(-1, (cols // block).clamp(max=sel.shape[-1] - 1))
             parts.append(cols)
             valid.append(outside & (cols < p1))
         if not parts:
@@ -268,7 +283,15 @@ def attend_flex(pattern: Pattern, query: Tensor, key: Tensor, value: Tensor, sca
         return out[:, :, pad:]
     out, aux = compiled_flex()(qp, key, value, block_mask=mask, scale=scaling, enable_gqa=gqa,
                                 return_aux=AuxRequest(lse=True))  # not on CPU (torch 2.13)
-    out, lse = out[:, :, pad:], aux.lse[:, :, pad:]
+    return _with_columns(pattern, out[:, :, pad:], aux.lse[:, :, pad:], query, key, value, scaling)
+
+
+def _with_columns(pattern: Pattern, out: Tensor, lse: Tensor, query: Tensor, key: Tensor,
+                  value: Tensor, scaling: float) -> Tensor:
+    """The blocks' output and log-sum-exp (natural log) merged with the pattern's columns
+    outside the blocks (`attend_reference`); `out` as is when there are none."""
+    if pattern.columns is None or not pattern.columns.shape[-1]:
+        return out
     c_out, c_lse = attend_reference(pattern, query, key, value, scaling, blocks=False)
     return _merge(out.float().clone(), lse.float(), c_out.float(), c_lse)[0].to(query.dtype)
 
@@ -298,6 +321,100 @@ def flex_block_mask(pattern: Pattern, q_len: int, kv: int, mask_mod, partial: Te
 
     return BlockMask.from_kv_blocks(*to_lists(part), *to_lists(full), BLOCK_SIZE=block,
                                     mask_mod=mask_mod, seq_lengths=(q_len, kv))
+
+
+@functools.cache
+def flashinfer_available() -> bool:
+    """Whether `import flashinfer` works (it is optional; CUDA only)."""
+    try:
+        import flashinfer  # noqa: F401
+    except (ImportError, OSError, RuntimeError):  # absent, or its CUDA libraries are
+        return False
+    return True
+
+
+def check_kernel(kernel: str, cuda: bool, dtype: str, key: str) -> None:
+    """ConfigError before the model loads when `kernel` cannot run on this job's devices
+    (`dtype`: the `model.dtype` key)."""
+    if kernel != "flashinfer":
+        return
+    if not cuda:
+        raise ConfigError(f"{key}: flashinfer runs on CUDA only, and this job has no GPU; use "
+                          "auto, gather or reference")
+    if dtype == "float32":
+        raise ConfigError(f"{key}: flashinfer needs model.dtype float16 or bfloat16, got float32")
+    if not flashinfer_available():
+        raise ConfigError(f"{key}: flashinfer is not installed (pip install flashinfer-python); "
+                          "use auto or flex")
+
+
+def flashinfer_bsr(blocks: Tensor, first: int, block: int, kv_heads: int
+                   ) -> tuple[Tensor, Tensor, Tensor]:
+    """The arguments of FlashInfer's `BlockSparseAttentionWrapper.plan` for one batch row's
+    blocks [H, nq, nk] (query block i = grid block first + i), in the layout `attend_flashinfer`
+    runs: one head, the rows (head h, query block i) and columns (kv head h // g, key block j)
+    flattened, so each head keeps its own blocks. Returns BSR (indptr [H * nq + 1], indices
+    [nnz], int32; sorted per row) and the element mask [nnz, block, block] (causal: key
+    j * block + c <= row (first + i) * block + r), the blocks after the diagonal left out."""
+    h, nq, nk = blocks.shape
+    dev = blocks.device
+    qi = torch.arange(nq, device=dev)[:, None] + first
+    sel = blocks & (torch.arange(nk, device=dev)[None, :] <= qi)
+    hi, i, j = sel.nonzero(as_tuple=True)  # row-major: by row (hi, i), then j ascending
+    indptr = torch.zeros(h * nq + 1, dtype=torch.int32, device=dev)
+    indptr[1:] = sel.sum(-1).flatten().cumsum(0)
+    indices = ((hi // (h // kv_heads)) * nk + j).to(torch.int32)
+    offs = torch.arange(block, device=dev)
+    gap = ((i + first - j) * block)[:, None, None]  # first row of the query block - first key
+    mask = gap + offs[None, :, None] >= offs[None, None, :]
+    return indptr, indices, mask
+
+
+@functools.cache
+def _flashinfer_wrapper(device):
+    import flashinfer
+
+    workspace = torch.empty(128 << 20, dtype=torch.uint8, device=device)  # FlashInfer's advice
+    return flashinfer.sparse.BlockSparseAttentionWrapper(workspace)
+
+
+def attend_flashinfer(pattern: Pattern, query: Tensor, key: Tensor, value: Tensor,
+                      scaling: float) -> Tensor:
+    """The blocks on FlashInfer's block-sparse kernel (`flashinfer_bsr`: R = C = block, the
+    causal cut as its element mask; float16/bfloat16, CUDA), the columns outside them by
+    `attend_reference`, merged through the log-sum-exp (FlashInfer's is base 2)."""
+    if query.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError("kernel flashinfer: needs float16 or bfloat16 (model.dtype), got "
+                         f"{query.dtype}")
+    b, h, q, d = query.shape
+    hk, kv = key.shape[1], key.shape[2]
+    block, first = pattern.block, pattern.first_block
+    nq, nk = pattern.blocks.shape[-2:]
+    front = pattern.start - first * block
+    qp = pad_rows(query, front, nq * block - front - q)
+    kp, vp = (pad_rows(t, 0, nk * block - kv) for t in (key, value))
+    wrapper = _flashinfer_wrapper(query.device)
+    outs, lses = [], []
+    for bi in range(b):
+        indptr, indices, mask = flashinfer_bsr(pattern.blocks[bi], first, block, hk)
+        wrapper.plan(indptr, indices, h * nq * block, hk * nk * block, block, block, 1, 1, d,
+                     mask=mask, sm_scale=scaling, q_data_type=query.dtype,
+                     kv_data_type=key.dtype, o_data_type=query.dtype)
+        o, lse = wrapper.run(qp[bi].reshape(-1, 1, d), kp[bi].reshape(-1, 1, d),
+                             vp[bi].reshape(-1, 1, d), return_lse=True)
+        outs.append(o.view(h, nq * block, d))
+        lses.append(lse.view(h, nq * block) * math.log(2))
+    out = torch.stack(outs)[:, :, front:front + q]
+    lse = torch.stack(lses)[:, :, front:front + q]
+    # a row that computes no key (no block at or before it): 0 and -inf, whatever the kernel left
+    kb = torch.arange(nk, device=query.device)
+    sel = pattern.blocks & (kb <= torch.arange(nq, device=query.device)[:, None] + first)
+    lowest = torch.where(sel, kb, nk).amin(-1)  # [b, H, nq]: the first key block computed
+    pos = torch.arange(pattern.start, kv, device=query.device)
+    none = lowest[..., pos // block - first] * block > pos
+    out = out.masked_fill(none[..., None], 0.0)
+    lse = lse.masked_fill(none, float("-inf"))
+    return _with_columns(pattern, out, lse, query, key, value, scaling)
 
 
 @functools.cache

@@ -4,7 +4,9 @@ estimation, full density == dense, and a prefill + decode job end to end."""
 from __future__ import annotations
 
 import json
+import math
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,7 +15,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
 
 
-from sa_bench.attention import SparseMethod  # noqa: E402
+from sa_bench import runner  # noqa: E402
+from sa_bench.attention import SparseMethod, prefill  # noqa: E402
 from sa_bench.attention.prefill import (  # noqa: E402
     Pattern,
     attend,
@@ -21,7 +24,10 @@ from sa_bench.attention.prefill import (  # noqa: E402
     attend_gather,
     attend_reference,
     causal_pairs,
+    check_kernel,
     computed_pairs,
+    flashinfer_available,
+    flashinfer_bsr,
 )
 from sa_bench.attention.prefill_methods import (  # noqa: E402
     AShape,
@@ -63,8 +69,8 @@ FULL = {  # settings that compute every causal pair
 }
 
 
-def brute_force(pattern: Pattern, query, key, value, scaling):
-    """Masked dense attention over the pattern's pairs, and the pairs per head."""
+def brute_force_mask(pattern: Pattern, query, key):
+    """bool [b, H, q, kv]: the (query, key) pairs the pattern computes (blocks, columns, causal)."""
     b, h, q, _ = query.shape
     kv = key.shape[2]
     pos, keys = torch.arange(kv - q, kv), torch.arange(kv)
@@ -73,7 +79,13 @@ def brute_force(pattern: Pattern, query, key, value, scaling):
         width = max(kv, int(pattern.columns.max()) + 1)  # a position >= kv: an unused slot
         cols = torch.zeros(b, h, width, dtype=torch.bool).scatter_(-1, pattern.columns, True)[..., :kv]
         allowed = allowed | cols[:, :, None, :]
-    allowed = allowed & (keys[None, :] <= pos[:, None])
+    return allowed & (keys[None, :] <= pos[:, None])
+
+
+def brute_force(pattern: Pattern, query, key, value, scaling):
+    """Masked dense attention over the pattern's pairs, and the pairs per head."""
+    h = query.shape[1]
+    allowed = brute_force_mask(pattern, query, key)
     g = h // key.shape[1]
     s = query @ key.repeat_interleave(g, 1).transpose(-1, -2) * scaling
     p = s.masked_fill(~allowed, float("-inf")).softmax(-1).nan_to_num(0.0)
@@ -257,6 +269,121 @@ def test_flex_attention_with_columns_on_gpu():
     out = attend_flex(pattern, query, key, value, 0.3)
     ref, _ = attend_reference(pattern, query, key, value, 0.3)
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+
+
+def expand_bsr(indptr, indices, mask, h, hk, start, kv, block):
+    """FlashInfer's BSR arguments (`flashinfer_bsr`'s layout) back to a dense bool [H, q, kv]
+    mask over the chunk's rows, read as the kernel reads them."""
+    nq = (len(indptr) - 1) // h
+    nk = -(-kv // block)
+    first = start // block
+    grid = torch.zeros(h, nq * block, nk * block, dtype=torch.bool)
+    for row in range(h * nq):
+        hi, i = divmod(row, nq)
+        for n in range(int(indptr[row]), int(indptr[row + 1])):
+            kvh, j = divmod(int(indices[n]), nk)
+            assert kvh == hi // (h // hk)  # the query head's own kv head
+            grid[hi, i * block:(i + 1) * block, j * block:(j + 1) * block] |= mask[n]
+    front = start - first * block
+    return grid[:, front:front + kv - start, :kv]
+
+
+@pytest.mark.parametrize("h,hk,start,kv,block", [
+    (4, 2, 0, 203, 16), (4, 4, 77, 203, 16), (6, 2, 64, 300, 32), (2, 1, 150, 151, 16), (3, 3, 5, 40, 8)])
+def test_flashinfer_arguments_compute_the_causal_pattern(h, hk, start, kv, block):
+    """The BSR + element mask handed to FlashInfer expand to exactly the pairs the reference
+    computes (pattern and causal), per head, for chunked starts and lengths off the grid."""
+    gen = torch.Generator().manual_seed(kv + start + h)
+    pattern = random_pattern(2, h, start, kv, block, 0, gen)
+    query, key, _ = qkv(2, h, hk, kv - start, kv)
+    allowed = brute_force_mask(pattern, query, key)
+    for bi in range(2):
+        indptr, indices, mask = flashinfer_bsr(pattern.blocks[bi], pattern.first_block, block, hk)
+        assert indptr.dtype == indices.dtype == torch.int32 and mask.shape[1:] == (block, block)
+        assert int(indptr[-1]) == len(indices) == len(mask)
+        assert torch.equal(expand_bsr(indptr, indices, mask, h, hk, start, kv, block), allowed[bi])
+
+
+class FakeBlockSparseWrapper:
+    """FlashInfer's `BlockSparseAttentionWrapper` as its docs define plan/run (R x C blocks of
+    a BSR matrix, `mask` [nnz, R, C], q/k/v [tokens, heads, d], lse base 2), densely in
+    float32; a row with no key gets nan, as an unwritten output could hold anything."""
+
+    def plan(self, indptr, indices, M, N, R, C, num_qo_heads, num_kv_heads, head_dim, *, mask,
+             sm_scale, q_data_type, kv_data_type, o_data_type):
+        assert (num_qo_heads, num_kv_heads) == (1, 1) and M % R == 0 and N % C == 0
+        assert q_data_type == kv_data_type == o_data_type
+        self.allowed = torch.zeros(M, N, dtype=torch.bool)
+        for row in range(len(indptr) - 1):
+            for n in range(int(indptr[row]), int(indptr[row + 1])):
+                j = int(indices[n])
+                self.allowed[row * R:(row + 1) * R, j * C:(j + 1) * C] = mask[n]
+        self.scale, self.dtype = sm_scale, o_data_type
+
+    def run(self, q, k, v, return_lse):
+        s = (q[:, 0].float() @ k[:, 0].float().T * self.scale).masked_fill(~self.allowed, float("-inf"))
+        lse = torch.logsumexp(s, -1)
+        out = torch.exp(s - lse[:, None]) @ v[:, 0].float()  # nan where a row has no key
+        return out.to(self.dtype)[:, None], (lse / math.log(2))[:, None]
+
+
+@pytest.mark.parametrize("start,kv,block,columns", [(0, 203, 16, 0), (77, 203, 16, 7), (64, 300, 32, 5)])
+def test_flashinfer_call_on_a_fake_wrapper_equals_the_reference(monkeypatch, start, kv, block, columns):
+    """The padding, head layout, lse base, rows without a key and column merge around the
+    FlashInfer call, with FlashInfer replaced by `FakeBlockSparseWrapper` (no GPU here)."""
+    monkeypatch.setattr(prefill, "_flashinfer_wrapper", lambda device: FakeBlockSparseWrapper())
+    gen = torch.Generator().manual_seed(kv + start)
+    query, key, value = (t.to(torch.bfloat16) for t in qkv(2, 4, 2, kv - start, kv))
+    pattern = random_pattern(2, 4, start, kv, block, columns, gen)
+    pattern.blocks[0, 1, :3] = False  # rows with no key (unless a column)
+    out = attend(pattern, query, key, value, 0.3, kernel="flashinfer")
+    ref, _ = attend_reference(pattern, query, key, value, 0.3)
+    assert out.dtype == torch.bfloat16 and not out.isnan().any()
+    torch.testing.assert_close(out.float(), ref.float(), atol=1e-2, rtol=1e-2)
+
+
+def test_flashinfer_kernel_is_refused_before_the_model_loads(monkeypatch, tmp_path):
+    if flashinfer_available():
+        check_kernel("flashinfer", True, "bfloat16", "k")
+    with pytest.raises(ConfigError, match=r"sparse\.prefill\.kernel: flashinfer runs on CUDA only"):
+        check_kernel("flashinfer", False, "auto", "sparse.prefill.kernel")
+    with pytest.raises(ConfigError, match=r"kernel: flashinfer needs model.dtype float16 or bfloat16"):
+        check_kernel("flashinfer", True, "float32", "sparse.prefill.kernel")
+    if not flashinfer_available():
+        with pytest.raises(ConfigError, match=r"sparse\.prefill\.kernel: flashinfer is not installed"):
+            check_kernel("flashinfer", True, "auto", "sparse.prefill.kernel")
+    for kernel in ("auto", "gather", "reference", "flex"):
+        check_kernel(kernel, False, "float32", "k")
+    method = SparseMethod.from_config({"name": "x", "prefill": {**METHODS["block_sparse"], "kernel": "flashinfer"}})
+    with pytest.raises(ConfigError, match=r"sparse\.prefill\.kernel: expected one of \[.*'flashinfer'\]"):
+        SparseMethod.from_config({"name": "x", "prefill": {**METHODS["block_sparse"], "kernel": "flashinfr"}})
+    import sa_bench.models.loading as loading
+    monkeypatch.setattr(loading, "load_tokenizer", lambda model: pytest.fail("loaded the tokenizer"))
+    monkeypatch.setattr(loading, "load_model", lambda model, devices: pytest.fail("loaded the model"))
+    spec = SimpleNamespace(seed=0, model=SimpleNamespace(source=lambda: "embedded", dtype="auto"),
+                           benchmark=None, sparse=method)
+    with pytest.raises(ConfigError, match="flashinfer runs on CUDA only"):
+        runner.evaluate(spec, tmp_path, SimpleNamespace(torch_devices=[]))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_flashinfer_kernel_equals_the_reference_on_gpu(dtype):
+    if not flashinfer_available():
+        pytest.skip("flashinfer is not importable here")
+    dtype = getattr(torch, dtype)
+    for start, kv, block, columns in ((0, 700, 64, 0), (400, 700, 64, 20), (77, 203, 16, 7)):
+        gen = torch.Generator().manual_seed(kv + start)
+        query, key, value = (t.cuda().to(dtype) for t in qkv(2, 8, 2, kv - start, kv, d=64))
+        pattern = random_pattern(2, 8, start, kv, block, columns, gen)
+        pattern = Pattern(block, start, pattern.blocks.cuda(),
+                          None if pattern.columns is None else pattern.columns.cuda())
+        out = attend(pattern, query, key, value, 0.125, kernel="flashinfer")
+        ref, _ = attend_reference(pattern, query, key, value, 0.125)
+        assert out.dtype == dtype
+        torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
+    auto = attend(pattern, query, key, value, 0.125)  # `auto` picks it where it imports
+    torch.testing.assert_close(auto, out, atol=0, rtol=0)
 
 
 @pytest.mark.e2e  # starts `python -m sa_bench` in a subprocess

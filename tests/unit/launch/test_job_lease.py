@@ -121,7 +121,7 @@ def test_each_job_resets_the_peak_before_loading(monkeypatch, tmp_path):
     monkeypatch.setattr(loading, "load_model", load_model)
     monkeypatch.setattr(loading, "load_tokenizer", lambda model: events.append("tokenizer"))
     spec = SimpleNamespace(seed=0, model=SimpleNamespace(source=lambda: "embedded"),
-                           benchmark=SimpleNamespace(load=lambda tokenizer: []))
+                           benchmark=SimpleNamespace(load=lambda tokenizer: []), sparse=None)
     for _ in range(2):
         with pytest.raises(RuntimeError, match="stop here"):
             runner.evaluate(spec, tmp_path, SimpleNamespace(torch_devices=[1, 2]))
