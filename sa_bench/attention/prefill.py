@@ -49,8 +49,9 @@ query block), columns = (kv head, key block); GQA without a copy per query head)
 memory grows with the density), its base-2 log-sum-exp merged with the columns as flex's.
 The conversion (`flashinfer_bsr`) and the code around the call are tested on CPU (the call on
 a stand-in wrapper); FlashInfer itself has not run on a GPU in this project so far.
-`kernel: auto` picks flashinfer on CUDA where `import flashinfer` works and the dtype is
-float16/bfloat16, else flex; gather on CPU.
+It is opt-in: `kernel: auto` picks flex on CUDA and gather on CPU (the element mask, a
+block x block bool per computed block, is ~27 GB at 128k tokens, 32 heads, blocks of 64 and
+10% density).
 
 Columns as index lists or in a FlexAttention `mask_mod` (issue 19 item 3;
 scripts/prefill_columns_kernel.py, docs/performance.md): with the columns folded into the
@@ -193,9 +194,7 @@ def attend(pattern: Pattern, query: Tensor, key: Tensor, value: Tensor, scaling:
            kernel: Kernel = "auto") -> Tensor:
     """Attention of the chunk's queries under `pattern` -> [b, H, q, d]."""
     if kernel == "auto":
-        half = query.dtype in (torch.float16, torch.bfloat16)
-        kernel = "gather" if query.device.type != "cuda" else (
-            "flashinfer" if half and flashinfer_available() else "flex")
+        kernel = "gather" if query.device.type != "cuda" else "flex"
     if kernel == "flashinfer":
         return attend_flashinfer(pattern, query, key, value, scaling)
     if kernel == "gather":

@@ -382,8 +382,6 @@ def test_flashinfer_kernel_equals_the_reference_on_gpu(dtype):
         ref, _ = attend_reference(pattern, query, key, value, 0.125)
         assert out.dtype == dtype
         torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
-    auto = attend(pattern, query, key, value, 0.125)  # `auto` picks it where it imports
-    torch.testing.assert_close(auto, out, atol=0, rtol=0)
 
 
 @pytest.mark.e2e  # starts `python -m sa_bench` in a subprocess
