@@ -57,6 +57,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from sa_bench.attention.kv_cache import is_plain, store
+from sa_bench.attention.ops import NEG_INF, float_matmul, merge_softmax, reads_free
 from sa_bench.config import ConfigError, build_target
 from sa_bench.lazy import torch
 
@@ -540,33 +541,61 @@ def unrotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos - rotate_half(x) * sin
 
 
+TILE = 64
+"""Keys per tile of a head-wise store: each (batch row, kv head) is padded to a multiple of it,
+so the flat store is [tiles, TILE, d] without a copy, each tile of one segment (<= TILE - 1
+padding keys per segment, counted in `HeadWise.nbytes`)."""
+
+
 @dataclass(frozen=True)
 class HeadWise:
     """A head-wise compressed layer, stored flat: the kept keys and values of every (batch
-    row, kv head) one after another, [T, d], T the layer's total; segment i = b * Hk + h
-    spans `offsets[i]:offsets[i + 1]` (its positions in ascending order)."""
+    row, kv head) one after another, [N, d]; segment i = b * Hk + h starts at `offsets[i]`,
+    holds `counts[i]` keys (its positions in ascending order), then zero padding up to
+    `offsets[i + 1]`, a multiple of `TILE`. `tile_segment` [tiles]: each tile's segment;
+    `tile_bias` float32 [tiles, 1, TILE]: 0 on kept keys, -inf on padding (the accelerator
+    path, `_head_wise_tiles`)."""
 
     keys: Tensor
     values: Tensor
     offsets: tuple[int, ...]
+    counts: tuple[int, ...]
+    tile_segment: Tensor
+    tile_bias: Tensor
 
     @classmethod
     def of(cls, keys: Tensor, values: Tensor, valid: Tensor) -> HeadWise:
         """From the padded layout [b, Hk, L, d] and its validity [b, Hk, L]."""
         counts = valid.sum(-1).flatten().tolist()
-        return cls(keys[valid].contiguous(), values[valid].contiguous(),
-                   tuple(itertools.accumulate(counts, initial=0)))
+        tiles = [-(-c // TILE) for c in counts]
+        offsets = tuple(itertools.accumulate((TILE * t for t in tiles), initial=0))
+        dev, d = keys.device, keys.shape[-1]
+        start = torch.tensor(offsets[:-1], device=dev).view(valid.shape[:2])
+        dest = (start.unsqueeze(-1) + valid.cumsum(-1) - 1)[valid]  # each kept key's place
+        flat_keys, flat_values = keys.new_zeros(offsets[-1], d), values.new_zeros(offsets[-1], d)
+        flat_keys[dest], flat_values[dest] = keys[valid], values[valid]
+        segment = torch.tensor([i for i, t in enumerate(tiles) for _ in range(t)], dtype=torch.long,
+                               device=dev)
+        ends = torch.tensor([o + c for o, c in zip(offsets, counts)], device=dev)
+        place = torch.arange(offsets[-1], device=dev).view(-1, TILE)
+        bias = torch.zeros(place.shape, device=dev).masked_fill_(place >= ends[segment, None], NEG_INF)
+        return cls(flat_keys, flat_values, offsets, tuple(counts), segment, bias.unsqueeze(1))
 
     @property
     def nbytes(self) -> int:
-        return self.keys.nbytes + self.values.nbytes + 8 * len(self.offsets)
+        return (self.keys.nbytes + self.values.nbytes + self.tile_segment.nbytes
+                + self.tile_bias.nbytes + 8 * (len(self.offsets) + len(self.counts)))
 
 
 def head_wise_attention(query: Tensor, key: Tensor, value: Tensor, store: HeadWise,
                         scaling: float) -> Tensor:
     """Attention over a head-wise compressed layer: each kv head's kept keys in `store` (all
     visible), then the keys appended after compression, `key` / `value` [b, Hk, m, d]
-    (causal, bottom-right), in one softmax per kv head (float32 scores). -> [b, q, H, d]."""
+    (causal, bottom-right), in one softmax per kv head (float32 scores). -> [b, q, H, d].
+    On CPU a loop over (batch row, kv head); on an accelerator `_head_wise_tiles` (launches
+    independent of the number of heads)."""
+    if not reads_free(query.device):
+        return _head_wise_tiles(query, key, value, store, scaling)
     b, h, q, d = query.shape
     hk, m = key.shape[1], key.shape[2]
     g = h // hk
@@ -574,7 +603,7 @@ def head_wise_attention(query: Tensor, key: Tensor, value: Tensor, store: HeadWi
     out = torch.empty_like(query)
     for i in range(b * hk):
         r, k = divmod(i, hk)
-        kept = slice(store.offsets[i], store.offsets[i + 1])
+        kept = slice(store.offsets[i], store.offsets[i] + store.counts[i])
         rows = query[r, k * g:(k + 1) * g]  # [g, q, d]
         old = rows @ store.keys[kept].T  # [g, q, e]
         new = (rows @ key[r, k].transpose(-1, -2)).masked_fill(~causal, float("-inf"))
@@ -582,6 +611,39 @@ def head_wise_attention(query: Tensor, key: Tensor, value: Tensor, store: HeadWi
         e = old.shape[-1]
         out[r, k * g:(k + 1) * g] = p[..., :e] @ store.values[kept] + p[..., e:] @ value[r, k]
     return out.transpose(1, 2)
+
+
+def _head_wise_tiles(query: Tensor, key: Tensor, value: Tensor, store: HeadWise,
+                     scaling: float) -> Tensor:
+    """`head_wise_attention` batched over tiles: every tile's scores in one matmul (its
+    segment's queries gathered), per-segment max and sums through scatter_reduce_ / index_add_
+    over tiles, the appended keys as one batched part, the two merged by log-sum-exp."""
+    b, h, q, d = query.shape
+    hk, m = key.shape[1], key.shape[2]
+    rows = query.reshape(b * hk, h // hk * q, d)  # segment i's queries: its kv head's group
+    n, width = rows.shape[:2]
+    qs = rows.index_select(0, store.tile_segment)  # [tiles, g * q, d]
+    scores = torch.add(store.tile_bias, float_matmul(qs, store.keys.view(-1, TILE, d).transpose(1, 2)),
+                       alpha=scaling)  # [tiles, g * q, TILE]
+    top = scores.new_full((n, width), NEG_INF).scatter_reduce_(
+        0, store.tile_segment.unsqueeze(-1).expand(-1, width), scores.amax(-1), "amax")
+    p = scores.sub_(top.index_select(0, store.tile_segment).unsqueeze(-1)).exp_()
+    total = scores.new_zeros(n, width).index_add_(0, store.tile_segment, p.sum(-1))
+    out = scores.new_zeros(n, width, d).index_add_(
+        0, store.tile_segment, float_matmul(p.to(value.dtype), store.values.view(-1, TILE, d)))
+    out.div_(total.clamp_min(1.0).unsqueeze(-1))  # a kept segment's total is >= 1; empty: 0
+    lse = top.add_(total.log())  # -inf for an empty segment
+    if m:
+        new = float_matmul(rows.view(b, hk, width, d), key.transpose(-1, -2)).mul_(scaling)
+        if q > 1:
+            pos = torch.arange(m, device=key.device)
+            causal = pos[None, :] <= (m - q + torch.arange(q, device=key.device))[:, None]
+            new = new.view(b, hk, -1, q, m).masked_fill_(~causal, NEG_INF).view(b, hk, width, m)
+        new_lse = new.logsumexp(-1)
+        p_new = new.sub_(new_lse.unsqueeze(-1)).exp_().to(value.dtype)
+        out, lse = merge_softmax(out, lse, float_matmul(p_new, value).view(n, width, d),
+                                 new_lse.view(n, width))
+    return out.view(b, h, q, d).transpose(1, 2).to(query.dtype)
 
 
 # --- the cache, restored after each answer ---------------------------------------------------

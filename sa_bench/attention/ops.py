@@ -155,3 +155,12 @@ def float_matmul(a: Tensor, b: Tensor) -> Tensor:
                         out_dtype=torch.float32)
         return out.view(*batch, a.shape[-2], b.shape[-1])
     return torch.matmul(a.float(), b.float())
+
+
+def merge_softmax(o1: Tensor, l1: Tensor, o2: Tensor, l2: Tensor) -> tuple[Tensor, Tensor]:
+    """Two softmax-normalised partial outputs merged through their log-sum-exps, into o1 (the
+    callers' own copy). The outputs are finite (a row with no key has lse -inf, a weight 0)."""
+    both = torch.logaddexp(l1, l2)
+    w1 = torch.exp(l1 - both).nan_to_num_(0.0)[..., None]
+    w2 = torch.exp(l2 - both).nan_to_num_(0.0)[..., None]
+    return o1.mul_(w1).addcmul_(o2, w2), both

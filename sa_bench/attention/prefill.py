@@ -77,6 +77,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
+from sa_bench.attention.ops import merge_softmax
 from sa_bench.config import ConfigError
 from sa_bench.lazy import torch
 
@@ -292,7 +293,7 @@ def _with_columns(pattern: Pattern, out: Tensor, lse: Tensor, query: Tensor, key
     if pattern.columns is None or not pattern.columns.shape[-1]:
         return out
     c_out, c_lse = attend_reference(pattern, query, key, value, scaling, blocks=False)
-    return _merge(out.float().clone(), lse.float(), c_out.float(), c_lse)[0].to(query.dtype)
+    return merge_softmax(out.float().clone(), lse.float(), c_out.float(), c_lse)[0].to(query.dtype)
 
 
 def flex_block_mask(pattern: Pattern, q_len: int, kv: int, mask_mod, partial: Tensor | None = None):
@@ -491,7 +492,7 @@ def attend_gather(pattern: Pattern, query: Tensor, key: Tensor, value: Tensor, s
                 if has_cols:
                     o2 = c_o[:, i0 - t0:i1 - t0].transpose(0, 1).reshape(-1, block, d)
                     l2 = c_l[:, i0 - t0:i1 - t0].transpose(0, 1).reshape(-1, block)
-                    acc_o, acc_l = _merge(acc_o, acc_l, o2, l2)
+                    acc_o, acc_l = merge_softmax(acc_o, acc_l, o2, l2)
                 acc_o = acc_o.masked_fill(torch.isneginf(acc_l)[..., None], 0.0)
                 out[bi, :, i0:i1] = acc_o.view(i1 - i0, h, block, d).transpose(0, 1).to(dtype)
     return out.view(b, h, nq * block, d)[:, :, front:front + q]
@@ -526,15 +527,6 @@ def _columns(flash, qs: Tensor, kc: Tensor, vc: Tensor, cols: Tensor, col_in: Te
     o, lse = flash(qs, kc[:, None, :m].expand(h, n, m, d), vc[:, None, :m].expand(h, n, m, d), 0.0, False,
                    attn_mask=bad.to(dtype).mul_(low), scale=scaling)
     return o.float(), lse.masked_fill(none, float("-inf"))  # a row with no column: lse 0 from the kernel
-
-
-def _merge(o1: Tensor, l1: Tensor, o2: Tensor, l2: Tensor) -> tuple[Tensor, Tensor]:
-    """Two softmax-normalised partial outputs merged through their log-sum-exps, into o1 (the
-    callers' own copy). The outputs are finite (a row with no key has lse -inf, a weight 0)."""
-    both = torch.logaddexp(l1, l2)
-    w1 = torch.exp(l1 - both).nan_to_num_(0.0)[..., None]
-    w2 = torch.exp(l2 - both).nan_to_num_(0.0)[..., None]
-    return o1.mul_(w1).addcmul_(o2, w2), both
 
 
 def _gather_blocks(flash, qg, kb, vb, bi, i0, i1, first, nk, hk, heads_kv, diag, counts, order_all,
@@ -578,7 +570,7 @@ def _gather_blocks(flash, qg, kb, vb, bi, i0, i1, first, nk, hk, heads_kv, diag,
             mask = torch.zeros(n_g, m, block, dtype=dtype, device=dev).masked_fill_(
                 short[..., None], neg).view(1, n_g, 1, m * block)
         o, lse = flash(qs[its][None], ks[None], vs[None], 0.0, False, attn_mask=mask, scale=scaling)
-        acc_o[its], acc_l[its] = _merge(acc_o[its], acc_l[its], o[0].float(), lse[0])
+        acc_o[its], acc_l[its] = merge_softmax(acc_o[its], acc_l[its], o[0].float(), lse[0])
         j = e
     return acc_o, acc_l
 

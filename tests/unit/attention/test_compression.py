@@ -5,6 +5,7 @@ answer, query awareness, composition with Quest, and a ratio sweep that resumes.
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import math
 
@@ -14,7 +15,7 @@ from omegaconf import OmegaConf
 
 from sa_bench import report
 from sa_bench.attention import SparseMethod
-from sa_bench.attention.compression import kept_count
+from sa_bench.attention.compression import TILE, kept_count
 from sa_bench.config import ConfigError
 from sa_bench.models.forward import with_cache
 from sa_bench.models.loading import ModelConfig, load_model
@@ -78,11 +79,21 @@ def test_compressed_cache_holds_the_budget_per_head(tiny, install, name, ratio):
                 assert int(valid.sum()) == hk * want
             assert entry.keys.shape[2] == 0
             store = method.compressor.heads[layer]
-            assert store.keys.shape[0] == int(valid.sum()) and store.values.shape == store.keys.shape
-            assert list(store.offsets) == [0, *valid.sum(-1)[0].cumsum(0).tolist()]
-            assert stats["kept_per_head"][layer] == [round(int(c) / n, 6) for c in valid.sum(-1)[0]]
+            counts = valid.sum(-1)[0].tolist()
+            padded = [-(-c // TILE) * TILE for c in counts]  # each head's keys, then zeros
+            assert list(store.counts) == counts and store.values.shape == store.keys.shape
+            assert list(store.offsets) == [0, *itertools.accumulate(padded)] and store.keys.shape[0] == sum(padded)
+            assert stats["kept_per_head"][layer] == [round(c / n, 6) for c in counts]
             gathered = before[layer][0].gather(2, idx.unsqueeze(-1).expand(-1, -1, -1, store.keys.shape[-1]))
-            assert torch.equal(store.keys, gathered[valid])  # per head, ascending positions
+            for head, (start, c) in enumerate(zip(store.offsets, counts)):  # ascending positions
+                assert torch.equal(store.keys[start:start + c], gathered[0, head][valid[0, head]])
+                assert not store.keys[start + c:store.offsets[head + 1]].any()
+            tiles = torch.tensor([i for i, p in enumerate(padded) for _ in range(p // TILE)])
+            assert torch.equal(store.tile_segment, tiles)
+            ends = torch.tensor(store.offsets[:-1]) + torch.tensor(counts)  # a segment's kept keys
+            kept_place = torch.arange(store.keys.shape[0]) < ends[tiles.repeat_interleave(TILE)]
+            bias = store.tile_bias.flatten()
+            assert bool((bias[kept_place] == 0).all() and torch.isneginf(bias[~kept_place]).all())
             continue
         else:
             budget = method.press.budget(n, layer, n_layers)
@@ -94,9 +105,13 @@ def test_compressed_cache_holds_the_budget_per_head(tiny, install, name, ratio):
         gathered = before[layer][0].gather(2, idx.unsqueeze(-1).expand(-1, -1, -1, entry.keys.shape[-1]))
         assert torch.equal(entry.keys[ok], gathered[ok])  # kept keys keep their rotated values
     assert stats["kv_bytes_after"] < stats["kv_bytes_before"]
-    if name in HEAD_WISE:  # the bytes of the layer's budget, plus an index of Hk + 1 offsets
-        index = n_layers * 8 * (hk + 1)
-        assert stats["kv_bytes_after"] == stats["kv_bytes_before"] * want // n + index
+    if name in HEAD_WISE:  # the bytes of the layer's budget padded to tiles, plus its index
+        stores = method.compressor.heads.values()
+        keys = sum(s.keys.shape[0] for s in stores)
+        assert 0 <= keys - n_layers * hk * want < n_layers * hk * TILE
+        tiles = keys // TILE  # each with its segment (int64) and its bias row (float32)
+        index = tiles * (8 + 4 * TILE) + n_layers * 8 * (2 * hk + 1)
+        assert stats["kv_bytes_after"] == stats["kv_bytes_before"] * keys // (n_layers * hk * n) + index
     assert stats["compressions"] == 1 and stats["scoring_s"] >= 0
 
 
