@@ -19,12 +19,14 @@ else lives here, once:
   `position_ids` (the runner passes them), while the causal mask works in the compressed
   cache's index space (transformers builds it from the cache length);
 - head-wise budgets (`AdaKV`): every kv head keeps its own number of positions, stored
-  flat (`HeadWise`: all heads' kept keys and values one after another, with each head's
-  offset), so the bytes kept are the layer's budget, about (1 - r) of dense, plus an index of
-  b * Hk + 1 integers; kvpress only masks. The cache layer itself is emptied and holds only
-  the positions appended afterwards (every head); attention (`head_wise_attention`) takes
-  each kv head's kept keys, then the appended ones, in one softmax. Head-wise layouts do not
-  combine with decode maskers;
+  flat (`HeadWise`: all heads' kept keys and values one after another, each head's padded
+  to a multiple of `TILE` keys, with each head's offset), so the bytes kept are the layer's
+  budget, about (1 - r) of dense, plus < `TILE` padding keys per head and a small index
+  (offsets, each tile's head and padding bias); kvpress only masks. The cache layer itself is
+  emptied and holds only the positions appended afterwards (every head); attention
+  (`head_wise_attention`) takes each kv head's kept keys, then the appended ones, in one
+  softmax (on CPU a loop over heads; on an accelerator batched over tiles, launches
+  independent of the number of heads). Head-wise layouts do not combine with decode maskers;
 - what a press reads (`Observation`): the layer's keys and values; the last queries of the
   prefill (post-RoPE, as captured by the attention function: kvpress recomputes them from
   the hidden states, the same numbers); column sums of the prefill's attention
@@ -576,7 +578,7 @@ class HeadWise:
         flat_keys[dest], flat_values[dest] = keys[valid], values[valid]
         segment = torch.tensor([i for i, t in enumerate(tiles) for _ in range(t)], dtype=torch.long,
                                device=dev)
-        ends = torch.tensor([o + c for o, c in zip(offsets, counts)], device=dev)
+        ends = torch.tensor([o + c for o, c in zip(offsets[:-1], counts, strict=True)], device=dev)
         place = torch.arange(offsets[-1], device=dev).view(-1, TILE)
         bias = torch.zeros(place.shape, device=dev).masked_fill_(place >= ends[segment, None], NEG_INF)
         return cls(flat_keys, flat_values, offsets, tuple(counts), segment, bias.unsqueeze(1))
