@@ -43,15 +43,23 @@ a CPU-compiled FlexAttention, so on CPU a pattern with columns runs on the refer
 `attend_flashinfer` (`kernel: flashinfer`, optional, CUDA, float16/bfloat16) runs the blocks on
 FlashInfer's `BlockSparseAttentionWrapper` (API read from flashinfer-ai/flashinfer
 flashinfer/sparse.py at commit 0090a5f8; version.txt of a stored neighbour commit: 0.7.0rc3):
-its BSR pattern is shared by all heads, so the heads are flattened into one (rows = (head,
-query block), columns = (kv head, key block); GQA without a copy per query head), R = C =
-`block`, the causal cut as its element `mask` ([nnz, block, block], one per computed block:
-memory grows with the density), its base-2 log-sum-exp merged with the columns as flex's.
-The conversion (`flashinfer_bsr`) and the code around the call are tested on CPU (the call on
-a stand-in wrapper); FlashInfer itself has not run on a GPU in this project so far.
-It is opt-in: `kernel: auto` picks flex on CUDA and gather on CPU (the element mask, a
-block x block bool per computed block, is ~27 GB at 128k tokens, 32 heads, blocks of 64 and
-10% density).
+its BSR pattern is shared by all heads, so it runs in two calls, R = C = `block`: the blocks
+before the diagonal (a key block before the query block's grid block ends before its first
+row, so no causal cut, whatever the chunk start) with no element mask, the heads flattened into
+one (rows = (head, query block), columns = (kv head, key block); GQA without a copy per query
+head); then each query block's diagonal block (the only one the causal cut crosses; rows past
+the chunk and padded keys are either dropped or after every real row) for all heads at once
+(FlashInfer's own GQA, the chunk's own keys), with one causal element mask per query block,
+the heads that do not select it dropped (at most one block per (head, query block) computed for
+nothing). The kernel's `causal=True` would also be exact there (query and key lengths equal per
+row), but for block x group < 4 FlashInfer plans a decode kernel that takes no causal
+argument, so the mask is explicit: [nq, block, block], one block expanded on our side, which
+FlashInfer copies (8 MiB at 128k tokens, blocks of 64, instead of ~27 GB for a mask per
+computed block at 32 heads and 10% density); its conversion loops over the nq rows in Python
+(not measured). The calls' base-2 log-sum-exps are merged with each other and the columns as
+flex's. The conversion (`flashinfer_bsr`, `flashinfer_diagonal`) and the code around the calls
+are tested on CPU (the calls on a stand-in wrapper); FlashInfer itself has not run on a GPU in
+this project so far, so `kernel: auto` still picks flex on CUDA and gather on CPU.
 
 Columns as index lists or in a FlexAttention `mask_mod` (issue 19 item 3;
 scripts/prefill_columns_kernel.py, docs/performance.md): with the columns folded into the
@@ -348,26 +356,32 @@ def check_kernel(kernel: str, cuda: bool, dtype: str, key: str) -> None:
                           "use auto or flex")
 
 
-def flashinfer_bsr(blocks: Tensor, first: int, block: int, kv_heads: int
-                   ) -> tuple[Tensor, Tensor, Tensor]:
-    """The arguments of FlashInfer's `BlockSparseAttentionWrapper.plan` for one batch row's
-    blocks [H, nq, nk] (query block i = grid block first + i), in the layout `attend_flashinfer`
-    runs: one head, the rows (head h, query block i) and columns (kv head h // g, key block j)
-    flattened, so each head keeps its own blocks. Returns BSR (indptr [H * nq + 1], indices
-    [nnz], int32; sorted per row) and the element mask [nnz, block, block] (causal: key
-    j * block + c <= row (first + i) * block + r), the blocks after the diagonal left out."""
+def flashinfer_bsr(blocks: Tensor, first: int, kv_heads: int) -> tuple[Tensor, Tensor, Tensor]:
+    """FlashInfer's BSR for one batch row's blocks [H, nq, nk] (query block i = grid block
+    first + i) before the diagonal, which need no element mask (key block j < first + i ends
+    before the query block's first grid row), in the layout `attend_flashinfer` runs: one head,
+    the rows (head h, query block i) and columns (kv head h // g, key block j) flattened, so
+    each head keeps its own blocks. Returns indptr [H * nq + 1] and indices [nnz] (int32,
+    sorted per row), and diag, bool [H, nq]: the heads that compute query block i's diagonal
+    block (the only one cut by causality; run by `flashinfer_diagonal`'s call)."""
     h, nq, nk = blocks.shape
     dev = blocks.device
-    qi = torch.arange(nq, device=dev)[:, None] + first
-    sel = blocks & (torch.arange(nk, device=dev)[None, :] <= qi)
-    hi, i, j = sel.nonzero(as_tuple=True)  # row-major: by row (hi, i), then j ascending
+    qi = torch.arange(nq, device=dev) + first
+    sel = blocks & (torch.arange(nk, device=dev)[None, :] < qi[:, None])
+    hi, _, j = sel.nonzero(as_tuple=True)  # row-major: by row (hi, i), then j ascending
     indptr = torch.zeros(h * nq + 1, dtype=torch.int32, device=dev)
     indptr[1:] = sel.sum(-1).flatten().cumsum(0)
     indices = ((hi // (h // kv_heads)) * nk + j).to(torch.int32)
-    offs = torch.arange(block, device=dev)
-    gap = ((i + first - j) * block)[:, None, None]  # first row of the query block - first key
-    mask = gap + offs[None, :, None] >= offs[None, None, :]
-    return indptr, indices, mask
+    return indptr, indices, blocks[:, torch.arange(nq, device=dev), qi]
+
+
+def flashinfer_diagonal(nq: int, block: int, device) -> tuple[Tensor, Tensor, Tensor]:
+    """The diagonal call's BSR over the chunk's own grid blocks (row i = query block i, column
+    i = its diagonal key block; heads as FlashInfer heads, shared by all) and its element mask
+    [nq, block, block]: causal (key c <= row r), one block expanded (FlashInfer copies it)."""
+    indptr = torch.arange(nq + 1, dtype=torch.int32, device=device)
+    tril = torch.ones(block, block, dtype=torch.bool, device=device).tril()
+    return indptr, indptr[:-1], tril.expand(nq, block, block)
 
 
 @functools.cache
@@ -380,9 +394,11 @@ def _flashinfer_wrapper(device):
 
 def attend_flashinfer(pattern: Pattern, query: Tensor, key: Tensor, value: Tensor,
                       scaling: float) -> Tensor:
-    """The blocks on FlashInfer's block-sparse kernel (`flashinfer_bsr`: R = C = block, the
-    causal cut as its element mask; float16/bfloat16, CUDA), the columns outside them by
-    `attend_reference`, merged through the log-sum-exp (FlashInfer's is base 2)."""
+    """The blocks on FlashInfer's block-sparse kernel (float16/bfloat16, CUDA) in two calls:
+    the blocks before the diagonal with no element mask (`flashinfer_bsr`), every query
+    block's diagonal block with a causal mask (`flashinfer_diagonal`; the heads that do not
+    select it dropped), then the columns outside the blocks by `attend_reference`, all merged
+    through the log-sum-exp (FlashInfer's is base 2)."""
     if query.dtype not in (torch.float16, torch.bfloat16):
         raise ValueError("kernel flashinfer: needs float16 or bfloat16 (model.dtype), got "
                          f"{query.dtype}")
@@ -390,30 +406,41 @@ def attend_flashinfer(pattern: Pattern, query: Tensor, key: Tensor, value: Tenso
     hk, kv = key.shape[1], key.shape[2]
     block, first = pattern.block, pattern.first_block
     nq, nk = pattern.blocks.shape[-2:]
+    dev, neg = query.device, float("-inf")
     front = pattern.start - first * block
     qp = pad_rows(query, front, nq * block - front - q)
     kp, vp = (pad_rows(t, 0, nk * block - kv) for t in (key, value))
-    wrapper = _flashinfer_wrapper(query.device)
+    own = slice(first * block, (first + nq) * block)  # the diagonal blocks' keys
+    wrapper = _flashinfer_wrapper(dev)
+    d_indptr, d_indices, d_mask = flashinfer_diagonal(nq, block, dev)
+    dtypes = {"q_data_type": query.dtype, "kv_data_type": key.dtype, "o_data_type": query.dtype}
     outs, lses = [], []
     for bi in range(b):
-        indptr, indices, mask = flashinfer_bsr(pattern.blocks[bi], first, block, hk)
-        wrapper.plan(indptr, indices, h * nq * block, hk * nk * block, block, block, 1, 1, d,
-                     mask=mask, sm_scale=scaling, q_data_type=query.dtype,
-                     kv_data_type=key.dtype, o_data_type=query.dtype)
-        o, lse = wrapper.run(qp[bi].reshape(-1, 1, d), kp[bi].reshape(-1, 1, d),
-                             vp[bi].reshape(-1, 1, d), return_lse=True)
-        outs.append(o.view(h, nq * block, d))
-        lses.append(lse.view(h, nq * block) * math.log(2))
-    out = torch.stack(outs)[:, :, front:front + q]
+        indptr, indices, diag = flashinfer_bsr(pattern.blocks[bi], first, hk)
+        out = torch.zeros(h, nq * block, d, device=dev)
+        lse = torch.full((h, nq * block), neg, device=dev)
+        if len(indices):  # a row without a block: whatever the kernel leaves -> 0 and -inf
+            wrapper.plan(indptr, indices, h * nq * block, hk * nk * block, block, block, 1, 1, d,
+                         sm_scale=scaling, **dtypes)
+            o, l1 = wrapper.run(qp[bi].reshape(-1, 1, d), kp[bi].reshape(-1, 1, d),
+                                vp[bi].reshape(-1, 1, d), return_lse=True)
+            has = (indptr[1:] > indptr[:-1]).view(h, nq).repeat_interleave(block, -1)
+            out = o.view(h, nq * block, d).float().masked_fill(~has[..., None], 0.0)
+            lse = (l1.view(h, nq * block).float() * math.log(2)).masked_fill(~has, neg)
+        if bool(diag.any()):
+            wrapper.plan(d_indptr, d_indices, nq * block, nq * block, block, block, h, hk, d,
+                         mask=d_mask, sm_scale=scaling, **dtypes)
+            o, l2 = wrapper.run(qp[bi].transpose(0, 1).contiguous(),
+                                kp[bi, :, own].transpose(0, 1).contiguous(),
+                                vp[bi, :, own].transpose(0, 1).contiguous(), return_lse=True)
+            keep = diag.repeat_interleave(block, -1)  # [H, nq * block]
+            o2 = o.transpose(0, 1).float().masked_fill(~keep[..., None], 0.0)
+            l2 = (l2.transpose(0, 1).float() * math.log(2)).masked_fill(~keep, neg)
+            out, lse = _merge(out, lse, o2, l2)
+        outs.append(out)
+        lses.append(lse)
+    out = torch.stack(outs)[:, :, front:front + q].to(query.dtype)
     lse = torch.stack(lses)[:, :, front:front + q]
-    # a row that computes no key (no block at or before it): 0 and -inf, whatever the kernel left
-    kb = torch.arange(nk, device=query.device)
-    sel = pattern.blocks & (kb <= torch.arange(nq, device=query.device)[:, None] + first)
-    lowest = torch.where(sel, kb, nk).amin(-1)  # [b, H, nq]: the first key block computed
-    pos = torch.arange(pattern.start, kv, device=query.device)
-    none = lowest[..., pos // block - first] * block > pos
-    out = out.masked_fill(none[..., None], 0.0)
-    lse = lse.masked_fill(none, float("-inf"))
     return _with_columns(pattern, out, lse, query, key, value, scaling)
 
 

@@ -28,6 +28,7 @@ from sa_bench.attention.prefill import (  # noqa: E402
     computed_pairs,
     flashinfer_available,
     flashinfer_bsr,
+    flashinfer_diagonal,
 )
 from sa_bench.attention.prefill_methods import (  # noqa: E402
     AShape,
@@ -271,75 +272,121 @@ def test_flex_attention_with_columns_on_gpu():
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
 
 
-def expand_bsr(indptr, indices, mask, h, hk, start, kv, block):
-    """FlashInfer's BSR arguments (`flashinfer_bsr`'s layout) back to a dense bool [H, q, kv]
-    mask over the chunk's rows, read as the kernel reads them."""
-    nq = (len(indptr) - 1) // h
-    nk = -(-kv // block)
-    first = start // block
-    grid = torch.zeros(h, nq * block, nk * block, dtype=torch.bool)
-    for row in range(h * nq):
-        hi, i = divmod(row, nq)
-        for n in range(int(indptr[row]), int(indptr[row + 1])):
-            kvh, j = divmod(int(indices[n]), nk)
-            assert kvh == hi // (h // hk)  # the query head's own kv head
-            grid[hi, i * block:(i + 1) * block, j * block:(j + 1) * block] |= mask[n]
+def expand_bsr(indptr, indices, mask, m, n, block):
+    """A BSR matrix of block x block blocks (FlashInfer's plan arguments; `mask` [nnz, block,
+    block] or None: full blocks) as the dense bool [m, n] of the pairs it computes; a block
+    listed twice in a row fails."""
+    dense = torch.zeros(m, n, dtype=torch.bool)
+    for row in range(len(indptr) - 1):
+        cols = indices[int(indptr[row]):int(indptr[row + 1])].tolist()
+        assert len(set(cols)) == len(cols)
+        for n_, j in enumerate(cols, int(indptr[row])):
+            dense[row * block:(row + 1) * block, j * block:(j + 1) * block] = (
+                True if mask is None else mask[n_])
+    return dense
+
+
+def flashinfer_coverage(blocks, h, hk, start, kv, block):
+    """The pairs `attend_flashinfer`'s two calls compute for one batch row, read from their plan
+    arguments as the kernel reads them: (blocks call, diagonal call), bool [H, q, kv] each over
+    the chunk's rows, and whether a real row reads a padded key (>= kv)."""
+    nq, nk = blocks.shape[-2:]
+    first, g = start // block, h // hk
+    indptr, indices, diag = flashinfer_bsr(blocks, first, hk)
+    assert indptr.dtype == indices.dtype == torch.int32 and int(indptr[-1]) == len(indices)
+    off = expand_bsr(indptr, indices, None, h * nq * block, hk * nk * block, block)
+    off = off.view(h, nq * block, hk, nk * block)
+    for hi in range(h):  # only the query head's own kv head
+        assert not off[hi, :, [x for x in range(hk) if x != hi // g]].any()
+    off = off[torch.arange(h), :, torch.arange(h) // g]  # [H, nq * block, nk * block]
+    d_indptr, d_indices, d_mask = flashinfer_diagonal(nq, block, blocks.device)
+    own = expand_bsr(d_indptr, d_indices, d_mask, nq * block, nq * block, block)
+    dia = torch.zeros(h, nq * block, nk * block, dtype=torch.bool)
+    dia[:, :, first * block:] = own & diag.repeat_interleave(block, -1)[..., None]
     front = start - first * block
-    return grid[:, front:front + kv - start, :kv]
+    rows = slice(front, front + kv - start)
+    padded = bool((off | dia)[:, rows, kv:].any())
+    return off[:, rows, :kv], dia[:, rows, :kv], padded
 
 
 @pytest.mark.parametrize("h,hk,start,kv,block", [
-    (4, 2, 0, 203, 16), (4, 4, 77, 203, 16), (6, 2, 64, 300, 32), (2, 1, 150, 151, 16), (3, 3, 5, 40, 8)])
-def test_flashinfer_arguments_compute_the_causal_pattern(h, hk, start, kv, block):
-    """The BSR + element mask handed to FlashInfer expand to exactly the pairs the reference
-    computes (pattern and causal), per head, for chunked starts and lengths off the grid."""
+    (4, 2, 0, 203, 16), (4, 4, 77, 203, 16), (6, 2, 64, 300, 32), (6, 2, 77, 300, 32),
+    (2, 1, 150, 151, 16), (3, 3, 5, 40, 8), (6, 3, 190, 203, 16), (4, 4, 0, 64, 16)])
+def test_flashinfer_calls_compute_the_causal_pattern(h, hk, start, kv, block):
+    """The blocks call (no element mask) and the diagonal call (causal mask) expand to disjoint
+    sets of pairs whose union is exactly what the reference computes (pattern and causal),
+    per head, for chunked starts on and off the grid, lengths off the grid and GQA 1/2/3."""
     gen = torch.Generator().manual_seed(kv + start + h)
     pattern = random_pattern(2, h, start, kv, block, 0, gen)
+    pattern.blocks[1] = True  # every block: each query block's diagonal is cut
     query, key, _ = qkv(2, h, hk, kv - start, kv)
     allowed = brute_force_mask(pattern, query, key)
     for bi in range(2):
-        indptr, indices, mask = flashinfer_bsr(pattern.blocks[bi], pattern.first_block, block, hk)
-        assert indptr.dtype == indices.dtype == torch.int32 and mask.shape[1:] == (block, block)
-        assert int(indptr[-1]) == len(indices) == len(mask)
-        assert torch.equal(expand_bsr(indptr, indices, mask, h, hk, start, kv, block), allowed[bi])
+        off, dia, padded = flashinfer_coverage(pattern.blocks[bi], h, hk, start, kv, block)
+        assert not padded and not (off & dia).any()
+        assert torch.equal(off | dia, allowed[bi])
+
+
+@pytest.mark.parametrize("h,hk,start,kv,block", [
+    (32, 8, 0, 4096, 64), (32, 8, 1000, 4096, 64), (8, 8, 4050, 4096, 16)])
+def test_flashinfer_element_mask_is_one_block_per_query_block(h, hk, start, kv, block):
+    """Mask memory: only the diagonal call has an element mask, one block per query block (at
+    most the (head, query block) pairs; one stored block, expanded), however dense the
+    pattern; the blocks call's blocks, which grow with density, have none."""
+    nq, nk = -(-kv // block) - start // block, -(-kv // block)
+    blocks = torch.ones(h, nq, nk, dtype=torch.bool)
+    indptr, indices, diag = flashinfer_bsr(blocks, start // block, hk)
+    _, _, mask = flashinfer_diagonal(nq, block, blocks.device)
+    assert mask.shape[1:] == (block, block) and len(mask) == nq <= diag.numel()  # (head, q block)
+    assert mask.untyped_storage().nbytes() == block * block
+    assert diag.all() and len(indices) == h * (nq * (nq - 1) // 2 + nq * (nk - nq))
 
 
 class FakeBlockSparseWrapper:
     """FlashInfer's `BlockSparseAttentionWrapper` as its docs define plan/run (R x C blocks of
-    a BSR matrix, `mask` [nnz, R, C], q/k/v [tokens, heads, d], lse base 2), densely in
-    float32; a row with no key gets nan, as an unwritten output could hold anything."""
+    a BSR matrix shared by all heads, optional `mask` [nnz, R, C], q [M, heads, d], k/v [N,
+    kv heads, d], GQA, lse base 2), densely in float32; a row with no key gets nan, as an
+    unwritten output could hold anything."""
 
-    def plan(self, indptr, indices, M, N, R, C, num_qo_heads, num_kv_heads, head_dim, *, mask,
-             sm_scale, q_data_type, kv_data_type, o_data_type):
-        assert (num_qo_heads, num_kv_heads) == (1, 1) and M % R == 0 and N % C == 0
+    def plan(self, indptr, indices, M, N, R, C, num_qo_heads, num_kv_heads, head_dim, *,
+             mask=None, sm_scale, q_data_type, kv_data_type, o_data_type):
+        assert R == C and M % R == 0 and N % C == 0 and num_qo_heads % num_kv_heads == 0
         assert q_data_type == kv_data_type == o_data_type
-        self.allowed = torch.zeros(M, N, dtype=torch.bool)
-        for row in range(len(indptr) - 1):
-            for n in range(int(indptr[row]), int(indptr[row + 1])):
-                j = int(indices[n])
-                self.allowed[row * R:(row + 1) * R, j * C:(j + 1) * C] = mask[n]
-        self.scale, self.dtype = sm_scale, o_data_type
+        self.allowed = expand_bsr(indptr, indices, mask, M, N, R)
+        self.g, self.scale, self.dtype = num_qo_heads // num_kv_heads, sm_scale, o_data_type
+        self.calls = getattr(self, "calls", 0) + 1
 
     def run(self, q, k, v, return_lse):
-        s = (q[:, 0].float() @ k[:, 0].float().T * self.scale).masked_fill(~self.allowed, float("-inf"))
+        k, v = (t.float().repeat_interleave(self.g, 1).transpose(0, 1) for t in (k, v))
+        s = (q.float().transpose(0, 1) @ k.transpose(-1, -2) * self.scale).masked_fill(
+            ~self.allowed, float("-inf"))  # [heads, M, N]
         lse = torch.logsumexp(s, -1)
-        out = torch.exp(s - lse[:, None]) @ v[:, 0].float()  # nan where a row has no key
-        return out.to(self.dtype)[:, None], (lse / math.log(2))[:, None]
+        out = torch.exp(s - lse[..., None]) @ v  # nan where a row has no key
+        return out.transpose(0, 1).to(self.dtype), (lse / math.log(2)).T
 
 
-@pytest.mark.parametrize("start,kv,block,columns", [(0, 203, 16, 0), (77, 203, 16, 7), (64, 300, 32, 5)])
-def test_flashinfer_call_on_a_fake_wrapper_equals_the_reference(monkeypatch, start, kv, block, columns):
-    """The padding, head layout, lse base, rows without a key and column merge around the
-    FlashInfer call, with FlashInfer replaced by `FakeBlockSparseWrapper` (no GPU here)."""
-    monkeypatch.setattr(prefill, "_flashinfer_wrapper", lambda device: FakeBlockSparseWrapper())
+@pytest.mark.parametrize("h,hk,start,kv,block,columns", [
+    (4, 2, 0, 203, 16, 0), (4, 2, 77, 203, 16, 7), (6, 2, 64, 300, 32, 5), (3, 3, 190, 203, 16, 0),
+    (6, 2, 77, 300, 32, 0)])
+def test_flashinfer_call_on_a_fake_wrapper_equals_the_reference(monkeypatch, h, hk, start, kv,
+                                                                block, columns):
+    """The padding, head layouts, the two calls' merge, lse base, rows without a key and the
+    column merge around FlashInfer, with it replaced by `FakeBlockSparseWrapper` (no GPU here)."""
+    fake = FakeBlockSparseWrapper()
+    monkeypatch.setattr(prefill, "_flashinfer_wrapper", lambda device: fake)
     gen = torch.Generator().manual_seed(kv + start)
-    query, key, value = (t.to(torch.bfloat16) for t in qkv(2, 4, 2, kv - start, kv))
-    pattern = random_pattern(2, 4, start, kv, block, columns, gen)
+    query, key, value = (t.to(torch.bfloat16) for t in qkv(2, h, hk, kv - start, kv))
+    pattern = random_pattern(2, h, start, kv, block, columns, gen)
     pattern.blocks[0, 1, :3] = False  # rows with no key (unless a column)
+    nq, nk = pattern.blocks.shape[-2:]
+    diagonal = torch.arange(nk)[None, :] == torch.arange(nq)[:, None] + start // block
+    pattern.blocks[0, 2] = diagonal  # the diagonal call only
+    pattern.blocks[1, 0] &= ~diagonal  # the blocks call only
     out = attend(pattern, query, key, value, 0.3, kernel="flashinfer")
     ref, _ = attend_reference(pattern, query, key, value, 0.3)
     assert out.dtype == torch.bfloat16 and not out.isnan().any()
     torch.testing.assert_close(out.float(), ref.float(), atol=1e-2, rtol=1e-2)
+    assert fake.calls == 4  # two per batch row
 
 
 def test_flashinfer_kernel_is_refused_before_the_model_loads(monkeypatch, tmp_path):
