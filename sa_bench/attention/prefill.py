@@ -436,7 +436,7 @@ def attend_flashinfer(pattern: Pattern, query: Tensor, key: Tensor, value: Tenso
             keep = diag.repeat_interleave(block, -1)  # [H, nq * block]
             o2 = o.transpose(0, 1).float().masked_fill(~keep[..., None], 0.0)
             l2 = (l2.transpose(0, 1).float() * math.log(2)).masked_fill(~keep, neg)
-            out, lse = _merge(out, lse, o2, l2)
+            out, lse = merge_softmax(out, lse, o2, l2)
         outs.append(out)
         lses.append(lse)
     out = torch.stack(outs)[:, :, front:front + q].to(query.dtype)
