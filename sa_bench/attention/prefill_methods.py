@@ -108,6 +108,7 @@ class VerticalSlash(PrefillMethod):
     The file's content is in the job key; the path is not."""
 
     file_locators = ("patterns",)  # the file is keyed by its content
+    key_version = 2  # results changed meaning on CUDA: flex counted in-block columns twice
 
     vertical_size: int = 512
     slash_size: int = 512
@@ -494,6 +495,8 @@ class FlexPrefill(PrefillMethod):
 
     The authors' own selection (query-aware heads, gamma, tau, block 128) is
     `FlexPrefillBytedance` (conf/sparse/flexprefill_bytedance.yaml)."""
+
+    key_version = 2  # results changed meaning on CUDA: flex counted in-block columns twice
 
     alpha: float = 0.65
     approximation: int = 512

@@ -511,3 +511,13 @@ def test_a_prefill_patterns_file_is_keyed_by_its_content(tmp_path):
     assert with_a != plain and key(vs(str(b))) == with_a  # the same content elsewhere
     a.write_text(json.dumps([{"0": ["vertical_and_slash", 100, 900, 0.9]}] * 2))
     assert key(vs(str(a))) != with_a
+
+
+def test_prefill_methods_with_columns_are_keyed_after_the_flex_columns_fix():
+    """The flex kernel (CUDA) counted a column inside a selected block twice until the fix:
+    the methods whose patterns carry columns were bumped, so no such cell is skipped."""
+    from sa_bench.attention.prefill_methods import BlockSparse, FlexPrefill, VerticalSlash
+
+    for cls in (VerticalSlash, FlexPrefill):
+        assert identity.canonical(cls())["@v"] == 2
+    assert "@v" not in identity.canonical(BlockSparse())  # blocks only: unchanged
