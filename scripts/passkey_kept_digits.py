@@ -13,16 +13,15 @@ from __future__ import annotations
 
 import argparse
 import random
+from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
 from sa_bench.attention import SparseMethod
 from sa_bench.benchmarks.passkey import even_depths, make_prompt
 from sa_bench.models.loading import EMBEDDED_ROOT
+from sa_bench.perf.attention import method_config
 from sa_bench.runner import _prefill
-
-ROOT = EMBEDDED_ROOT.parents[2]
 
 
 def main() -> None:
@@ -48,9 +47,7 @@ def main() -> None:
     print("| press | (layer, kv head) pairs keeping all 5 digits |")
     print("|---|---|")
     for name in args.presses:
-        cfg = OmegaConf.to_container(OmegaConf.load(ROOT / f"conf/sparse/{name}.yaml"))
-        cfg["compression"]["compression_ratio"] = args.ratio
-        method = SparseMethod.from_config(cfg)
+        method = SparseMethod.from_config(method_config(name, Path(), args.ratio))  # no model files
         keeping, pairs, quantiles = 0, 0, []
         with method.installed(model, "sdpa", tok):
             for ids, digits in prompts:

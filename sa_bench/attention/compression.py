@@ -59,7 +59,13 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from sa_bench.attention.kv_cache import is_plain, store
-from sa_bench.attention.ops import NEG_INF, float_matmul, merge_softmax, reads_free
+from sa_bench.attention.ops import (
+    NEG_INF,
+    bottom_right_causal,
+    float_matmul,
+    merge_softmax,
+    reads_free,
+)
 from sa_bench.config import ConfigError, build_target
 from sa_bench.lazy import torch
 
@@ -601,7 +607,7 @@ def head_wise_attention(query: Tensor, key: Tensor, value: Tensor, store: HeadWi
     b, h, q, d = query.shape
     hk, m = key.shape[1], key.shape[2]
     g = h // hk
-    causal = torch.arange(m, device=key.device)[None, :] <= (m - q + torch.arange(q, device=key.device))[:, None]
+    causal = bottom_right_causal(q, m, key.device)
     out = torch.empty_like(query)
     for i in range(b * hk):
         r, k = divmod(i, hk)
@@ -638,8 +644,7 @@ def _head_wise_tiles(query: Tensor, key: Tensor, value: Tensor, store: HeadWise,
     if m:
         new = float_matmul(rows.view(b, hk, width, d), key.transpose(-1, -2)).mul_(scaling)
         if q > 1:
-            pos = torch.arange(m, device=key.device)
-            causal = pos[None, :] <= (m - q + torch.arange(q, device=key.device))[:, None]
+            causal = bottom_right_causal(q, m, key.device)
             new = new.view(b, hk, -1, q, m).masked_fill_(~causal, NEG_INF).view(b, hk, width, m)
         new_lse = new.logsumexp(-1)
         p_new = new.sub_(new_lse.unsqueeze(-1)).exp_().to(value.dtype)

@@ -118,11 +118,15 @@ def first_allowed(allowed: Tensor) -> Tensor:
     return allowed.to(torch.uint8).argmax(-1)  # uint8: ~40x faster than int32 on CPU
 
 
+def bottom_right_causal(q: int, kv: int, device) -> Tensor:
+    """Bool [q, kv]: the last q of kv positions as queries, each seeing the keys up to its own."""
+    return torch.arange(kv, device=device)[None, :] <= (kv - q + torch.arange(q, device=device))[:, None]
+
+
 def allowed_from_mask(attention_mask: Tensor | None, b: int, q: int, kv: int, device) -> Tensor:
     """Bool [b, 1, q, kv] of the keys each query may attend to (causal when mask is None)."""
     if attention_mask is None:
-        pos = torch.arange(kv, device=device)
-        return (pos[None, :] <= (kv - q + torch.arange(q, device=device))[:, None]).expand(b, 1, q, kv)
+        return bottom_right_causal(q, kv, device).expand(b, 1, q, kv)
     mask = attention_mask[:, :, :, :kv]
     if mask.dtype == torch.bool:
         return mask.expand(b, 1, q, kv)
