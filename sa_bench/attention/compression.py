@@ -25,8 +25,10 @@ else lives here, once:
   (offsets, each tile's head and padding bias); kvpress only masks. The cache layer itself is
   emptied and holds only the positions appended afterwards (every head); attention
   (`head_wise_attention`) takes each kv head's kept keys, then the appended ones, in one
-  softmax (on CPU a loop over heads; on an accelerator batched over tiles, launches
-  independent of the number of heads). Head-wise layouts do not combine with decode maskers;
+  softmax (on CPU one SDPA call per kv head: the pre-sized layer's room moves into the store
+  as each head's slack after its kept keys, where the appended keys are written as they come;
+  on an accelerator batched over tiles, launches independent of the number of heads).
+  Head-wise layouts do not combine with decode maskers;
 - what a press reads (`Observation`): the layer's keys and values; the last queries of the
   prefill (post-RoPE, as captured by the attention function: kvpress recomputes them from
   the hidden states, the same numbers); column sums of the prefill's attention
@@ -58,7 +60,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from sa_bench.attention.kv_cache import is_plain, store
+from sa_bench.attention.kv_cache import is_plain, room, store
 from sa_bench.attention.ops import (
     NEG_INF,
     bottom_right_causal,
@@ -472,10 +474,14 @@ class Compressor:
             take = idx.unsqueeze(-1).expand(-1, -1, -1, keys.shape[-1])
             before = keys.nbytes + values.nbytes
             kept_keys, kept_values = keys.gather(2, take), values.gather(2, take)
+            to_come = room(keys) - n  # a pre-sized layer's room for the tokens still to come
             if valid is not None:  # head-wise: stored flat, the cache layer emptied
-                self.heads[layer] = HeadWise.of(kept_keys, kept_values, valid)
+                # on CPU the room moves into the store (each head's slack); the layer keeps none
+                slack = to_come if reads_free(keys.device) else 0
+                self.heads[layer] = HeadWise.of(kept_keys, kept_values, valid, slack)
                 kept_keys, kept_values = keys[:, :, :0].clone(), values[:, :, :0].clone()
-            store(entry, kept_keys.contiguous(), kept_values.contiguous())
+                to_come -= slack
+            store(entry, kept_keys.contiguous(), kept_values.contiguous(), to_come)
             self.totals["kv_bytes_before"] += before
             self.totals["kv_bytes_after"] += (entry.keys.nbytes + entry.values.nbytes
                                               + self.stored_bytes(layer))
@@ -559,10 +565,11 @@ padding keys per segment, counted in `HeadWise.nbytes`)."""
 class HeadWise:
     """A head-wise compressed layer, stored flat: the kept keys and values of every (batch
     row, kv head) one after another, [N, d]; segment i = b * Hk + h starts at `offsets[i]`,
-    holds `counts[i]` keys (its positions in ascending order), then zero padding up to
-    `offsets[i + 1]`, a multiple of `TILE`. `tile_segment` [tiles]: each tile's segment;
-    `tile_bias` float32 [tiles, 1, TILE]: 0 on kept keys, -inf on padding (the accelerator
-    path, `_head_wise_tiles`)."""
+    holds `counts[i]` keys (its positions in ascending order), then `slack` positions for the
+    keys appended after compression (CPU path: written there as they come, so a head's keys
+    are contiguous), then zero padding up to `offsets[i + 1]`, a multiple of `TILE`.
+    `tile_segment` [tiles]: each tile's segment; `tile_bias` float32 [tiles, 1, TILE]: 0 on
+    kept keys, -inf on slack and padding (the accelerator path, `_head_wise_tiles`)."""
 
     keys: Tensor
     values: Tensor
@@ -570,12 +577,14 @@ class HeadWise:
     counts: tuple[int, ...]
     tile_segment: Tensor
     tile_bias: Tensor
+    slack: int = 0
 
     @classmethod
-    def of(cls, keys: Tensor, values: Tensor, valid: Tensor) -> HeadWise:
-        """From the padded layout [b, Hk, L, d] and its validity [b, Hk, L]."""
+    def of(cls, keys: Tensor, values: Tensor, valid: Tensor, slack: int = 0) -> HeadWise:
+        """From the padded layout [b, Hk, L, d] and its validity [b, Hk, L]; `slack`
+        positions reserved after each segment's kept keys."""
         counts = valid.sum(-1).flatten().tolist()
-        tiles = [-(-c // TILE) for c in counts]
+        tiles = [-(-(c + slack) // TILE) for c in counts]
         offsets = tuple(itertools.accumulate((TILE * t for t in tiles), initial=0))
         dev, d = keys.device, keys.shape[-1]
         start = torch.tensor(offsets[:-1], device=dev).view(valid.shape[:2])
@@ -587,26 +596,35 @@ class HeadWise:
         ends = torch.tensor([o + c for o, c in zip(offsets[:-1], counts, strict=True)], device=dev)
         place = torch.arange(offsets[-1], device=dev).view(-1, TILE)
         bias = torch.zeros(place.shape, device=dev).masked_fill_(place >= ends[segment, None], NEG_INF)
-        return cls(flat_keys, flat_values, offsets, tuple(counts), segment, bias.unsqueeze(1))
+        return cls(flat_keys, flat_values, offsets, tuple(counts), segment, bias.unsqueeze(1), slack)
 
     @property
     def nbytes(self) -> int:
-        return (self.keys.nbytes + self.values.nbytes + self.tile_segment.nbytes
-                + self.tile_bias.nbytes + 8 * (len(self.offsets) + len(self.counts)))
+        """Bytes of the kept keys and values with their padding and index; the slack is the
+        room for the tokens still to come (as a pre-sized cache layer's room, not counted)."""
+        slack = self.slack * len(self.counts) * self.keys.shape[-1]
+        return (self.keys.nbytes + self.values.nbytes
+                - slack * (self.keys.element_size() + self.values.element_size())
+                + self.tile_segment.nbytes + self.tile_bias.nbytes
+                + 8 * (len(self.offsets) + len(self.counts)))
 
 
 def head_wise_attention(query: Tensor, key: Tensor, value: Tensor, store: HeadWise,
                         scaling: float) -> Tensor:
     """Attention over a head-wise compressed layer: each kv head's kept keys in `store` (all
     visible), then the keys appended after compression, `key` / `value` [b, Hk, m, d]
-    (causal, bottom-right), in one softmax per kv head (float32 scores). -> [b, q, H, d].
-    On CPU a loop over (batch row, kv head); on an accelerator `_head_wise_tiles` (launches
-    independent of the number of heads)."""
+    (causal, bottom-right; the last q of them are this call's), in one softmax per kv head
+    (float32 scores). -> [b, q, H, d]. On CPU one SDPA call per (batch row, kv head) over
+    its segment when the appended keys fit the slack (`_head_wise_slack`), else a loop that
+    joins the two parts' scores; on an accelerator `_head_wise_tiles` (launches independent
+    of the number of heads)."""
     if not reads_free(query.device):
         return _head_wise_tiles(query, key, value, store, scaling)
     b, h, q, d = query.shape
     hk, m = key.shape[1], key.shape[2]
     g = h // hk
+    if q <= m <= store.slack:
+        return _head_wise_slack(query, key, value, store, scaling)
     causal = bottom_right_causal(q, m, key.device)
     out = torch.empty_like(query)
     for i in range(b * hk):
@@ -619,6 +637,38 @@ def head_wise_attention(query: Tensor, key: Tensor, value: Tensor, store: HeadWi
         e = old.shape[-1]
         out[r, k * g:(k + 1) * g] = p[..., :e] @ store.values[kept] + p[..., e:] @ value[r, k]
     return out.transpose(1, 2)
+
+
+def _head_wise_slack(query: Tensor, key: Tensor, value: Tensor, store: HeadWise,
+                     scaling: float) -> Tensor:
+    """`head_wise_attention` on CPU when the m appended keys fit each segment's slack: this
+    call's q new keys and values are written at their places after each segment's kept ones
+    (the earlier ones are there already; a rewound cache rewrites the same places), then each
+    (batch row, kv head) is one SDPA call over its kept + m keys, the group's query heads
+    folded into rows (no copy of the kept keys, no merge)."""
+    b, h, q, d = query.shape
+    hk, m = key.shape[1], key.shape[2]
+    g = h // hk
+    ends = [o + c for o, c in zip(store.offsets[:-1], store.counts, strict=True)]
+    dest = (torch.tensor(ends).unsqueeze(-1) + torch.arange(m - q, m)).flatten()
+    store.keys.index_copy_(0, dest, key[:, :, m - q:].reshape(-1, d))
+    store.values.index_copy_(0, dest, value[:, :, m - q:].reshape(-1, d))
+    out = query.new_empty(b, hk, g * q, d)
+    rows = query.reshape(b, hk, g * q, d)
+    for i, end in enumerate(ends):
+        r, k = divmod(i, hk)
+        n = end - store.offsets[i] + m
+        if n == 0:  # nothing kept and nothing appended: a zero output, as the loop
+            out[r, k].zero_()
+            continue
+        part = slice(store.offsets[i], end + m)
+        # row j * q + t (query head j of the group, query t) sees the kept keys and the
+        # appended ones up to its own
+        allowed = bottom_right_causal(q, n, query.device).repeat(g, 1) if q > 1 else None
+        out[r, k] = torch.nn.functional.scaled_dot_product_attention(
+            rows[r, k][None, None], store.keys[part][None, None], store.values[part][None, None],
+            attn_mask=allowed, scale=scaling)[0, 0]
+    return out.view(b, h, q, d).transpose(1, 2)
 
 
 def _head_wise_tiles(query: Tensor, key: Tensor, value: Tensor, store: HeadWise,

@@ -132,10 +132,12 @@ def presized_cache(config: Any, capacity: int) -> Any:
     return cache
 
 
-def store(layer: Any, keys: Tensor, values: Tensor) -> None:
-    """Replace `layer`'s keys and values (compression): a `PresizedLayer` keeps the room it
-    had for the tokens still to come, in a new buffer of the new length plus that room."""
+def store(layer: Any, keys: Tensor, values: Tensor, extra: int) -> None:
+    """Replace `layer`'s keys and values (compression): a `PresizedLayer` gets a new buffer of
+    the new length plus `extra` positions of room for the tokens still to come (with none, it
+    grows by doubling from there on)."""
     if is_presized(layer):
-        extra = room(layer.keys) - layer.keys.shape[2]
         keys, values = with_room(keys, extra), with_room(values, extra)
+        if not extra:
+            layer.capacity = 0
     layer.keys, layer.values = keys, values

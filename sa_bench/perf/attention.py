@@ -43,6 +43,7 @@ import yaml
 
 from sa_bench.attention.compression import kept_count
 from sa_bench.attention.gather import BATCHED_GATHER
+from sa_bench.attention.kv_cache import presized_layer
 from sa_bench.attention.method import SparseMethod
 
 CONF = Path(__file__).resolve().parents[2] / "conf" / "sparse"
@@ -158,18 +159,20 @@ def press_model(args) -> torch.nn.Module:
 
 
 def compress_context(method: SparseMethod, args, module, query, key, value):
-    """A compression method's cache after the context, as a job builds it: the context's last
-    queries `query` [1, H, w, d] go through the method's attention in prefill phase (the
+    """A compression method's cache layer after the context, as a job builds it: the context's
+    last queries `query` [1, H, w, d] go through the method's attention in prefill phase (the
     compressor records what its press reads: the last queries, their attention's column sums
-    and query statistics, here of these w rows only), then the press compresses a
-    DynamicCache of `key` / `value` at its stage (after the context; a query-aware press after
-    the question, here the same keys; a decoding press at once). -> (keys, values) kept."""
+    and query statistics, here of these w rows only), then the press compresses a pre-sized
+    cache of `key` / `value` with room for `args.steps` + 1 more tokens (`kv_cache`, as a job's)
+    at its stage (after the context; a query-aware press after the question, here the same
+    keys; a decoding press at once). -> the compressed cache layer."""
     from transformers.cache_utils import DynamicCache
 
     press, compressor = method.press, method.compressor
     compressor.prepare(press_model(args), 1)
     cache = DynamicCache()
-    cache.update(key, value, 0)
+    cache.layers = [presized_layer()(key.shape[2] + args.steps + 1)]
+    cache.layers[0].update(key, value)
     method.set_phase("decode" if press.stage == "decode" else "prefill")  # when it records
     method.attention(module, query, key, value, None, args.head_dim**-0.5)
     if press.stage == "decode":
@@ -179,7 +182,7 @@ def compress_context(method: SparseMethod, args, module, query, key, value):
     else:
         method.compress(cache, press.stage)
     method.set_phase("decode")
-    return cache.layers[0].keys, cache.layers[0].values
+    return cache.layers[0]
 
 
 def ops_per_call(fn, *fn_args) -> int:
@@ -213,11 +216,11 @@ def run_size(kv: int, names: list[str], args, device, dtype) -> dict[str, tuple]
         if method.compresses and method.press.reconstructs:
             raise SystemExit(f"--methods {name}: its press runs the model to score the cache "
                              f"(KVzip); time it with sa_bench.perf.scale")
-    caches = {}  # compression methods: their compressed cache, grown by the same steps
+    layers = {}  # compression methods: their compressed cache layer, grown by the same steps
     for name, method in methods.items():  # the context: per-layer key caches built once
         if method.compresses:
             window = max(PREFILL_QUERIES, method.press.window())
-            caches[name] = compress_context(method, args, module, rand(1, h, min(window, n0 - 1), d), key, value)
+            layers[name] = compress_context(method, args, module, rand(1, h, min(window, n0 - 1), d), key, value)
         else:
             method.attention(module, rand(1, h, 1, d), key, value, None, d**-0.5)
 
@@ -227,8 +230,7 @@ def run_size(kv: int, names: list[str], args, device, dtype) -> dict[str, tuple]
         new_key, new_value = rand(1, hk, 1, d), rand(1, hk, 1, d)
         key = torch.cat([key, new_key], 2)
         value = torch.cat([value, new_value], 2)
-        for name, (k, v) in caches.items():
-            caches[name] = torch.cat([k, new_key], 2), torch.cat([v, new_value], 2)
+        caches = {name: layer.update(new_key, new_value) for name, layer in layers.items()}
         query = rand(1, h, 1, d)
         calls = {"sdpa": (sdpa_grouped, (query, key, value)),
                  "sdpa_gqa": (sdpa_gqa, (query, key, value))}

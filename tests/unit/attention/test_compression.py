@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 from sa_bench import report
 from sa_bench.attention import SparseMethod
 from sa_bench.attention.compression import TILE, kept_count
+from sa_bench.attention.kv_cache import room
 from sa_bench.config import ConfigError
 from sa_bench.models.forward import with_cache
 from sa_bench.models.loading import ModelConfig, load_model
@@ -44,9 +45,9 @@ def method_of(name: str, **compression) -> SparseMethod:
     return SparseMethod.from_config(cfg)
 
 
-def prefilled(model, method, ids, chunk=64):
+def prefilled(model, method, ids, chunk=64, capacity=None):
     method.reset()
-    cache, n, _ = _prefill(model, method, tuple(ids), CPU, chunk)
+    cache, n, _ = _prefill(model, method, tuple(ids), CPU, chunk, capacity)
     return cache, n
 
 
@@ -64,6 +65,7 @@ def test_compressed_cache_holds_the_budget_per_head(tiny, install, name, ratio):
     install(method, model, tokenizer=tok)
     cache, n = prefilled(model, method, ids)
     before = [(e.keys.clone(), e.values.clone()) for e in cache.layers]
+    rooms = [room(e.keys) for e in cache.layers]
     method.compress(cache, "context")
     n_layers, hk = len(cache.layers), cache.layers[0].keys.shape[1]
     want = kept_count(n, ratio)
@@ -80,7 +82,10 @@ def test_compressed_cache_holds_the_budget_per_head(tiny, install, name, ratio):
             assert entry.keys.shape[2] == 0
             store = method.compressor.heads[layer]
             counts = valid.sum(-1)[0].tolist()
-            padded = [-(-c // TILE) * TILE for c in counts]  # each head's keys, then zeros
+            # on CPU the pre-sized layer's room moved into the store: each head's slack
+            assert store.slack == rooms[layer] - n or name == "kvzip"  # its passes grew the room
+            # each head's keys, then zeros: its slack, then padding to a tile
+            padded = [-(-(c + store.slack) // TILE) * TILE for c in counts]
             assert list(store.counts) == counts and store.values.shape == store.keys.shape
             assert list(store.offsets) == [0, *itertools.accumulate(padded)] and store.keys.shape[0] == sum(padded)
             assert stats["kept_per_head"][layer] == [round(c / n, 6) for c in counts]
@@ -107,7 +112,7 @@ def test_compressed_cache_holds_the_budget_per_head(tiny, install, name, ratio):
     assert stats["kv_bytes_after"] < stats["kv_bytes_before"]
     if name in HEAD_WISE:  # the bytes of the layer's budget padded to tiles, plus its index
         stores = method.compressor.heads.values()
-        keys = sum(s.keys.shape[0] for s in stores)
+        keys = sum(s.keys.shape[0] - s.slack * hk for s in stores)  # the slack is not counted
         assert 0 <= keys - n_layers * hk * want < n_layers * hk * TILE
         tiles = keys // TILE  # each with its segment (int64) and its bias row (float32)
         index = tiles * (8 + 4 * TILE) + n_layers * 8 * (2 * hk + 1)
@@ -132,17 +137,26 @@ def restricted_attention(kept: dict, n: int):
     return attend
 
 
-@pytest.mark.parametrize("name", ["snapkv", "adakv", "expected_attention", "pyramidkv", "criticalkv",
-                                  "critical_adakv", "composed", "kvzip"])
-def test_decoding_from_the_compressed_cache_is_dense_attention_over_the_kept_positions(tiny, install, name):
+@pytest.mark.parametrize(("name", "room"), [
+    *((name, None) for name in ["snapkv", "adakv", "expected_attention", "pyramidkv", "criticalkv",
+                                "critical_adakv", "composed", "kvzip"]),
+    *((name, room) for name in ["adakv", "critical_adakv", "kvzip"] for room in (1, 64))])
+def test_decoding_from_the_compressed_cache_is_dense_attention_over_the_kept_positions(tiny, install, name,
+                                                                                       room):
+    """`room`: positions the cache holds past the context and question (None: none, head-wise
+    layers attend by the loop; 1: the question and the first token in each head's slack, the
+    second token past it; 64: every step in the slack)."""
     from transformers import AttentionInterface
 
     model, tok, ids = tiny
     question = tok(" the key is #", add_special_tokens=False).input_ids
     method = method_of(name, compression_ratio=0.6)
     install(method, model, tokenizer=tok)
-    cache, n = prefilled(model, method, ids)
+    capacity = None if room is None else len(ids) + len(question) + room
+    cache, n = prefilled(model, method, ids, capacity=capacity)
     method.compress(cache, "context")
+    if room is not None and name != "kvzip":  # (kvzip's passes grow the room)
+        assert {s.slack for s in method.compressor.heads.values()} == {len(question) + room}
     kept = dict(method.compressor.kept)
     steps = [question, [17], [23]]
     ours, pos = [], n
@@ -151,6 +165,11 @@ def test_decoding_from_the_compressed_cache_is_dense_attention_over_the_kept_pos
             ours.append(model(input_ids=torch.tensor([step]), **with_cache(model, cache),
                               position_ids=torch.arange(pos, pos + len(step))[None]).logits)
             pos += len(step)
+    if room == 64:  # the appended keys went into each head's slack, after its kept keys
+        for layer, store in method.compressor.heads.items():
+            appended = cache.layers[layer].keys[0]  # [Hk, m, d]
+            ends = [o + c for o, c in zip(store.offsets[:-1], store.counts, strict=True)]
+            assert all(torch.equal(store.keys[e:e + appended.shape[1]], appended[h]) for h, e in enumerate(ends))
     full, _ = prefilled(model, method, ids)  # uncompressed, then the brute-force reference
     AttentionInterface.register("test_restricted", restricted_attention(kept, n))
     previous = model.config._attn_implementation
@@ -171,11 +190,17 @@ def test_restoring_after_an_answer_leaves_the_cache_bit_identical(tiny, install,
     model, tok, ids = tiny
     method = method_of(name, compression_ratio=0.5, query_aware=query_aware)
     install(method, model)
-    cache, n = prefilled(model, method, ids)
+    cache, n = prefilled(model, method, ids, capacity=len(ids) + 64)  # room: head-wise slack
     method.compress(cache, "context")
     saved = method.snapshot(cache)
     copy = [(e.keys.clone(), e.values.clone()) for e in cache.layers]
-    stored = {layer: (s.keys.clone(), s.values.clone(), s.offsets) for layer, s in method.compressor.heads.items()}
+
+    def kept(s):  # a head-wise store's kept keys and values (its slack is scratch for answers)
+        parts = [slice(o, o + c) for o, c in zip(s.offsets[:-1], s.counts, strict=True)]
+        return torch.cat([s.keys[p] for p in parts]), torch.cat([s.values[p] for p in parts])
+
+    stored = {layer: (*kept(s), s.offsets) for layer, s in method.compressor.heads.items()}
+    assert all(s.slack == 64 for s in method.compressor.heads.values())
     assert bool(stored) == (name == "adakv" and not query_aware)  # head-wise: stored flat
     answers = []
     for q in [" the key is #", " so the key is #", " the key is #"]:
@@ -186,8 +211,8 @@ def test_restoring_after_an_answer_leaves_the_cache_bit_identical(tiny, install,
             assert torch.equal(entry.keys, k) and torch.equal(entry.values, v)
         heads = method.compressor.heads
         assert heads.keys() == stored.keys()
-        assert all(torch.equal(heads[i].keys, k) and torch.equal(heads[i].values, v) and heads[i].offsets == o
-                   for i, (k, v, o) in stored.items())
+        assert all(torch.equal(kept(heads[i])[0], k) and torch.equal(kept(heads[i])[1], v)
+                   and heads[i].offsets == o for i, (k, v, o) in stored.items())
     assert answers[0] == answers[2]  # the same question from the restored cache
     assert method.stats()["compression"]["compressions"] == (3 if query_aware else 1)
 

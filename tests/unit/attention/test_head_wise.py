@@ -63,3 +63,40 @@ def test_decode_launches_do_not_grow_with_the_kv_heads():
     """One decode call at 32 query heads, d 128: 34 launches and no sync whether the layer has
     8 or 4 kv heads (the loop: 92 at 8)."""
     assert decode_launches(8) == decode_launches(4) == (34, 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_slack_path_equals_the_loop_step_by_step_and_after_a_rewind(dtype):
+    """A store with slack: a question pass (q = 4), then decode steps, each call's new keys
+    written into every segment's slack, equals the loop (a store without slack) at every step;
+    a rewound cache (shorter appended keys, other values) is attended as the new keys say;
+    appended keys beyond the slack fall back to the loop."""
+    g = torch.Generator().manual_seed(7)
+    b, hk, groups, d, n, slack = 2, 4, 3, 32, 150, 6
+    valid = torch.rand(b, hk, n, generator=g) < torch.rand(b, hk, 1, generator=g)
+    valid[0, 1] = False  # a kv head that kept nothing
+    keys = torch.randn(b, hk, n, d, generator=g).to(dtype)
+    values = torch.randn(b, hk, n, d, generator=g).to(dtype)
+    plain, roomy = HeadWise.of(keys, values, valid), HeadWise.of(keys, values, valid, slack)
+    assert roomy.slack == slack and roomy.keys.shape[0] > plain.keys.shape[0]
+    assert roomy.nbytes - plain.nbytes < b * hk * TILE * d * 2 * keys.element_size()
+    appended = torch.randn(b, hk, slack + 1, d, generator=g).to(dtype)
+    appended_v = torch.randn(b, hk, slack + 1, d, generator=g).to(dtype)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+
+    def step(m: int, q: int, key: torch.Tensor, value: torch.Tensor) -> None:
+        query = torch.randn(b, q, hk * groups, d, generator=g).to(dtype).transpose(1, 2)
+        want = head_wise_attention(query, key[:, :, :m], value[:, :, :m], plain, d**-0.5)
+        got = head_wise_attention(query, key[:, :, :m], value[:, :, :m], roomy, d**-0.5)
+        assert got.shape == want.shape == (b, q, hk * groups, d)
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+
+    step(4, 4, appended, appended_v)  # the question: 4 new keys, causal among themselves
+    for m in (5, 6):
+        step(m, 1, appended, appended_v)
+    start = roomy.offsets[2] + roomy.counts[2]
+    assert torch.equal(roomy.keys[start:start + slack], appended[0, 2, :slack])  # written in place
+    rewound, rewound_v = appended.flip(2), appended_v.flip(2)  # the next answer, other tokens
+    step(2, 2, rewound, rewound_v)
+    step(3, 1, rewound, rewound_v)
+    step(slack + 1, 1, appended, appended_v)  # past the slack: the loop
