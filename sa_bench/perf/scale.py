@@ -27,7 +27,8 @@ header says which). With more threads or on CUDA they are ratios of wall time. S
     python -m sa_bench.perf.scale --tokens 8192 --methods dense vertical_slash block_sparse xattention
 
 KV-cache compression (a press compresses once after the prefill, `--ratio` sets its
-compression_ratio): the KV bytes kept after compression over before, the decode step's ratio
+compression_ratio as `perf.attention.method_config` does: a decoding press's target size is
+that ratio's kept count of the context): the KV bytes kept after compression over before, the decode step's ratio
 to the `dense` method's, and the compression's seconds (scoring + gather) with its ratio to the
 prefill; and the decode step's attention calls alone (ms per token, and the ratio to `dense`'s),
 which is what compression shrinks — the step also reads the layer's MLP and the lm_head, the
@@ -201,9 +202,7 @@ def run_one(args: argparse.Namespace, method_name: str, tokens: int) -> dict[str
 
     layers, heads, kv_heads, head_dim = model_shapes(model.config)
     files = model_files(Path(tempfile.mkdtemp()), heads, kv_heads, head_dim, layers)
-    config = with_prefill_settings(method_name, method_config, files)
-    if args.ratio is not None and "compression_ratio" in (config.get("compression") or {}):
-        config["compression"]["compression_ratio"] = args.ratio
+    config = with_prefill_settings(method_name, method_config, files, args.ratio, tokens)
     method = SparseMethod.from_config(config)
     implementation = resolve_implementation("auto", device, model.dtype)
     attention_s = [0.0, 0.0]  # wall, CPU
@@ -262,13 +261,16 @@ def run_one(args: argparse.Namespace, method_name: str, tokens: int) -> dict[str
             "kv_kept": kv_after / kv_before, "compress_s": compress_s, "compress_cpu_s": compress_cpu_s}
 
 
-def with_prefill_settings(name: str, method_config, files: Path) -> dict:
+def with_prefill_settings(name: str, method_config, files: Path, ratio: float | None = None,
+                          context: int | None = None) -> dict:
     """`NAME:key=value,key=value`: conf/sparse/NAME.yaml with those `prefill` values (YAML
-    scalars), e.g. `block_sparse:top_k=26` or `xattention:threshold=0.3` for a chosen density."""
+    scalars), e.g. `block_sparse:top_k=26` or `xattention:threshold=0.3` for a chosen density;
+    a press's ratio set to `ratio` as `method_config` sets it (per-layer ratios, a decoding
+    press's target size for a `context`-token cache)."""
     import yaml
 
     base, _, settings = name.partition(":")
-    config = method_config(base, files)
+    config = method_config(base, files, ratio, context)
     for item in filter(None, settings.split(",")):
         key, eq, value = item.partition("=")
         if not eq or config.get("prefill") is None:

@@ -92,6 +92,11 @@ def test_a_method_name_can_carry_prefill_settings(tmp_path):
     assert scale.with_prefill_settings("xattention:threshold=0.08", method_config,
                                        tmp_path)["prefill"]["threshold"] == 0.08
     assert scale.with_prefill_settings("xattention", method_config, tmp_path)["prefill"]["threshold"] == 0.9
+    # a press's ratio as perf.attention sets it: a decoding press's target size from the context
+    assert scale.with_prefill_settings("knorm", method_config, tmp_path, 0.75, 1000)[
+        "compression"]["compression_ratio"] == 0.75
+    assert scale.with_prefill_settings("decoding", method_config, tmp_path, 0.75, 1000)[
+        "compression"]["target_size"] == 250
     with pytest.raises(SystemExit, match="NAME:key=value"):
         scale.with_prefill_settings("quest:heavy_size=0.1", method_config, tmp_path)
 
