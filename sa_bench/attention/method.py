@@ -388,11 +388,12 @@ class SparseMethod:
     def on_device(self, device) -> tuple[torch.Generator, Workspace]:
         """The generator and workspace of `device`, made once per installation: a model split
         over GPUs alternates devices layer by layer, and a generator recreated (reseeded) at
-        each switch would draw the same numbers at every step. Device i's generator is seeded
-        with seed + 7919 i (the first device, or the CPU, with the seed itself)."""
+        each switch would draw the same numbers at every step. The i-th device the model uses
+        (in layer order, from 0) has its generator seeded with seed + 7919 i: its position, not
+        its id, so a job draws the same numbers on whichever GPU the pool leased it."""
         entry = self._devices.get(device)
         if entry is None:
-            seed = self.config.seed + 7919 * (device.index or 0)
+            seed = self.config.seed + 7919 * len(self._devices)
             entry = self._devices[device] = (torch.Generator(device=device).manual_seed(seed),
                                              Workspace(device))
         return entry

@@ -521,3 +521,26 @@ def test_prefill_methods_with_columns_are_keyed_after_the_flex_columns_fix():
     for cls in (VerticalSlash, FlexPrefill):
         assert identity.canonical(cls())["@v"] == 2
     assert "@v" not in identity.canonical(BlockSparse())  # blocks only: unchanged
+
+
+# --- inputs read at run time beside the config (audit) -----------------------------------------
+
+def test_a_sampling_methods_draws_do_not_depend_on_which_gpu_was_leased():
+    """The pool may lease any GPU and its id is not in the key: the model's first device draws
+    the stream of `sparse.seed` whatever its index (cpu:1 stands in for cuda:1), and a second
+    device of a split model another stream."""
+    import torch
+
+    cfg = copy.deepcopy(CFG)
+    cfg["sparse"]["seed"] = 5
+    cfg["sparse"]["maskers"]["sample"] = {"_target_": "sa_bench.attention.maskers.RandomSampling",
+                                          "rate": 0.1}
+
+    def draws(*devices: torch.device) -> list[torch.Tensor]:
+        method = JobSpec.from_dict(cfg).sparse
+        return [torch.rand(8, generator=method.on_device(d)[0]) for d in devices]
+
+    on_first_gpu = draws(torch.device("cpu"))[0]
+    assert torch.equal(draws(torch.device("cpu", 1))[0], on_first_gpu)
+    first, second = draws(torch.device("cpu", 1), torch.device("cpu", 0))
+    assert torch.equal(first, on_first_gpu) and not torch.equal(second, first)
