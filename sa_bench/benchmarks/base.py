@@ -181,6 +181,12 @@ class Benchmark:
         counts."""
         return None
 
+    @classmethod
+    def package_files(cls) -> list[Path]:
+        """The files shipped in this package that the benchmark reads (official prompts, word
+        lists): their content is in the job key, as data files' is."""
+        return []
+
     def official_generation(self) -> dict[str, Any]:
         """The official values of the `generation` settings that depend on the subset."""
         return {"stop_on_newline": False, "min_new_tokens": 0}

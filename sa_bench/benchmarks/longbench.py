@@ -97,6 +97,10 @@ class LongBench(Benchmark):
     def data_dir_files(self) -> list[Path]:
         return files_found(self.data_dir, [self._file_name()])
 
+    @classmethod
+    def package_files(cls) -> list[Path]:
+        return [ASSETS / "dataset2prompt.json", ASSETS / "dataset2maxlen.json"]
+
     def _rows(self) -> list[dict[str, Any]]:
         name = self._file_name()
         return load_rows(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from sa_bench.benchmarks import metrics, synthetic
@@ -80,6 +81,10 @@ class Niah(Benchmark):
 
     def max_new_tokens(self) -> int:
         return 32
+
+    @classmethod
+    def package_files(cls) -> list[Path]:
+        return synthetic.asset_files()
 
     def _filler(self, n: int) -> list[str]:
         """n words of the essay (as sentences), or n of the noise haystack's sentences."""

@@ -374,6 +374,10 @@ class Ruler(Benchmark):
     def max_new_tokens(self) -> int:
         return TOKENS_TO_GENERATE[family(self.subset)]
 
+    @classmethod
+    def package_files(cls) -> list[Path]:
+        return synthetic.asset_files()
+
     def _plan(self, index: int, qa: tuple[list[dict], list[str]] | None) -> Plan:
         task = self.subset
         rng = synthetic.sample_seed("ruler", task, self.length, self.seed, index)

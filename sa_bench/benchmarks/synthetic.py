@@ -22,6 +22,11 @@ NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. The
 """RULER's repeated-noise haystack sentence."""
 
 
+def asset_files() -> list[Path]:
+    """The shipped files the synthetic benchmarks read (in their job keys)."""
+    return [ASSETS / name for name in ("adjectives.txt", "essay.txt", "nouns.txt")]
+
+
 @cache
 def _words(name: str) -> tuple[str, ...]:
     return tuple((ASSETS / name).read_text(encoding="utf-8").split())

@@ -17,6 +17,9 @@ of what it reads and runs on (`Inputs`):
 - the model's weights (`sa_bench.models.identity.weights_identity`), the content of a file a
   dataclass resolved into a non-init `Path` field (a method's fitted weights), and the content
   of the local benchmark files the cell reads: weights and data by their full content;
+- the content of the files shipped in this package that a class reads (`package_files`:
+  LongBench's official prompts and lengths, the synthetic word lists), left out while it is
+  the *recorded* content, as a default is, so editing such a file moves the cells that read it;
 - the resolved dtype and attention kernel (`auto` means another thing on a GPU);
 - equivalent spellings made one: the official generation length written out, a sample limit
   at or above the samples there are, a seed that no masker draws from, a masker that selects
@@ -58,6 +61,9 @@ NON_RESULT_FIELDS: dict[str, set[str]] = {
 
 MODEL_LOCATION_FIELDS = {"pretrained", "revision", "offline_fallback"}
 """Where the weights come from: the weights identity says what is loaded instead."""
+
+SHIPPED = "package_files:content"
+"""The key of the shipped files' content, in a class's identity and its recorded defaults."""
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._+=-]+")
 
@@ -123,6 +129,9 @@ def canonical(value: Any, cache: FingerprintCache | None = None,
             if f.name in recorded and recorded[f.name] == v:
                 continue
             out[f.name] = v
+        shipped = shipped_content(type(value), cache)
+        if shipped is not None and recorded.get(SHIPPED) != shipped:
+            out[SHIPPED] = shipped
         return out
     if isinstance(value, dict):
         return {str(k): canonical(v, cache) for k, v in value.items()}
@@ -131,6 +140,16 @@ def canonical(value: Any, cache: FingerprintCache | None = None,
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     raise TypeError(f"cannot put a {type(value).__name__} into a job key: {value!r}")
+
+
+def shipped_content(cls: type, cache: FingerprintCache | None = None) -> list[str] | None:
+    """Content fingerprints of the package's files that `cls` reads (`package_files()`), or
+    None when it reads none."""
+    files = cls.package_files() if hasattr(cls, "package_files") else []
+    if not files:
+        return None
+    cache = cache or FingerprintCache()
+    return [fingerprint_files([f], f.parent, cache) for f in files]
 
 
 def identity_values(spec: JobSpec, inputs: Inputs, weights: str | None = None) -> dict[str, Any]:

@@ -48,7 +48,8 @@ def config_classes() -> list[type]:
 
 
 def current_defaults(cls: type) -> dict[str, Any]:
-    """{field: canonical default} for the init fields of `cls` that have a default."""
+    """{field: canonical default} for the init fields of `cls` that have a default, and the
+    content of the package files it reads (`identity.SHIPPED`)."""
     out = {}
     for f in dataclasses.fields(cls):
         if not f.init:
@@ -57,6 +58,9 @@ def current_defaults(cls: type) -> dict[str, Any]:
             out[f.name] = identity.canonical(f.default)
         elif f.default_factory is not dataclasses.MISSING:
             out[f.name] = identity.canonical(f.default_factory())
+    shipped = identity.shipped_content(cls)
+    if shipped is not None:
+        out[identity.SHIPPED] = shipped
     return out
 
 

@@ -544,3 +544,43 @@ def test_a_sampling_methods_draws_do_not_depend_on_which_gpu_was_leased():
     assert torch.equal(draws(torch.device("cpu", 1))[0], on_first_gpu)
     first, second = draws(torch.device("cpu", 1), torch.device("cpu", 0))
     assert torch.equal(first, on_first_gpu) and not torch.equal(second, first)
+
+
+def test_the_benchmark_files_shipped_in_the_package_are_keyed_by_content(tmp_path, monkeypatch):
+    """LongBench's official prompts and generation lengths ship in the package (assets/): an
+    edited template or length is another cell, the same content (a copy elsewhere) the same."""
+    from sa_bench.benchmarks import longbench
+
+    data = tmp_path / "data"
+    shutil.copytree(FIXTURES / "longbench", data)
+    cfg = longbench_cfg(data)
+    stock = key(cfg)
+    assets = tmp_path / "assets"
+    shutil.copytree(longbench.ASSETS, assets)
+    monkeypatch.setattr(longbench, "ASSETS", assets)
+    longbench._config.cache_clear()
+    monkeypatch.setattr(longbench, "_config", longbench._config.__wrapped__)  # read each time
+    assert key(cfg) == stock
+    original = (assets / "dataset2prompt.json").read_text()
+    prompts = json.loads(original)
+    prompts["hotpotqa"] = "Answer briefly. " + prompts["hotpotqa"]
+    (assets / "dataset2prompt.json").write_text(json.dumps(prompts))
+    bench = JobSpec.from_dict(cfg).benchmark
+    assert bench.load(None)[0].context.startswith("Answer briefly. ")  # what the job computes
+    assert key(cfg) != stock
+    (assets / "dataset2prompt.json").write_text(original)
+    assert key(cfg) == stock
+    lengths = json.loads((assets / "dataset2maxlen.json").read_text())
+    (assets / "dataset2maxlen.json").write_text(json.dumps({**lengths, "hotpotqa": 64}))
+    assert JobSpec.from_dict(cfg).benchmark.max_new_tokens() == 64
+    assert key(cfg) != stock
+
+
+def test_every_file_shipped_for_the_benchmarks_is_named_by_the_classes_that_read_it():
+    """A data file added to the package (a template, a word list) must be listed in the
+    `package_files` of the benchmarks that read it, so its content is in their keys."""
+    assets = ROOT / "sa_bench" / "benchmarks" / "assets"
+    shipped = {p for p in assets.rglob("*") if p.is_file() and p.name not in ("LICENSE", "README.md")}
+    named = {p for cls in key_defaults.config_classes() if hasattr(cls, "package_files")
+             for p in cls.package_files()}
+    assert shipped and shipped == named
