@@ -1,8 +1,8 @@
 """Which weights a model config loads, as a short string for the job key; never loads the model.
 
 - `embedded:<name>` and local directories: `files:` and a fingerprint of the model's files
-  (`MODEL_FILES`: names, sizes, full content), the same on every machine and for the embedded
-  model and a copy of it anywhere;
+  (`MODEL_FILES`, and with `trust_remote_code` its code `*.py`: names, sizes, full content),
+  the same on every machine and for the embedded model and a copy of it anywhere;
 - a hub id: `hub:<id>@<revision>` (`main` when unset; pin `model.revision` to a commit for an
   exact identity). When the offline fallback will be used instead (the sweep is offline, the
   hub copy not in the local cache, the fallback prepared), the fallback's fingerprint.
@@ -23,33 +23,39 @@ from sa_bench.models.loading import OFFLINE_FALLBACKS
 MODEL_FILES = (
     "config.json", "generation_config.json", "model*.safetensors", "model*.safetensors.index.json",
     "pytorch_model*.bin", "pytorch_model*.bin.index.json", "*.gguf", "tokenizer*.json",
-    "tokenizer.model", "special_tokens_map.json", "vocab.json", "merges.txt", "chat_template.jinja",
+    "tokenizer.model", "special_tokens_map.json", "vocab.json", "merges.txt", "added_tokens.json",
+    "*.jinja",  # chat_template.jinja, additional_chat_templates/<name>.jinja
 )
 """The files transformers reads for a model and its tokenizer. Other files next to them (a
 sparse method's own weights, training notes) are not the model's: changing them keeps the
 keys of dense cells."""
 
+CODE_FILES = ("*.py",)
+"""The model's own code, run with `trust_remote_code`."""
+
 
 def weights_identity(cfg: Any, offline: bool, cache: FingerprintCache) -> str:
     """`cfg` is a validated `ModelConfig`; `offline`: the sweep cannot reach the hub."""
+    code = cfg.trust_remote_code
     if cfg.source() in ("embedded", "local"):
-        return f"files:{files_fingerprint(Path(cfg.resolved_path()), cache)}"
+        return f"files:{files_fingerprint(Path(cfg.resolved_path()), cache, code)}"
     revision = cfg.revision or "main"
     if cfg.offline_fallback and offline and not _in_hub_cache(cfg.pretrained, revision):
         fallback = OFFLINE_FALLBACKS[cfg.offline_fallback]()
         if fallback is not None:
-            return f"fallback:{cfg.offline_fallback}:{files_fingerprint(Path(fallback), cache)}"
+            return f"fallback:{cfg.offline_fallback}:{files_fingerprint(Path(fallback), cache, code)}"
     return f"hub:{cfg.pretrained}@{revision}"
 
 
-def files_fingerprint(folder: Path, cache: FingerprintCache) -> str:
-    """Fingerprint of the model files (`MODEL_FILES`) under `folder`."""
-    return fingerprint_files(model_files(folder), folder, cache)
+def files_fingerprint(folder: Path, cache: FingerprintCache, code: bool = False) -> str:
+    """Fingerprint of the model files (`MODEL_FILES`; `code`: and `CODE_FILES`) under `folder`."""
+    return fingerprint_files(model_files(folder, code), folder, cache)
 
 
-def model_files(folder: Path) -> list[Path]:
+def model_files(folder: Path, code: bool = False) -> list[Path]:
+    patterns = MODEL_FILES + CODE_FILES if code else MODEL_FILES
     return sorted(p for p in folder.rglob("*") if p.is_file()
-                  and any(fnmatch.fnmatch(p.name, pattern) for pattern in MODEL_FILES))
+                  and any(fnmatch.fnmatch(p.name, pattern) for pattern in patterns))
 
 
 def hub_cache_dir() -> Path:

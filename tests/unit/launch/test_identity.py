@@ -584,3 +584,29 @@ def test_every_file_shipped_for_the_benchmarks_is_named_by_the_classes_that_read
     named = {p for cls in key_defaults.config_classes() if hasattr(cls, "package_files")
              for p in cls.package_files()}
     assert shipped and shipped == named
+
+
+def test_every_file_the_tokenizer_reads_and_a_trusted_models_code_are_in_the_weights_part(tmp_path):
+    """transformers also reads `added_tokens.json` (more tokens) and
+    `additional_chat_templates/*.jinja` (`default.jinja` is the chat template); with
+    `trust_remote_code` the model's own `*.py` is the model's computation."""
+    model = local_copy(tmp_path)
+    cfg = changed(CFG, "model.pretrained", str(model))
+    before = key(cfg)
+    tokenizer = loading.load_tokenizer(JobSpec.from_dict(cfg).model)
+    (model / "added_tokens.json").write_text(json.dumps({"zzz": len(tokenizer)}))
+    assert loading.load_tokenizer(JobSpec.from_dict(cfg).model)("zzz").input_ids[-1] == len(tokenizer)
+    assert key(cfg) != before
+    (model / "added_tokens.json").unlink()
+    assert key(cfg) == before
+    (model / "additional_chat_templates").mkdir()
+    (model / "additional_chat_templates" / "default.jinja").write_text("{{ messages[0]['content'] }}")
+    assert loading.load_tokenizer(JobSpec.from_dict(cfg).model).chat_template is not None
+    assert key(cfg) != before
+    shutil.rmtree(model / "additional_chat_templates")
+    (model / "modeling_tiny.py").write_text("# the model's own code\n")
+    assert key(cfg) == before  # not read without trust_remote_code
+    trusted = changed(cfg, "model.trust_remote_code", True)
+    with_code = key(trusted)
+    (model / "modeling_tiny.py").write_text("# the model's own code, changed\n")
+    assert key(trusted) != with_code
