@@ -22,6 +22,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from sa_bench.lazy import F, torch
+from sa_bench.models.identity import flash_attn_installed
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -31,26 +32,25 @@ MASK_BLOCK_BYTES = 64 * 2**20
 """Largest boolean causal mask (rows x keys bytes) built for one SDPA call."""
 
 
-def flash_attn_available() -> bool:
-    try:
-        import flash_attn  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def resolve_implementation(requested: str, device: torch.device, dtype: torch.dtype) -> str:
     """The kernel actually used for `requested` on this device and dtype."""
     if requested not in IMPLEMENTATIONS:
         raise ValueError(f"attn_implementation must be one of {IMPLEMENTATIONS}, got {requested!r}")
     flash_ok = (device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
-                and flash_attn_available())
+                and flash_attn_installed())
     if requested == "auto":
-        return "flash_attention_2" if flash_ok else "sdpa"
-    if requested == "flash_attention_2" and not flash_ok:
+        requested = "flash_attention_2" if flash_ok else "sdpa"
+    elif requested == "flash_attention_2" and not flash_ok:
         raise ValueError("model.attn_implementation=flash_attention_2 needs the flash_attn package, "
                          f"a CUDA device and float16/bfloat16 weights (have {device.type}, {dtype}); "
                          "use auto or sdpa")
+    if requested == "flash_attention_2":
+        try:
+            import flash_attn  # noqa: F401
+        except ImportError as exc:
+            raise ValueError(f"flash_attn is installed but cannot be imported ({exc}); the job key "
+                             "names flash-attention 2: reinstall flash_attn for this torch, or set "
+                             "model.attn_implementation=sdpa") from None
     return requested
 
 

@@ -102,12 +102,18 @@ def resolved_dtype(cfg: Any, device: str) -> str:
     return found if found in ("float32", "bfloat16", "float16") else "checkpoint"
 
 
+def flash_attn_installed() -> bool:
+    """Whether flash_attn is installed: found, not imported (no torch here). The key and the
+    job both decide on this; a job whose flash_attn does not import is refused
+    (`sa_bench.attention.dense.resolve_implementation`) rather than run SDPA under the key."""
+    return importlib.util.find_spec("flash_attn") is not None
+
+
 def resolved_kernel(cfg: Any, device: str, dtype: str) -> str:
     """The dense kernel a job runs (`attn_implementation: auto` resolved as
     `sa_bench.attention.dense.resolve_implementation` does at run time, without torch)."""
     if cfg.attn_implementation != "auto":
         return cfg.attn_implementation
-    if device == "cuda" and dtype in ("float16", "bfloat16", "checkpoint") and \
-            importlib.util.find_spec("flash_attn") is not None:
+    if device == "cuda" and dtype in ("float16", "bfloat16", "checkpoint") and flash_attn_installed():
         return "flash_attention_2" if dtype != "checkpoint" else "auto"
     return "sdpa"

@@ -610,3 +610,28 @@ def test_every_file_the_tokenizer_reads_and_a_trusted_models_code_are_in_the_wei
     with_code = key(trusted)
     (model / "modeling_tiny.py").write_text("# the model's own code, changed\n")
     assert key(trusted) != with_code
+
+
+def test_the_kernel_in_the_key_is_the_kernel_the_job_runs(tmp_path, monkeypatch):
+    """`auto` on a GPU with half weights is flash-attention 2 where flash_attn is installed.
+    An installed flash_attn that does not import (built for another torch) is keyed as flash
+    by the torch-free sweeper: the job must not run SDPA under that key; it refuses, naming
+    the fix."""
+    import sys
+
+    import torch
+
+    from sa_bench.attention.dense import resolve_implementation
+    from sa_bench.models.identity import resolved_kernel
+
+    site = tmp_path / "site"
+    (site / "flash_attn").mkdir(parents=True)
+    (site / "flash_attn" / "__init__.py").write_text("raise ImportError('built for another torch')\n")
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.delitem(sys.modules, "flash_attn", raising=False)
+    model = JobSpec.from_dict(changed(CFG, "model.dtype", "bfloat16")).model
+    assert model.attn_implementation == "auto"
+    assert resolved_kernel(model, "cuda", "bfloat16") == "flash_attention_2"
+    with pytest.raises(ValueError, match="flash_attn.*cannot be imported.*attn_implementation=sdpa"):
+        resolve_implementation("auto", torch.device("cuda"), torch.bfloat16)
+    assert resolve_implementation("auto", torch.device("cpu"), torch.float32) == "sdpa"
