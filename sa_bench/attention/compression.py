@@ -14,7 +14,8 @@ else lives here, once:
   context order);
 - the physical shrink: each full-attention cache layer's `keys` / `values` are replaced by
   the gathered kept positions (`kv_cache.store`: a pre-sized layer gets a new buffer of the
-  kept length plus the room it had), so decoding reads fewer bytes and memory falls;
+  kept length plus the room the cell still needs, `to_come`), so decoding reads fewer bytes
+  and memory falls;
 - RoPE: kept keys keep their rotated values; new tokens are fed with their true
   `position_ids` (the runner passes them), while the causal mask works in the compressed
   cache's index space (transformers builds it from the cache length);
@@ -60,7 +61,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from sa_bench.attention.kv_cache import is_plain, room, store
+from sa_bench.attention.kv_cache import is_plain, store, to_come
 from sa_bench.attention.ops import (
     NEG_INF,
     bottom_right_causal,
@@ -474,14 +475,14 @@ class Compressor:
             take = idx.unsqueeze(-1).expand(-1, -1, -1, keys.shape[-1])
             before = keys.nbytes + values.nbytes
             kept_keys, kept_values = keys.gather(2, take), values.gather(2, take)
-            to_come = room(keys) - n  # a pre-sized layer's room for the tokens still to come
+            room = to_come(entry)  # a pre-sized layer's room for the tokens still to come
             if valid is not None:  # head-wise: stored flat, the cache layer emptied
                 # on CPU the room moves into the store (each head's slack); the layer keeps none
-                slack = to_come if reads_free(keys.device) else 0
+                slack = room if reads_free(keys.device) else 0
                 self.heads[layer] = HeadWise.of(kept_keys, kept_values, valid, slack)
                 kept_keys, kept_values = keys[:, :, :0].clone(), values[:, :, :0].clone()
-                to_come -= slack
-            store(entry, kept_keys.contiguous(), kept_values.contiguous(), to_come)
+                room -= slack
+            store(entry, kept_keys.contiguous(), kept_values.contiguous(), room)
             self.totals["kv_bytes_before"] += before
             self.totals["kv_bytes_after"] += (entry.keys.nbytes + entry.values.nbytes
                                               + self.stored_bytes(layer))

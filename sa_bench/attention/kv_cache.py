@@ -12,10 +12,11 @@ of an allocation of [b, Hk, cap, d] of its own), so everything that assigns or s
 between questions) leaves a shorter view and only moves the length; a snapshot of the
 views, restored after an answer (compression), brings back its buffer with its room;
 compression stores the kept positions through `store`, in a new buffer of the kept length
-plus the room the layer still had, so memory really falls. Writes only ever go past the
+plus the room the cell still needs (`to_come`: the capacity less the compressed length, not
+whatever room a press's own passes grew), so memory really falls. Writes only ever go past the
 live length, so views taken earlier (snapshots) keep their contents. A layer that runs out
-of room (a caller that gave no capacity, or too little) moves to a buffer of twice its
-length: appends stay amortized.
+of room (a caller that gave no capacity, or too little, or a compressed layer whose room
+went elsewhere) moves to a buffer of twice its length: appends stay amortized.
 
 Only plain full-attention layers (`DynamicLayer`) are replaced. Sliding-window layers
 (`DynamicSlidingWindowLayer`: a `torch.cat` of the window, not of the whole cache),
@@ -66,12 +67,12 @@ def with_room(t: Tensor, extra: int) -> Tensor:
     return buf[:, :, :n]
 
 
-def _append(live: Tensor, new: Tensor, hint: int) -> Tensor:
+def _append(live: Tensor, new: Tensor) -> Tensor:
     """`live` [b, H, n, d] followed by `new` [b, H, q, d], written in place when the buffer has
-    room (else into a new one of max(n + q, hint, 2n) positions) -> the view of n + q."""
+    room (else into a new one of max(n + q, 2n) positions) -> the view of n + q."""
     n, end = live.shape[2], live.shape[2] + new.shape[2]
     if room(live) < end:
-        live = with_room(live, max(end, hint, 2 * n) - n)
+        live = with_room(live, max(end, 2 * n) - n)
     out = live.as_strided((*live.shape[:2], end, live.shape[3]), live.stride())
     out[:, :, n:].copy_(new)
     return out
@@ -99,8 +100,8 @@ def presized_layer() -> type:
                    **kwargs: Any) -> tuple[Tensor, Tensor]:
             if not self.is_initialized:
                 self.lazy_initialization(key_states, value_states)
-            self.keys = _append(self.keys, key_states, self.capacity)
-            self.values = _append(self.values, value_states, self.capacity)
+            self.keys = _append(self.keys, key_states)
+            self.values = _append(self.values, value_states)
             return self.keys, self.values
 
     return PresizedLayer
@@ -132,12 +133,16 @@ def presized_cache(config: Any, capacity: int) -> Any:
     return cache
 
 
+def to_come(layer: Any) -> int:
+    """Positions a `PresizedLayer` still needs for the cell's tokens after its live ones (its
+    capacity less its length; 0 for other layers): the room compression keeps."""
+    return max(0, layer.capacity - layer.keys.shape[2]) if is_presized(layer) else 0
+
+
 def store(layer: Any, keys: Tensor, values: Tensor, extra: int) -> None:
     """Replace `layer`'s keys and values (compression): a `PresizedLayer` gets a new buffer of
-    the new length plus `extra` positions of room for the tokens still to come (with none, it
-    grows by doubling from there on)."""
+    the new length plus `extra` positions of room for the tokens still to come (past it, it
+    grows by doubling)."""
     if is_presized(layer):
         keys, values = with_room(keys, extra), with_room(values, extra)
-        if not extra:
-            layer.capacity = 0
     layer.keys, layer.values = keys, values

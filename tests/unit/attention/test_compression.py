@@ -16,7 +16,6 @@ from omegaconf import OmegaConf
 from sa_bench import report
 from sa_bench.attention import SparseMethod
 from sa_bench.attention.compression import TILE, kept_count
-from sa_bench.attention.kv_cache import room
 from sa_bench.config import ConfigError
 from sa_bench.models.forward import with_cache
 from sa_bench.models.loading import ModelConfig, load_model
@@ -65,7 +64,7 @@ def test_compressed_cache_holds_the_budget_per_head(tiny, install, name, ratio):
     install(method, model, tokenizer=tok)
     cache, n = prefilled(model, method, ids)
     before = [(e.keys.clone(), e.values.clone()) for e in cache.layers]
-    rooms = [room(e.keys) for e in cache.layers]
+    rooms = [e.capacity for e in cache.layers]  # (a press's own passes may grow the buffer)
     method.compress(cache, "context")
     n_layers, hk = len(cache.layers), cache.layers[0].keys.shape[1]
     want = kept_count(n, ratio)
@@ -82,8 +81,8 @@ def test_compressed_cache_holds_the_budget_per_head(tiny, install, name, ratio):
             assert entry.keys.shape[2] == 0
             store = method.compressor.heads[layer]
             counts = valid.sum(-1)[0].tolist()
-            # on CPU the pre-sized layer's room moved into the store: each head's slack
-            assert store.slack == rooms[layer] - n or name == "kvzip"  # its passes grew the room
+            # on CPU the room the cell still needs moved into the store: each head's slack
+            assert store.slack == max(0, rooms[layer] - n)
             # each head's keys, then zeros: its slack, then padding to a tile
             padded = [-(-(c + store.slack) // TILE) * TILE for c in counts]
             assert list(store.counts) == counts and store.values.shape == store.keys.shape
@@ -155,7 +154,7 @@ def test_decoding_from_the_compressed_cache_is_dense_attention_over_the_kept_pos
     capacity = None if room is None else len(ids) + len(question) + room
     cache, n = prefilled(model, method, ids, capacity=capacity)
     method.compress(cache, "context")
-    if room is not None and name != "kvzip":  # (kvzip's passes grow the room)
+    if room is not None:
         assert {s.slack for s in method.compressor.heads.values()} == {len(question) + room}
     kept = dict(method.compressor.kept)
     steps = [question, [17], [23]]
