@@ -903,6 +903,7 @@ def plot_figure(table: Table, benchmark: str, axis: str = "density", density: st
     (not on the compression axis, where higher is smaller); None if nothing can be drawn (on
     the compression axis: no press was run)."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     x_axis = AXES[axis]
     panels = plot_panels(table, benchmark, axis, density)
@@ -938,6 +939,10 @@ def plot_figure(table: Table, benchmark: str, axis: str = "density", density: st
             ax.step([p.density for p in front], [p.score for p in front], where="post",
                     color="gray", alpha=0.4, linewidth=3, label="Pareto front")
             ax.set_xscale("log")
+            # decimal labels at 1, 2 and 5 of each decade, none on the minor ticks (they overlapped)
+            ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.xaxis.set_minor_formatter(NullFormatter())
         else:
             ax.set_xlim(-0.02, 1.0)
         ax.set_title(panel.title, fontsize="small")
@@ -966,7 +971,7 @@ def write_plots(table: Table, out_dir: Path, density: str = "decode") -> list[Pa
             fig = plot_figure(table, benchmark, axis, density)
             if fig is not None:
                 path = out_dir / f"plot_{sanitize(benchmark)}{AXES[axis].suffix}.png"
-                fig.savefig(path, dpi=100)
+                fig.savefig(path, dpi=100, bbox_inches="tight")  # the outside legend and labels whole
                 written.append(path)
     return written
 
