@@ -187,7 +187,8 @@ class Benchmark:
     def _check_revision(self) -> None:
         remove = f"remove benchmark.revision={self.revision}"
         if not self.revision:
-            raise ConfigError("revision: expected a commit, branch or tag of the hub dataset, or null")
+            raise ConfigError("revision: expected a commit, branch or tag of the hub dataset, "
+                              "or null")
         if self.revision_refused:
             raise ConfigError(f"revision: {self.name} {self.revision_refused}; {remove}")
         local = next((n for n in ("data_files", "data_dir") if getattr(self, n)), None)

@@ -238,7 +238,8 @@ def hub_zip_member(repo_id: str, archive: str, member: str,
 
 def hub_dataset(repo_id: str, config: str | None = None, split: str = "test",
                 revision: str | None = None) -> list[dict]:
-    """Rows of a (script-free) hub dataset via `datasets.load_dataset`, at `revision` (None: main)."""
+    """Rows of a (script-free) hub dataset via `datasets.load_dataset` at `revision`
+    (None: main)."""
     import datasets
 
     datasets.disable_progress_bars()

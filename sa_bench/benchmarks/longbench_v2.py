@@ -68,7 +68,8 @@ class LongBenchV2(Benchmark):
         rows = load_rows(
             benchmark=self.name, subset=self.subset, data_dir=self.data_dir,
             data_files=self.data_files, names=self.file_names,
-            hub=lambda: hub_dataset(HUB_ID, None, "train", self.revision), hub_id=HUB_ID, how_to_get=HOW_TO_GET,
+            hub=lambda: hub_dataset(HUB_ID, None, "train", self.revision), hub_id=HUB_ID,
+            how_to_get=HOW_TO_GET,
             fields={k: str for k in ("context", "question", "answer", "choice_A", "choice_B",
                                      "choice_C", "choice_D")},
         )  # fmt: skip

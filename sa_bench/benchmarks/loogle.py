@@ -78,7 +78,8 @@ class LooGLE(Benchmark):
         task = self.subset
         rows = load_rows(
             benchmark=self.name, subset=task, data_dir=self.data_dir, data_files=self.data_files,
-            names=[task], hub=lambda: hub_dataset(HUB_ID, task, "test", self.revision), hub_id=f"{HUB_ID}/{task}",
+            names=[task], hub=lambda: hub_dataset(HUB_ID, task, "test", self.revision),
+            hub_id=f"{HUB_ID}/{task}",
             how_to_get=HOW_TO_GET,
             fields={("input", "context"): str, ("qa_pairs", "question", "output"): (str, list)},
         )  # fmt: skip

@@ -95,7 +95,8 @@ class ZeroScrolls(Benchmark):
         rows = load_rows(
             benchmark=self.name, subset=self.subset, data_dir=self.data_dir,
             data_files=self.data_files, names=self._names(),
-            hub=lambda: hub_zip_member(HUB_ID, f"{self.subset}.zip", f"{SPLIT}.jsonl", self.revision), hub_id=f"{HUB_ID} {self.subset}.zip:{SPLIT}.jsonl",
+            hub=lambda: hub_zip_member(HUB_ID, f"{self.subset}.zip", f"{SPLIT}.jsonl", self.revision),
+            hub_id=f"{HUB_ID} {self.subset}.zip:{SPLIT}.jsonl",
             how_to_get=HOW_TO_GET, fields=ROW_FIELDS,
         )  # fmt: skip
         samples: dict[str, Sample] = {}
