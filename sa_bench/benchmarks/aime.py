@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from sa_bench.benchmarks import metrics
 from sa_bench.benchmarks.base import Benchmark, Sample
@@ -29,6 +29,7 @@ class Aime(Benchmark):
 
     key_version = 3  # results changed meaning: a box math-verify cannot read (70\%) is re-read as LaTeX
 
+    revision_refused: ClassVar[str | None] = None  # benchmark.revision reaches every hub fetch
     generation_tokens: int = 32768
     """Maximum generated tokens (reasoning models need long budgets)."""
 
@@ -50,7 +51,7 @@ class Aime(Benchmark):
         rows = load_rows(
             benchmark=self.name, subset=self.subset, data_dir=self.data_dir,
             data_files=self.data_files, names=self._file_names(),
-            hub=lambda: hub_dataset(repo, None, split), hub_id=repo,
+            hub=lambda: hub_dataset(repo, None, split, self.revision), hub_id=repo,
             fields={("problem", "question"): str, "answer": (str, int, float)},
             how_to_get=f"Download the hub dataset {repo} (jsonl/parquet with problem, answer) "
             f"and set benchmark.data_dir or benchmark.data_files.",

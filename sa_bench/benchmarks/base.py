@@ -142,6 +142,9 @@ class Benchmark:
     data_files: str | None = None
     max_samples: int | None = None
     seed: int = 0
+    revision: str | None = None
+    """The commit, branch or tag of the benchmark's hub dataset repository that its data is
+    fetched at (part of the job key: pin a commit for an exact identity). null: `main`."""
     generation: Generation = field(default_factory=Generation)
     """Decoding settings (official values per benchmark; part of the job key)."""
 
@@ -151,6 +154,10 @@ class Benchmark:
     reads_files: ClassVar[bool] = True
     """False for a benchmark that generates every sample (passkey, niah): `data_dir` and
     `data_files` are then refused, not silently ignored."""
+
+    revision_refused: ClassVar[str | None] = "reads no single hub dataset that a revision pins"
+    """Why `revision` is refused (after the benchmark's name); None for a benchmark that reads
+    one hub dataset repository and passes `revision` to every fetch from it."""
 
     def __post_init__(self) -> None:
         if not self.subsets:
@@ -162,6 +169,8 @@ class Benchmark:
                         f"{name}: {self.name} generates its samples and reads no data files; "
                         f"remove benchmark.{name}={getattr(self, name)}"
                     )
+        if self.revision is not None:
+            self._check_revision()
         if self.known_subsets is not None:
             unknown = [s for s in self.subsets if s not in self.known_subsets]
             if unknown:
@@ -174,6 +183,20 @@ class Benchmark:
             raise ConfigError(f"max_samples: expected an int >= 1 or null, got {self.max_samples}")
         if self.subset is not None:
             self.generation = self.generation.resolved(self.official_generation())
+
+    def _check_revision(self) -> None:
+        remove = f"remove benchmark.revision={self.revision}"
+        if not self.revision:
+            raise ConfigError("revision: expected a commit, branch or tag of the hub dataset, "
+                              "or null")
+        if self.revision_refused:
+            raise ConfigError(f"revision: {self.name} {self.revision_refused}; {remove}")
+        local = next((n for n in ("data_files", "data_dir") if getattr(self, n)), None)
+        if local:
+            raise ConfigError(
+                f"revision: pins the hub dataset, but benchmark.{local}={getattr(self, local)} "
+                f"reads local files instead (keyed by their content); {remove}"
+            )
 
     def data_dir_files(self) -> list[Path] | None:
         """The files this cell reads from `data_dir` (those that exist now; the data fingerprint

@@ -211,18 +211,21 @@ def load_rows(
     return check_rows(rows, fields or {}, hub_id)
 
 
-def hub_file(repo_id: str, filename: str) -> Path:
-    """Download (or take from the HF cache) one file of a hub dataset repository."""
+def hub_file(repo_id: str, filename: str, revision: str | None = None) -> Path:
+    """Download (or take from the HF cache) one file of a hub dataset repository at
+    `revision` (None: main)."""
     from huggingface_hub import hf_hub_download
 
-    return Path(hf_hub_download(repo_id=repo_id, filename=filename, repo_type="dataset"))
+    return Path(hf_hub_download(repo_id=repo_id, filename=filename, repo_type="dataset",
+                                revision=revision))
 
 
-def hub_zip_member(repo_id: str, archive: str, member: str) -> list[dict[str, Any]]:
+def hub_zip_member(repo_id: str, archive: str, member: str,
+                   revision: str | None = None) -> list[dict[str, Any]]:
     """Rows of the jsonl file inside the zip `archive` of a hub dataset repository whose path
     is `member` or ends with `/member` (archives differ in their top folder), extracted once
-    next to the cached archive."""
-    zip_path = hub_file(repo_id, archive)
+    next to the cached archive (in the HF cache's folder of the revision's commit)."""
+    zip_path = hub_file(repo_id, archive, revision)
     with zipfile.ZipFile(zip_path) as zf:
         name = next((n for n in zf.namelist() if n == member or n.endswith("/" + member)), None)
         if name is None:
@@ -233,12 +236,14 @@ def hub_zip_member(repo_id: str, archive: str, member: str) -> list[dict[str, An
     return read_rows(target)
 
 
-def hub_dataset(repo_id: str, config: str | None = None, split: str = "test") -> list[dict]:
-    """Rows of a (script-free) hub dataset via `datasets.load_dataset`."""
+def hub_dataset(repo_id: str, config: str | None = None, split: str = "test",
+                revision: str | None = None) -> list[dict]:
+    """Rows of a (script-free) hub dataset via `datasets.load_dataset` at `revision`
+    (None: main)."""
     import datasets
 
     datasets.disable_progress_bars()
-    return datasets.load_dataset(repo_id, config, split=split).to_list()
+    return datasets.load_dataset(repo_id, config, split=split, revision=revision).to_list()
 
 
 def split_prompt(template: str, context_field: str = "context", **fields: Any) -> tuple[str, str]:

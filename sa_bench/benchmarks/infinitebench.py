@@ -164,6 +164,7 @@ class InfiniteBench(Benchmark):
     """Apply the model's chat template to the prompts (officially not: the raw prompt)."""
 
     known_subsets: ClassVar[Collection[str]] = TEMPLATES
+    revision_refused: ClassVar[str | None] = None  # benchmark.revision reaches every hub fetch
 
     def data_dir_files(self) -> list[Path]:
         return files_found(self.data_dir, [self.subset])
@@ -172,7 +173,7 @@ class InfiniteBench(Benchmark):
         task = self.subset
         rows = load_rows(
             benchmark=self.name, subset=task, data_dir=self.data_dir, data_files=self.data_files,
-            names=[task], hub=lambda: read_rows(hub_file(HUB_ID, f"{task}.jsonl")),
+            names=[task], hub=lambda: read_rows(hub_file(HUB_ID, f"{task}.jsonl", self.revision)),
             hub_id=f"{HUB_ID}:{task}.jsonl", how_to_get=HOW_TO_GET, fields=row_fields(task),
         )  # fmt: skip
         samples = []

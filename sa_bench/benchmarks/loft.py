@@ -147,6 +147,7 @@ class Loft(Benchmark):
     """Which query file is asked and scored: `test` (the paper's numbers) or `dev`."""
 
     known_subsets: ClassVar[Collection[str]] = SUBSETS
+    revision_refused: ClassVar[str | None] = "reads local files only (LOFT is not on the hub)"
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -89,6 +89,7 @@ class LongBench(Benchmark):
     file_suffix = ""  # class attribute, not a config key
 
     known_subsets: ClassVar[Collection[str]] = METRIC
+    revision_refused: ClassVar[str | None] = None  # benchmark.revision reaches every hub fetch
 
     def _file_name(self) -> str:
         assert self.subset is not None, "subset is not set"
@@ -109,7 +110,7 @@ class LongBench(Benchmark):
             data_dir=self.data_dir,
             data_files=self.data_files,
             names=[name],
-            hub=lambda: hub_zip_member(HUB_ID, "data.zip", f"data/{name}.jsonl"),
+            hub=lambda: hub_zip_member(HUB_ID, "data.zip", f"data/{name}.jsonl", self.revision),
             hub_id=f"{HUB_ID} data.zip:data/{name}.jsonl",
             how_to_get=HOW_TO_GET,
             fields=ROW_FIELDS,

@@ -26,7 +26,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from sa_bench.benchmarks import metrics
 from sa_bench.benchmarks.base import Benchmark, Sample
@@ -59,6 +59,7 @@ class LongBenchV2(Benchmark):
     key_version = 2  # results changed meaning: accuracy rounded as the official result.py
 
     file_names = ("data", "longbench_v2")  # class attribute, not a config key
+    revision_refused: ClassVar[str | None] = None  # benchmark.revision reaches every hub fetch
 
     def data_dir_files(self) -> list[Path]:
         return files_found(self.data_dir, self.file_names)
@@ -67,7 +68,8 @@ class LongBenchV2(Benchmark):
         rows = load_rows(
             benchmark=self.name, subset=self.subset, data_dir=self.data_dir,
             data_files=self.data_files, names=self.file_names,
-            hub=lambda: hub_dataset(HUB_ID, None, "train"), hub_id=HUB_ID, how_to_get=HOW_TO_GET,
+            hub=lambda: hub_dataset(HUB_ID, None, "train", self.revision), hub_id=HUB_ID,
+            how_to_get=HOW_TO_GET,
             fields={k: str for k in ("context", "question", "answer", "choice_A", "choice_B",
                                      "choice_C", "choice_D")},
         )  # fmt: skip

@@ -69,6 +69,7 @@ class LooGLE(Benchmark):
     generation: Generation = field(default_factory=lambda: Generation(repetition_penalty=2.0))
 
     known_subsets: ClassVar[Collection[str]] = PROMPTS
+    revision_refused: ClassVar[str | None] = None  # benchmark.revision reaches every hub fetch
 
     def data_dir_files(self) -> list[Path]:
         return files_found(self.data_dir, [self.subset])
@@ -77,7 +78,8 @@ class LooGLE(Benchmark):
         task = self.subset
         rows = load_rows(
             benchmark=self.name, subset=task, data_dir=self.data_dir, data_files=self.data_files,
-            names=[task], hub=lambda: hub_dataset(HUB_ID, task, "test"), hub_id=f"{HUB_ID}/{task}",
+            names=[task], hub=lambda: hub_dataset(HUB_ID, task, "test", self.revision),
+            hub_id=f"{HUB_ID}/{task}",
             how_to_get=HOW_TO_GET,
             fields={("input", "context"): str, ("qa_pairs", "question", "output"): (str, list)},
         )  # fmt: skip

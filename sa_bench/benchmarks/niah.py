@@ -59,6 +59,7 @@ class Niah(Benchmark):
     """Filler: this project's essay text, or RULER's repeated noise sentence."""
 
     reads_files: ClassVar[bool] = False
+    revision_refused: ClassVar[str | None] = "generates its samples and reads no hub dataset"
 
     def __post_init__(self) -> None:
         super().__post_init__()

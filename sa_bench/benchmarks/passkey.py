@@ -109,6 +109,7 @@ class Passkey(Benchmark):
     generation_tokens: int = 12
 
     reads_files: ClassVar[bool] = False
+    revision_refused: ClassVar[str | None] = "generates its samples and reads no hub dataset"
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -356,6 +356,11 @@ class Ruler(Benchmark):
     """Samples per task (RULER's default); `max_samples` then picks a seeded subset of them."""
 
     known_subsets: ClassVar[Collection[str]] = TASKS
+    revision_refused: ClassVar[str | None] = (
+        "reads two hub datasets (qa_1 rajpurkar/squad_v2, qa_2 hotpotqa/hotpot_qa) and its "
+        "other tasks none, so one revision pins neither; local QA files (benchmark.data_dir) "
+        "are keyed by their content"
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()

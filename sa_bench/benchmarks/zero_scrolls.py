@@ -82,6 +82,7 @@ class ZeroScrolls(Benchmark):
     """Zero-SCROLLS, validation split; one subset per task."""
 
     known_subsets: ClassVar[Collection[str]] = METRIC
+    revision_refused: ClassVar[str | None] = None  # benchmark.revision reaches every hub fetch
 
     def _names(self) -> list[str]:
         return [f"{self.subset}/{SPLIT}", f"{self.subset}_{SPLIT}", str(self.subset)]
@@ -94,7 +95,8 @@ class ZeroScrolls(Benchmark):
         rows = load_rows(
             benchmark=self.name, subset=self.subset, data_dir=self.data_dir,
             data_files=self.data_files, names=self._names(),
-            hub=lambda: hub_zip_member(HUB_ID, f"{self.subset}.zip", f"{SPLIT}.jsonl"), hub_id=f"{HUB_ID} {self.subset}.zip:{SPLIT}.jsonl",
+            hub=lambda: hub_zip_member(HUB_ID, f"{self.subset}.zip", f"{SPLIT}.jsonl", self.revision),
+            hub_id=f"{HUB_ID} {self.subset}.zip:{SPLIT}.jsonl",
             how_to_get=HOW_TO_GET, fields=ROW_FIELDS,
         )  # fmt: skip
         samples: dict[str, Sample] = {}

@@ -17,6 +17,7 @@ of what it reads and runs on (`Inputs`):
 - the model's weights (`sa_bench.models.identity.weights_identity`), the content of a file a
   dataclass resolved into a non-init `Path` field (a method's fitted weights), and the content
   of the local benchmark files the cell reads: weights and data by their full content;
+  hub data by `benchmark.revision`, as hub weights by `model.revision`;
 - the content of the files shipped in this package that a class reads (`package_files`:
   LongBench's official prompts and lengths, the synthetic word lists), left out while it is
   the *recorded* content, as a default is, so editing such a file moves the cells that read it;
@@ -204,6 +205,8 @@ def _benchmark_values(bench: Any, cache: FingerprintCache) -> dict[str, Any]:
     n_samples = getattr(bench, "n_samples", None)
     if bench.max_samples is not None and n_samples is not None and bench.max_samples >= n_samples:
         values.pop("max_samples", None)  # every sample there is, as with no limit
+    if values.get("revision") == "main":  # the hub dataset's default branch, as with none
+        values.pop("revision")
     data = data_fingerprint(bench, cache)
     if data is not None:
         values["data"] = data

@@ -55,7 +55,8 @@ def test_yaml_builds_and_declares_every_key(config):
     if not path.exists():
         pytest.skip(f"{config}.yaml not written yet")
     data = yaml.safe_load(path.read_text())
-    for key in ("name", "subsets", "subset", "data_dir", "data_files", "max_samples", "seed"):
+    for key in ("name", "subsets", "subset", "data_dir", "data_files", "revision", "max_samples",
+                "seed"):
         assert key in data, key
     assert data["name"] == config
     bench = make(config, subset=data["subsets"][0])
@@ -499,3 +500,95 @@ def test_a_row_without_a_field_the_benchmark_reads_is_named(tmp_path, config, su
     bench = make(config, subset=subset, data_dir=str(tmp_path))
     with pytest.raises(BadRowError, match=rf"^{target}: row 1: {message}$"):
         bench.load(None)
+
+
+# ----------------------------------------------------------------------------- hub revision
+
+HUB_CELLS = [  # config, subset, the fixture the fake hub serves, (repo, file or config) fetched
+    ("longbench", "hotpotqa", "longbench/hotpotqa.jsonl", ("THUDM/LongBench", "data.zip")),
+    ("longbench_e", "hotpotqa", "longbench/hotpotqa_e.jsonl", ("THUDM/LongBench", "data.zip")),
+    ("zero_scrolls", "qasper", "zero_scrolls/qasper/validation.jsonl",
+     ("tau/zero_scrolls", "qasper.zip")),
+    ("infinitebench", "kv_retrieval", "infinitebench/kv_retrieval.jsonl",
+     ("xinrongzhang2022/InfiniteBench", "kv_retrieval.jsonl")),
+    ("longbench_v2", "all", "longbench_v2/data.json", ("THUDM/LongBench-v2", None)),
+    ("loogle", "shortdep_qa", "loogle/shortdep_qa.jsonl", ("bigainlco/LooGLE", "shortdep_qa")),
+    ("aime24", "all", "aime/aime24.jsonl", ("HuggingFaceH4/aime_2024", None)),
+    ("aime25", "all", "aime/aime25.jsonl", ("math-ai/aime25", None)),
+]
+
+
+def fake_hub(monkeypatch, tmp_path: Path, fixture: Path) -> list[tuple[str, str | None, Any]]:
+    """`hf_hub_download` and `datasets.load_dataset` of a hub repository serve `fixture`
+    (a zip holds it under the member name the benchmark asks for, in a folder per revision);
+    returns the (repo, file or config, revision) of every fetch."""
+    import zipfile
+
+    import datasets
+    import huggingface_hub
+
+    from sa_bench.benchmarks.data import read_rows
+
+    fetched: list[tuple[str, str | None, Any]] = []
+    load_dataset = datasets.load_dataset
+
+    def download(repo_id, filename, repo_type=None, revision=None, **kw):
+        assert repo_type == "dataset"
+        fetched.append((repo_id, filename, revision))
+        if not filename.endswith(".zip"):
+            return str(fixture)
+        archive = tmp_path / str(revision) / filename
+        archive.parent.mkdir(exist_ok=True)
+        # LongBench's data.zip holds data/<name>.jsonl; Zero-SCROLLS' <task>.zip <task>/validation.jsonl
+        member = f"data/{fixture.name}" if filename == "data.zip" else f"qasper/{fixture.name}"
+        with zipfile.ZipFile(archive, "w") as zf:
+            zf.write(fixture, member)
+        return str(archive)
+
+    def hub_or_local(path, name=None, **kw):
+        if path in ("json", "parquet"):  # a local file (read_rows)
+            return load_dataset(path, name, **kw)
+        fetched.append((path, name, kw.get("revision")))
+        rows = read_rows(fixture)
+        return type("Rows", (), {"to_list": lambda self: rows})()
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    monkeypatch.setattr(datasets, "load_dataset", hub_or_local)
+    return fetched
+
+
+@pytest.mark.parametrize("revision", [None, "0123abc"])
+@pytest.mark.parametrize("config,subset,fixture,fetch", HUB_CELLS)
+def test_the_revision_reaches_every_hub_fetch(monkeypatch, tmp_path, config, subset, fixture,
+                                              fetch, revision):
+    fetched = fake_hub(monkeypatch, tmp_path, FIXTURES / fixture)
+    bench = make(config, subset=subset, revision=revision)
+    assert bench.load(None)
+    assert fetched == [(*fetch, revision)]
+
+
+@pytest.mark.parametrize("config,subset,reason", [
+    ("passkey", "1k", "passkey generates its samples and reads no hub dataset"),
+    ("niah", "1k", "niah generates its samples and reads no hub dataset"),
+    ("loft", "nq_32k", r"loft reads local files only \(LOFT is not on the hub\)"),
+    ("ruler", "qa_1", r"ruler reads two hub datasets \(qa_1 rajpurkar/squad_v2, qa_2 "
+                      r"hotpotqa/hotpot_qa\) and its other tasks none"),
+    ("ruler", "vt", "ruler reads two hub datasets"),
+])
+def test_a_revision_is_refused_where_it_pins_no_one_hub_dataset(config, subset, reason):
+    with pytest.raises(ConfigError, match=rf"^benchmark\.revision: {reason}.*; remove "
+                                          r"benchmark\.revision=0123abc$"):
+        make(config, subset=subset, revision="0123abc")
+    make(config, subset=subset, revision=None)
+
+
+@pytest.mark.parametrize("key", ["data_files", "data_dir"])
+def test_a_revision_with_local_data_is_refused(key):
+    """Local files are read instead of the hub (and keyed by their content): a revision
+    would pin nothing, and only split the cell's key."""
+    local = str(FIXTURES / "longbench" / ("hotpotqa.jsonl" if key == "data_files" else ""))
+    with pytest.raises(ConfigError, match=rf"^benchmark\.revision: pins the hub dataset, but "
+                                          rf"benchmark\.{key}=.* reads local files instead"):
+        make("longbench", subset="hotpotqa", revision="0123abc", **{key: local})
+    with pytest.raises(ConfigError, match=r"^benchmark\.revision: expected a commit"):
+        make("longbench", subset="hotpotqa", revision="")

@@ -180,10 +180,11 @@ def test_zero_scrolls_reads_the_hub_archive_without_a_data_dir(tmp_path, monkeyp
         zf.writestr("qasper/test.jsonl", '{"id": "t", "input": "x", "output": null}\n')
         zf.write(official, "qasper/validation.jsonl")
     asked = []
-    monkeypatch.setattr(data, "hub_file", lambda repo, name: asked.append((repo, name)) or archive)
+    monkeypatch.setattr(data, "hub_file",
+                        lambda repo, name, revision: asked.append((repo, name, revision)) or archive)
     from_hub = make("zero_scrolls", subset="qasper").load(None)
     from_dir = make("zero_scrolls", subset="qasper", data_dir=str(FIXTURES / "zero_scrolls")).load(None)
-    assert asked == [("tau/zero_scrolls", "qasper.zip")]
+    assert asked == [("tau/zero_scrolls", "qasper.zip", None)]  # no revision: main
     assert [(s.id, s.context, s.question, s.answers) for s in from_hub] == [
         (s.id, s.context, s.question, s.answers) for s in from_dir]
     assert (tmp_path / "qasper.zip.extracted" / "qasper" / "validation.jsonl").is_file()

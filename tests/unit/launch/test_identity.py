@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 
 from sa_bench.attention import maskers
 from sa_bench.fingerprint import FingerprintCache, data_fingerprint
@@ -635,3 +636,36 @@ def test_the_kernel_in_the_key_is_the_kernel_the_job_runs(tmp_path, monkeypatch)
     with pytest.raises(ValueError, match="flash_attn.*cannot be imported.*attn_implementation=sdpa"):
         resolve_implementation("auto", torch.device("cuda"), torch.bfloat16)
     assert resolve_implementation("auto", torch.device("cpu"), torch.float32) == "sdpa"
+
+
+# --- hub data: benchmark.revision --------------------------------------------------------------
+
+def hub_cell(config: str, subset: str, **fields) -> dict:
+    """A cell of `conf/benchmark/<config>.yaml` reading its data from the hub (no data_dir)."""
+    bench = yaml.safe_load((ROOT / "conf" / "benchmark" / f"{config}.yaml").read_text())
+    return changed(CFG, "benchmark", {**bench, "subset": subset, **fields})
+
+
+BEFORE_REVISION = {  # the benchmark part of these cells' keys before `revision` existed
+    ("longbench", "hotpotqa"): {"@": "LongBench", "name": "longbench", "subset": "hotpotqa"},
+    ("loogle", "shortdep_qa"): {"@": "LooGLE", "@v": 2, "name": "loogle", "subset": "shortdep_qa",
+                                "generation": {"@": "Generation", "repetition_penalty": 2.0}},
+    ("aime24", "all"): {"@": "Aime", "@v": 3, "name": "aime24", "subset": "all"},
+    ("ruler", "qa_1"): {"@": "Ruler", "@v": 2, "name": "ruler", "subset": "qa_1"},
+}
+
+
+@pytest.mark.parametrize("config, subset", list(BEFORE_REVISION))
+def test_an_unset_hub_data_revision_keeps_the_key(config, subset):
+    values = identity.identity_values(JobSpec.from_dict(hub_cell(config, subset)), inputs())
+    assert values["benchmark"] == BEFORE_REVISION[config, subset]
+
+
+def test_the_hub_data_revision_is_in_the_key():
+    """Two commits of a benchmark's hub dataset are two cells; `main` is the unset revision."""
+    keys = {rev: key(hub_cell("longbench", "hotpotqa", revision=rev))
+            for rev in (None, "main", "0123abc", "4567def")}
+    assert keys[None] == keys["main"]
+    assert len({keys[None], keys["0123abc"], keys["4567def"]}) == 3
+    assert key(hub_cell("loogle", "shortdep_qa", revision="0123abc")) != key(
+        hub_cell("loogle", "shortdep_qa"))
