@@ -658,10 +658,7 @@ def _head_wise_slack(query: Tensor, key: Tensor, value: Tensor, store: HeadWise,
     rows = query.reshape(b, hk, g * q, d)
     for i, end in enumerate(ends):
         r, k = divmod(i, hk)
-        n = end - store.offsets[i] + m
-        if n == 0:  # nothing kept and nothing appended: a zero output, as the loop
-            out[r, k].zero_()
-            continue
+        n = end - store.offsets[i] + m  # >= q >= 1 (a head that kept nothing sees its new keys)
         part = slice(store.offsets[i], end + m)
         # row j * q + t (query head j of the group, query t) sees the kept keys and the
         # appended ones up to its own
