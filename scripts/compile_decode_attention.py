@@ -22,20 +22,12 @@ import types
 from pathlib import Path
 
 import torch
+from compile_quest_core import median_ms  # scripts/ is on the path when run as a script
 
 from sa_bench.attention.ops import accelerator_paths
 from sa_bench.perf.attention import load_method, model_files
 
 H, HK, D = 32, 8, 128
-
-
-def median_ms(fn, call: tuple, reps: int = 5) -> float:
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn(*call)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
 
 
 def row(name: str, keys: int, files: Path) -> str:
@@ -56,8 +48,8 @@ def row(name: str, keys: int, files: Path) -> str:
         key = torch.cat([key, torch.randn(1, HK, 1, D, generator=g)], 2)
         value = torch.cat([value, torch.randn(1, HK, 1, D, generator=g)], 2)
         call = (module, torch.randn(1, H, 1, D, generator=g), key, value, None, D**-0.5)
-        eager_ms.append(median_ms(eager.attention, call))
-        compiled_ms.append(median_ms(compiled, call))
+        eager_ms.append(median_ms(eager.attention, call, reps=5))
+        compiled_ms.append(median_ms(compiled, call, reps=5))
         diff = max(diff, (eager.attention(*call)[0] - compiled(*call)[0]).abs().max().item())
     e, c = statistics.median(eager_ms), statistics.median(compiled_ms)
     return f"| {name} | {keys} | {e:.2f} | {c:.2f} | {c / e:.2f} | {diff:.1e} | {compile_s:.0f} |"
